@@ -1,0 +1,194 @@
+"""vLLM-compatible sampling parameters, the next-token sampler and prompt log-probs.
+
+Log-probs are reported under the raw model distribution (log_softmax of the
+logits before temperature, top-k or top-p), which is what vLLM returns by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from seqpar.engine.outputs import Logprob, LogprobDict
+
+# Bounds the [rows, V] temporaries of prompt_logprobs: 1024 x 49152 fp32 is 200 MB,
+# where a whole 8K prompt at once would be 1.6 GB per copy.
+_PROMPT_LOGPROB_CHUNK = 1024
+_GREEDY_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings, with vLLM's names and defaults."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0 = off
+    seed: int | None = None
+    max_tokens: int | None = 16  # None = until the model context (or the cache) is full
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-k alternatives per generated token; 0 = only the chosen one
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; use 1.0 to turn it off")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or a positive int, got {self.top_k!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive int or None (until the context is full), "
+                             f"got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or val < 0):
+                raise ValueError(f"{name} must be None or an int >= 0 (number of top alternatives), got {val!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        # Normalise to lists so readers need no None / single-string cases.
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        ids = list(self.stop_token_ids or [])
+        if any(not isinstance(t, int) or t < 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
+
+    @property
+    def greedy(self) -> bool:
+        # Like vLLM: below 1e-5 the tempered softmax is argmax up to rounding anyway.
+        return self.temperature < _GREEDY_EPS
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """The per-request generator: seeded requests sample the same tokens in any batch."""
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]  # [B]
+    logprobs: list[float]  # [B] raw log-prob of each chosen token (for cumulative_logprob)
+    top_logprobs: list[LogprobDict | None] = field(default_factory=list)  # [B]; None where not asked
+
+
+def _rank(row_logprobs: Tensor, token: int) -> int:
+    """1 + number of strictly more likely tokens, so argmax always has rank 1."""
+    return int((row_logprobs > row_logprobs[token]).sum()) + 1
+
+
+def _logprob_dict(row_logprobs: Tensor, token: int, k: int) -> LogprobDict:
+    """The chosen token plus the top-k, as vLLM reports them."""
+    out: LogprobDict = {}
+    if k > 0:
+        vals, ids = torch.topk(row_logprobs, min(k, row_logprobs.numel()))
+        for r, (val, tid) in enumerate(zip(vals.tolist(), ids.tolist()), start=1):
+            out[tid] = Logprob(val, r)
+    if token not in out:
+        out = {token: Logprob(float(row_logprobs[token]), _rank(row_logprobs, token)), **out}
+    return out
+
+
+def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Temperature, then top-k, then top-p (vLLM's order) on fp32 logits [B, V]; removed entries -> -inf.
+
+    top_k [B] (<= 0 = off), top_p [B]. Top-p keeps the smallest set of most likely tokens
+    whose mass reaches p: a token stays if the mass strictly before it is < p.
+    """
+    logits = logits / temperature.unsqueeze(1)
+    B, V = logits.shape
+    if bool((top_k <= 0).all()) and bool((top_p >= 1.0).all()):
+        return logits
+    # Stable descending sort: among equal logits the lower token id ranks first.
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # [B, V]
+    k = torch.where(top_k <= 0, V, top_k.clamp(max=V))
+    sorted_logits = sorted_logits.masked_fill(torch.arange(V).unsqueeze(0) >= k.unsqueeze(1), float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, V]
+    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    drop[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+class Sampler:
+    """Picks next tokens for a batch of rows, each with its own params and generator.
+
+    Unseeded rows draw from the sampler's own generator, seeded at construction:
+    SP ranks that build the sampler with the same seed and see the same logits
+    then agree on every token without a broadcast.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __call__(
+        self,
+        logits: Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(params):
+            raise ValueError(f"logits must be [B, V] with B = len(params) = {len(params)}, got {list(logits.shape)}")
+        B = logits.shape[0]
+        gens = list(generators) if generators is not None else [None] * B
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+        # torch.argmax returns the first maximum, i.e. the lowest token id on ties.
+        tokens = torch.argmax(logits, dim=-1)  # [B]
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rows:
+            sel = torch.tensor(rows)
+            probs = filter_logits(
+                logits[sel],
+                torch.tensor([params[i].temperature for i in rows], dtype=torch.float32),
+                torch.tensor([params[i].top_k for i in rows]),
+                torch.tensor([params[i].top_p for i in rows], dtype=torch.float32),
+            ).softmax(dim=-1)  # [R, V]
+            shared = [j for j, i in enumerate(rows) if gens[i] is None]
+            if shared:
+                drawn = torch.multinomial(probs[shared], 1, generator=self._generator).squeeze(1)
+                tokens[sel[shared]] = drawn
+            for j, i in enumerate(rows):
+                if gens[i] is not None:
+                    # One draw per seeded row from its own generator: independent of the batch.
+                    tokens[i] = torch.multinomial(probs[j], 1, generator=gens[i])[0]
+        token_list = tokens.tolist()
+        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()  # [B]
+        top = [
+            _logprob_dict(logprobs[i], token_list[i], p.logprobs) if p.logprobs is not None else None
+            for i, p in enumerate(params)
+        ]
+        return SamplerOutput(token_list, chosen, top)
+
+
+def prompt_logprobs(logits: Tensor, prompt_ids: Sequence[int], k: int) -> list[LogprobDict | None]:
+    """Log-probs of each prompt token given the ones before it, like vLLM's prompt_logprobs.
+
+    logits: [T, V] (row t predicts token t + 1; a last row for the first generated
+    token is allowed and ignored) or [T - 1, V]. Returns T entries: None for the
+    first token, then a dict with the actual token plus the top-k.
+    """
+    T = len(prompt_ids)
+    if k < 0:
+        raise ValueError(f"prompt_logprobs k must be >= 0, got {k}")
+    if logits.dim() != 2 or logits.shape[0] not in (T, max(T - 1, 0)):
+        raise ValueError(f"logits must be [T, V] or [T - 1, V] for T = {T} prompt tokens, got {list(logits.shape)}")
+    result: list[LogprobDict | None] = [None] if T else []
+    targets = torch.as_tensor(list(prompt_ids[1:]), dtype=torch.int64)
+    for start in range(0, T - 1, _PROMPT_LOGPROB_CHUNK):
+        stop = min(start + _PROMPT_LOGPROB_CHUNK, T - 1)
+        lp = torch.log_softmax(logits[start:stop].float(), dim=-1)  # [chunk, V]
+        for r, tok in enumerate(targets[start:stop].tolist()):
+            result.append(_logprob_dict(lp[r], tok, k))
+    return result

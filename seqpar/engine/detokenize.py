@@ -1,0 +1,115 @@
+"""Incremental detokenization and stop conditions for one completion.
+
+Each step decodes the whole generated id list and diffs it against the text
+seen so far: simple, and correct for tokens whose text depends on neighbours
+(byte-level BPE pieces of one UTF-8 character, SentencePiece spaces). The cost
+is O(n) per step in the Rust tokenizer, negligible next to a decode step.
+
+Two things are held back from the streamed text until the completion ends:
+- a trailing U+FFFD, which is an incomplete UTF-8 character that the next
+  byte token may complete;
+- the last len(longest stop string) - 1 characters, which may be the start of
+  a stop string that must not reach the client.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from seqpar.engine.outputs import CompletionOutput, FinishReason, LogprobDict
+from seqpar.engine.sampling import SamplingParams
+
+_INCOMPLETE_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text, and decides when the completion ends.
+
+    Order of checks for each new token (as in vLLM): EOS (unless ignore_eos) and
+    stop_token_ids end with 'stop' and stay out of the text; then max_tokens or the
+    context limit end with 'length'; then a stop string found in the text ends with
+    'stop', stop_reason = that string, the text truncated just before it.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        params: SamplingParams,
+        eos_token_id: int | None = None,
+        num_prompt_tokens: int = 0,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.eos_token_id = eos_token_id
+        self.num_prompt_tokens = num_prompt_tokens
+        # Tokens (prompt + output) at which generation must end: the model context
+        # or what the KV cache can ever hold, whichever is smaller.
+        self.max_model_len = max_model_len
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: int | str | None = None
+        self._num_seen = 0  # output ids already processed
+        self._num_emitted = 0  # characters of self.text already returned as deltas
+        self._stop_hold = max((len(s) for s in params.stop), default=1) - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def update(self, output_token_ids: Sequence[int]) -> str:
+        """Process the ids appended since the last call; returns the new text to stream."""
+        if self.finished:
+            raise RuntimeError("update() on a finished completion; the engine should have stopped it")
+        if len(output_token_ids) < self._num_seen:
+            raise ValueError(f"output ids shrank from {self._num_seen} to {len(output_token_ids)}")
+        while self._num_seen < len(output_token_ids) and not self.finished:
+            self._num_seen += 1
+            self._step(output_token_ids[: self._num_seen])
+        keep = len(self.text) if self.finished else max(self._num_emitted, len(self.text) - self._stop_hold)
+        delta = self.text[self._num_emitted:keep]
+        self._num_emitted = max(self._num_emitted, keep)
+        return delta
+
+    def _step(self, ids: Sequence[int]) -> None:
+        p, tok = self.params, ids[-1]
+        text_ids = ids
+        if not p.ignore_eos and self.eos_token_id is not None and tok == self.eos_token_id:
+            self.finish_reason, text_ids = "stop", ids[:-1]
+        elif tok in p.stop_token_ids:
+            self.finish_reason, self.stop_reason, text_ids = "stop", tok, ids[:-1]
+        elif (p.max_tokens is not None and len(ids) >= p.max_tokens) or (
+            self.max_model_len is not None and self.num_prompt_tokens + len(ids) >= self.max_model_len
+        ):
+            self.finish_reason = "length"
+        text = self.tokenizer.decode(list(text_ids), skip_special_tokens=p.skip_special_tokens)
+        if not self.finished:
+            text = text.rstrip(_INCOMPLETE_CHAR)
+        # A stop string can only be new if it overlaps text added since the last step.
+        search_from = max(0, len(self.text) - self._stop_hold)
+        hits = [(i, s) for s in p.stop if (i := text.find(s, search_from)) >= 0]
+        if hits:
+            idx, stop = min(hits)
+            text = text[:idx]
+            self.finish_reason, self.stop_reason = "stop", stop
+        self.text = text
+
+    def output(
+        self, token_ids: list[int], cumulative_logprob: float | None = None,
+        logprobs: list[LogprobDict] | None = None, index: int = 0,
+    ) -> CompletionOutput:
+        """The completion so far, vLLM-shaped."""
+        return CompletionOutput(
+            index=index, text=self.text, token_ids=list(token_ids), cumulative_logprob=cumulative_logprob,
+            logprobs=logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+        )
+
+
+def decode_logprobs(tokenizer: Any, entries: Sequence[LogprobDict | None]) -> None:
+    """Fill `decoded_token` of every Logprob in place, each token decoded on its own (as vLLM does)."""
+    cache: dict[int, str] = {}
+    for entry in entries:
+        for tid, lp in (entry or {}).items():
+            if tid not in cache:
+                cache[tid] = tokenizer.decode([tid])
+            lp.decoded_token = cache[tid]

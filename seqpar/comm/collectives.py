@@ -1,0 +1,95 @@
+"""Counted collectives: every byte a rank sends is recorded, so tests and benchmarks
+can check each strategy's volume against its formula.
+
+All functions take their process group explicitly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class CommStats:
+    """Bytes this process has sent, by operation name. Reset between measurements."""
+
+    sent: Counter = field(default_factory=Counter)
+
+    def add(self, op: str, nbytes: int) -> None:
+        self.sent[op] += int(nbytes)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sent.values())
+
+    def reset(self) -> None:
+        self.sent.clear()
+
+
+# A per-process meter (like a metrics registry); it holds numbers, never a group.
+STATS = CommStats()
+
+
+def nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def all_gather_uneven(x: Tensor, counts: list[int] | tuple[int, ...], group: dist.ProcessGroup | None) -> list[Tensor]:
+    """Gather every rank's x [counts[r], ...]; returns the W parts in rank order.
+
+    gloo's all_gather needs equal sizes, so each part is padded to max(counts):
+    the sender ships (W - 1) copies of its padded part.
+    """
+    world = len(counts)
+    if world == 1:
+        return [x]
+    pad_to = max(counts)
+    send = x.new_zeros((pad_to, *x.shape[1:]))
+    send[: x.shape[0]] = x
+    recv = [torch.empty_like(send) for _ in range(world)]
+    STATS.add("all_gather", (world - 1) * nbytes(send))
+    dist.all_gather(recv, send, group=group)
+    return [r[:n] for r, n in zip(recv, counts)]
+
+
+def all_to_all(send: list[Tensor], recv_shapes: list[tuple[int, ...]], group: dist.ProcessGroup | None) -> list[Tensor]:
+    """Send send[j] to rank j, receive a tensor of recv_shapes[j] from rank j (uneven sizes allowed).
+
+    One flat `all_to_all_single` with split sizes; the part a rank keeps for
+    itself is not counted as sent.
+    """
+    world = len(send)
+    me = group_rank(group)
+    if world == 1:
+        return [send[0]]
+    dtype, device = send[0].dtype, send[0].device
+    flat_in = torch.cat([s.reshape(-1) for s in send])
+    in_splits = [s.numel() for s in send]
+    out_splits = [int(torch.Size(shape).numel()) for shape in recv_shapes]
+    flat_out = torch.empty(sum(out_splits), dtype=dtype, device=device)
+    STATS.add("all_to_all", sum(n for j, n in enumerate(in_splits) if j != me) * send[0].element_size())
+    dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=group)
+    return [part.view(shape) for part, shape in zip(flat_out.split(out_splits), recv_shapes)]
+
+
+def all_reduce(x: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+    """In-place all-reduce. Counted as a ring all-reduce: 2 (W - 1) / W of the tensor per rank."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    STATS.add("all_reduce", 2 * (world - 1) * nbytes(x) // world)
+    dist.all_reduce(x, op=op, group=group)
+    return x

@@ -1,0 +1,43 @@
+"""Ring exchange: each rank sends a block to rank + 1 and receives one from rank - 1.
+
+`send_recv` posts both transfers and returns at once, so the caller computes on
+the block it holds while the next one is in flight; `wait` blocks until the
+received block is usable. That overlap is the point of ring attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqpar.comm.collectives import STATS, group_rank, group_size, nbytes
+
+
+class RingExchanger:
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.world = group_size(group)
+        self.rank = group_rank(group)
+        self._next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group is not None else (self.rank + 1) % self.world
+        self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group is not None else (self.rank - 1) % self.world
+        self._reqs: list[dist.Work] = []
+
+    def send_recv(self, send: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
+        """Start sending `send` forward and receiving a `recv_shape` block from behind."""
+        if self._reqs:
+            raise RuntimeError("RingExchanger.send_recv called again before wait(): one transfer at a time")
+        send = send.contiguous()  # gloo sends only contiguous memory
+        recv = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
+        ops = [
+            dist.P2POp(dist.isend, send, self._next, group=self.group),
+            dist.P2POp(dist.irecv, recv, self._prev, group=self.group),
+        ]
+        STATS.add("ring", nbytes(send))
+        self._reqs = dist.batch_isend_irecv(ops)
+        return recv
+
+    def wait(self) -> None:
+        for req in self._reqs:
+            req.wait()
+        self._reqs = []

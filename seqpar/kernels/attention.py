@@ -1,0 +1,189 @@
+"""Single-device attention with log-sum-exp over packed ragged batches.
+
+Shapes: q [Tq, Hq, D]; k, v [Tk, Hkv, D] with Hq % Hkv == 0 (GQA/MQA); out
+[Tq, Hq, D]; lse [Tq, Hq] fp32, natural log. A query row that sees no key has
+lse = -inf and out = 0.
+
+The work is cut into (query run, key run) pairs of the same sequence (see
+`layout.py`). With the causal rule "key position <= query position", a pair whose
+positions step by the same stride S is, in row/column space, j <= i + c with
+c = floor((a - b) / S) (a, b the first positions). So:
+- rows i < -c see nothing (skipped: never handed to a kernel, where a fully
+  masked row would come back as lse = 0 instead of -inf);
+- keys j >= m + c are never seen (cropped);
+- the rest is keys [0, d) fully visible plus a square causal block on the
+  diagonal from key d, d = i0 + c. Rows past that square see every key.
+Fully masked pairs cost nothing: that is the block skipping of the causal ring.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seqpar.kernels.layout import Run, TokenLayout
+from seqpar.kernels.merge import merge_into
+
+
+def _fused_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """One dense block: q [Lq, Hq, D], k/v [Lk, Hkv, D] -> out [Lq, Hq, D], lse [Lq, Hq].
+
+    causal means a square top-left triangle (only called with Lq == Lk).
+    """
+    qb = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
+    kb = k.transpose(0, 1).unsqueeze(0)  # [1, Hkv, Lk, D]
+    vb = v.transpose(0, 1).unsqueeze(0)
+    if q.device.type == "cpu":
+        # The CPU flash kernel takes GQA natively and returns the LSE; ~10x a matmul+softmax.
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qb, kb, vb, 0.0, is_causal=causal, attn_mask=None, scale=scale
+        )
+    elif q.device.type == "cuda":
+        out, lse = _cuda_lse(qb, kb, vb, causal, scale)
+    else:
+        return reference_block(q, k, v, causal, scale)
+    # out [1, Hq, Lq, D] -> [Lq, Hq, D]; lse [1, Hq, Lq] -> [Lq, Hq]
+    return out[0].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
+
+
+def _cuda_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """CUDA: flash kernel for half types, memory-efficient kernel for fp32.
+
+    Neither takes fewer KV heads, so KV heads are repeated for GQA.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale
+        )
+    else:
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale
+        )
+    return res[0], res[1]
+
+
+def reference_block(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Plain-torch block in fp32; mask [Lq, Lk] bool (True = visible) overrides `causal`."""
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)  # [Lk, Hq, D]
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale  # [Hq, Lq, Lk]
+    if mask is None and causal:
+        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [Hq, Lq]
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    out = torch.einsum("hqk,khd->qhd", probs, vf)
+    return out.to(q.dtype), lse.transpose(0, 1).contiguous()
+
+
+def _attend_pair(
+    acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
+    qr: Run, kr: Run, causal: bool, scale: float,
+) -> None:
+    """Merge attention of query run `qr` over key run `kr` into the accumulators."""
+    qs, ks = qr.start, kr.start
+    if not causal:
+        o, l = _fused_lse(q[qs : qs + qr.length], k[ks : ks + kr.length], v[ks : ks + kr.length], False, scale)
+        merge_into(acc_out[qs : qs + qr.length], acc_lse[qs : qs + qr.length], o, l)
+        return
+    m, n = qr.length, kr.length
+    stride = kr.stride if m == 1 else qr.stride
+    if n > 1 and m > 1 and qr.stride != kr.stride:
+        _attend_masked(acc_out, acc_lse, q, k, v, qr, kr, scale)
+        return
+    c = (qr.pos - kr.pos) // stride
+    i0 = max(0, -c)
+    n_vis = min(n, m + c)
+    if i0 >= m or n_vis <= 0:
+        return  # fully masked: skipped
+    d = i0 + c
+    if d >= n_vis:  # every visible key precedes every remaining query
+        rows = slice(qs + i0, qs + m)
+        o, l = _fused_lse(q[rows], k[ks : ks + n_vis], v[ks : ks + n_vis], False, scale)
+        merge_into(acc_out[rows], acc_lse[rows], o, l)
+        return
+    sq = n_vis - d  # side of the causal square
+    rows = slice(qs + i0, qs + i0 + sq)
+    if d > 0:
+        o, l = _fused_lse(q[rows], k[ks : ks + d], v[ks : ks + d], False, scale)
+        merge_into(acc_out[rows], acc_lse[rows], o, l)
+    o, l = _fused_lse(q[rows], k[ks + d : ks + n_vis], v[ks + d : ks + n_vis], True, scale)
+    merge_into(acc_out[rows], acc_lse[rows], o, l)
+    if i0 + sq < m:  # rows below the square see all n_vis keys
+        rows = slice(qs + i0 + sq, qs + m)
+        o, l = _fused_lse(q[rows], k[ks : ks + n_vis], v[ks : ks + n_vis], False, scale)
+        merge_into(acc_out[rows], acc_lse[rows], o, l)
+
+
+def _attend_masked(acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, qr: Run, kr: Run, scale: float) -> None:
+    """Runs of different strides (rare: mixed layouts): explicit mask, plain torch."""
+    qpos = qr.pos + qr.stride * torch.arange(qr.length)
+    kpos = kr.pos + kr.stride * torch.arange(kr.length)
+    mask = (kpos.unsqueeze(0) <= qpos.unsqueeze(1)).to(q.device)  # [m, n]
+    rows = slice(qr.start, qr.start + qr.length)
+    keys = slice(kr.start, kr.start + kr.length)
+    o, l = reference_block(q[rows], k[keys], v[keys], True, scale, mask=mask)
+    merge_into(acc_out[rows], acc_lse[rows], o, l)
+
+
+def new_accumulators(q: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 out [Tq, Hq, D] = 0 and lse [Tq, Hq] = -inf: "no key seen yet"."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def attend_into(
+    acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
+    q_layout: TokenLayout, k_layout: TokenLayout, causal: bool = True, scale: float | None = None,
+) -> None:
+    """Merge attention of q over one block of keys into running (out, lse) accumulators."""
+    _check_shapes(q, k, v, q_layout, k_layout)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    for seq, q_runs in q_layout.by_seq.items():
+        for kr in k_layout.by_seq.get(seq, ()):
+            for qr in q_runs:
+                _attend_pair(acc_out, acc_lse, q, k, v, qr, kr, causal, scale)
+
+
+def attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
+    causal: bool = True, scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact attention of each query over the keys of its own sequence.
+
+    Returns out [Tq, Hq, D] in q's dtype and lse [Tq, Hq] fp32.
+    """
+    acc_out, acc_lse = new_accumulators(q)
+    attend_into(acc_out, acc_lse, q, k, v, q_layout, k_layout, causal, scale)
+    return acc_out.to(q.dtype), acc_lse
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout) -> None:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"q has {q.shape[1]} heads of dim {q.shape[-1]} and k has {k.shape[1]} heads of dim {k.shape[-1]}: "
+            "head dims must match and q heads must be a multiple of kv heads (GQA)"
+        )
+    if len(q_layout) != q.shape[0] or len(k_layout) != k.shape[0]:
+        raise ValueError(f"layouts describe {len(q_layout)} queries / {len(k_layout)} keys; tensors hold {q.shape[0]} / {k.shape[0]}")
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
+    causal: bool = True, scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The plain-torch definition every path is tested against: one dense masked softmax."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = q_layout.seq_ids.unsqueeze(1) == k_layout.seq_ids.unsqueeze(0)  # [Tq, Tk]
+    if causal:
+        mask &= k_layout.positions.unsqueeze(0) <= q_layout.positions.unsqueeze(1)
+    return reference_block(q, k, v, False, scale, mask=mask.to(q.device))

@@ -1,0 +1,88 @@
+"""Where each row of a packed ragged tensor sits in its sequence.
+
+A rank's shard of a batch holds, for every sequence, some tokens at some global
+positions (contiguous chunks, zigzag chunk pairs, every N-th token when striped,
+round-robin decode tokens). The kernels need that as *runs*: maximal stretches of
+rows from one sequence whose positions step by a constant stride. Within a run
+the causal mask between a query run and a key run of the same stride is a shifted
+triangle in row/column space, so each pair is at most one fully visible block plus
+one square causal block: both are what the fused kernels compute fastest.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Run:
+    start: int  # first row of the run in the packed tensor
+    length: int
+    seq: int  # sequence id (index into the batch)
+    pos: int  # global position of the first row
+    stride: int  # position step between consecutive rows (1 when length == 1)
+
+
+def _find_runs(seq_ids: list[int], positions: list[int]) -> list[Run]:
+    runs: list[Run] = []
+    start = 0
+    n = len(seq_ids)
+    while start < n:
+        end = start + 1
+        stride = 1
+        if end < n and seq_ids[end] == seq_ids[start] and positions[end] > positions[start]:
+            stride = positions[end] - positions[start]
+            while (
+                end < n
+                and seq_ids[end] == seq_ids[start]
+                and positions[end] - positions[end - 1] == stride
+            ):
+                end += 1
+        runs.append(Run(start, end - start, seq_ids[start], positions[start], stride))
+        start = end
+    return runs
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Sequence ids and global positions of the rows of a packed tensor.
+
+    seq_ids: [T] int64, positions: [T] int64. Built once per shard and reused by
+    every layer and every ring step.
+    """
+
+    seq_ids: Tensor
+    positions: Tensor
+    runs: tuple[Run, ...]
+    by_seq: dict[int, tuple[Run, ...]] = field(repr=False)
+
+    @staticmethod
+    def build(seq_ids: Tensor | list[int], positions: Tensor | list[int]) -> "TokenLayout":
+        seq_t = torch.as_tensor(seq_ids, dtype=torch.long).reshape(-1)
+        pos_t = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        if seq_t.numel() != pos_t.numel():
+            raise ValueError(
+                f"seq_ids has {seq_t.numel()} entries but positions has {pos_t.numel()}; "
+                "give one sequence id and one position per token"
+            )
+        runs = _find_runs(seq_t.tolist(), pos_t.tolist())
+        groups: dict[int, list[Run]] = defaultdict(list)
+        for r in runs:
+            groups[r.seq].append(r)
+        return TokenLayout(seq_t, pos_t, tuple(runs), {s: tuple(rs) for s, rs in groups.items()})
+
+    @staticmethod
+    def concat(layouts: list["TokenLayout"]) -> "TokenLayout":
+        """Rows of several layouts stacked in order (e.g. K/V gathered from all ranks)."""
+        if not layouts:
+            return TokenLayout.build([], [])
+        return TokenLayout.build(
+            torch.cat([lay.seq_ids for lay in layouts]), torch.cat([lay.positions for lay in layouts])
+        )
+
+    def __len__(self) -> int:
+        return int(self.seq_ids.numel())

@@ -1,0 +1,40 @@
+"""The seed's layout (SGLang PR #1436): Q by heads over all tokens, K/V by sequence.
+
+Each rank holds q [T, Hq_local, D] for *all* T tokens of the batch (its head shard,
+as a column-parallel q_proj produces it) and K/V [T_r, Hkv, D] only for the tokens
+the plan gives it. K/V shards travel around the ring (overlapped) or are gathered;
+queries never move, and since every rank holds every query there is no causal
+imbalance. The output [T, Hq_local, D] feeds a row-parallel o_proj.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor
+
+from seqpar.kernels.attention import attention_with_lse
+from seqpar.sharding.plan import ShardPlan
+from seqpar.strategies.allgather import gather_kv_packed
+from seqpar.strategies.ring import ring_core
+
+KV_MODES = ("ring", "allgather")
+
+
+def head_sharded_attention(
+    q_heads: Tensor, k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None,
+    causal: bool = True, scale: float | None = None, kv_mode: str = "ring",
+) -> Tensor:
+    """q_heads [T, Hq_local, D] in packed order; k, v [T_local, Hkv, D] as the plan shards them."""
+    if q_heads.shape[0] != plan.total_tokens:
+        raise ValueError(
+            f"head_sharded attention takes q for all {plan.total_tokens} tokens of the batch; got {q_heads.shape[0]}"
+        )
+    if kv_mode == "ring":
+        layouts = [plan.layout(r) for r in range(plan.world_size)]
+        out, _ = ring_core(q_heads, k, v, plan.global_layout, layouts, group, causal, scale)
+        return out.to(q_heads.dtype)
+    if kv_mode == "allgather":
+        k_full, v_full = gather_kv_packed(k, v, plan, group)
+        out, _ = attention_with_lse(q_heads, k_full, v_full, plan.global_layout, plan.global_layout, causal, scale)
+        return out
+    raise ValueError(f"unknown kv_mode {kv_mode!r}; choose one of {', '.join(KV_MODES)}")

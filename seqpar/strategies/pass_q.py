@@ -1,0 +1,47 @@
+"""Ring pass-Q: query blocks travel, K/V stay put.
+
+Each rank computes every visiting Q block against its own K/V, giving a partial
+(out, lse) for the tokens of the block's owner. One all-to-all then returns each
+partial to its owner, which merges its W partials by LSE. Wins over pass-KV when
+queries are fewer than keys (a short extension of a long cached prefix).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqpar.comm.collectives import all_to_all, group_rank, group_size
+from seqpar.comm.ring import RingExchanger
+from seqpar.kernels.attention import attend_into, new_accumulators
+from seqpar.kernels.merge import merge_many
+from seqpar.sharding.plan import ShardPlan
+
+
+def pass_q_attention(
+    q: Tensor, k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None,
+    causal: bool = True, scale: float | None = None,
+) -> Tensor:
+    world, rank = group_size(group), group_rank(group)
+    layouts = [plan.layout(r) for r in range(world)]
+    counts = plan.local_counts
+    hq, d = q.shape[1], q.shape[2]
+    partials: list[Tensor] = [q.new_empty(0)] * world  # partials[j]: [T_j, Hq, D + 1] fp32 for rank j
+    ring = RingExchanger(group) if world > 1 else None
+    q_block = q
+    for step in range(world):
+        owner = (rank - step) % world
+        recv = None
+        if ring is not None and step + 1 < world:
+            recv = ring.send_recv(q_block, (counts[(rank - step - 1) % world], hq, d))
+        out, lse = new_accumulators(q_block)
+        attend_into(out, lse, q_block, k, v, layouts[owner], layouts[rank], causal, scale)
+        partials[owner] = torch.cat([out, lse.unsqueeze(-1)], dim=-1)  # out and lse in one message
+        if recv is not None:
+            ring.wait()
+            q_block = recv
+    mine = all_to_all(partials, [(counts[rank], hq, d + 1)] * world, group)
+    stacked = torch.stack(mine)  # [W, T_local, Hq, D + 1]
+    out, _ = merge_many(stacked[..., :d], stacked[..., d])
+    return out.to(q.dtype)

@@ -1,0 +1,56 @@
+"""Ring pass-KV: K/V blocks travel around the ring while every rank keeps its queries.
+
+At step s a rank holds the K/V block of rank (rank - s) mod W. The transfer of the
+next block is posted before the current block is computed and waited on after,
+so with compute time >= transfer time the communication is hidden. Each block is
+merged into fp32 (out, lse) accumulators. With zigzag shards every step does the
+same causal work on every rank; with contiguous shards fully masked blocks are
+skipped but the last rank still does the most work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqpar.comm.collectives import group_rank, group_size
+from seqpar.comm.ring import RingExchanger
+from seqpar.kernels.attention import attend_into, new_accumulators
+from seqpar.kernels.layout import TokenLayout
+from seqpar.sharding.plan import ShardPlan
+
+
+def ring_core(
+    q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, kv_layouts: list[TokenLayout],
+    group: dist.ProcessGroup | None, causal: bool, scale: float | None,
+) -> tuple[Tensor, Tensor]:
+    """q [Tq, Hq, D] against the K/V of every ring member; kv_layouts[r] describes member r's block.
+
+    Returns fp32 out [Tq, Hq, D] and lse [Tq, Hq].
+    """
+    world, rank = group_size(group), group_rank(group)
+    acc_out, acc_lse = new_accumulators(q)
+    kv = torch.stack([k, v])  # [2, T_r, Hkv, D]: one message per step
+    ring = RingExchanger(group) if world > 1 else None
+    for step in range(world):
+        src = (rank - step) % world
+        recv = None
+        if ring is not None and step + 1 < world:
+            nxt = (rank - step - 1) % world
+            recv = ring.send_recv(kv, (2, len(kv_layouts[nxt]), *k.shape[1:]))
+        attend_into(acc_out, acc_lse, q, kv[0], kv[1], q_layout, kv_layouts[src], causal, scale)
+        if recv is not None:
+            ring.wait()
+            kv = recv
+    return acc_out, acc_lse
+
+
+def ring_attention(
+    q: Tensor, k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None,
+    causal: bool = True, scale: float | None = None,
+) -> Tensor:
+    rank = group_rank(group)
+    layouts = [plan.layout(r) for r in range(plan.world_size)]
+    out, _ = ring_core(q, k, v, layouts[rank], layouts, group, causal, scale)
+    return out.to(q.dtype)

@@ -1,0 +1,25 @@
+"""Llama-family model, weight loading and tensor-parallel rewriting. Knows nothing of
+sequence parallelism: attention is a callable supplied by the caller."""
+
+from seqpar.model.config import ConfigError, ModelConfig
+from seqpar.model.llama import AttentionFn, LlamaForCausalLM
+from seqpar.model.loader import load_model, load_tokenizer, resolve_model
+from seqpar.model.parallel_layers import head_shard
+from seqpar.model.parallelize import parallelize_head_sharded, parallelize_tp
+from seqpar.model.reference import dense_causal_attention
+from seqpar.model.weights import ModelLoadError
+
+__all__ = [
+    "AttentionFn",
+    "ConfigError",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "ModelLoadError",
+    "dense_causal_attention",
+    "head_shard",
+    "load_model",
+    "load_tokenizer",
+    "parallelize_head_sharded",
+    "parallelize_tp",
+    "resolve_model",
+]

@@ -1,0 +1,222 @@
+"""Model hyper-parameters: one frozen, validated record built from HF or GGUF metadata."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# HF `model_type` -> our architecture name. SmolLM2 ships as model_type "llama".
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+_HF_CLASS_TO_ARCH = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+# llama.cpp calls Mistral "llama"; the GGUF tensor layout is the same.
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+# "freq_factors" is llama.cpp's way of storing llama3 scaling: a per-frequency
+# divisor tensor (`rope_freqs.weight`) instead of the four llama3 numbers.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+class ConfigError(ValueError):
+    """A model configuration this library cannot run, with what would work."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # bias on q/k/v (Qwen2; Llama with attention_bias=True)
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    architecture: str
+    o_proj_bias: bool = False  # Llama's attention_bias=True also biases o_proj; Qwen2's does not
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention")
+        if self.head_dim % 2 != 0:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
+            raise ConfigError(f"rms_norm_eps must be a positive finite float, got {self.rms_norm_eps!r}")
+        if not (self.rope_theta > 1 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"rope_theta must be a finite float > 1, got {self.rope_theta!r}")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(f"architecture {self.architecture!r} is not supported; "
+                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if not isinstance(self.eos_token_ids, tuple):
+            raise ConfigError(f"eos_token_ids must be a tuple, got {type(self.eos_token_ids).__name__}")
+        for tok in (*self.eos_token_ids, *([] if self.bos_token_id is None else [self.bos_token_id])):
+            if not 0 <= tok < self.vocab_size:
+                raise ConfigError(f"special token id {tok} is outside the vocabulary [0, {self.vocab_size})")
+        _validate_rope_scaling(self.rope_scaling, self.head_dim)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads sharing one KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
+        """From a HF `config.json` dict (transformers 4.x or 5.x rope layout)."""
+        arch = _hf_architecture(hf)
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
+        if hf.get("mlp_bias", False):
+            raise ConfigError("mlp_bias=True is not supported; Llama/Qwen2/Mistral checkpoints have none")
+        window = hf.get("sliding_window")
+        uses_window = hf.get("use_sliding_window", arch == "mistral") and window is not None
+        if uses_window and window < hf["max_position_embeddings"]:
+            # Full attention past the window would silently give different tokens.
+            raise ConfigError(
+                f"sliding-window attention (sliding_window={window} < max_position_embeddings="
+                f"{hf['max_position_embeddings']}) is not supported; use a checkpoint without a window")
+        # transformers 5 folds rope_theta into `rope_parameters`; 4.x has rope_theta + rope_scaling.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+        if rope_scaling is not None and rope_type == "llama3":
+            rope_scaling.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+        num_heads = hf["num_attention_heads"]
+        bias = bool(hf.get("attention_bias", arch == "qwen2"))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf["max_position_embeddings"],
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bias,
+            o_proj_bias=bias and arch != "qwen2",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+            architecture=arch,
+        )
+
+    @classmethod
+    def from_gguf(cls, metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]],
+                  rope_freqs: Sequence[float] | None = None) -> ModelConfig:
+        """From GGUF key/values and tensor shapes (torch order, e.g. token_embd [vocab, hidden]).
+
+        The shapes are needed because llama.cpp encodes facts as tensors: tied embeddings by a
+        missing `output.weight`, llama3 rope scaling by `rope_freqs.weight` (whose values the
+        caller passes as `rope_freqs`).
+        """
+        arch = metadata.get("general.architecture")
+        if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+            raise ConfigError(f"GGUF architecture {arch!r} is not supported; "
+                              f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}")
+
+        def get(key: str, default: Any = None) -> Any:
+            full = f"{arch}.{key}"
+            if full not in metadata and default is None:
+                raise ConfigError(f"GGUF metadata lacks required key {full!r}")
+            return metadata.get(full, default)
+
+        hidden, num_heads = int(get("embedding_length")), int(get("attention.head_count"))
+        if "token_embd.weight" not in tensor_shapes:
+            raise ConfigError("GGUF file has no token_embd.weight tensor")
+        vocab = int(metadata.get(f"{arch}.vocab_size", tensor_shapes["token_embd.weight"][0]))
+        scaling_type = metadata.get(f"{arch}.rope.scaling.type", "none")
+        rope_scaling: dict[str, Any] | None = None
+        if "rope_freqs.weight" in tensor_shapes:
+            if rope_freqs is None:
+                raise ConfigError("GGUF has a rope_freqs.weight tensor: pass its values as rope_freqs")
+            rope_scaling = {"rope_type": "freq_factors", "factors": tuple(float(f) for f in rope_freqs)}
+        elif scaling_type == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        elif scaling_type not in ("none", ""):
+            raise ConfigError(f"GGUF rope scaling {scaling_type!r} is not supported; "
+                              "supported: none, linear, llama3 (rope_freqs)")
+        eos = [metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+        return cls(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+            head_dim=int(get("attention.key_length", hidden // num_heads)),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(get("context_length")),
+            tie_word_embeddings="output.weight" not in tensor_shapes,
+            attention_bias="blk.0.attn_q.bias" in tensor_shapes,
+            o_proj_bias="blk.0.attn_output.bias" in tensor_shapes,
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+            architecture=arch,
+        )
+
+
+def _hf_architecture(hf: Mapping[str, Any]) -> str:
+    model_type = hf.get("model_type")
+    if model_type in SUPPORTED_ARCHITECTURES:
+        return model_type
+    for cls_name in hf.get("architectures") or []:
+        if cls_name in _HF_CLASS_TO_ARCH:
+            return _HF_CLASS_TO_ARCH[cls_name]
+    named = model_type or (hf.get("architectures") or ["<none>"])[0]
+    raise ConfigError(f"architecture {named!r} is not supported; supported: "
+                      f"{', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM2 is llama)")
+
+
+def _as_id_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _validate_rope_scaling(scaling: dict[str, Any] | None, head_dim: int) -> None:
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type")
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"rope scaling type {kind!r} is not supported; "
+                          f"supported: {', '.join(SUPPORTED_ROPE_TYPES)} (or None)")
+    if kind in ("linear", "llama3") and not scaling.get("factor", 0) > 0:
+        raise ConfigError(f"{kind} rope scaling needs a positive 'factor', got {scaling.get('factor')!r}")
+    if kind == "llama3":
+        missing = [k for k in _LLAMA3_KEYS if k not in scaling]
+        if missing:
+            raise ConfigError(f"llama3 rope scaling lacks {missing}; it needs {list(_LLAMA3_KEYS)}")
+        if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+            raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                              f"{scaling['high_freq_factor']} <= {scaling['low_freq_factor']}")
+    if kind == "freq_factors":
+        factors = scaling.get("factors")
+        if factors is None or len(factors) != head_dim // 2:
+            raise ConfigError(f"rope freq_factors needs 'factors' with head_dim // 2 entries, got "
+                              f"{None if factors is None else len(factors)}, expected "
+                              f"head_dim // 2 = {head_dim // 2}")

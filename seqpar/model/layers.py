@@ -1,0 +1,34 @@
+"""Per-token layers: RMSNorm and the SwiGLU MLP. Neither mixes tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Statistics in fp32 even for bf16 activations (as HF), then scale in the input dtype.
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)). Under tensor parallelism gate/up become column-parallel
+    and down row-parallel; this module does not know."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj: nn.Module = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj: nn.Module = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj: nn.Module = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

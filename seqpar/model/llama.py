@@ -1,0 +1,112 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) in plain torch.
+
+The model knows nothing about parallelism or KV caches: tokens of a packed batch only
+meet inside the `attention` callable the caller passes to `forward`. Module and
+parameter names mirror transformers' so checkpoint keys map one to one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqpar.model.config import ModelConfig
+from seqpar.model.layers import RMSNorm, SwiGLUMLP
+from seqpar.model.rope import RotaryEmbedding, apply_rotary
+
+# attention(layer_idx, q [T, Hq_local, D], k [T, Hkv_local, D], v [T, Hkv_local, D])
+#   -> out [T, Hq_local, D]; q and k already rotated; softmax scale is head_dim ** -0.5.
+AttentionFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+class LlamaAttention(nn.Module):
+    """Projections around a caller-supplied attention.
+
+    `num_heads` / `num_kv_heads` are the heads this rank computes; tensor-parallel
+    rewriting (seqpar.model.parallelize) shrinks them together with the projections.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        # Global ids of the local heads, kept for the engine (e.g. KV-cache layout).
+        self.q_head_ids: list[int] = list(range(config.num_heads))
+        self.kv_head_ids: list[int] = list(range(config.num_kv_heads))
+        hidden, d, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj: nn.Module = nn.Linear(hidden, config.num_heads * d, bias=bias)
+        self.k_proj: nn.Module = nn.Linear(hidden, config.num_kv_heads * d, bias=bias)
+        self.v_proj: nn.Module = nn.Linear(hidden, config.num_kv_heads * d, bias=bias)
+        self.o_proj: nn.Module = nn.Linear(config.num_heads * d, hidden, bias=config.o_proj_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
+        t, d = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(t, self.num_heads, d)  # [T, Hq, D]
+        k = self.k_proj(x).view(t, self.num_kv_heads, d)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.num_kv_heads, d)  # [T, Hkv, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(self.layer_idx, q, k, v)
+        if out.shape != q.shape:
+            raise RuntimeError(f"layer {self.layer_idx}: attention returned shape {tuple(out.shape)}, "
+                               f"expected {tuple(q.shape)} ([T, Hq_local, D])")
+        return self.o_proj(out.reshape(t, self.num_heads * d))  # [T, Hq*D] -> [T, hidden]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # Tied: no lm_head module at all, so the checkpoint key set and state_dict agree
+        # and loading cannot untie the two.
+        self.lm_head: nn.Linear | None = (
+            None if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
+        """input_ids, positions: [T] (a packed batch, any token order) -> hidden [T, hidden]
+        after the final norm."""
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids and positions must both be [T]; got "
+                             f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.model.rotary_emb(positions, x.dtype)  # [T, D] each, shared by all layers
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attention)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32 (sampling wants fp32)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device

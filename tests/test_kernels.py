@@ -1,0 +1,107 @@
+"""Single-device kernels against the dense reference, and the LSE merge's algebra."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqpar import TokenLayout, attention_with_lse, merge_states, reference_attention
+from seqpar.kernels.merge import merge_many
+
+
+@st.composite
+def packed_case(draw):
+    """A ragged batch, then a query subset and a key subset in a drawn row order."""
+    lens = draw(st.lists(st.integers(1, 12), min_size=1, max_size=3))
+    seq = [s for s, n in enumerate(lens) for _ in range(n)]
+    pos = [p for n in lens for p in range(n)]
+    t = len(seq)
+    order = draw(st.sampled_from(["packed", "striped", "zigzag", "shuffled"]))
+    rows = list(range(t))
+    if order == "striped":
+        rows.sort(key=lambda i: (pos[i] % 3, i))
+    elif order == "zigzag":
+        rows.sort(key=lambda i: min(pos[i] // 2 % 4, 3 - pos[i] // 2 % 4))
+    elif order == "shuffled":
+        rows = draw(st.permutations(rows))
+    q_rows = rows[: draw(st.integers(1, t))]
+    k_rows = rows[draw(st.integers(0, t - 1)):]
+    hkv = draw(st.sampled_from([1, 2, 6]))
+    return seq, pos, q_rows, k_rows, hkv, draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(packed_case())
+def test_attention_with_lse_matches_reference(case) -> None:
+    seq, pos, q_rows, k_rows, hkv, causal = case
+    seq_t, pos_t = torch.tensor(seq), torch.tensor(pos)
+    qi, ki = torch.tensor(q_rows), torch.tensor(k_rows)
+    gen = torch.Generator().manual_seed(len(seq))
+    q = torch.randn(len(seq), 6, 8, generator=gen)[qi]
+    k = torch.randn(len(seq), hkv, 8, generator=gen)[ki]
+    v = torch.randn(len(seq), hkv, 8, generator=gen)[ki]
+    ql, kl = TokenLayout.build(seq_t[qi], pos_t[qi]), TokenLayout.build(seq_t[ki], pos_t[ki])
+    out, lse = attention_with_lse(q, k, v, ql, kl, causal)
+    ref_out, ref_lse = reference_attention(q, k, v, ql, kl, causal)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    blind = torch.isinf(ref_lse)  # rows that see no key: lse -inf, out 0
+    assert torch.equal(torch.isinf(lse), blind) and (lse[blind] < 0).all()
+    assert (out[blind.unsqueeze(-1).expand_as(out)] == 0).all()
+    # fp32, blockwise vs dense softmax: summation order only
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse[~blind], ref_lse[~blind], atol=1e-5, rtol=0)
+
+
+def test_long_causal_block_uses_fused_kernel_exactly() -> None:
+    t = 300
+    q, k, v = torch.randn(t, 4, 32), torch.randn(t, 2, 32), torch.randn(t, 2, 32)
+    lay = TokenLayout.build([0] * t, list(range(t)))
+    out, lse = attention_with_lse(q, k, v, lay, lay)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1), is_causal=True
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+finite = st.floats(-30, 30)
+lse_values = st.one_of(finite, st.just(-math.inf))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(lse_values, lse_values), min_size=1, max_size=4), st.integers(0, 2**16))
+def test_merge_states_is_exact_and_inf_safe(lses, seed) -> None:
+    """Merging partial results over two key sets equals attention over the union."""
+    gen = torch.Generator().manual_seed(seed)
+    la = torch.tensor([a for a, _ in lses]).unsqueeze(-1)  # [T, 1]
+    lb = torch.tensor([b for _, b in lses]).unsqueeze(-1)
+    oa = torch.randn(len(lses), 1, 3, generator=gen) * (~torch.isinf(la)).unsqueeze(-1)
+    ob = torch.randn(len(lses), 1, 3, generator=gen) * (~torch.isinf(lb)).unsqueeze(-1)
+    out, lse = merge_states(oa, la, ob, lb)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    expected_lse = torch.logaddexp(la.double(), lb.double())
+    wa = torch.nan_to_num(torch.exp(la.double() - expected_lse), nan=0.0).unsqueeze(-1)
+    wb = torch.nan_to_num(torch.exp(lb.double() - expected_lse), nan=0.0).unsqueeze(-1)
+    torch.testing.assert_close(out.double(), oa.double() * wa + ob.double() * wb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), expected_lse)
+    # merging is symmetric, and merge_many agrees
+    out2, lse2 = merge_states(ob, lb, oa, la)
+    torch.testing.assert_close(out, out2)
+    out3, lse3 = merge_many(torch.stack([oa, ob]), torch.stack([la, lb]))
+    torch.testing.assert_close(out3, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse3, lse, atol=1e-5, rtol=1e-5)
+
+
+def test_split_keys_then_merge_equals_whole() -> None:
+    t = 17
+    lay = TokenLayout.build([0] * t, list(range(t)))
+    q, k, v = torch.randn(t, 2, 8), torch.randn(t, 2, 8), torch.randn(t, 2, 8)
+    whole = attention_with_lse(q, k, v, lay, lay)
+    a_lay, b_lay = TokenLayout.build([0] * 5, range(5)), TokenLayout.build([0] * 12, range(5, 17))
+    oa, la = attention_with_lse(q, k[:5], v[:5], lay, a_lay)
+    ob, lb = attention_with_lse(q, k[5:], v[5:], lay, b_lay)
+    out, lse = merge_states(oa, la, ob, lb)
+    torch.testing.assert_close(out, whole[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, whole[1], atol=1e-5, rtol=0)

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from distributed import run_ranks
+from seqpar.comm.launch import run_ranks
 from seqpar import ShardPlan, TokenLayout, decode_attention, head_sharded_attention, reference_attention
 from seqpar.comm.collectives import STATS
 

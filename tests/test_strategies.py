@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from distributed import run_ranks
+from seqpar.comm.launch import run_ranks
 from seqpar import ShardPlan, reference_attention, sp_attention
 from seqpar.comm.collectives import STATS
 

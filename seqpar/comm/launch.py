@@ -1,6 +1,7 @@
-"""Run a function on W gloo ranks in fresh processes, with a hard timeout.
+"""Run a function on W gloo ranks in fresh processes on this machine, with a hard timeout.
 
-A hang (a collective some rank never joins) fails the test instead of blocking CI.
+Used by tests and benchmarks: a hang (a collective some rank never joins) becomes
+an error instead of blocking. Each rank gets cores / W threads (or `threads`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn: Callable, rank: int, world: int, port: int, queue: Any, args: tuple) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def _entry(fn: Callable, rank: int, world: int, port: int, queue: Any, args: tuple, threads: int | None) -> None:
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         result = fn(rank, world, *args)
@@ -35,12 +36,12 @@ def _entry(fn: Callable, rank: int, world: int, port: int, queue: Any, args: tup
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0) -> list[Any]:
+def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0, threads: int | None = None) -> list[Any]:
     """fn(rank, world, *args) on each rank; returns the W results, or raises with the first traceback."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args, threads), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -3,7 +3,7 @@ sequence parallelism: attention is a callable supplied by the caller."""
 
 from seqpar.model.config import ConfigError, ModelConfig
 from seqpar.model.llama import AttentionFn, LlamaForCausalLM
-from seqpar.model.loader import load_model, load_tokenizer, resolve_model
+from seqpar.model.loader import load_config, load_model, load_tokenizer, resolve_model
 from seqpar.model.parallel_layers import head_shard
 from seqpar.model.parallelize import parallelize_head_sharded, parallelize_tp
 from seqpar.model.reference import dense_causal_attention
@@ -17,6 +17,7 @@ __all__ = [
     "ModelLoadError",
     "dense_causal_attention",
     "head_shard",
+    "load_config",
     "load_model",
     "load_tokenizer",
     "parallelize_head_sharded",

@@ -58,8 +58,8 @@ def unpermute_rotary_rows(w: Tensor, n_head: int) -> Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Config and fp32 tensors (HF names and layout) of a GGUF file."""
+def _open(path: Path) -> tuple[Any, ModelConfig, dict[str, Any]]:
+    """(gguf module, config, tensors by GGUF name without rope_freqs) of a GGUF file."""
     import gguf  # heavy-ish import, only needed for GGUF checkpoints
 
     try:
@@ -78,6 +78,17 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         config = ModelConfig.from_gguf(metadata, shapes, rope_freqs)
     except ConfigError as e:
         raise ModelLoadError(f"{path}: {e}") from e
+    return gguf, config, by_name
+
+
+def read_gguf_config(path: Path) -> ModelConfig:
+    """Only the config: tensors are memory-mapped, not read."""
+    return _open(path)[1]
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Config and fp32 tensors (HF names and layout) of a GGUF file."""
+    gguf, config, by_name = _open(path)
 
     tensors: dict[str, Tensor] = {}
     for name, t in by_name.items():

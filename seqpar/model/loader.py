@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from seqpar.model.config import ConfigError, ModelConfig
-from seqpar.model.gguf_loader import load_gguf
+from seqpar.model.gguf_cache import gguf_config, gguf_tensors, gguf_tokenizer_dir
 from seqpar.model.llama import LlamaForCausalLM
 from seqpar.model.weights import ModelLoadError, build_model, read_safetensors_dir
 
@@ -78,10 +78,17 @@ def load_model(path_or_name: str | Path,
     """Full (unsharded) model and its config, in eval mode without gradients."""
     path = resolve_model(path_or_name)
     if path.suffix == ".gguf":
-        return load_gguf(path, dtype)
+        config, tensors = gguf_tensors(path)
+        return build_model(config, tensors, dtype, source=str(path)), config
     config = read_hf_config(path)
     model = build_model(config, read_safetensors_dir(path), dtype, source=str(path))
     return model, config
+
+
+def load_config(path_or_name: str | Path) -> ModelConfig:
+    """The model's config without loading weights (to validate a setup before starting ranks)."""
+    path = resolve_model(path_or_name)
+    return gguf_config(path) if path.suffix == ".gguf" else read_hf_config(path)
 
 
 def read_hf_config(directory: Path) -> ModelConfig:
@@ -102,8 +109,7 @@ def load_tokenizer(path_or_name: str | Path) -> Any:
     path = resolve_model(path_or_name)
     try:
         if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(path)), local_files_only=True)
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load a tokenizer from local files: {e}") from e

@@ -12,3 +12,9 @@ __all__ = [
     "ShardPlan", "TokenLayout", "sp_attention", "STRATEGIES", "attention_with_lse", "reference_attention",
     "merge_states", "decode_attention", "head_sharded_attention",
 ]
+
+from seqpar.engine.llm import LLM  # noqa: E402
+from seqpar.engine.outputs import RequestOutput  # noqa: E402
+from seqpar.engine.sampling import SamplingParams  # noqa: E402
+
+__all__ += ["LLM", "SamplingParams", "RequestOutput"]

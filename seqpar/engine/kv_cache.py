@@ -217,6 +217,21 @@ class PagedKVCache:
         v = self.v[layer].view(flat).index_select(0, slots)
         return k, v, self.positions.index_select(0, slots)
 
+    def batch_slots(self, seq_ids: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Slots, seq_index (row in seq_ids) and positions of every cached token of these
+        sequences: computed once per decode step, then `read` per layer."""
+        per_seq = [self._seq_slots(s) for s in seq_ids]
+        dev = self.positions.device
+        slots = torch.cat(per_seq) if per_seq else torch.empty(0, dtype=torch.int64, device=dev)
+        lens = torch.tensor([p.numel() for p in per_seq], dtype=torch.int64, device=dev)
+        seq_index = torch.repeat_interleave(torch.arange(len(seq_ids), device=dev), lens)
+        return slots, seq_index, self.positions.index_select(0, slots)
+
+    def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """K, V `[n, Hkv, D]` at `slots [n]` of one layer."""
+        flat = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        return self.k[layer].view(flat).index_select(0, slots), self.v[layer].view(flat).index_select(0, slots)
+
     def gather_batch(self, layer: int, seq_ids: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Packed local K, V `[sum L_local, Hkv, D]`, seq_index `[sum L_local]` (row in seq_ids), positions."""
         per_seq = [self._seq_slots(s) for s in seq_ids]

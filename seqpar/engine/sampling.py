@@ -7,7 +7,7 @@ logits before temperature, top-k or top-p), which is what vLLM returns by defaul
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -192,3 +192,19 @@ def prompt_logprobs(logits: Tensor, prompt_ids: Sequence[int], k: int) -> list[L
         for r, tok in enumerate(targets[start:stop].tolist()):
             result.append(_logprob_dict(lp[r], tok, k))
     return result
+
+
+def prompt_logprobs_rows(
+    logits_fn: Callable[[Tensor], Tensor], hidden: Tensor, targets: Sequence[int], k: int
+) -> list[LogprobDict]:
+    """Prompt logprobs from hidden rows [n, hidden] whose next prompt tokens are `targets`.
+
+    Used by SP ranks on their own rows, so no rank ever holds [T, V] logits: the
+    vocabulary projection runs _PROMPT_LOGPROB_CHUNK rows at a time.
+    """
+    out: list[LogprobDict] = []
+    for start in range(0, len(targets), _PROMPT_LOGPROB_CHUNK):
+        stop = min(start + _PROMPT_LOGPROB_CHUNK, len(targets))
+        lp = torch.log_softmax(logits_fn(hidden[start:stop]).float(), dim=-1)  # [chunk, V]
+        out += [_logprob_dict(lp[r], tok, k) for r, tok in enumerate(targets[start:stop])]
+    return out

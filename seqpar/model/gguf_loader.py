@@ -81,11 +81,6 @@ def _open(path: Path) -> tuple[Any, ModelConfig, dict[str, Any]]:
     return gguf, config, by_name
 
 
-def read_gguf_config(path: Path) -> ModelConfig:
-    """Only the config: tensors are memory-mapped, not read."""
-    return _open(path)[1]
-
-
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Config and fp32 tensors (HF names and layout) of a GGUF file."""
     gguf, config, by_name = _open(path)

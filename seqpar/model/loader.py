@@ -95,11 +95,25 @@ def read_hf_config(directory: Path) -> ModelConfig:
     file = directory / "config.json"
     try:
         raw: dict[str, Any] = json.loads(file.read_text())
+        # Chat models often list their end-of-turn tokens only in generation_config.json.
+        generation = directory / "generation_config.json"
+        if generation.is_file():
+            extra = json.loads(generation.read_text()).get("eos_token_id")
+            raw["eos_token_id"] = _merge_ids(raw.get("eos_token_id"), extra)
         return ModelConfig.from_hf(raw)
     except (ValueError, KeyError) as e:  # ConfigError is a ValueError
         detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         kind = "unsupported config" if isinstance(e, ConfigError) else "invalid config"
         raise ModelLoadError(f"{file}: {kind}: {detail}") from e
+
+
+def _merge_ids(*values: int | list[int] | None) -> list[int]:
+    ids: list[int] = []
+    for v in values:
+        for i in [] if v is None else [v] if isinstance(v, int) else v:
+            if i not in ids:
+                ids.append(i)
+    return ids
 
 
 def load_tokenizer(path_or_name: str | Path) -> Any:

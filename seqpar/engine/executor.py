@@ -1,0 +1,187 @@
+"""Rank processes and the control channel to them.
+
+The driver (the user's process) is not a rank. `LocalExecutor` starts the W ranks
+on this machine; it talks to rank 0 over a pipe, and rank 0 broadcasts each
+message to the others over torch.distributed, so every rank runs the same steps.
+Under torchrun, rank 0 *is* the driver (`TorchrunExecutor`) and the other ranks
+run `serve`. A rank that dies or errs fails the step at once with its traceback;
+leaving the engine (or the interpreter) ends every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from seqpar.comm.launch import free_port
+from seqpar.engine.config import EngineConfig
+from seqpar.engine.worker import StepResult, Worker
+
+ProgressFn = Callable[[int, int], None]
+
+
+class EngineDeadError(RuntimeError):
+    """A rank failed; the engine's ranks are stopped and it takes no more requests."""
+
+
+def _init_worker(config: EngineConfig, num_blocks: int, progress: Any) -> tuple[Worker | None, str | None]:
+    """Build this rank's worker; every rank learns whether all succeeded (no rank hangs)."""
+    worker, error = None, None
+    try:
+        worker = Worker(config, num_blocks, progress)
+    except Exception:
+        error = f"rank {dist.get_rank()}:\n{traceback.format_exc()}"
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    return worker, "\n".join(failed) if failed else None
+
+
+def serve(worker: Worker, conn: Any = None) -> None:
+    """The loop every rank but the driver runs: receive a message, step, reply (rank 0)."""
+    while True:
+        msg = None
+        if conn is not None:
+            try:
+                msg = conn.recv()
+            except EOFError:  # the driver is gone
+                msg = None
+        box = [msg]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        try:
+            result = worker.execute(box[0])
+        except Exception:
+            if conn is None:
+                raise  # the process exits non-zero; the driver sees a dead rank
+            conn.send(("error", f"rank 0:\n{traceback.format_exc()}"))
+            continue
+        if conn is not None:
+            conn.send(("ok", result))
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """A rank whose driver died exits instead of idling as an orphan."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(1.0)
+
+
+def _rank_main(config: EngineConfig, num_blocks: int, rank: int, port: int, conn: Any, progress: Any, parent: int) -> None:
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    torch.set_num_threads(config.threads_per_rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=config.world_size, timeout=timedelta(seconds=config.step_timeout_s))
+    worker, error = _init_worker(config, num_blocks, progress)
+    if conn is not None:
+        conn.send(("error", error) if error else ("ok", None))
+    if error:
+        return
+    serve(worker, conn)
+    dist.destroy_process_group()
+
+
+class LocalExecutor:
+    def __init__(self, config: EngineConfig, num_blocks: int):
+        self.config = config
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._progress = ctx.Queue()
+        port = free_port()
+        self._procs = [
+            ctx.Process(target=_rank_main, name=f"seqpar-rank{r}", daemon=True,
+                        args=(config, num_blocks, r, port, child if r == 0 else None,
+                              self._progress if r == 0 else None, os.getpid()))
+            for r in range(config.world_size)
+        ]
+        for p in self._procs:
+            p.start()
+        self.closed = False
+        self._wait(None, timeout=600.0)  # ranks load the model; errors come back here
+
+    def call(self, msg: Any, on_progress: ProgressFn | None = None) -> StepResult:
+        if self.closed:
+            raise EngineDeadError("the engine's ranks are stopped; create a new LLM")
+        self._conn.send(msg)
+        return self._wait(on_progress, self.config.step_timeout_s)
+
+    def _wait(self, on_progress: ProgressFn | None, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._conn.poll(0.05):
+                status, value = self._conn.recv()
+                self._drain(on_progress)
+                if status == "error":
+                    self.shutdown()
+                    raise EngineDeadError(f"a rank failed; the engine is stopped:\n{value}")
+                return value
+            self._drain(on_progress)
+            dead = [(p.name, p.exitcode) for p in self._procs if p.exitcode is not None]
+            if dead:
+                self.shutdown()
+                raise EngineDeadError(f"rank process(es) exited unexpectedly {dead}; requests in flight failed "
+                                      "and the engine is stopped (see the rank's output above for why)")
+            if time.monotonic() > deadline:
+                self.shutdown()
+                raise EngineDeadError(f"no answer from the ranks within {timeout:.0f}s; the engine is stopped")
+
+    def _drain(self, on_progress: ProgressFn | None) -> None:
+        while not self._progress.empty():
+            item = self._progress.get_nowait()
+            if on_progress is not None:
+                on_progress(*item)
+
+    def shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._conn.send(None)
+        except (OSError, ValueError):
+            pass
+        for p in self._procs:
+            p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self._conn.close()
+
+
+class TorchrunExecutor:
+    """Under torchrun: this process is global rank 0 and the driver; the others `serve`."""
+
+    def __init__(self, config: EngineConfig, num_blocks: int):
+        self.config = config
+        self._on_progress: ProgressFn | None = None
+        worker, error = _init_worker(config, num_blocks, self)
+        if error:
+            raise EngineDeadError(f"a rank failed to start:\n{error}")
+        self.worker = worker
+        self.closed = False
+
+    def put(self, item: tuple[int, int]) -> None:  # progress, in-process
+        if self._on_progress is not None:
+            self._on_progress(*item)
+
+    def call(self, msg: Any, on_progress: ProgressFn | None = None) -> StepResult:
+        if self.closed:
+            raise EngineDeadError("the engine is shut down")
+        self._on_progress = on_progress
+        dist.broadcast_object_list([msg], src=0)
+        return self.worker.execute(msg)
+
+    def shutdown(self) -> None:
+        if not self.closed:
+            self.closed = True
+            dist.broadcast_object_list([None], src=0)

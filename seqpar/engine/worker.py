@@ -1,0 +1,209 @@
+"""One rank of the engine: its model shard, its share of the paged KV cache, and a step.
+
+Every rank runs the same steps in the same order (the driver's messages are
+broadcast from rank 0), so collectives inside the model always match up. Prefill
+shards the batch's tokens with a ShardPlan and runs a sequence-parallel strategy;
+decode runs every new token on every SP rank, caches its K/V on one rank only and
+merges partial attention by LSE. Results go to rank 0 and from there to the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqpar.comm.collectives import all_gather_uneven
+from seqpar.comm.mesh import ParallelMesh
+from seqpar.engine.config import EngineConfig
+from seqpar.engine.kv_cache import PagedKVCache
+from seqpar.engine.parallel import ShardedModel
+from seqpar.engine.sampling import prompt_logprobs_rows
+from seqpar.kernels.layout import TokenLayout
+from seqpar.sharding.plan import ShardPlan
+from seqpar.strategies.api import sp_attention
+from seqpar.strategies.decode import decode_attention
+from seqpar.strategies.head_sharded import head_sharded_attention
+
+# Below this many tokens per rank a ring step is too small to hide its latency:
+# "auto" then gathers K/V in one collective instead.
+_AUTO_RING_MIN_LOCAL_TOKENS = 512
+
+
+@dataclass
+class Prefill:
+    seq_ids: list[int]
+    prompts: list[list[int]]
+    prompt_logprobs: list[int | None]  # top-k per request, None = not wanted
+
+
+@dataclass
+class Decode:
+    seq_ids: list[int]
+    token_ids: list[int]
+    positions: list[int]
+    owners: list[int]  # SP rank that caches each new token
+
+
+@dataclass
+class Free:
+    seq_ids: list[int]
+
+
+@dataclass
+class StepResult:
+    logits: dict[int, Tensor]  # seq_id -> next-token logits [V] fp32
+    prompt_logprobs: dict[int, dict[int, dict]]  # seq_id -> prompt index -> LogprobDict
+    kv_bytes: list[int]  # KV cache bytes in use, per SP rank
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, num_blocks: int, progress=None):
+        self.config = config
+        self.mesh = ParallelMesh.build(config.sp_size, config.tp_size)
+        self.sharded = ShardedModel(config, self.mesh)
+        self.model = self.sharded.model
+        mc = self.model.config
+        self.cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, self.sharded.num_kv_heads_cached,
+                                  mc.head_dim, config.torch_dtype)
+        self.scale = mc.head_dim ** -0.5
+        self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
+        self.reports = self.mesh.tp_rank == 0  # one rank per SP position reports results
+
+    # ---- prefill ------------------------------------------------------------------
+    def prefill(self, msg: Prefill) -> StepResult:
+        cfg, mesh = self.config, self.mesh
+        lens = [len(p) for p in msg.prompts]
+        plan = ShardPlan(lens, cfg.sp_size, cfg.scheme)
+        r = mesh.sp_rank
+        idx = plan.local_indices(r)
+        all_ids = torch.tensor([t for p in msg.prompts for t in p], dtype=torch.long)
+        positions, seq_rows = plan.positions(r), plan.seq_ids(r)
+        counts = [int((seq_rows == i).sum()) for i in range(len(lens))]
+        self.cache.reserve_many({s: c for s, c in zip(msg.seq_ids, counts)})
+        for i, s in enumerate(msg.seq_ids):
+            self.cache.append_positions(s, positions[seq_rows == i])
+        slots = self.cache.slot_mapping(msg.seq_ids, counts)
+        strategy = self._pick_strategy(plan)
+        seed_layout = strategy == "head_sharded"
+        num_layers = self.model.config.num_layers
+
+        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            if seed_layout:  # q, k, v for all tokens (replicated hidden); cache and ring only our shard
+                k_loc, v_loc = k[idx], v[idx]
+                self.cache.write(layer, slots, k_loc, v_loc)
+                out = head_sharded_attention(q, k_loc, v_loc, plan, mesh.sp_group, True, self.scale,
+                                             kv_head_ids=self.sharded.kv_head_ids)
+            else:
+                self.cache.write(layer, slots, k, v)
+                out = sp_attention(q, k, v, plan=plan, group=mesh.sp_group, strategy=strategy, scale=self.scale,
+                                   ulysses_degree=cfg.ulysses_degree if strategy == "usp" else None)
+            if self.progress is not None:
+                self.progress.put((layer + 1, num_layers))
+            return out
+
+        with torch.inference_mode():
+            if seed_layout:
+                all_pos = plan.global_layout.positions
+                hidden = self.model(all_ids, all_pos, attention)[idx]  # keep this rank's rows
+            else:
+                hidden = self.model(all_ids[idx], positions, attention)
+            result = StepResult({}, {}, [])
+            if self.reports:
+                self._prefill_outputs(msg, lens, seq_rows, positions, hidden, result)
+        return self._gather(result)
+
+    def _pick_strategy(self, plan: ShardPlan) -> str:
+        if self.config.strategy != "auto":
+            return self.config.strategy
+        return "ring" if min(plan.local_counts) >= _AUTO_RING_MIN_LOCAL_TOKENS else "allgather"
+
+    def _prefill_outputs(self, msg: Prefill, lens: list[int], seq_rows: Tensor, positions: Tensor,
+                         hidden: Tensor, result: StepResult) -> None:
+        """Logits of each sequence's last token, where it lives; prompt logprobs of local rows."""
+        for i, s in enumerate(msg.seq_ids):
+            rows = (seq_rows == i).nonzero().flatten()
+            last = rows[positions[rows] == lens[i] - 1]
+            if last.numel():
+                result.logits[s] = self.model.compute_logits(hidden[last])[0]
+            k = msg.prompt_logprobs[i]
+            if k is not None:
+                # row at position p predicts prompt token p + 1
+                rows = rows[positions[rows] < lens[i] - 1]
+                targets = [msg.prompts[i][p + 1] for p in positions[rows].tolist()]
+                entries = prompt_logprobs_rows(lambda h: self.model.compute_logits(h), hidden[rows], targets, k)
+                result.prompt_logprobs[s] = {p + 1: e for p, e in zip(positions[rows].tolist(), entries)}
+
+    # ---- decode -------------------------------------------------------------------
+    def decode(self, msg: Decode) -> StepResult:
+        cfg, mesh = self.config, self.mesh
+        me = mesh.sp_rank
+        mine = [i for i, o in enumerate(msg.owners) if o == me]
+        for i in mine:
+            self.cache.reserve(msg.seq_ids[i], 1)
+            self.cache.append_positions(msg.seq_ids[i], [msg.positions[i]])
+        new_slots = self.cache.slot_mapping([msg.seq_ids[i] for i in mine], [1] * len(mine))
+        mine_t = torch.tensor(mine, dtype=torch.long)
+        # Positions of everything this rank caches for these sequences: one layout per step, all layers.
+        slots, seq_index, kpos = self.cache.batch_slots(msg.seq_ids)
+        k_layout = TokenLayout.build(seq_index, kpos)
+        q_layout = TokenLayout.build(list(range(len(msg.seq_ids))), msg.positions)
+        ids = torch.tensor(msg.token_ids, dtype=torch.long)
+        pos = torch.tensor(msg.positions, dtype=torch.long)
+        seed_layout = cfg.strategy == "head_sharded"
+
+        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            self.cache.write(layer, new_slots, k[mine_t], v[mine_t])
+            k_loc, v_loc = self.cache.read(layer, slots)
+            if seed_layout:
+                return self.sharded.seed_decode(q, k_loc, v_loc, q_layout, k_layout, cfg.decode_merge, self.scale)
+            out = decode_attention(q, k_loc, v_loc, q_layout, k_layout, mesh.sp_group, cfg.decode_merge, self.scale)
+            if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
+                # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
+                # here every rank runs the whole o_proj, so gather the slices back.
+                out = torch.cat(all_gather_uneven(out.contiguous(), [out.shape[0]] * cfg.sp_size, mesh.sp_group), dim=1)
+            return out
+
+        with torch.inference_mode():
+            hidden = self.model(ids, pos, attention)
+            result = StepResult({}, {}, [])
+            if self.reports and mine:
+                logits = self.model.compute_logits(hidden[mine_t])  # only the owners' rows
+                result.logits = {msg.seq_ids[i]: logits[j] for j, i in enumerate(mine)}
+        return self._gather(result)
+
+    def free(self, msg: Free) -> StepResult:
+        for s in msg.seq_ids:
+            if s in self.cache.seq_ids:
+                self.cache.free(s)
+        return self._gather(StepResult({}, {}, []))
+
+    # ---- results ------------------------------------------------------------------
+    def _gather(self, result: StepResult) -> StepResult:
+        """Collect every rank's partial result on rank 0 (others get None back)."""
+        result.kv_bytes = [self.cache.bytes_used()]
+        world = dist.get_world_size()
+        parts: list[StepResult | None] = [None] * world if dist.get_rank() == 0 else None
+        dist.gather_object(result if self.reports else None, parts, dst=0)
+        if dist.get_rank() != 0:
+            return result
+        merged = StepResult({}, {}, [])
+        for part in parts:
+            if part is None:
+                continue
+            merged.logits.update(part.logits)
+            for s, entries in part.prompt_logprobs.items():
+                merged.prompt_logprobs.setdefault(s, {}).update(entries)
+            merged.kv_bytes += part.kv_bytes
+        return merged
+
+    def execute(self, msg: Prefill | Decode | Free) -> StepResult:
+        if isinstance(msg, Prefill):
+            return self.prefill(msg)
+        if isinstance(msg, Decode):
+            return self.decode(msg)
+        if isinstance(msg, Free):
+            return self.free(msg)
+        raise TypeError(f"unknown engine message {type(msg).__name__}")

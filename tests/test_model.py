@@ -130,7 +130,12 @@ def test_mistral_sliding_window_is_refused() -> None:
         ModelConfig.from_hf(d)
 
 
-def test_config_is_frozen() -> None:
-    config = ModelConfig.from_hf(_llama_dict())
+def test_config_is_frozen_hashable_and_owns_its_rope_dict() -> None:
+    scaling = dict(LLAMA3_ROPE)
+    config = ModelConfig.from_hf(_llama_dict(rope_parameters=scaling))
     with pytest.raises(AttributeError):
         config.num_heads = 8  # type: ignore[misc]
+    scaling["factor"] = 2.0
+    assert config.rope_scaling is not None and config.rope_scaling["factor"] == 8.0
+    again = ModelConfig.from_hf(_llama_dict(rope_parameters=dict(LLAMA3_ROPE)))
+    assert again == config and hash(again) == hash(config) and len({config, again}) == 1

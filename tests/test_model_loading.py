@@ -15,10 +15,19 @@ from safetensors.torch import load_file, save_file
 from test_model_helpers import hf_logits, our_logits, packed_batch, save_tiny, tiny_hf_model
 from torch import nn
 
-from seqpar.model import ModelConfig, ModelLoadError, load_model, resolve_model
+from seqpar.model import ModelConfig, ModelLoadError, load_config, load_model, load_tokenizer, resolve_model
+from seqpar.model import gguf_loader
 from seqpar.model.gguf_loader import unpermute_rotary_rows
 
 BATCH = dict(lengths=[6, 9, 4], starts=[0, 30, 0])
+
+
+@pytest.fixture(autouse=True)
+def gguf_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh GGUF conversion cache per test, not the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("gguf_cache")
+    monkeypatch.setenv("SEQPAR_CACHE_DIR", str(folder))
+    return folder
 
 
 def _rewrite(path: Path, edit) -> None:
@@ -45,6 +54,13 @@ def test_bf16_checkpoint_loads_into_requested_dtype(tmp_path: Path) -> None:
     model, _ = load_model(tmp_path, dtype=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_generation_config_adds_eos_tokens(tmp_path: Path) -> None:
+    _, path = save_tiny(tmp_path, "llama")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2]}))
+    _, config = load_model(path)
+    assert config.eos_token_ids == (2, 7)
 
 
 def test_tied_checkpoint_may_carry_a_copy_of_lm_head(tmp_path: Path) -> None:
@@ -218,6 +234,30 @@ def test_gguf_unknown_tensor_and_truncation(tmp_path: Path) -> None:
     short.write_bytes(file.read_bytes()[: file.stat().st_size * 2 // 3])
     with pytest.raises(ModelLoadError, match=r"short\.gguf: cannot .*truncated or corrupt"):
         load_model(short)
+
+
+def test_gguf_conversion_is_cached_and_keyed_by_file(tmp_path: Path, gguf_cache: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    hf = tiny_hf_model("llama")
+    file = write_gguf(hf, tmp_path / "tiny.gguf", "llama")
+    first, config = load_model(file)
+    assert len(list((gguf_cache / "gguf").iterdir())) == 1
+
+    def no_parse(path: Path) -> None:
+        raise AssertionError("a cached GGUF was parsed again")
+
+    monkeypatch.setattr("seqpar.model.gguf_cache.read_gguf", no_parse)
+    assert load_config(file) == config
+    second, _ = load_model(file)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    # A rewritten file (new mtime/size) is a new entry, converted again.
+    monkeypatch.setattr("seqpar.model.gguf_cache.read_gguf", gguf_loader.read_gguf)
+    write_gguf(tiny_hf_model("llama", seed=1), file, "llama")
+    third, _ = load_model(file)
+    assert not torch.equal(third.model.norm.weight, first.model.norm.weight)
+    with pytest.raises(ModelLoadError, match=r"tiny\.gguf: no usable tokenizer in this GGUF"):
+        load_tokenizer(file)
 
 
 def test_gguf_config_errors() -> None:

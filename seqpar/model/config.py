@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 # HF `model_type` -> our architecture name. SmolLM2 ships as model_type "llama".
@@ -47,6 +47,8 @@ class ModelConfig:
     o_proj_bias: bool = False  # Llama's attention_bias=True also biases o_proj; Qwen2's does not
 
     def __post_init__(self) -> None:
+        if self.rope_scaling is not None:  # own copy: the caller's dict must not alias a frozen config
+            object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -71,6 +73,12 @@ class ModelConfig:
             if not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"special token id {tok} is outside the vocabulary [0, {self.vocab_size})")
         _validate_rope_scaling(self.rope_scaling, self.head_dim)
+
+    def __hash__(self) -> int:
+        # Kept as a plain dict (picklable, JSON-like), so hash rope_scaling by its items.
+        scaling = None if self.rope_scaling is None else tuple(sorted(self.rope_scaling.items()))
+        return hash(tuple(scaling if f.name == "rope_scaling" else getattr(self, f.name)
+                          for f in fields(self)))
 
     @property
     def group_size(self) -> int:

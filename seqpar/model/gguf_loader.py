@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from seqpar.model.config import ConfigError, ModelConfig
-from seqpar.model.llama import LlamaForCausalLM
-from seqpar.model.weights import ModelLoadError, build_model
+from seqpar.model.weights import ModelLoadError
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -110,8 +109,3 @@ def _dequantize(gguf: Any, t: Any, path: Path) -> Tensor:
     except Exception as e:
         raise ModelLoadError(f"{path}: cannot read tensor {t.name} ({t.tensor_type.name}, "
                              f"shape {shape}): {e}") from e
-
-
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, ModelConfig]:
-    config, tensors = read_gguf(path)
-    return build_model(config, tensors, dtype, source=str(path)), config

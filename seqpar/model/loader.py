@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from seqpar.model.config import ConfigError, ModelConfig
-from seqpar.model.gguf_cache import gguf_config, gguf_tensors, gguf_tokenizer_dir
+from seqpar.model.gguf_cache import gguf_config, gguf_tensors, gguf_tokenizer
 from seqpar.model.llama import LlamaForCausalLM
 from seqpar.model.weights import ModelLoadError, build_model, read_safetensors_dir
 
@@ -86,7 +86,8 @@ def load_model(path_or_name: str | Path,
 
 
 def load_config(path_or_name: str | Path) -> ModelConfig:
-    """The model's config without loading weights (to validate a setup before starting ranks)."""
+    """The model's config alone (to validate a setup before starting ranks). For a GGUF this
+    converts the file into the cache once, so the ranks' load_model calls are fast."""
     path = resolve_model(path_or_name)
     return gguf_config(path) if path.suffix == ".gguf" else read_hf_config(path)
 
@@ -123,7 +124,9 @@ def load_tokenizer(path_or_name: str | Path) -> Any:
     path = resolve_model(path_or_name)
     try:
         if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(path)), local_files_only=True)
+            return gguf_tokenizer(path)
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load a tokenizer from local files: {e}") from e

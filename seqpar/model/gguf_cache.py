@@ -53,8 +53,8 @@ def _config_from_json(raw: dict[str, Any]) -> ModelConfig:
 
 def _publish(target: Path, write: Callable[[Path], None]) -> bool:
     """Fill a fresh temporary folder and rename it to `target` whole, so a reader never
-    sees half a cache entry. False if the cache is not writable (the caller goes on
-    without it). Concurrent ranks may both convert; the first rename wins."""
+    sees half a cache entry. False if the cache is not writable or full (the caller goes
+    on without it). Concurrent ranks may both convert; the first rename wins."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
@@ -62,10 +62,9 @@ def _publish(target: Path, write: Callable[[Path], None]) -> bool:
         return False
     try:
         write(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process published it first
-            pass
+        tmp.rename(target)
+    except OSError:  # disk full, or another process published it first: target tells
+        pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target.exists()

@@ -46,9 +46,6 @@ class EngineConfig:
         for name in ("sp_size", "tp_size", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        cores = os.cpu_count() or 1
-        if self.sp_size * self.tp_size > 64 * cores:
-            raise ValueError(f"sp_size x tp_size = {self.world_size} ranks is far beyond this machine's {cores} cores")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.kv_cache_gb <= 0:

@@ -14,7 +14,7 @@ import torch
 from seqpar.model.config import ConfigError, ModelConfig
 from seqpar.model.gguf_cache import gguf_config, gguf_tensors, gguf_tokenizer
 from seqpar.model.llama import LlamaForCausalLM
-from seqpar.model.weights import ModelLoadError, build_model, read_safetensors_dir
+from seqpar.model.weights import ModelLoadError, build_model, check_safetensors_header, read_safetensors_dir
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PATH_HELP = ("a path must be a directory holding config.json and *.safetensors, "
@@ -89,7 +89,11 @@ def load_config(path_or_name: str | Path) -> ModelConfig:
     """The model's config alone (to validate a setup before starting ranks). For a GGUF this
     converts the file into the cache once, so the ranks' load_model calls are fast."""
     path = resolve_model(path_or_name)
-    return gguf_config(path) if path.suffix == ".gguf" else read_hf_config(path)
+    if path.suffix == ".gguf":
+        return gguf_config(path)  # converting it reads (and so checks) every tensor
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors_header(file)  # truncation is caught here, not in every rank
+    return read_hf_config(path)
 
 
 def read_hf_config(directory: Path) -> ModelConfig:

@@ -100,3 +100,12 @@ def _read_safetensors_file(file: Path) -> dict[str, Tensor]:
             return {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncation/corruption
         raise ModelLoadError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+
+
+def check_safetensors_header(file: Path) -> None:
+    """Open a safetensors file without reading tensors: catches truncated or corrupt files."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            f.keys()
+    except Exception as e:
+        raise ModelLoadError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from e

@@ -1,0 +1,160 @@
+"""The engine end to end on tiny random models, against HF transformers.
+
+Tolerance: prompt logprobs 1e-4 absolute in fp32. The SP engine and transformers
+run the same fp32 arithmetic in a different order (blockwise attention merged by
+LSE, sharded projections summed by all-reduce); over 2 layers with O(1) random
+weights that moves log-probs by ~1e-6, so 1e-4 leaves room without hiding a bug
+(a wrong mask or position moves them by >1e-2).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from seqpar import LLM, SamplingParams
+from seqpar.engine.executor import EngineDeadError
+from seqpar.model import ModelLoadError
+from test_model_helpers import VOCAB, tiny_hf_model
+
+# 12 q heads / 2 kv heads (GQA 6), head_dim 8: valid for ulysses and the seed layout at SP 1-4.
+HEADS = dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2)
+PROMPTS = [[5, 17, 3, 99, 42, 8, 8, 23, 61, 7, 14], [9], [4, 44, 71], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]]
+
+
+def _save(tmp: Path, kind: str, **overrides) -> tuple[torch.nn.Module, str]:
+    model = tiny_hf_model(kind, seed=3, **{**HEADS, **overrides})
+    model.save_pretrained(tmp)
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2").save_pretrained(tmp)
+    return model, str(tmp)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("tied"), "llama", tie_word_embeddings=True)
+
+
+def hf_prompt_logprobs(model, prompt: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]  # [T - 1]
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return ref[0, len(prompt):].tolist()
+
+
+def check_against_hf(model, path: str, **engine) -> None:
+    """Prompt logprobs of a ragged batch, then greedy generation, both equal to transformers'."""
+    sp = engine.get("sp_size", 1)
+    with LLM(model=path, **engine) as llm:
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=1, ignore_eos=True))
+        # every block is back in the free list, on the driver's books and on each rank
+        assert llm.engine.kv_bytes_per_rank() == [0] * sp and llm.engine.reserved == [0] * sp
+    for prompt, out in zip(PROMPTS, outs):
+        plp = out.prompt_logprobs
+        assert len(plp) == len(prompt) and plp[0] is None
+        ours = torch.tensor([plp[t][prompt[t]].logprob for t in range(1, len(prompt))])
+        if len(prompt) > 1:
+            torch.testing.assert_close(ours, hf_prompt_logprobs(model, prompt), atol=1e-4, rtol=0)
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, 6)
+        assert out.outputs[0].finish_reason == "length"
+
+
+# Each prefill strategy at several SP sizes; decode merges and placements rotate through the cases.
+CASES = [
+    ("ring", 1, "allgather", "round_robin"), ("ring", 2, "alltoall", "least_loaded"),
+    ("ring", 3, "tree", "round_robin"), ("ring", 4, "allgather", "least_loaded"),
+    ("pass_q", 2, "tree", "round_robin"), ("pass_q", 3, "alltoall", "round_robin"),
+    ("allgather", 2, "allgather", "round_robin"), ("allgather", 4, "tree", "least_loaded"),
+    ("ulysses", 3, "allgather", "round_robin"), ("ulysses", 4, "alltoall", "round_robin"),
+    ("usp", 4, "tree", "round_robin"), ("head_sharded", 2, "alltoall", "round_robin"),
+    ("head_sharded", 3, "allgather", "least_loaded"), ("auto", 2, "tree", "round_robin"),
+]
+
+
+@pytest.mark.parametrize("strategy, sp, merge, placement", CASES)
+def test_engine_matches_hf(llama, strategy, sp, merge, placement):
+    extra = {"ulysses_degree": 2} if strategy == "usp" else {}
+    check_against_hf(*llama, sp_size=sp, strategy=strategy, decode_merge=merge, placement=placement, **extra)
+
+
+@pytest.mark.parametrize("fixture, sp", [("qwen2", 2), ("tied", 3)])
+def test_other_architectures_match_hf(request, fixture, sp):
+    check_against_hf(*request.getfixturevalue(fixture), sp_size=sp, strategy="ring")
+
+
+@pytest.mark.parametrize("sp, tp", [(1, 2), (2, 2)])
+def test_tensor_parallel_matches_hf(llama, sp, tp):
+    check_against_hf(*llama, sp_size=sp, tp_size=tp, strategy="ring", decode_merge="tree")
+
+
+def test_bad_input_is_a_clear_error(llama, tmp_path):
+    _, path = llama
+    with LLM(model=path, sp_size=2) as llm:
+        with pytest.raises(ValueError, match="empty prompt"):
+            llm.generate([""])
+        with pytest.raises(ValueError, match="holds at most 256 tokens"):
+            llm.generate([[5] * 300])
+        ok = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3))[0]
+        assert len(ok.outputs[0].token_ids) == 3
+        assert llm.engine.kv_bytes_per_rank() == [0, 0]
+    with pytest.raises(ModelLoadError, match="neither a known model name"):
+        LLM(model="no-such-model")
+    with pytest.raises(ModelLoadError, match="holds no model weights"):
+        LLM(model=str(tmp_path))
+    with pytest.raises(ValueError, match="divisible by sp_size"):
+        LLM(model=path, sp_size=5, strategy="ulysses")
+    with pytest.raises(ValueError, match="tp_size=4 must divide"):
+        LLM(model=path, tp_size=4)
+    with pytest.raises(ValueError, match="more than this machine allows"):
+        LLM(model=path, sp_size=1000)
+    with pytest.raises(ValueError, match="strategy="):
+        LLM(model=path, strategy="magic")
+
+
+def test_corrupt_weights_fail_before_ranks_start(llama, tmp_path):
+    _, path = llama
+    for name in os.listdir(path):
+        data = Path(path, name).read_bytes()
+        Path(tmp_path, name).write_bytes(data[: len(data) // 2] if name.endswith(".safetensors") else data)
+    with pytest.raises(ModelLoadError) as info:
+        LLM(model=str(tmp_path), sp_size=2)
+    assert "safetensors" in str(info.value)
+
+
+def test_dead_rank_fails_requests_instead_of_hanging(llama):
+    _, path = llama
+    llm = LLM(model=path, sp_size=2)
+    try:
+        os.kill(llm.engine.executor._procs[1].pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="exited unexpectedly"):
+            llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4))
+        with pytest.raises(EngineDeadError):
+            llm.generate([PROMPTS[1]])
+    finally:
+        llm.shutdown()
+    assert all(not p.is_alive() for p in llm.engine.executor._procs)

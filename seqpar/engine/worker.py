@@ -9,13 +9,13 @@ merges partial attention by LSE. Results go to rank 0 and from there to the driv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqpar.comm.collectives import all_gather_uneven
+from seqpar.comm.collectives import STATS, all_gather_uneven
 from seqpar.comm.mesh import ParallelMesh
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.kv_cache import PagedKVCache
@@ -57,6 +57,7 @@ class StepResult:
     logits: dict[int, Tensor]  # seq_id -> next-token logits [V] fp32
     prompt_logprobs: dict[int, dict[int, dict]]  # seq_id -> prompt index -> LogprobDict
     kv_bytes: list[int]  # KV cache bytes in use, per SP rank
+    comm_bytes: list[int] = field(default_factory=list)  # bytes each SP rank sent in this step
 
 
 class Worker:
@@ -184,6 +185,8 @@ class Worker:
     def _gather(self, result: StepResult) -> StepResult:
         """Collect every rank's partial result on rank 0 (others get None back)."""
         result.kv_bytes = [self.cache.bytes_used()]
+        result.comm_bytes = [STATS.total]
+        STATS.reset()
         world = dist.get_world_size()
         parts: list[StepResult | None] = [None] * world if dist.get_rank() == 0 else None
         dist.gather_object(result if self.reports else None, parts, dst=0)
@@ -197,6 +200,7 @@ class Worker:
             for s, entries in part.prompt_logprobs.items():
                 merged.prompt_logprobs.setdefault(s, {}).update(entries)
             merged.kv_bytes += part.kv_bytes
+            merged.comm_bytes += part.comm_bytes
         return merged
 
     def execute(self, msg: Prefill | Decode | Free) -> StepResult:

@@ -1,0 +1,7 @@
+"""`python -m seqpar ...` (and `torchrun -m seqpar ...`): the `seqpar` command."""
+
+import sys
+
+from seqpar.cli import main
+
+sys.exit(main())

@@ -193,19 +193,11 @@ def make_llm(config: EngineConfig, torchrun: bool = False) -> Any:
 
 
 def num_blocks(config: EngineConfig) -> int:
-    """KV blocks per rank, exactly as LLMEngine.__init__ computes them (every torchrun rank needs it)."""
-    from seqpar.engine.kv_cache import block_bytes
-    from seqpar.engine.validate import check_parallelism
+    """KV blocks per rank, as the driver computes them (every torchrun rank needs the number)."""
+    from seqpar.engine.llm_engine import kv_blocks_per_rank
     from seqpar.model import load_config
 
-    mc = load_config(config.model)
-    check_parallelism(config, mc, local=False)
-    heads_cached = mc.num_kv_heads if config.strategy == "head_sharded" else mc.num_kv_heads // config.tp_size
-    per_block = block_bytes(mc.num_layers, heads_cached, mc.head_dim, config.torch_dtype, config.block_size)
-    blocks = int(config.kv_cache_gb * 2**30) // per_block
-    if blocks < 2:
-        raise ValueError(f"kv_cache_gb={config.kv_cache_gb} holds fewer than 2 blocks of {per_block} bytes; give it more")
-    return blocks
+    return kv_blocks_per_rank(config, load_config(config.model), local=False)
 
 
 def generate_torchrun(args: argparse.Namespace) -> int:
@@ -213,7 +205,7 @@ def generate_torchrun(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from seqpar.engine.executor import _init_worker, serve
+    from seqpar.engine.executor import serve_rank
     from seqpar.model import load_tokenizer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -223,9 +215,7 @@ def generate_torchrun(args: argparse.Namespace) -> int:
         sampling_params(args)
     except ValueError as e:
         return fail(e) if rank == 0 else 2
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    # threads_per_rank divides the cores by the whole world; the ranks sharing these cores are local_world.
-    torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_num_threads(config.threads_per_rank)
     dist.init_process_group("gloo", timeout=timedelta(seconds=config.step_timeout_s))
     try:
         # Checks that depend on this machine (model files, the prompt file on rank 0) may differ
@@ -244,14 +234,11 @@ def generate_torchrun(args: argparse.Namespace) -> int:
         if failed:
             return fail(failed[0]) if rank == 0 else 2
         if rank != 0:
-            worker, error = _init_worker(config, blocks, None)
-            if error is not None:
-                return 2  # rank 0 reports the failed start
             try:
-                serve(worker)  # until rank 0's LLM.shutdown() broadcasts the stop
+                # until rank 0's LLM.shutdown() broadcasts the stop; False: rank 0 reports the failed start
+                return 0 if serve_rank(config, blocks) else 2
             except Exception as e:  # a failed step; rank 0 sees this rank gone
                 return fail(f"rank {rank}: {type(e).__name__}: {e}")
-            return 0
         try:
             with make_llm(config, torchrun=True) as llm:
                 run_request(llm, args, text)

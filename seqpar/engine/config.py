@@ -62,7 +62,9 @@ class EngineConfig:
 
     @property
     def threads_per_rank(self) -> int:
-        return self.num_threads or max(1, (os.cpu_count() or 1) // self.world_size)
+        """Cores split evenly over the ranks on this machine (torchrun says how many: LOCAL_WORLD_SIZE)."""
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        return self.num_threads or max(1, (os.cpu_count() or 1) // here)
 
     @property
     def torch_dtype(self) -> torch.dtype:

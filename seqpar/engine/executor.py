@@ -69,6 +69,18 @@ def serve(worker: Worker, conn: Any = None) -> None:
             conn.send(("ok", result))
 
 
+def serve_rank(config: EngineConfig, num_blocks: int) -> bool:
+    """A torchrun rank other than 0: build the worker, then serve rank 0's steps until it stops.
+
+    Returns False when some rank failed to start (rank 0 reports why).
+    """
+    worker, error = _init_worker(config, num_blocks, None)
+    if error is not None:
+        return False
+    serve(worker)
+    return True
+
+
 def _watch_parent(parent_pid: int) -> None:
     """A rank whose driver died exits instead of idling as an orphan."""
     while True:

@@ -11,24 +11,37 @@ and a request that could never fit is refused at once.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.detokenize import IncrementalDetokenizer, decode_logprobs
 from seqpar.engine.executor import LocalExecutor, ProgressFn, TorchrunExecutor
-from seqpar.engine.kv_cache import block_bytes, blocks_needed
+from seqpar.engine.kv_cache import blocks_needed, size_cache
 from seqpar.engine.outputs import RequestOutput
 from seqpar.engine.sampling import Sampler, SamplingParams
 from seqpar.engine.scheduler import Scheduler, Sequence
 from seqpar.engine.validate import check_parallelism
 from seqpar.engine.worker import Decode, Free, Prefill, StepResult
-from seqpar.model import load_config, load_tokenizer
+from seqpar.model import ModelConfig, load_config, load_tokenizer
 from seqpar.sharding.plan import ShardPlan
+
+
+def kv_blocks_per_rank(config: EngineConfig, mc: ModelConfig, local: bool = True) -> int:
+    """Check the parallel layout against the model, then size each rank's KV cache.
+
+    Every rank (and the driver, for its accounting) must agree on this number.
+    """
+    check_parallelism(config, mc, local=local)
+    heads_cached = mc.num_kv_heads if config.strategy == "head_sharded" else mc.num_kv_heads // config.tp_size
+    blocks = size_cache(mc.num_layers, heads_cached, mc.head_dim, config.torch_dtype,
+                        int(config.kv_cache_gb * 2**30), config.block_size)
+    if blocks < 2:
+        raise ValueError(f"kv_cache_gb={config.kv_cache_gb} holds fewer than 2 KV blocks; give it more")
+    return blocks
 
 
 @dataclass
@@ -46,13 +59,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, torchrun: bool = False):
         self.config = config
         mc = self.model_config = load_config(config.model)
-        check_parallelism(config, mc)
+        self.num_blocks = kv_blocks_per_rank(config, mc, local=not torchrun)
         self.tokenizer = load_tokenizer(config.model)
-        heads_cached = mc.num_kv_heads if config.strategy == "head_sharded" else mc.num_kv_heads // config.tp_size
-        per_block = block_bytes(mc.num_layers, heads_cached, mc.head_dim, config.torch_dtype, config.block_size)
-        self.num_blocks = int(config.kv_cache_gb * 2**30) // per_block
-        if self.num_blocks < 2:
-            raise ValueError(f"kv_cache_gb={config.kv_cache_gb} holds fewer than 2 blocks of {per_block} bytes; give it more")
         context = mc.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > context:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context of {context} tokens")

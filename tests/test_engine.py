@@ -63,7 +63,8 @@ def hf_prompt_logprobs(model, prompt: list[int]) -> torch.Tensor:
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
     with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+        ids = torch.tensor([prompt])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
     return ref[0, len(prompt):].tolist()
 
 
@@ -158,3 +159,20 @@ def test_dead_rank_fails_requests_instead_of_hanging(llama):
     finally:
         llm.shutdown()
     assert all(not p.is_alive() for p in llm.engine.executor._procs)
+
+
+def test_requests_wait_for_cache_and_never_corrupt_each_other(llama):
+    """A cache of 4 blocks per rank holds one of these requests at a time: the second waits
+    for the first to finish, and both produce what they produce with room to spare."""
+    model, path = llama
+    prompts = [[(7 * i + j) % VOCAB for j in range(40)] for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    per_block = 2 * 2 * 8 * 4 * 2 * 16 + 16 * 8  # 2 layers x 2 kv heads x D 8 x fp32 x (K, V) x 16 + positions
+    with LLM(model=path, sp_size=2, kv_cache_gb=4.5 * per_block / 2**30) as llm:
+        assert llm.engine.num_blocks == 4
+        outs = llm.generate(prompts, params)
+        assert llm.engine.kv_bytes_per_rank() == [0, 0] and llm.engine.reserved == [0, 0]
+        with pytest.raises(ValueError, match="at most 96 tokens"):
+            llm.generate([[5] * 100])
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, 30)

@@ -25,16 +25,15 @@ from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.kernels.merge import merge_into
 
 
-def _fused_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """One dense block: q [Lq, Hq, D], k/v [Lk, Hkv, D] -> out [Lq, Hq, D], lse [Lq, Hq].
+def _fused_lse(q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """One dense block: q [Lq, Hq, D], kh/vh [Hkv, Lk, D] (head-major) -> out [Lq, Hq, D], lse [Lq, Hq].
 
     causal means a square top-left triangle (only called with Lq == Lk).
     """
     if not causal and q.shape[0] <= _FEW_QUERIES and q.device.type == "cpu":
-        return _few_queries_lse(q, k, v, scale)
+        return _few_queries_lse(q, kh, vh, scale)
     qb = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
-    kb = k.transpose(0, 1).unsqueeze(0)  # [1, Hkv, Lk, D]
-    vb = v.transpose(0, 1).unsqueeze(0)
+    kb, vb = kh.unsqueeze(0), vh.unsqueeze(0)  # [1, Hkv, Lk, D]
     if q.device.type == "cpu":
         # The CPU flash kernel takes GQA natively and returns the LSE; ~10x a matmul+softmax.
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -43,7 +42,7 @@ def _fused_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> t
     elif q.device.type == "cuda":
         out, lse = _cuda_lse(qb, kb, vb, causal, scale)
     else:
-        return reference_block(q, k, v, causal, scale)
+        return reference_block(q, kh.transpose(0, 1), vh.transpose(0, 1), causal, scale)
     # out [1, Hq, Lq, D] -> [Lq, Hq, D]; lse [1, Hq, Lq] -> [Lq, Hq]
     return out[0].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
 
@@ -53,14 +52,14 @@ def _fused_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> t
 _FEW_QUERIES = 4
 
 
-def _few_queries_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _few_queries_lse(q: Tensor, kh: Tensor, vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     lq, hq, d = q.shape
-    hkv = k.shape[1]
+    hkv = kh.shape[0]
     g = hq // hkv
     qg = q.float().view(lq, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, lq * g, d)  # [Hkv, Lq G, D]
-    scores = torch.bmm(qg, k.float().permute(1, 2, 0)) * scale  # [Hkv, Lq G, Lk]
+    scores = torch.bmm(qg, kh.float().transpose(1, 2)) * scale  # [Hkv, Lq G, Lk]
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [Hkv, Lq G, 1]
-    out = torch.bmm(torch.exp(scores - lse), v.float().transpose(0, 1))  # [Hkv, Lq G, D]
+    out = torch.bmm(torch.exp(scores - lse), vh.float())  # [Hkv, Lq G, D]
     out = out.view(hkv, lq, g, d).permute(1, 0, 2, 3).reshape(lq, hq, d)  # [Lq, Hq, D]
     return out.to(q.dtype), lse.view(hkv, lq, g).permute(1, 0, 2).reshape(lq, hq)
 
@@ -105,10 +104,10 @@ def _attend_pair(
     acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
     qr: Run, kr: Run, causal: bool, scale: float,
 ) -> None:
-    """Merge attention of query run `qr` over key run `kr` into the accumulators."""
+    """Merge attention of query run `qr` over key run `kr` (k, v head-major) into the accumulators."""
     qs, ks = qr.start, kr.start
     if not causal:
-        o, l = _fused_lse(q[qs : qs + qr.length], k[ks : ks + kr.length], v[ks : ks + kr.length], False, scale)
+        o, l = _fused_lse(q[qs : qs + qr.length], k[:, ks : ks + kr.length], v[:, ks : ks + kr.length], False, scale)
         merge_into(acc_out[qs : qs + qr.length], acc_lse[qs : qs + qr.length], o, l)
         return
     m, n = qr.length, kr.length
@@ -124,19 +123,19 @@ def _attend_pair(
     d = i0 + c
     if d + 1 >= n_vis:  # every remaining query sees every visible key (a 1x1 square is visible too)
         rows = slice(qs + i0, qs + m)
-        o, l = _fused_lse(q[rows], k[ks : ks + n_vis], v[ks : ks + n_vis], False, scale)
+        o, l = _fused_lse(q[rows], k[:, ks : ks + n_vis], v[:, ks : ks + n_vis], False, scale)
         merge_into(acc_out[rows], acc_lse[rows], o, l)
         return
     sq = n_vis - d  # side of the causal square
     rows = slice(qs + i0, qs + i0 + sq)
     if d > 0:
-        o, l = _fused_lse(q[rows], k[ks : ks + d], v[ks : ks + d], False, scale)
+        o, l = _fused_lse(q[rows], k[:, ks : ks + d], v[:, ks : ks + d], False, scale)
         merge_into(acc_out[rows], acc_lse[rows], o, l)
-    o, l = _fused_lse(q[rows], k[ks + d : ks + n_vis], v[ks + d : ks + n_vis], True, scale)
+    o, l = _fused_lse(q[rows], k[:, ks + d : ks + n_vis], v[:, ks + d : ks + n_vis], True, scale)
     merge_into(acc_out[rows], acc_lse[rows], o, l)
     if i0 + sq < m:  # rows below the square see all n_vis keys
         rows = slice(qs + i0 + sq, qs + m)
-        o, l = _fused_lse(q[rows], k[ks : ks + n_vis], v[ks : ks + n_vis], False, scale)
+        o, l = _fused_lse(q[rows], k[:, ks : ks + n_vis], v[:, ks : ks + n_vis], False, scale)
         merge_into(acc_out[rows], acc_lse[rows], o, l)
 
 
@@ -147,7 +146,7 @@ def _attend_masked(acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Te
     mask = (kpos.unsqueeze(0) <= qpos.unsqueeze(1)).to(q.device)  # [m, n]
     rows = slice(qr.start, qr.start + qr.length)
     keys = slice(kr.start, kr.start + kr.length)
-    o, l = reference_block(q[rows], k[keys], v[keys], True, scale, mask=mask)
+    o, l = reference_block(q[rows], k[:, keys].transpose(0, 1), v[:, keys].transpose(0, 1), True, scale, mask=mask)
     merge_into(acc_out[rows], acc_lse[rows], o, l)
 
 
@@ -161,14 +160,44 @@ def new_accumulators(q: Tensor) -> tuple[Tensor, Tensor]:
 def attend_into(
     acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
     q_layout: TokenLayout, k_layout: TokenLayout, causal: bool = True, scale: float | None = None,
+    fresh: bool = False,
 ) -> None:
-    """Merge attention of q over one block of keys into running (out, lse) accumulators."""
+    """Merge attention of q over one block of keys into running (out, lse) accumulators.
+
+    k, v: [Tk, Hkv, D]. `fresh`: the accumulators hold nothing yet (lets the
+    diagonal block be stored instead of merged).
+    """
     _check_shapes(q, k, v, q_layout, k_layout)
+    # The CPU flash kernel runs 3-6% faster on head-major contiguous K/V than on views of
+    # token-major memory; one copy per block pays for itself many times over.
+    attend_into_head_major(acc_out, acc_lse, q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(),
+                           q_layout, k_layout, causal, scale, fresh)
+
+
+def attend_into_head_major(
+    acc_out: Tensor, acc_lse: Tensor, q: Tensor, kh: Tensor, vh: Tensor,
+    q_layout: TokenLayout, k_layout: TokenLayout, causal: bool = True, scale: float | None = None,
+    fresh: bool = False,
+) -> None:
+    """`attend_into` with K/V already head-major: kh, vh [Hkv, Tk, D] (as the ring ships them)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    same = causal and q_layout is k_layout
     for seq, q_runs in q_layout.by_seq.items():
+        span = q_layout.ascending_span(seq) if same else None
+        if span is not None:
+            # Queries against their own keys, rows in increasing position order: the
+            # causal mask is exactly column <= row, one kernel call for all the runs.
+            a, b = span
+            o, l = _fused_lse(q[a:b], kh[:, a:b], vh[:, a:b], True, scale)
+            if fresh:  # nothing to merge with: every row sees at least itself
+                acc_out[a:b].copy_(o)
+                acc_lse[a:b].copy_(l)
+            else:
+                merge_into(acc_out[a:b], acc_lse[a:b], o, l)
+            continue
         for kr in k_layout.by_seq.get(seq, ()):
             for qr in q_runs:
-                _attend_pair(acc_out, acc_lse, q, k, v, qr, kr, causal, scale)
+                _attend_pair(acc_out, acc_lse, q, kh, vh, qr, kr, causal, scale)
 
 
 def attention_with_lse(
@@ -180,7 +209,7 @@ def attention_with_lse(
     Returns out [Tq, Hq, D] in q's dtype and lse [Tq, Hq] fp32.
     """
     acc_out, acc_lse = new_accumulators(q)
-    attend_into(acc_out, acc_lse, q, k, v, q_layout, k_layout, causal, scale)
+    attend_into(acc_out, acc_lse, q, k, v, q_layout, k_layout, causal, scale, fresh=True)
     return acc_out.to(q.dtype), acc_lse
 
 

@@ -84,5 +84,17 @@ class TokenLayout:
             torch.cat([lay.seq_ids for lay in layouts]), torch.cat([lay.positions for lay in layouts])
         )
 
+    def ascending_span(self, seq: int) -> tuple[int, int] | None:
+        """(first row, end row) if sequence `seq` fills one contiguous row range with strictly
+        increasing positions (a zigzag shard's two chunks, say), else None."""
+        runs = self.by_seq.get(seq, ())
+        if not runs:
+            return None
+        for prev, run in zip(runs, runs[1:]):
+            last = prev.pos + prev.stride * (prev.length - 1)
+            if run.start != prev.start + prev.length or run.pos <= last:
+                return None
+        return runs[0].start, runs[-1].start + runs[-1].length
+
     def __len__(self) -> int:
         return int(self.seq_ids.numel())

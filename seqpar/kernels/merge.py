@@ -28,10 +28,15 @@ def merge_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> 
 
 
 def merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
-    """In-place `merge_states` into fp32 accumulators (a slice of them is fine)."""
-    merged_out, merged_lse = merge_states(acc_out, acc_lse, out, lse)
-    acc_out.copy_(merged_out)
-    acc_lse.copy_(merged_lse)
+    """`merge_states` in place into fp32 accumulators (a slice of them is fine).
+
+    Same algebra; in-place ops, because the ring merges every block into them.
+    """
+    merged = torch.logaddexp(acc_lse, lse)
+    safe = merged.masked_fill(torch.isneginf(merged), 0.0)  # no key on either side: weights 0
+    acc_out.mul_((acc_lse - safe).exp_().unsqueeze(-1))
+    acc_out.addcmul_(out, (lse - safe).exp_().unsqueeze(-1))
+    acc_lse.copy_(merged)
 
 
 def merge_many(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from seqpar.comm.collectives import all_to_all, group_rank, group_size
 from seqpar.comm.ring import RingExchanger
-from seqpar.kernels.attention import attend_into, new_accumulators
+from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.merge import merge_many
 from seqpar.sharding.plan import ShardPlan
 
@@ -29,6 +29,7 @@ def pass_q_attention(
     hq, d = q.shape[1], q.shape[2]
     partials: list[Tensor] = [q.new_empty(0)] * world  # partials[j]: [T_j, Hq, D + 1] fp32 for rank j
     ring = RingExchanger(group) if world > 1 else None
+    kh, vh = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()  # [Hkv, T_local, D], read W times
     q_block = q
     for step in range(world):
         owner = (rank - step) % world
@@ -36,7 +37,7 @@ def pass_q_attention(
         if ring is not None and step + 1 < world:
             recv = ring.send_recv(q_block, (counts[(rank - step - 1) % world], hq, d))
         out, lse = new_accumulators(q_block)
-        attend_into(out, lse, q_block, k, v, layouts[owner], layouts[rank], causal, scale)
+        attend_into_head_major(out, lse, q_block, kh, vh, layouts[owner], layouts[rank], causal, scale, fresh=True)
         partials[owner] = torch.cat([out, lse.unsqueeze(-1)], dim=-1)  # out and lse in one message
         if recv is not None:
             ring.wait()

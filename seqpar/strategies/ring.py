@@ -16,7 +16,7 @@ from torch import Tensor
 
 from seqpar.comm.collectives import group_rank, group_size
 from seqpar.comm.ring import RingExchanger
-from seqpar.kernels.attention import attend_into, new_accumulators
+from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import TokenLayout
 from seqpar.sharding.plan import ShardPlan
 
@@ -33,16 +33,20 @@ def ring_core(
     """
     world, rank = group_size(group), group_rank(group)
     acc_out, acc_lse = new_accumulators(q)
-    kv = torch.stack([k, v])  # [2, T_r, Hkv, D]: one message per step
+    # [2, Hkv, T_r, D]: K and V in one message, head-major as the kernels read them, so no
+    # rank re-lays-out a received block.
+    kv = torch.stack([k, v]).transpose(1, 2).contiguous()
+    hkv, d = k.shape[1], k.shape[2]
     ring = RingExchanger(group) if world > 1 else None
     for step in range(world):
         src = (rank - step) % world
         recv = None
         if ring is not None and step + 1 < world:
             nxt = (rank - step - 1) % world
-            recv = ring.send_recv(kv, (2, len(kv_layouts[nxt]), *k.shape[1:]))
-        k_blk, v_blk = (kv[0], kv[1]) if kv_heads is None else (kv[0][:, kv_heads], kv[1][:, kv_heads])
-        attend_into(acc_out, acc_lse, q, k_blk, v_blk, q_layout, kv_layouts[src], causal, scale)
+            recv = ring.send_recv(kv, (2, hkv, len(kv_layouts[nxt]), d))
+        k_blk, v_blk = (kv[0], kv[1]) if kv_heads is None else (kv[0][kv_heads], kv[1][kv_heads])
+        attend_into_head_major(acc_out, acc_lse, q, k_blk, v_blk, q_layout, kv_layouts[src], causal, scale,
+                               fresh=step == 0)
         if recv is not None:
             ring.wait()
             kv = recv

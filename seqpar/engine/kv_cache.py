@@ -212,9 +212,7 @@ class PagedKVCache:
     def gather(self, layer: int, seq_id: int) -> tuple[Tensor, Tensor, Tensor]:
         """One sequence's local K, V `[L_local, Hkv, D]` and positions `[L_local]`, in append order."""
         slots = self._seq_slots(seq_id)
-        flat = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
-        k = self.k[layer].view(flat).index_select(0, slots)  # [L_local, Hkv, D]
-        v = self.v[layer].view(flat).index_select(0, slots)
+        k, v = self.read(layer, slots)
         return k, v, self.positions.index_select(0, slots)
 
     def batch_slots(self, seq_ids: list[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,12 +232,6 @@ class PagedKVCache:
 
     def gather_batch(self, layer: int, seq_ids: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Packed local K, V `[sum L_local, Hkv, D]`, seq_index `[sum L_local]` (row in seq_ids), positions."""
-        per_seq = [self._seq_slots(s) for s in seq_ids]
-        dev = self.positions.device
-        slots = torch.cat(per_seq) if per_seq else torch.empty(0, dtype=torch.int64, device=dev)
-        lens = torch.tensor([p.numel() for p in per_seq], dtype=torch.int64, device=dev)
-        seq_index = torch.repeat_interleave(torch.arange(len(seq_ids), device=dev), lens)
-        flat = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
-        k = self.k[layer].view(flat).index_select(0, slots)  # [sum L_local, Hkv, D]
-        v = self.v[layer].view(flat).index_select(0, slots)
-        return k, v, seq_index, self.positions.index_select(0, slots)
+        slots, seq_index, positions = self.batch_slots(seq_ids)
+        k, v = self.read(layer, slots)
+        return k, v, seq_index, positions

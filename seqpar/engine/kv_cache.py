@@ -9,6 +9,11 @@ for the causal mask, and it costs 8 bytes per token against kilobytes of K/V.
 Vocabulary: L_local = tokens of one sequence held by this rank; a "slot" is
 `block_id * block_size + offset`, an index into the flattened block storage.
 Tokens of a sequence are kept in the order they were appended.
+
+Storage is head-major, `[num_layers, Hkv, num_slots, D]`: the attention kernels
+read a run of consecutive slots of one layer as a view `[Hkv, n, D]`, so decode
+attends over the cache in place (`layout` gives the runs) instead of copying every
+cached token once per layer and step.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections import deque
 
 import torch
 from torch import Tensor
+
+from seqpar.kernels.layout import TokenLayout
 
 
 class CacheFullError(RuntimeError):
@@ -52,7 +59,7 @@ def size_cache(
 
 
 class PagedKVCache:
-    """K/V storage `[num_layers, num_blocks, block_size, Hkv, D]`, a free list and per-sequence block tables."""
+    """K/V storage `[num_layers, Hkv, num_blocks * block_size, D]`, a free list and per-sequence block tables."""
 
     def __init__(
         self,
@@ -72,7 +79,7 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache: dtype must be a floating type, got {dtype}")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.full((num_blocks * block_size,), -1, dtype=torch.int64, device=device)
@@ -205,9 +212,8 @@ class PagedKVCache:
         expect = (slots.numel(), self.num_kv_heads, self.head_dim)
         if tuple(k.shape) != expect or tuple(v.shape) != expect:
             raise ValueError(f"write: k/v must be {list(expect)} ([n, Hkv, D]), got {list(k.shape)}, {list(v.shape)}")
-        flat = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
-        self.k[layer].view(flat).index_copy_(0, slots, k.to(self.dtype))  # [num_slots, Hkv, D]
-        self.v[layer].view(flat).index_copy_(0, slots, v.to(self.dtype))
+        self.k[layer].index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))  # [Hkv, num_slots, D]
+        self.v[layer].index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
 
     def gather(self, layer: int, seq_id: int) -> tuple[Tensor, Tensor, Tensor]:
         """One sequence's local K, V `[L_local, Hkv, D]` and positions `[L_local]`, in append order."""
@@ -226,9 +232,20 @@ class PagedKVCache:
         return slots, seq_index, self.positions.index_select(0, slots)
 
     def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """K, V `[n, Hkv, D]` at `slots [n]` of one layer."""
-        flat = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
-        return self.k[layer].view(flat).index_select(0, slots), self.v[layer].view(flat).index_select(0, slots)
+        """K, V `[n, Hkv, D]` at `slots [n]` of one layer (copies)."""
+        def pick(store: Tensor) -> Tensor:
+            return store[layer].index_select(1, slots).transpose(0, 1).contiguous()
+        return pick(self.k), pick(self.v)
+
+    def storage(self, layer: int) -> tuple[Tensor, Tensor]:
+        """One layer's whole K, V storage `[Hkv, num_slots, D]` (views): index it with `layout`'s runs."""
+        return self.k[layer], self.v[layer]
+
+    def layout(self, seq_ids: list[int]) -> TokenLayout:
+        """Every cached token of these sequences as runs over storage slots (sequence = row in
+        seq_ids): built once per decode step, valid for every layer's `storage`."""
+        slots, seq_index, positions = self.batch_slots(seq_ids)
+        return TokenLayout.build(seq_index, positions, rows=slots)
 
     def gather_batch(self, layer: int, seq_ids: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Packed local K, V `[sum L_local, Hkv, D]`, seq_index `[sum L_local]` (row in seq_ids), positions."""

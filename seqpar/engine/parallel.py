@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqpar.comm.collectives import all_gather_uneven
 from seqpar.comm.mesh import ParallelMesh
+from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
 from seqpar.kernels.layout import TokenLayout
 from seqpar.model import head_shard, load_model, parallelize_head_sharded, parallelize_tp
-from seqpar.strategies.decode import local_partial, merge_partials
+from seqpar.strategies.decode import gather_parts, local_partial, merge_partials
 
 
 class ShardedModel:
@@ -40,8 +40,8 @@ class ShardedModel:
         self.model = model.eval()
         self.num_kv_heads_cached = layers[0].self_attn.num_kv_heads
 
-    def seed_decode(self, q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
-                    merge: str, scale: float) -> Tensor:
+    def seed_decode(self, q: Tensor, kh: Tensor, vh: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
+                    merge: str, scale: float, exchange: HostExchange | None = None) -> Tensor:
         """Decode in the seed layout: q [B, Hq_local, D] -> out [B, Hq_local, D] for this rank's heads.
 
         Query heads are all-gathered (the seed's decode), attended over this rank's
@@ -50,10 +50,11 @@ class ShardedModel:
         """
         group, world, me = self.mesh.sp_group, self.mesh.sp_size, self.mesh.sp_rank
         hq = q.shape[1]
-        q_cat = torch.cat(all_gather_uneven(q.contiguous(), [q.shape[0]] * world, group), dim=1)  # [B, Hq, D]
-        out, lse = local_partial(q_cat[:, self.head_order_inv], k, v, q_layout, k_layout, scale)  # natural head order
+        parts = gather_parts(q, group, exchange)  # [W, B, Hq_local, D]
+        q_cat = parts.permute(1, 0, 2, 3).reshape(q.shape[0], -1, q.shape[-1])  # [B, Hq, D], rank order
+        out, lse = local_partial(q_cat[:, self.head_order_inv], kh, vh, q_layout, k_layout, scale)  # natural head order
         out, lse = out[:, self.head_order].contiguous(), lse[:, self.head_order].contiguous()  # chunk r = rank r's heads
-        merged = merge_partials(out, lse, group, merge)
+        merged = merge_partials(out, lse, group, merge, exchange)
         if merge != "alltoall":
             merged = merged[:, me * hq : (me + 1) * hq]
         return merged.to(q.dtype)

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqpar.comm.collectives import STATS, all_gather_uneven
+from seqpar.comm.collectives import STATS
 from seqpar.comm.mesh import ParallelMesh
+from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.kv_cache import PagedKVCache
 from seqpar.engine.parallel import ShardedModel
@@ -24,7 +25,7 @@ from seqpar.engine.sampling import prompt_logprobs_rows
 from seqpar.kernels.layout import TokenLayout
 from seqpar.sharding.plan import ShardPlan
 from seqpar.strategies.api import sp_attention
-from seqpar.strategies.decode import decode_attention
+from seqpar.strategies.decode import gather_parts, local_partial, merge_partials
 from seqpar.strategies.head_sharded import head_sharded_attention
 
 # Below this many tokens per rank a ring step is too small to hide its latency:
@@ -70,6 +71,9 @@ class Worker:
         self.cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, self.sharded.num_kv_heads_cached,
                                   mc.head_dim, config.torch_dtype)
         self.scale = mc.head_dim ** -0.5
+        # Decode merges a few KB per layer: through shared memory when the SP group shares a host.
+        largest = config.max_num_seqs * mc.num_heads * (mc.head_dim + 1) * 4  # one step's partials, fp32
+        self.exchange = HostExchange.create(self.mesh.sp_group, largest, config.step_timeout_s)
         self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
         self.reports = self.mesh.tp_rank == 0  # one rank per SP position reports results
 
@@ -147,9 +151,8 @@ class Worker:
             self.cache.append_positions(msg.seq_ids[i], [msg.positions[i]])
         new_slots = self.cache.slot_mapping([msg.seq_ids[i] for i in mine], [1] * len(mine))
         mine_t = torch.tensor(mine, dtype=torch.long)
-        # Positions of everything this rank caches for these sequences: one layout per step, all layers.
-        slots, seq_index, kpos = self.cache.batch_slots(msg.seq_ids)
-        k_layout = TokenLayout.build(seq_index, kpos)
+        # Where everything this rank caches for these sequences sits: one layout per step, all layers.
+        k_layout = self.cache.layout(msg.seq_ids)
         q_layout = TokenLayout.build(list(range(len(msg.seq_ids))), msg.positions)
         ids = torch.tensor(msg.token_ids, dtype=torch.long)
         pos = torch.tensor(msg.positions, dtype=torch.long)
@@ -157,14 +160,16 @@ class Worker:
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self.cache.write(layer, new_slots, k[mine_t], v[mine_t])
-            k_loc, v_loc = self.cache.read(layer, slots)
+            kh, vh = self.cache.storage(layer)  # read in place through k_layout's slot runs
             if seed_layout:
-                return self.sharded.seed_decode(q, k_loc, v_loc, q_layout, k_layout, cfg.decode_merge, self.scale)
-            out = decode_attention(q, k_loc, v_loc, q_layout, k_layout, mesh.sp_group, cfg.decode_merge, self.scale)
+                return self.sharded.seed_decode(q, kh, vh, q_layout, k_layout, cfg.decode_merge, self.scale, self.exchange)
+            out, lse = local_partial(q, kh, vh, q_layout, k_layout, self.scale)
+            out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange).to(q.dtype)
             if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
                 # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
                 # here every rank runs the whole o_proj, so gather the slices back.
-                out = torch.cat(all_gather_uneven(out.contiguous(), [out.shape[0]] * cfg.sp_size, mesh.sp_group), dim=1)
+                parts = gather_parts(out, mesh.sp_group, self.exchange)  # [W, B, Hq / W, D]
+                out = parts.permute(1, 0, 2, 3).reshape(out.shape[0], -1, out.shape[-1])
             return out
 
         with torch.inference_mode():

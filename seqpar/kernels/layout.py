@@ -20,14 +20,14 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Run:
-    start: int  # first row of the run in the packed tensor
+    start: int  # first row of the run in the K/V (or Q) tensor it indexes
     length: int
     seq: int  # sequence id (index into the batch)
     pos: int  # global position of the first row
     stride: int  # position step between consecutive rows (1 when length == 1)
 
 
-def _find_runs(seq_ids: list[int], positions: list[int]) -> list[Run]:
+def _find_runs(seq_ids: list[int], positions: list[int], rows: list[int] | None = None) -> list[Run]:
     runs: list[Run] = []
     start = 0
     n = len(seq_ids)
@@ -40,9 +40,10 @@ def _find_runs(seq_ids: list[int], positions: list[int]) -> list[Run]:
                 end < n
                 and seq_ids[end] == seq_ids[start]
                 and positions[end] - positions[end - 1] == stride
+                and (rows is None or rows[end] == rows[end - 1] + 1)
             ):
                 end += 1
-        runs.append(Run(start, end - start, seq_ids[start], positions[start], stride))
+        runs.append(Run(start if rows is None else rows[start], end - start, seq_ids[start], positions[start], stride))
         start = end
     return runs
 
@@ -52,7 +53,10 @@ class TokenLayout:
     """Sequence ids and global positions of the rows of a packed tensor.
 
     seq_ids: [T] int64, positions: [T] int64. Built once per shard and reused by
-    every layer and every ring step.
+    every layer and every ring step. Token i sits in row i of the tensor, unless
+    `rows` says otherwise: a paged KV cache passes each token's slot, so the kernels
+    read the runs straight out of the cache storage (runs also break where the
+    slots do), and never copy the cached K/V into a packed tensor.
     """
 
     seq_ids: Tensor
@@ -61,15 +65,18 @@ class TokenLayout:
     by_seq: dict[int, tuple[Run, ...]] = field(repr=False)
 
     @staticmethod
-    def build(seq_ids: Tensor | list[int], positions: Tensor | list[int]) -> "TokenLayout":
+    def build(seq_ids: Tensor | list[int], positions: Tensor | list[int],
+              rows: Tensor | list[int] | None = None) -> "TokenLayout":
         seq_t = torch.as_tensor(seq_ids, dtype=torch.long).reshape(-1)
         pos_t = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
-        if seq_t.numel() != pos_t.numel():
+        if seq_t.numel() != pos_t.numel() or (rows is not None and len(rows) != seq_t.numel()):
             raise ValueError(
-                f"seq_ids has {seq_t.numel()} entries but positions has {pos_t.numel()}; "
-                "give one sequence id and one position per token"
+                f"seq_ids has {seq_t.numel()} entries, positions {pos_t.numel()}"
+                + ("" if rows is None else f", rows {len(rows)}")
+                + "; give one sequence id and one position (and row) per token"
             )
-        runs = _find_runs(seq_t.tolist(), pos_t.tolist())
+        row_list = None if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
+        runs = _find_runs(seq_t.tolist(), pos_t.tolist(), row_list)
         groups: dict[int, list[Run]] = defaultdict(list)
         for r in runs:
             groups[r.seq].append(r)

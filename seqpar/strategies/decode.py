@@ -10,6 +10,11 @@ partial (out, lse) per query and head. Three exact merges:
 - tree: all-reduce the max of the LSE, then all-reduce the sum of
   exp(lse - max) * out and of exp(lse - max) (Tree Attention): two reductions of
   fixed size, whatever W is.
+
+With a `HostExchange` (ranks on one host) every merge reads the peers' partials
+from shared memory instead of the process group: one gather, then the same math
+(the alltoall keeps its head slice, the tree its max-then-sum); ~10x lower latency
+per layer on CPU. The result is the same up to fp32 summation order.
 """
 
 from __future__ import annotations
@@ -19,60 +24,92 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.comm.collectives import all_gather_uneven, all_reduce, all_to_all, group_rank, group_size
-from seqpar.kernels.attention import attend_into, new_accumulators
+from seqpar.comm.shm import HostExchange
+from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import TokenLayout
 from seqpar.kernels.merge import merge_many
 
 MERGES = ("allgather", "alltoall", "tree")
 
 
-def local_partial(q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout, scale: float | None) -> tuple[Tensor, Tensor]:
+def local_partial(q: Tensor, kh: Tensor, vh: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
+                  scale: float | None) -> tuple[Tensor, Tensor]:
+    """This rank's (out, lse) of q [B, Hq, D] over head-major K/V [Hkv, rows, D]: a packed
+    shard, or a paged cache's storage with a layout over its slots (read in place)."""
     out, lse = new_accumulators(q)
-    attend_into(out, lse, q, k, v, q_layout, k_layout, True, scale)
+    attend_into_head_major(out, lse, q, kh, vh, q_layout, k_layout, True, scale)
     return out, lse
 
 
-def merge_partials(out: Tensor, lse: Tensor, group: dist.ProcessGroup | None, merge: str) -> Tensor:
+def gather_parts(t: Tensor, group: dist.ProcessGroup | None, exchange: HostExchange | None = None) -> Tensor:
+    """Every rank's t (same shape everywhere) stacked: [W, *t.shape]; through shared memory when it can."""
+    if exchange is not None and exchange.fits(t):
+        return exchange.all_gather(t)
+    return torch.stack(all_gather_uneven(t.contiguous(), [t.shape[0]] * group_size(group), group))
+
+
+def merge_partials(out: Tensor, lse: Tensor, group: dist.ProcessGroup | None, merge: str,
+                   exchange: HostExchange | None = None) -> Tensor:
     """out [B, Hq, D] fp32, lse [B, Hq] -> merged [B, Hq, D] (alltoall: [B, Hq / W, D], this rank's heads)."""
+    if merge not in MERGES:
+        raise ValueError(f"unknown decode merge {merge!r}; choose one of {', '.join(MERGES)}")
     world, rank = group_size(group), group_rank(group)
     b, hq, d = out.shape
+    if merge == "alltoall" and hq % world != 0:
+        raise ValueError(f"the alltoall decode merge needs q heads ({hq}) divisible by the group size ({world}); use 'allgather' or 'tree'")
+    if world == 1:
+        return out  # already normalised; a row that saw no key is 0
+    packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1)  # [B, Hq, D + 1]
+    if exchange is not None and exchange.fits(packed):
+        parts = gather_parts(packed, group, exchange)  # [W, B, Hq, D + 1]
+        if merge == "alltoall":
+            step = hq // world
+            parts = parts[:, :, rank * step : (rank + 1) * step]
+        if merge == "tree":
+            return _tree_combine(parts[..., :d], parts[..., d], lambda x, op: x.amax(0) if op == "max" else x.sum(0))
+        return merge_many(parts[..., :d], parts[..., d])[0]
     if merge == "allgather":
-        packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1)  # [B, Hq, D + 1]
-        parts = torch.stack(all_gather_uneven(packed, [b] * world, group))  # [W, B, Hq, D + 1]
+        parts = gather_parts(packed, group)  # [W, B, Hq, D + 1]
         return merge_many(parts[..., :d], parts[..., d])[0]
     if merge == "alltoall":
-        if hq % world != 0:
-            raise ValueError(f"the alltoall decode merge needs q heads ({hq}) divisible by the group size ({world}); use 'allgather' or 'tree'")
-        packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
         sends = [p.contiguous() for p in packed.chunk(world, dim=1)]  # W x [B, Hq / W, D + 1]
         parts = torch.stack(all_to_all(sends, [(b, hq // world, d + 1)] * world, group))
         return merge_many(parts[..., :d], parts[..., d])[0]
-    if merge == "tree":
-        m = all_reduce(lse.clone(), group, dist.ReduceOp.MAX)  # [B, Hq]
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # no key anywhere: weights 0, out 0
-        w = torch.exp(lse - m)  # [B, Hq]
-        acc = all_reduce(torch.cat([out * w.unsqueeze(-1), w.unsqueeze(-1)], dim=-1), group)  # [B, Hq, D + 1]
-        den = acc[..., d:]
-        return acc[..., :d] / torch.where(den > 0, den, torch.ones_like(den))
-    raise ValueError(f"unknown decode merge {merge!r}; choose one of {', '.join(MERGES)}")
+
+    def reduce(x: Tensor, op: str) -> Tensor:
+        return all_reduce(x.clone(), group, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return _tree_combine(out, lse, reduce)
+
+
+def _tree_combine(out: Tensor, lse: Tensor, reduce) -> Tensor:
+    """Tree Attention's merge: m = max(lse); sum of exp(lse - m) * out over sum of exp(lse - m).
+
+    `reduce(x, "max" | "sum")` combines across ranks (all-reduce), or across the
+    leading W dimension of gathered parts.
+    """
+    d = out.shape[-1]
+    m = reduce(lse, "max")  # [B, Hq]
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # no key anywhere: weights 0, out 0
+    w = torch.exp(lse - m)
+    acc = reduce(torch.cat([out * w.unsqueeze(-1), w.unsqueeze(-1)], dim=-1), "sum")  # [B, Hq, D + 1]
+    den = acc[..., d:]
+    return acc[..., :d] / torch.where(den > 0, den, torch.ones_like(den))
 
 
 def decode_attention(
     q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
     group: dist.ProcessGroup | None, merge: str = "allgather", scale: float | None = None,
-    q_head_sharded: bool = False,
+    q_head_sharded: bool = False, exchange: HostExchange | None = None,
 ) -> Tensor:
     """Exact attention of q [B, Hq, D] over K/V sharded by sequence (k, v [L_local, Hkv, D] here).
 
     q is replicated on every rank, or with q_head_sharded=True each rank passes its
     Hq / W heads and they are all-gathered first (the seed's decode). Positions in
     the layouts make the step causal, so a cache may also hold other sequences' tokens.
+    `exchange`: the group's HostExchange, when its ranks share a host.
     """
     if q_head_sharded:
-        q = torch.cat(_gather_heads(q, group), dim=1)  # W x [B, Hq / W, D] -> [B, Hq, D]
-    out, lse = local_partial(q, k, v, q_layout, k_layout, scale)
-    return merge_partials(out, lse, group, merge).to(q.dtype)
-
-
-def _gather_heads(q: Tensor, group: dist.ProcessGroup | None) -> list[Tensor]:
-    return all_gather_uneven(q.contiguous(), [q.shape[0]] * group_size(group), group)
+        parts = gather_parts(q, group, exchange)  # [W, B, Hq / W, D]
+        q = parts.permute(1, 0, 2, 3).reshape(q.shape[0], -1, q.shape[-1])  # [B, Hq, D], rank order
+    out, lse = local_partial(q, k.transpose(0, 1), v.transpose(0, 1), q_layout, k_layout, scale)
+    return merge_partials(out, lse, group, merge, exchange).to(q.dtype)

@@ -4,7 +4,10 @@ Every rank runs the same steps in the same order (the driver's messages are
 broadcast from rank 0), so collectives inside the model always match up. Prefill
 shards the batch's tokens with a ShardPlan and runs a sequence-parallel strategy;
 decode runs every new token on every SP rank, caches its K/V on one rank only and
-merges partial attention by LSE. Results go to rank 0 and from there to the driver.
+merges partial attention by LSE; since every SP rank then has the new tokens' final
+hidden states, each computes the logits of its slice of the vocabulary (a
+vocab-parallel head) and rank 0 joins the slices. Results go to rank 0 and from
+there to the driver.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ class Worker:
         self.exchange = HostExchange.create(self.mesh.sp_group, largest, config.step_timeout_s)
         self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
         self.reports = self.mesh.tp_rank == 0  # one rank per SP position reports results
+        vocab = mc.vocab_size
+        chunk = -(-vocab // config.sp_size)
+        self.vocab_slice = slice(min(vocab, self.mesh.sp_rank * chunk), min(vocab, (self.mesh.sp_rank + 1) * chunk))
 
     # ---- prefill ------------------------------------------------------------------
     def prefill(self, msg: Prefill) -> StepResult:
@@ -175,9 +181,9 @@ class Worker:
         with torch.inference_mode():
             hidden = self.model(ids, pos, attention)
             result = StepResult({}, {}, [])
-            if self.reports and mine:
-                logits = self.model.compute_logits(hidden[mine_t])  # only the owners' rows
-                result.logits = {msg.seq_ids[i]: logits[j] for j, i in enumerate(mine)}
+            if self.reports:  # this rank's vocabulary slice, for every sequence
+                logits = self.model.compute_logits(hidden, self.vocab_slice)
+                result.logits = {s: logits[j] for j, s in enumerate(msg.seq_ids)}
         return self._gather(result)
 
     def free(self, msg: Free) -> StepResult:
@@ -201,7 +207,9 @@ class Worker:
         for part in parts:
             if part is None:
                 continue
-            merged.logits.update(part.logits)
+            for s, logits in part.logits.items():
+                # decode: SP ranks report vocabulary slices in rank order; prefill: one rank each
+                merged.logits[s] = torch.cat([merged.logits[s], logits]) if s in merged.logits else logits
             for s, entries in part.prompt_logprobs.items():
                 merged.prompt_logprobs.setdefault(s, {}).update(entries)
             merged.kv_bytes += part.kv_bytes

@@ -102,10 +102,11 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, attention)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in fp32 (sampling wants fp32)."""
+    def compute_logits(self, hidden: Tensor, vocab: slice = slice(None)) -> Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32 (sampling wants fp32); `vocab`: only
+        those token ids' columns (a vocab-parallel head)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return F.linear(hidden, weight[vocab]).float()
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,98 @@
+"""The shared-memory all-gather that decode merges use on one host: exact copies of every
+rank's part, in order, over many calls with ranks at different speeds; decode merges
+through it equal the single-process reference; a dead peer raises instead of hanging."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import time
+
+import pytest
+import torch
+
+from seqpar import ShardPlan, TokenLayout, decode_attention, reference_attention
+from seqpar.comm.collectives import STATS
+from seqpar.comm.launch import run_ranks
+from seqpar.comm.shm import HostExchange
+from seqpar.strategies.decode import gather_parts
+
+pytestmark = pytest.mark.skipif(not HostExchange.supported(), reason="HostExchange needs x86-64 (total store order)")
+
+
+def _gathers(rank: int, world: int) -> int:
+    leftovers = set(glob.glob("/dev/shm/seqpar-exchange-*"))
+    ex = HostExchange.create(None, capacity=4096, timeout_s=60)
+    if world == 1:
+        assert ex is None  # nothing to exchange: callers use the (trivial) group
+        return 0
+    assert ex is not None
+    assert set(glob.glob("/dev/shm/seqpar-exchange-*")) <= leftovers, "the setup files must be unlinked"
+    calls = 0
+    for step, dtype in itertools.product(range(60), (torch.float32, torch.int64, torch.bfloat16)):
+        if (step + rank) % 7 == 0:
+            time.sleep(0.002 * rank)  # ranks drift apart: one runs a call ahead of another
+        shape = (1 + step % 3, 5)
+        mine = torch.full(shape, 100 * step + rank).to(dtype)
+        got = ex.all_gather(mine)
+        want = torch.stack([torch.full(shape, 100 * step + r).to(dtype) for r in range(world)])
+        assert got.dtype == dtype and torch.equal(got, want), (step, dtype)
+        calls += 1
+    big = torch.zeros(4097, dtype=torch.uint8)
+    assert not ex.fits(big)
+    with pytest.raises(ValueError, match="does not fit"):
+        ex.all_gather(big)
+    # gather_parts falls back to the process group for what does not fit, the same on every rank
+    parts = gather_parts(torch.full((2, 3000), float(rank)), None, ex)
+    assert torch.equal(parts, torch.stack([torch.full((2, 3000), float(r)) for r in range(world)]))
+    return calls
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_host_exchange_gathers_every_part_in_order(world: int) -> None:
+    results = run_ranks(_gathers, world, timeout=240)
+    assert results == [0 if world == 1 else 180] * world
+
+
+def _merges(rank: int, world: int) -> int:
+    ex = HostExchange.create(None, capacity=1 << 16, timeout_s=60)
+    n = 0
+    for lens, (hq, hkv), merge in itertools.product(([1, 6, 2], [3], [9, 1, 4, 2]), ((12, 4), (12, 1)),
+                                                   ("allgather", "alltoall", "tree")):
+        gen = torch.Generator().manual_seed(sum(lens) + hkv)
+        q = torch.randn(len(lens), hq, 16, generator=gen)
+        k, v = torch.randn(sum(lens), hkv, 16, generator=gen), torch.randn(sum(lens), hkv, 16, generator=gen)
+        plan = ShardPlan(lens, world, "zigzag")
+        idx = plan.local_indices(rank)
+        q_layout = TokenLayout.build(list(range(len(lens))), [n_ - 1 for n_ in lens])
+        ref, _ = reference_attention(q, k, v, q_layout, plan.global_layout)
+        STATS.reset()
+        out = decode_attention(q, k[idx], v[idx], q_layout, plan.layout(rank), None, merge=merge, exchange=ex)
+        heads = slice(rank * hq // world, (rank + 1) * hq // world)
+        torch.testing.assert_close(out, ref[:, heads] if merge == "alltoall" else ref, atol=1e-5, rtol=0,
+                                   msg=f"{merge} {lens} {hq}/{hkv}")
+        # one write of the packed partial (B Hq (D + 1) fp32), whatever the merge
+        assert STATS.total == (0 if world == 1 else len(lens) * hq * 17 * 4)
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_decode_merges_through_shared_memory_match_reference(world: int) -> None:
+    assert all(n == 18 for n in run_ranks(_merges, world, timeout=240))
+
+
+def _dead_peer(rank: int, world: int) -> str:
+    ex = HostExchange.create(None, capacity=64, timeout_s=1.0)
+    ex.all_gather(torch.ones(4))
+    if rank == 1:
+        return "left"  # never makes the second call
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\].*died or is stuck"):
+        ex.all_gather(torch.ones(4))
+    assert time.monotonic() - start < 10
+    return "raised"
+
+
+def test_host_exchange_raises_when_a_peer_stops() -> None:
+    assert run_ranks(_dead_peer, 2, timeout=60) == ["raised", "left"]

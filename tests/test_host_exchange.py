@@ -82,6 +82,20 @@ def test_decode_merges_through_shared_memory_match_reference(world: int) -> None
     assert all(n == 18 for n in run_ranks(_merges, world, timeout=240))
 
 
+def _no_room(rank: int, world: int) -> bool:
+    import os
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    os.posix_fallocate = full  # a full /dev/shm, in this spawned process only
+    return HostExchange.create(None, capacity=1 << 20) is None
+
+
+def test_host_exchange_declines_when_shared_memory_is_full() -> None:
+    assert run_ranks(_no_room, 2, timeout=60) == [True, True]
+
+
 def _dead_peer(rank: int, world: int) -> str:
     ex = HostExchange.create(None, capacity=64, timeout_s=1.0)
     ex.all_gather(torch.ones(4))

@@ -71,19 +71,14 @@ class HostExchange:
         token = uuid.uuid4().hex
         folder = None
         if rank == 0:
-            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            folder = tempfile.mkdtemp(prefix="seqpar-exchange-", dir=base)
-            with open(os.path.join(folder, "token"), "w") as f:
-                f.write(token)
-            with open(os.path.join(folder, "buffer"), "wb") as f:
-                f.truncate(size)  # zeros: every flag starts at call 0
+            folder = _make_buffer(size, token)
         box = [folder, token]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         folder, token = box
         seen: list[bool] = [False] * world
         dist.all_gather_object(seen, _reads_token(folder, token), group=group)
         if not all(seen):
-            if rank == 0:
+            if rank == 0 and folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
             return None
         buffer = torch.from_file(os.path.join(folder, "buffer"), shared=True, size=size, dtype=torch.uint8)
@@ -134,7 +129,28 @@ class HostExchange:
             time.sleep(_SLEEP_S)
 
 
-def _reads_token(folder: str, token: str) -> bool:
+def _make_buffer(size: int, token: str) -> str | None:
+    """A folder holding the token and a zeroed buffer of `size` bytes (every flag at call 0),
+    its memory reserved up front: a full /dev/shm is a clean None here, not a SIGBUS later."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    folder = tempfile.mkdtemp(prefix="seqpar-exchange-", dir=base)
+    try:
+        with open(os.path.join(folder, "token"), "w") as f:
+            f.write(token)
+        fd = os.open(os.path.join(folder, "buffer"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return folder
+
+
+def _reads_token(folder: str | None, token: str) -> bool:
+    if folder is None:
+        return False
     try:
         with open(os.path.join(folder, "token")) as f:
             return f.read() == token

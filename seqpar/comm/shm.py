@@ -107,6 +107,18 @@ class HostExchange:
         self._wait_for_peers()
         return slots[:, :n].clone().view(t.dtype).view(self.world, *t.shape)
 
+    def all_gather_bytes(self, data: bytes) -> list[bytes] | None:
+        """Every rank's bytes (any lengths), in rank order; None on every rank alike when the
+        longest does not fit: the caller then uses the process group."""
+        sizes = self.all_gather(torch.tensor([len(data)], dtype=torch.int64)).flatten().tolist()
+        if max(sizes) > self.capacity:
+            return None
+        buf = torch.zeros(max(sizes), dtype=torch.uint8)
+        if data:
+            buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        parts = self.all_gather(buf)
+        return [parts[r, :n].numpy().tobytes() for r, n in enumerate(sizes)]
+
     def _wait_for_peers(self) -> None:
         column = self._flags[:, 0]
         checks, start = 0, None

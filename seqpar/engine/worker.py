@@ -12,6 +12,7 @@ there to the driver.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,9 @@ from seqpar.strategies.head_sharded import head_sharded_attention
 # Below this many tokens per rank a ring step is too small to hide its latency:
 # "auto" then gathers K/V in one collective instead.
 _AUTO_RING_MIN_LOCAL_TOKENS = 512
+# Step results up to this size (pickled) reach rank 0 through shared memory; larger ones
+# (big batches, prompt logprobs) through the process group.
+_RESULT_BYTES = 1 << 20
 
 
 @dataclass
@@ -74,9 +78,12 @@ class Worker:
         self.cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, self.sharded.num_kv_heads_cached,
                                   mc.head_dim, config.torch_dtype)
         self.scale = mc.head_dim ** -0.5
-        # Decode merges a few KB per layer: through shared memory when the SP group shares a host.
-        largest = config.max_num_seqs * mc.num_heads * (mc.head_dim + 1) * 4  # one step's partials, fp32
+        # Decode merges a few KB per layer, and each step's results (a few vocabulary slices of
+        # logits) go to rank 0: through shared memory when the ranks share a host.
+        largest = max(config.max_num_seqs * mc.num_heads * (mc.head_dim + 1) * 4, _RESULT_BYTES)
         self.exchange = HostExchange.create(self.mesh.sp_group, largest, config.step_timeout_s)
+        self.world_exchange = (self.exchange if config.tp_size == 1
+                               else HostExchange.create(None, _RESULT_BYTES, config.step_timeout_s))
         self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
         self.reports = self.mesh.tp_rank == 0  # one rank per SP position reports results
         vocab = mc.vocab_size
@@ -197,11 +204,18 @@ class Worker:
         """Collect every rank's partial result on rank 0 (others get None back)."""
         result.kv_bytes = [self.cache.bytes_used()]
         result.comm_bytes = [STATS.total]
-        STATS.reset()
-        world = dist.get_world_size()
-        parts: list[StepResult | None] = [None] * world if dist.get_rank() == 0 else None
-        dist.gather_object(result if self.reports else None, parts, dst=0)
-        if dist.get_rank() != 0:
+        mine = result if self.reports else None
+        world, me = dist.get_world_size(), dist.get_rank()
+        blobs = None
+        if self.world_exchange is not None:
+            blobs = self.world_exchange.all_gather_bytes(pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL))
+        STATS.reset()  # results are control traffic: comm_bytes counts attention and merges only
+        if blobs is not None:
+            parts = [pickle.loads(b) for b in blobs] if me == 0 else None
+        else:
+            parts = [None] * world if me == 0 else None
+            dist.gather_object(mine, parts, dst=0)
+        if me != 0:
             return result
         merged = StepResult({}, {}, [])
         for part in parts:

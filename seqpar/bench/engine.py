@@ -513,9 +513,10 @@ def format_report(s: dict[str, Any], res: Results, args: argparse.Namespace) -> 
     lines: list[str] = []
     t = s["ttft"]
     sp1, hf = (t.get(k, {}).get("ttft_s") for k in ("sp1-1t", "hf-2t"))
-    lines += [f"Time to first token, {res.prompt_tokens}-token prompt (median of {args.repeats}):", "",
-              "| configuration | ranks x threads | TTFT (s), engine metric | fastest round (s) | wall (s) | vs SP 1, 1 thread | vs transformers, 2 threads | first token |",
-              "|---|---|---|---|---|---|---|---|"]
+    if t:
+        lines += [f"Time to first token, {res.prompt_tokens}-token prompt (median of {args.repeats}):", "",
+                  "| configuration | ranks x threads | TTFT (s), engine metric | fastest round (s) | wall (s) | vs SP 1, 1 thread | vs transformers, 2 threads | first token |",
+                  "|---|---|---|---|---|---|---|---|"]
     for key in ("sp1-1t", "sp2", "sp1-2t", "hf-2t"):
         if key not in t:
             continue
@@ -540,8 +541,9 @@ def format_report(s: dict[str, Any], res: Results, args: argparse.Namespace) -> 
                              f"{_f(d['ms_per_token'], '{:.1f}')} | {_f(min(d['samples_ms_per_token'], default=None), '{:.1f}')} | "
                              f"{_f(d['ms_per_token'] / base if base and d['ms_per_token'] else None, '{:.2f}x')} | "
                              f"{', '.join(_bytes(b) for b in comm) if comm else 'n/a'} |")
-    lines += ["", f"Memory and communication after prefill of the {res.prompt_tokens}-token prompt:", "",
-              "| configuration | KV cache bytes per rank | vs SP 1 | bytes sent per rank in prefill |", "|---|---|---|---|"]
+    if t:
+        lines += ["", f"Memory and communication after prefill of the {res.prompt_tokens}-token prompt:", "",
+                  "| configuration | KV cache bytes per rank | vs SP 1 | bytes sent per rank in prefill |", "|---|---|---|---|"]
     kv1 = (t.get("sp1-1t") or {}).get("kv_bytes_per_rank")
     for key in ("sp1-1t", "sp2", "sp1-2t"):
         if key not in t or not t[key].get("kv_bytes_per_rank"):

@@ -85,22 +85,25 @@ def check_against_hf(model, path: str, **engine) -> None:
         assert out.outputs[0].finish_reason == "length"
 
 
-# Each prefill strategy at several SP sizes; decode merges and placements rotate through the cases.
+# Each prefill strategy at several SP sizes; decode merges and placements rotate through the
+# cases; a few run with shared_memory=False, so the process-group merges and result gather
+# are checked end to end too.
 CASES = [
-    ("ring", 1, "allgather", "round_robin"), ("ring", 2, "alltoall", "least_loaded"),
-    ("ring", 3, "tree", "round_robin"), ("ring", 4, "allgather", "least_loaded"),
-    ("pass_q", 2, "tree", "round_robin"), ("pass_q", 3, "alltoall", "round_robin"),
-    ("allgather", 2, "allgather", "round_robin"), ("allgather", 4, "tree", "least_loaded"),
-    ("ulysses", 3, "allgather", "round_robin"), ("ulysses", 4, "alltoall", "round_robin"),
-    ("usp", 4, "tree", "round_robin"), ("head_sharded", 2, "alltoall", "round_robin"),
-    ("head_sharded", 3, "allgather", "least_loaded"), ("auto", 2, "tree", "round_robin"),
+    ("ring", 1, "allgather", "round_robin", True), ("ring", 2, "alltoall", "least_loaded", True),
+    ("ring", 3, "tree", "round_robin", False), ("ring", 4, "allgather", "least_loaded", True),
+    ("pass_q", 2, "tree", "round_robin", True), ("pass_q", 3, "alltoall", "round_robin", False),
+    ("allgather", 2, "allgather", "round_robin", False), ("allgather", 4, "tree", "least_loaded", True),
+    ("ulysses", 3, "allgather", "round_robin", True), ("ulysses", 4, "alltoall", "round_robin", False),
+    ("usp", 4, "tree", "round_robin", True), ("head_sharded", 2, "alltoall", "round_robin", True),
+    ("head_sharded", 3, "allgather", "least_loaded", False), ("auto", 2, "tree", "round_robin", True),
 ]
 
 
-@pytest.mark.parametrize("strategy, sp, merge, placement", CASES)
-def test_engine_matches_hf(llama, strategy, sp, merge, placement):
+@pytest.mark.parametrize("strategy, sp, merge, placement, shm", CASES)
+def test_engine_matches_hf(llama, strategy, sp, merge, placement, shm):
     extra = {"ulysses_degree": 2} if strategy == "usp" else {}
-    check_against_hf(*llama, sp_size=sp, strategy=strategy, decode_merge=merge, placement=placement, **extra)
+    check_against_hf(*llama, sp_size=sp, strategy=strategy, decode_merge=merge, placement=placement,
+                     shared_memory=shm, **extra)
 
 
 @pytest.mark.parametrize("fixture, sp", [("qwen2", 2), ("tied", 3)])

@@ -32,6 +32,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1 << 20
     seed: int = 0
     step_timeout_s: float = 1800.0  # a step that takes longer means a wedged worker
+    shared_memory: bool = True  # decode merges and step results through shared memory between ranks on one host
 
     def __post_init__(self) -> None:
         def choice(name: str, value: str, options: tuple[str, ...]) -> None:

@@ -80,10 +80,13 @@ class Worker:
         self.scale = mc.head_dim ** -0.5
         # Decode merges a few KB per layer, and each step's results (a few vocabulary slices of
         # logits) go to rank 0: through shared memory when the ranks share a host.
+        # (shared_memory=False: always the process group.)
         largest = max(config.max_num_seqs * mc.num_heads * (mc.head_dim + 1) * 4, _RESULT_BYTES)
-        self.exchange = HostExchange.create(self.mesh.sp_group, largest, config.step_timeout_s)
-        self.world_exchange = (self.exchange if config.tp_size == 1
-                               else HostExchange.create(None, _RESULT_BYTES, config.step_timeout_s))
+        self.exchange = self.world_exchange = None
+        if config.shared_memory:
+            self.exchange = HostExchange.create(self.mesh.sp_group, largest, config.step_timeout_s)
+            self.world_exchange = (self.exchange if config.tp_size == 1
+                                   else HostExchange.create(None, _RESULT_BYTES, config.step_timeout_s))
         self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
         self.reports = self.mesh.tp_rank == 0  # one rank per SP position reports results
         vocab = mc.vocab_size

@@ -106,14 +106,20 @@ def test_engine_matches_hf(llama, strategy, sp, merge, placement, shm):
                      shared_memory=shm, **extra)
 
 
-@pytest.mark.parametrize("fixture, sp", [("qwen2", 2), ("tied", 3)])
-def test_other_architectures_match_hf(request, fixture, sp):
-    check_against_hf(*request.getfixturevalue(fixture), sp_size=sp, strategy="ring")
+# Qwen2 (q/k/v bias) and tied embeddings at SP 1-4, strategies rotating (the seed layout
+# permutes Qwen2's q bias with its heads).
+@pytest.mark.parametrize("fixture, sp, strategy", [
+    ("qwen2", 1, "ring"), ("qwen2", 2, "head_sharded"), ("qwen2", 3, "pass_q"), ("qwen2", 4, "ulysses"),
+    ("tied", 1, "allgather"), ("tied", 2, "ring"), ("tied", 3, "ring"), ("tied", 4, "usp"),
+])
+def test_other_architectures_match_hf(request, fixture, sp, strategy):
+    extra = {"ulysses_degree": 2} if strategy == "usp" else {}
+    check_against_hf(*request.getfixturevalue(fixture), sp_size=sp, strategy=strategy, **extra)
 
 
-@pytest.mark.parametrize("sp, tp", [(1, 2), (2, 2)])
-def test_tensor_parallel_matches_hf(llama, sp, tp):
-    check_against_hf(*llama, sp_size=sp, tp_size=tp, strategy="ring", decode_merge="tree")
+@pytest.mark.parametrize("fixture, sp, tp", [("llama", 1, 2), ("llama", 2, 2), ("qwen2", 1, 2)])
+def test_tensor_parallel_matches_hf(request, fixture, sp, tp):
+    check_against_hf(*request.getfixturevalue(fixture), sp_size=sp, tp_size=tp, strategy="ring", decode_merge="tree")
 
 
 def test_bad_input_is_a_clear_error(llama, tmp_path):

@@ -96,6 +96,16 @@ def test_host_exchange_declines_when_shared_memory_is_full() -> None:
     assert run_ranks(_no_room, 2, timeout=60) == [True, True]
 
 
+def _one_rank_unsupported(rank: int, world: int) -> bool:
+    if rank == world - 1:  # say, a rank on another kind of CPU
+        HostExchange.supported = staticmethod(lambda: False)
+    return HostExchange.create(None, capacity=64) is None
+
+
+def test_host_exchange_is_declined_by_all_when_one_rank_cannot_use_it() -> None:
+    assert run_ranks(_one_rank_unsupported, 3, timeout=60) == [True, True, True]
+
+
 def _dead_peer(rank: int, world: int) -> str:
     ex = HostExchange.create(None, capacity=64, timeout_s=1.0)
     ex.all_gather(torch.ones(4))

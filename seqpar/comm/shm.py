@@ -18,8 +18,8 @@ A flag published after the data is seen after the data only where stores are not
 reordered with stores nor loads with loads: x86-64's total store order. Elsewhere
 `create` returns None and callers use the process group.
 
-The file lives in /dev/shm only while the group sets up: once every rank has mapped
-it, it is unlinked, so nothing is left behind.
+The file lives in /dev/shm (this host's memory alone) while the group sets up: once
+every rank has mapped it, it is unlinked, so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -59,24 +59,25 @@ class HostExchange:
 
     @staticmethod
     def create(group: dist.ProcessGroup | None, capacity: int, timeout_s: float = 1800.0) -> "HostExchange | None":
-        """Collective over `group`. None when the group has one rank, the CPU is not x86-64,
-        or its ranks do not all see one shared-memory folder (they span hosts): callers then
-        use the process group."""
+        """Collective over `group`. None (on every rank alike) when the group has one rank, a
+        rank's CPU is not x86-64, or its ranks do not all see one folder in /dev/shm (they
+        span hosts): callers then use the process group."""
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        if world == 1 or not HostExchange.supported():
+        if world == 1:
             return None
         capacity = -(-capacity // 64) * 64  # every slot aligned for any dtype
         flag_bytes = world * _FLAG_STRIDE * 8
         size = flag_bytes + 2 * world * capacity
         token = uuid.uuid4().hex
         folder = None
-        if rank == 0:
+        if rank == 0 and HostExchange.supported():
             folder = _make_buffer(size, token)
         box = [folder, token]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         folder, token = box
         seen: list[bool] = [False] * world
-        dist.all_gather_object(seen, _reads_token(folder, token), group=group)
+        # Every rank takes part in the decision (even one that cannot use it), so none hangs.
+        dist.all_gather_object(seen, HostExchange.supported() and _reads_token(folder, token), group=group)
         if not all(seen):
             if rank == 0 and folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -144,8 +145,9 @@ class HostExchange:
 def _make_buffer(size: int, token: str) -> str | None:
     """A folder holding the token and a zeroed buffer of `size` bytes (every flag at call 0),
     its memory reserved up front: a full /dev/shm is a clean None here, not a SIGBUS later."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    folder = tempfile.mkdtemp(prefix="seqpar-exchange-", dir=base)
+    if not os.path.isdir("/dev/shm"):  # memory that is this host's alone (a shared /tmp could span hosts)
+        return None
+    folder = tempfile.mkdtemp(prefix="seqpar-exchange-", dir="/dev/shm")
     try:
         with open(os.path.join(folder, "token"), "w") as f:
             f.write(token)

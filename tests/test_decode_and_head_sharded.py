@@ -25,7 +25,7 @@ def _cache(lens: list[int], hq: int, hkv: int, seed: int):
 def _decode(rank: int, world: int) -> int:
     n = 0
     for lens, (hq, hkv), scheme, merge, sharded_q in itertools.product(
-        ([1, 6, 2], [3], [9, 1, 4, 2]), HEADS, ("zigzag", "striped"), ("allgather", "alltoall", "tree"), (False, True)
+        ([1, 6, 2], [3], [9, 1, 4, 2]), HEADS + ((10, 2),), ("zigzag", "striped"), ("allgather", "alltoall", "tree"), (False, True)
     ):
         q, k, v = _cache(lens, hq, hkv, seed=sum(lens) + hkv)
         plan = ShardPlan(lens, world, scheme)  # which rank caches which token (prefill shards + decode tokens)
@@ -35,7 +35,8 @@ def _decode(rank: int, world: int) -> int:
         ref, _ = reference_attention(q, k, v, q_layout, plan.global_layout)
         heads = slice(rank * hq // world, (rank + 1) * hq // world)
         q_in = q[:, heads] if sharded_q else q
-        out = decode_attention(q_in, k[idx], v[idx], q_layout, plan.layout(rank), None, merge=merge, q_head_sharded=sharded_q)
+        out = decode_attention(q_in, k[idx], v[idx], q_layout, plan.layout(rank), None, merge=merge,
+                               q_head_sharded=sharded_q, num_q_heads=hq)  # 10 heads: uneven slices at W = 3, 4
         expected = ref[:, heads] if merge == "alltoall" else ref
         assert not torch.isnan(out).any()
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0, msg=f"{merge} {lens} {hq}/{hkv} {scheme}")

@@ -57,7 +57,7 @@ def test_host_exchange_gathers_every_part_in_order(world: int) -> None:
 def _merges(rank: int, world: int) -> int:
     ex = HostExchange.create(None, capacity=1 << 16, timeout_s=60)
     n = 0
-    for lens, (hq, hkv), merge in itertools.product(([1, 6, 2], [3], [9, 1, 4, 2]), ((12, 4), (12, 1)),
+    for lens, (hq, hkv), merge in itertools.product(([1, 6, 2], [3], [9, 1, 4, 2]), ((12, 4), (12, 1), (10, 2)),
                                                    ("allgather", "alltoall", "tree")):
         gen = torch.Generator().manual_seed(sum(lens) + hkv)
         q = torch.randn(len(lens), hq, 16, generator=gen)
@@ -79,7 +79,7 @@ def _merges(rank: int, world: int) -> int:
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_decode_merges_through_shared_memory_match_reference(world: int) -> None:
-    assert all(n == 18 for n in run_ranks(_merges, world, timeout=240))
+    assert all(n == 27 for n in run_ranks(_merges, world, timeout=240))
 
 
 def _no_room(rank: int, world: int) -> bool:

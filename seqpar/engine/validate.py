@@ -39,8 +39,3 @@ def check_parallelism(config: EngineConfig, mc: ModelConfig, local: bool = True)
         )
     if config.strategy == "head_sharded":
         head_shard(mc.num_heads, mc.num_kv_heads, sp, 0)  # raises with the valid world sizes
-    if config.decode_merge == "alltoall" and hq % sp:
-        raise ValueError(
-            f"decode_merge='alltoall' needs the q heads per TP rank ({hq}) divisible by sp_size ({sp}); "
-            "use decode_merge='allgather' or 'tree'"
-        )

@@ -29,7 +29,7 @@ from seqpar.engine.sampling import prompt_logprobs_rows
 from seqpar.kernels.layout import TokenLayout
 from seqpar.sharding.plan import ShardPlan
 from seqpar.strategies.api import sp_attention
-from seqpar.strategies.decode import gather_parts, local_partial, merge_partials
+from seqpar.strategies.decode import gather_heads, local_partial, merge_partials
 from seqpar.strategies.head_sharded import head_sharded_attention
 
 # Below this many tokens per rank a ring step is too small to hide its latency:
@@ -184,8 +184,7 @@ class Worker:
             if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
                 # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
                 # here every rank runs the whole o_proj, so gather the slices back.
-                parts = gather_parts(out, mesh.sp_group, self.exchange)  # [W, B, Hq / W, D]
-                out = parts.permute(1, 0, 2, 3).reshape(out.shape[0], -1, out.shape[-1])
+                out = gather_heads(out, q.shape[1], mesh.sp_group, self.exchange)
             return out
 
         with torch.inference_mode():

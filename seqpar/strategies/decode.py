@@ -4,7 +4,7 @@ Every rank attends the new tokens' queries over the cached K/V it holds, giving 
 partial (out, lse) per query and head. Three exact merges:
 - allgather: every rank gathers all W partials and merges them: W (D + 1) floats
   per query head cross the wire to each rank; every rank ends with all heads.
-- alltoall: rank j receives only the partials of its head slice (Hq / W heads)
+- alltoall: rank j receives only the partials of its head slice (~Hq / W heads)
   and merges those: 1/W of the traffic and merge work; ends head-sharded, which is
   what a row-parallel o_proj wants (the seed's noted improvement).
 - tree: all-reduce the max of the LSE, then all-reduce the sum of
@@ -48,23 +48,38 @@ def gather_parts(t: Tensor, group: dist.ProcessGroup | None, exchange: HostExcha
     return torch.stack(all_gather_uneven(t.contiguous(), [t.shape[0]] * group_size(group), group))
 
 
+def head_slices(hq: int, world: int) -> list[slice]:
+    """Rank r's q heads after an alltoall merge: as even as they come (when W does not divide
+    Hq, some ranks take one head fewer)."""
+    return [slice(r * hq // world, (r + 1) * hq // world) for r in range(world)]
+
+
+def gather_heads(x: Tensor, hq: int, group: dist.ProcessGroup | None, exchange: HostExchange | None = None) -> Tensor:
+    """Each rank's head slice x [B, H_r, D] (`head_slices(hq, W)[r]`) -> all heads [B, Hq, D] on every rank."""
+    slices = head_slices(hq, group_size(group))
+    width = max(sl.stop - sl.start for sl in slices)
+    padded = x.new_zeros((x.shape[0], width, *x.shape[2:]))
+    padded[:, : x.shape[1]] = x
+    parts = gather_parts(padded, group, exchange)  # [W, B, width, D]
+    return torch.cat([parts[r, :, : sl.stop - sl.start] for r, sl in enumerate(slices)], dim=1)
+
+
 def merge_partials(out: Tensor, lse: Tensor, group: dist.ProcessGroup | None, merge: str,
                    exchange: HostExchange | None = None) -> Tensor:
-    """out [B, Hq, D] fp32, lse [B, Hq] -> merged [B, Hq, D] (alltoall: [B, Hq / W, D], this rank's heads)."""
+    """out [B, Hq, D] fp32, lse [B, Hq] -> merged [B, Hq, D] (alltoall: [B, H_r, D], this rank's
+    heads `head_slices(Hq, W)[r]`)."""
     if merge not in MERGES:
         raise ValueError(f"unknown decode merge {merge!r}; choose one of {', '.join(MERGES)}")
     world, rank = group_size(group), group_rank(group)
     b, hq, d = out.shape
-    if merge == "alltoall" and hq % world != 0:
-        raise ValueError(f"the alltoall decode merge needs q heads ({hq}) divisible by the group size ({world}); use 'allgather' or 'tree'")
+    slices = head_slices(hq, world)
     if world == 1:
         return out  # already normalised; a row that saw no key is 0
     packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1)  # [B, Hq, D + 1]
     if exchange is not None and exchange.fits(packed):
         parts = gather_parts(packed, group, exchange)  # [W, B, Hq, D + 1]
         if merge == "alltoall":
-            step = hq // world
-            parts = parts[:, :, rank * step : (rank + 1) * step]
+            parts = parts[:, :, slices[rank]]
         if merge == "tree":
             return _tree_combine(parts[..., :d], parts[..., d], lambda x, op: x.amax(0) if op == "max" else x.sum(0))
         return merge_many(parts[..., :d], parts[..., d])[0]
@@ -72,8 +87,9 @@ def merge_partials(out: Tensor, lse: Tensor, group: dist.ProcessGroup | None, me
         parts = gather_parts(packed, group)  # [W, B, Hq, D + 1]
         return merge_many(parts[..., :d], parts[..., d])[0]
     if merge == "alltoall":
-        sends = [p.contiguous() for p in packed.chunk(world, dim=1)]  # W x [B, Hq / W, D + 1]
-        parts = torch.stack(all_to_all(sends, [(b, hq // world, d + 1)] * world, group))
+        sends = [packed[:, sl].contiguous() for sl in slices]  # W x [B, H_j, D + 1]
+        mine = slices[rank].stop - slices[rank].start
+        parts = torch.stack(all_to_all(sends, [(b, mine, d + 1)] * world, group))
         return merge_many(parts[..., :d], parts[..., d])[0]
 
     def reduce(x: Tensor, op: str) -> Tensor:
@@ -99,17 +115,18 @@ def _tree_combine(out: Tensor, lse: Tensor, reduce) -> Tensor:
 def decode_attention(
     q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
     group: dist.ProcessGroup | None, merge: str = "allgather", scale: float | None = None,
-    q_head_sharded: bool = False, exchange: HostExchange | None = None,
+    q_head_sharded: bool = False, exchange: HostExchange | None = None, num_q_heads: int | None = None,
 ) -> Tensor:
     """Exact attention of q [B, Hq, D] over K/V sharded by sequence (k, v [L_local, Hkv, D] here).
 
-    q is replicated on every rank, or with q_head_sharded=True each rank passes its
-    Hq / W heads and they are all-gathered first (the seed's decode). Positions in
+    q is replicated on every rank, or with q_head_sharded=True each rank passes its slice
+    `head_slices(Hq, W)[r]` of the heads and they are all-gathered first (the seed's decode;
+    give `num_q_heads` = Hq when W does not divide it). Positions in
     the layouts make the step causal, so a cache may also hold other sequences' tokens.
     `exchange`: the group's HostExchange, when its ranks share a host.
     """
     if q_head_sharded:
-        parts = gather_parts(q, group, exchange)  # [W, B, Hq / W, D]
-        q = parts.permute(1, 0, 2, 3).reshape(q.shape[0], -1, q.shape[-1])  # [B, Hq, D], rank order
+        num_q_heads = num_q_heads or q.shape[1] * group_size(group)
+        q = gather_heads(q, num_q_heads, group, exchange)  # [B, Hq, D]
     out, lse = local_partial(q, k.transpose(0, 1), v.transpose(0, 1), q_layout, k_layout, scale)
     return merge_partials(out, lse, group, merge, exchange).to(q.dtype)

@@ -8,18 +8,16 @@ two fp32 partial products instead of one full one, moving logits of size ~1-10 b
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 from test_model_helpers import our_logits, packed_batch, save_tiny
 
+from seqpar.comm.launch import run_ranks
 from seqpar.model import head_shard, load_model, parallelize_head_sharded, parallelize_tp
 
 WORLD = 2
@@ -40,48 +38,28 @@ CASES = {
 }
 
 
-def _worker(rank: int, jobs: dict[str, tuple[str, str]], out_dir: str) -> None:
-    torch.set_num_threads(1)  # 2 ranks on 2 cores
-    # Rendezvous through a file, not a port picked in advance: another test run on the same
-    # machine cannot grab it between picking and binding. gloo then binds its own ports.
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous",
-                            rank=rank, world_size=WORLD)
-    try:
-        group = dist.group.WORLD
-        batch = packed_batch(lengths=[5, 11, 3], starts=[0, 25, 0])
-        results = {}
-        for name, (path, layout) in jobs.items():
-            full, _ = load_model(path)
-            expected = our_logits(full, batch)
-            model, _ = load_model(path)
-            (parallelize_tp if layout == "tp" else parallelize_head_sharded)(model, group)
-            attn = model.model.layers[1].self_attn
-            results[name] = {
-                "max_diff": (our_logits(model, batch) - expected).abs().max().item(),
-                "q_heads": attn.q_head_ids, "kv_heads": attn.kv_head_ids,
-                "local_counts": [attn.num_heads, attn.num_kv_heads],
-                "q_rows": attn.q_proj.weight.shape[0],
-            }
-        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, jobs: dict[str, tuple[str, str]]) -> dict:
+    group = dist.group.WORLD
+    batch = packed_batch(lengths=[5, 11, 3], starts=[0, 25, 0])
+    results = {}
+    for name, (path, layout) in jobs.items():
+        full, _ = load_model(path)
+        expected = our_logits(full, batch)
+        model, _ = load_model(path)
+        (parallelize_tp if layout == "tp" else parallelize_head_sharded)(model, group)
+        attn = model.model.layers[1].self_attn
+        results[name] = {
+            "max_diff": (our_logits(model, batch) - expected).abs().max().item(),
+            "q_heads": attn.q_head_ids, "kv_heads": attn.kv_head_ids,
+            "local_counts": [attn.num_heads, attn.num_kv_heads],
+            "q_rows": attn.q_proj.weight.shape[0],
+        }
+    return results
 
 
-def _run_ranks(jobs: dict[str, tuple[str, str]], out_dir: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, jobs, str(out_dir))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [i for i, p in enumerate(procs) if p.is_alive()]
-    for i in hung:
-        procs[i].kill()
-        procs[i].join()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT_S}s (deadlock?)"
-    assert [p.exitcode for p in procs] == [0] * WORLD, "a rank failed; its traceback is in stderr"
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+def _run_ranks(jobs: dict[str, tuple[str, str]]) -> list[dict]:
+    # results come back through a queue; a hang fails after TIMEOUT_S instead of blocking CI
+    return run_ranks(_worker, WORLD, jobs, timeout=TIMEOUT_S, threads=1)
 
 
 def test_tp_and_head_sharded_match_single_process(tmp_path: Path) -> None:
@@ -89,9 +67,7 @@ def test_tp_and_head_sharded_match_single_process(tmp_path: Path) -> None:
     for name, (kind, overrides, layout, _, _) in CASES.items():
         _, path = save_tiny(tmp_path / name, kind, **overrides)
         jobs[name] = (str(path), layout)
-    out = tmp_path / "out"
-    out.mkdir()
-    ranks = _run_ranks(jobs, out)
+    ranks = _run_ranks(jobs)
     for name, (_, overrides, _, q0, kv0) in CASES.items():
         for rank, res in enumerate(ranks):
             assert res[name]["max_diff"] < 1e-4, (name, rank, res[name])

@@ -32,6 +32,8 @@ def _entry(fn: Callable, rank: int, world: int, port: int, queue: Any, args: tup
     except BaseException:  # report every failure, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
+        queue.close()
+        queue.join_thread()  # the result is in the pipe before teardown, which gloo may crash
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -97,3 +97,10 @@ def _head_sharded(rank: int, world: int) -> int:
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_head_sharded_matches_reference(world: int) -> None:
     assert all(n > 0 for n in run_ranks(_head_sharded, world))
+
+
+def test_gather_heads_names_a_wrong_head_count() -> None:
+    from seqpar.strategies.decode import gather_heads
+
+    with pytest.raises(ValueError, match="holds 3 heads, but its slice of 5 q heads"):
+        gather_heads(torch.zeros(1, 3, 4), 5, None)

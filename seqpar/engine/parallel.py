@@ -11,7 +11,7 @@ from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
 from seqpar.kernels.layout import TokenLayout
 from seqpar.model import head_shard, load_model, parallelize_head_sharded, parallelize_tp
-from seqpar.strategies.decode import gather_parts, local_partial, merge_partials
+from seqpar.strategies.decode import gather_heads, local_partial, merge_partials
 
 
 class ShardedModel:
@@ -50,8 +50,7 @@ class ShardedModel:
         """
         group, world, me = self.mesh.sp_group, self.mesh.sp_size, self.mesh.sp_rank
         hq = q.shape[1]
-        parts = gather_parts(q, group, exchange)  # [W, B, Hq_local, D]
-        q_cat = parts.permute(1, 0, 2, 3).reshape(q.shape[0], -1, q.shape[-1])  # [B, Hq, D], rank order
+        q_cat = gather_heads(q, hq * world, group, exchange)  # [B, Hq, D], rank order (equal shares)
         out, lse = local_partial(q_cat[:, self.head_order_inv], kh, vh, q_layout, k_layout, scale)  # natural head order
         out, lse = out[:, self.head_order].contiguous(), lse[:, self.head_order].contiguous()  # chunk r = rank r's heads
         merged = merge_partials(out, lse, group, merge, exchange)

@@ -57,6 +57,11 @@ def head_slices(hq: int, world: int) -> list[slice]:
 def gather_heads(x: Tensor, hq: int, group: dist.ProcessGroup | None, exchange: HostExchange | None = None) -> Tensor:
     """Each rank's head slice x [B, H_r, D] (`head_slices(hq, W)[r]`) -> all heads [B, Hq, D] on every rank."""
     slices = head_slices(hq, group_size(group))
+    own = slices[group_rank(group)]
+    if x.shape[1] != own.stop - own.start:
+        raise ValueError(f"gather_heads: this rank holds {x.shape[1]} heads, but its slice of {hq} q heads over "
+                         f"{len(slices)} ranks is {own.stop - own.start} (heads {own.start}..{own.stop - 1}); "
+                         "pass the total head count as num_q_heads")
     width = max(sl.stop - sl.start for sl in slices)
     padded = x.new_zeros((x.shape[0], width, *x.shape[2:]))
     padded[:, : x.shape[1]] = x

@@ -21,7 +21,7 @@ from seqpar.engine.config import EngineConfig
 from seqpar.engine.detokenize import IncrementalDetokenizer, decode_logprobs
 from seqpar.engine.executor import LocalExecutor, ProgressFn, TorchrunExecutor
 from seqpar.engine.kv_cache import blocks_needed, size_cache
-from seqpar.engine.outputs import RequestOutput
+from seqpar.engine.outputs import EngineStats, RequestOutput
 from seqpar.engine.sampling import Sampler, SamplingParams
 from seqpar.engine.scheduler import Scheduler, Sequence
 from seqpar.engine.validate import check_parallelism
@@ -74,6 +74,7 @@ class LLMEngine:
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.last_step: StepResult | None = None
+        self._bytes_sent = [0] * config.sp_size
         executor = TorchrunExecutor if torchrun else LocalExecutor
         self.executor = executor(config, self.num_blocks)
 
@@ -147,6 +148,7 @@ class LLMEngine:
             msg = Decode([r.seq.seq_id for r in reqs], [r.seq.last_token_id for r in reqs], positions, owners)
         result = self.executor.call(msg, on_progress)
         self.last_step = result
+        self._bytes_sent = [a + b for a, b in zip(self._bytes_sent, result.comm_bytes)]
         self._sample(reqs, result, batch.kind == "prefill")
         finished = [r for r in reqs if r.detok.finished]
         if finished:
@@ -212,6 +214,17 @@ class LLMEngine:
         started = [r for r in live if r.blocks]
         if started:
             self._release(started)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """Counts for metrics, from the driver's own books (no call to the ranks)."""
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=[r / self.num_blocks for r in self.reserved],
+            sp_bytes_sent=list(self._bytes_sent),
+        )
 
     def forget(self, rid: int) -> None:
         self.requests.pop(rid, None)

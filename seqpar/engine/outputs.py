@@ -55,3 +55,18 @@ class RequestOutput:
     finished: bool
     # Timings and counters (arrival_time, first_token_time, finished_time, ...), seconds.
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Prompt tokens whose KV came from the prefix cache instead of being computed (vLLM's field).
+    num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine for metrics (the server's /metrics reads it after every step)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: list[float]  # per SP rank, fraction 0-1 of its KV blocks in use
+    num_preemptions: int = 0  # cumulative
+    prefix_cache_queries: int = 0  # cumulative prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # cumulative prompt tokens found there
+    sp_bytes_sent: list[int] = field(default_factory=list)  # cumulative bytes each SP rank sent

@@ -29,6 +29,9 @@ class IncrementalDetokenizer:
     stop_token_ids end with 'stop' and stay out of the text; then max_tokens or the
     context limit end with 'length'; then a stop string found in the text ends with
     'stop', stop_reason = that string, the text truncated just before it.
+    Before `min_tokens` tokens none of the stop rules apply (vLLM's order too): an
+    early EOS or stop token id is kept as an ordinary token (EOS, a special token,
+    stays out of the text), and a stop string there ends nothing.
     """
 
     def __init__(
@@ -74,9 +77,10 @@ class IncrementalDetokenizer:
     def _step(self, ids: Sequence[int]) -> None:
         p, tok = self.params, ids[-1]
         text_ids = ids
-        if not p.ignore_eos and self.eos_token_id is not None and tok == self.eos_token_id:
+        early = len(ids) < p.min_tokens
+        if not early and not p.ignore_eos and self.eos_token_id is not None and tok == self.eos_token_id:
             self.finish_reason, text_ids = "stop", ids[:-1]
-        elif tok in p.stop_token_ids:
+        elif not early and tok in p.stop_token_ids:
             self.finish_reason, self.stop_reason, text_ids = "stop", tok, ids[:-1]
         elif (p.max_tokens is not None and len(ids) >= p.max_tokens) or (
             self.max_model_len is not None and self.num_prompt_tokens + len(ids) >= self.max_model_len
@@ -87,7 +91,7 @@ class IncrementalDetokenizer:
             text = text.rstrip(_INCOMPLETE_CHAR)
         # A stop string can only be new if it overlaps text added since the last step.
         search_from = max(0, len(self.text) - self._stop_hold)
-        hits = [(i, s) for s in p.stop if (i := text.find(s, search_from)) >= 0]
+        hits = [] if early else [(i, s) for s in p.stop if (i := text.find(s, search_from)) >= 0]
         if hits:
             idx, stop = min(hits)
             text = text[:idx]

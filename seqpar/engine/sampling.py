@@ -29,6 +29,7 @@ class SamplingParams:
     top_k: int = -1  # -1 or 0 = off
     seed: int | None = None
     max_tokens: int | None = 16  # None = until the model context (or the cache) is full
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings end nothing before this many tokens
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -46,6 +47,10 @@ class SamplingParams:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive int or None (until the context is full), "
                              f"got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             val = getattr(self, name)
             if val is not None and (not isinstance(val, int) or val < 0):

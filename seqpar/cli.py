@@ -1,6 +1,7 @@
 """The `seqpar` command line.
 
     seqpar generate --sp 2 --prompt "The capital of France is" --max-tokens 16
+    seqpar serve --sp 2 --port 8000 [--api-key KEY]    # an OpenAI-compatible server
     torchrun --nproc-per-node 2 -m seqpar generate --sp 2 --prompt ...   # one rank per process
     seqpar bench attention [...]      seqpar bench engine [...]
     seqpar demo [--sp 2]
@@ -14,6 +15,7 @@ and prints; the other ranks serve model steps until rank 0 stops them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,22 +37,13 @@ class CLIError(ValueError):
 # ---- arguments --------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqpar", description="Exact sequence-parallel long-context LLM inference.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench,demo}")
 
     gen = sub.add_parser("generate", help="generate from one prompt", description=(
         "Generate from one prompt with the KV cache sharded over --sp ranks. Streams the answer to stdout and "
         "prints prompt tokens, time to first token, decode tokens/s and KV bytes per rank to stderr. Under "
         "torchrun, run one process per rank: torchrun --nproc-per-node N -m seqpar generate --sp N ..."))
-    eng = gen.add_argument_group("engine")
-    eng.add_argument("--model", default="smollm2-135m", help="known model name, GGUF file or HF directory (default: %(default)s)")
-    eng.add_argument("--sp", type=int, default=None, metavar="N",
-                     help="sequence-parallel ranks (default: 1; under torchrun WORLD_SIZE / tp)")
-    eng.add_argument("--tp", type=int, default=1, metavar="K", help="tensor-parallel ranks per SP rank (default: 1)")
-    eng.add_argument("--strategy", default="ring", choices=PREFILL_STRATEGIES, help="prefill attention across SP ranks")
-    eng.add_argument("--decode-merge", default="allgather", choices=DECODE_MERGES, help="how decode merges partial attention")
-    eng.add_argument("--placement", default="round_robin", choices=PLACEMENTS, help="which SP rank caches each new token")
-    eng.add_argument("--kv-cache-gb", type=float, default=1.0, metavar="G", help="KV cache per rank, GiB (default: 1)")
-    eng.add_argument("--num-threads", type=int, default=None, metavar="T", help="threads per rank (default: cores / ranks)")
+    add_engine_args(gen.add_argument_group("engine"))
     req = gen.add_argument_group("request")
     src = req.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="the prompt")
@@ -74,7 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
         "SmolLM2-135M-Instruct answers a question whose answer is hidden mid-way through a ~4K-token document, "
         "with the prompt sharded over --sp ranks; prints the answer and the figures."))
     demo.add_argument("--sp", type=int, default=2, metavar="N", help="sequence-parallel ranks (default: 2)")
+
+    from seqpar.server.launch import add_serve_args
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server", description=(
+        "Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...). "
+        "Under torchrun, rank 0 serves HTTP: torchrun --nproc-per-node N -m seqpar serve --sp N ..."))
+    add_engine_args(serve.add_argument_group("engine"))
+    add_serve_args(serve.add_argument_group("server"))
     return parser
+
+
+def add_engine_args(eng: Any) -> None:
+    """The engine flags, shared by `generate` and `serve`."""
+    eng.add_argument("--model", default="smollm2-135m", help="known model name, GGUF file or HF directory (default: %(default)s)")
+    eng.add_argument("--sp", type=int, default=None, metavar="N",
+                     help="sequence-parallel ranks (default: 1; under torchrun WORLD_SIZE / tp)")
+    eng.add_argument("--tp", type=int, default=1, metavar="K", help="tensor-parallel ranks per SP rank (default: 1)")
+    eng.add_argument("--strategy", default="ring", choices=PREFILL_STRATEGIES, help="prefill attention across SP ranks")
+    eng.add_argument("--decode-merge", default="allgather", choices=DECODE_MERGES, help="how decode merges partial attention")
+    eng.add_argument("--placement", default="round_robin", choices=PLACEMENTS, help="which SP rank caches each new token")
+    eng.add_argument("--kv-cache-gb", type=float, default=1.0, metavar="G", help="KV cache per rank, GiB (default: 1)")
+    eng.add_argument("--num-threads", type=int, default=None, metavar="T", help="threads per rank (default: cores / ranks)")
+    eng.add_argument("--max-model-len", type=int, default=None, metavar="L",
+                     help="tokens per sequence at most, prompt + output (default: the model's context)")
+    eng.add_argument("--max-num-seqs", type=int, default=64, metavar="S", help="requests in one batch at most (default: 64)")
 
 
 def engine_config(args: argparse.Namespace, world: int | None = None) -> EngineConfig:
@@ -82,7 +99,8 @@ def engine_config(args: argparse.Namespace, world: int | None = None) -> EngineC
     sp = args.sp if args.sp is not None else (world // args.tp if world and args.tp > 0 else 1)
     config = EngineConfig(model=args.model, sp_size=sp, tp_size=args.tp, strategy=args.strategy,
                           decode_merge=args.decode_merge, placement=args.placement,
-                          kv_cache_gb=args.kv_cache_gb, num_threads=args.num_threads)
+                          kv_cache_gb=args.kv_cache_gb, num_threads=args.num_threads,
+                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
     if world is not None and config.world_size != world:
         raise CLIError(f"--sp {config.sp_size} x --tp {config.tp_size} = {config.world_size} ranks, but torchrun "
                        f"started WORLD_SIZE={world} processes; make them equal")
@@ -187,9 +205,7 @@ def generate(args: argparse.Namespace) -> int:
 def make_llm(config: EngineConfig, torchrun: bool = False) -> Any:
     from seqpar.engine.llm import LLM
 
-    return LLM(config.model, config.sp_size, config.tp_size, config.strategy, torchrun=torchrun,
-               decode_merge=config.decode_merge, placement=config.placement,
-               kv_cache_gb=config.kv_cache_gb, num_threads=config.num_threads)
+    return LLM(torchrun=torchrun, **dataclasses.asdict(config))
 
 
 def num_blocks(config: EngineConfig) -> int:
@@ -290,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             from seqpar import demo
 
             return demo.main(sp_size=args.sp)
+        if args.command == "serve":
+            from seqpar.server.launch import serve
+
+            return serve(args)
         if under_torchrun():
             return generate_torchrun(args)
         return generate(args)

@@ -1,0 +1,124 @@
+"""`seqpar serve`: build the engine, then serve it over HTTP with uvicorn.
+
+Locally the engine starts its own ranks and rebuilds them after a failure. Under
+torchrun, rank 0 serves HTTP and drives the engine while the other ranks serve its
+steps; a failed engine cannot be rebuilt from rank 0 alone, so the server then exits
+non-zero (torchrun's --max-restarts brings the job back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from typing import Any, Callable
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+
+
+def add_serve_args(group: Any) -> None:
+    group.add_argument("--served-model-name", default=None, metavar="NAME",
+                       help="the model's name in the API (default: --model)")
+    group.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
+    group.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)")
+    group.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on /v1/* and tokenize routes "
+                            "(default: $SEQPAR_API_KEY; none = open)")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from seqpar.cli import CLIError, engine_config, under_torchrun
+
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port {args.port} is not a TCP port (0-65535)")
+    if under_torchrun():
+        return serve_torchrun(args)
+    config = engine_config(args)
+
+    def factory() -> Any:
+        from seqpar.engine.llm_engine import LLMEngine
+
+        return LLMEngine(config)
+
+    return run_server(args, config, factory, restart=True)
+
+
+def run_server(args: argparse.Namespace, config: Any, factory: Callable[[], Any], restart: bool) -> int:
+    import uvicorn
+
+    from seqpar.engine.async_llm import AsyncLLM
+    from seqpar.model import load_tokenizer
+    from seqpar.server.app import Server, build_app
+    from seqpar.server.metrics import ServerMetrics
+    from seqpar.server.serving import ServerState
+
+    holder: dict[str, Any] = {}
+
+    def on_dead() -> None:  # only without restart: stop serving a dead engine
+        server = holder.get("server")
+        if server is not None:
+            server.should_exit = True
+            holder["dead"] = True
+
+    engine = AsyncLLM(factory, restart=restart, on_dead=on_dead).start()  # raises ValueError on a bad model
+    name = args.served_model_name or args.model
+    state = ServerState(engine, load_tokenizer(config.model), name, ServerMetrics(engine, name),
+                        args.api_key or os.environ.get("SEQPAR_API_KEY") or None)
+    uv_config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning",
+                               timeout_graceful_shutdown=5)
+    server = holder["server"] = Server(uv_config, engine, name)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    if holder.get("dead"):
+        print(f"seqpar: error: the engine failed and cannot restart here: {engine.last_error}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
+
+
+def serve_torchrun(args: argparse.Namespace) -> int:
+    """One torchrun process: rank 0 serves HTTP and drives the engine, the others serve steps."""
+    import torch
+    import torch.distributed as dist
+
+    from seqpar.cli import engine_config, fail, num_blocks
+    from seqpar.engine.executor import serve_rank
+    from seqpar.model import load_tokenizer
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        config = engine_config(args, world)
+    except ValueError as e:
+        return fail(e) if rank == 0 else 2
+    torch.set_num_threads(config.threads_per_rank)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=config.step_timeout_s))
+    try:
+        # Agree on what may differ between machines (model files) before any rank loads.
+        error, blocks = None, 0
+        try:
+            blocks = num_blocks(config)
+            if rank == 0:
+                load_tokenizer(config.model)
+        except ValueError as e:
+            error = f"rank {rank}: {e}" if rank else str(e)
+        errors: list[str | None] = [None] * world
+        dist.all_gather_object(errors, error)
+        failed = [e for e in errors if e]
+        if failed:
+            return fail(failed[0]) if rank == 0 else 2
+        if rank != 0:
+            try:
+                return 0 if serve_rank(config, blocks) else 2
+            except Exception as e:
+                return fail(f"rank {rank}: {type(e).__name__}: {e}")
+
+        def factory() -> Any:
+            from seqpar.engine.llm_engine import LLMEngine
+
+            return LLMEngine(config, torchrun=True)
+
+        return run_server(args, config, factory, restart=False)
+    finally:
+        dist.destroy_process_group()

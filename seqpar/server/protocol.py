@@ -1,0 +1,137 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), and the API's error.
+
+Unknown fields are ignored, as vLLM does. Bounds live on the fields, so a bad value
+is a 400 that names its field; checks that need the model (prompt length, vocabulary)
+happen in the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+MAX_TOP_LOGPROBS = 20
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=I64_MAX)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class APIError(Exception):
+    """An error for the client, sent as {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.status}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingFields(_Body):
+    """Fields both completion endpoints share, vLLM's extras included."""
+
+    model: str | None = None  # None: the served model
+    temperature: Finite | None = Field(None, ge=0.0)
+    top_p: Finite | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    seed: int | None = Field(None, ge=I64_MIN, le=I64_MAX)
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=I64_MAX)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Finite | None = None
+    frequency_penalty: Finite | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"n={n} is not supported: seqpar returns one choice per prompt; use n=1 "
+                             "(or send the request several times with different seeds)")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
+            raise ValueError("stop strings must be non-empty")
+        return stop
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value:
+            raise ValueError("penalties are not supported by seqpar; leave them unset or 0")
+        return value
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=I64_MAX)  # None: until the context is full
+    max_completion_tokens: int | None = Field(None, ge=1, le=I64_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+PromptIds = list[TokenId]
+
+
+class CompletionRequest(SamplingFields):
+    # One prompt or a batch; token ids or text. Strict types: "12" is text, 12 a token id.
+    prompt: StrictStr | list[StrictStr] | PromptIds | list[PromptIds]
+    max_tokens: int | None = Field(16, ge=1, le=I64_MAX)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = False  # what the completion routes do
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[TokenId]

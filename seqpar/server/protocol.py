@@ -53,11 +53,11 @@ class SamplingFields(_Body):
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=I64_MAX)
-    n: int = 1
+    n: int = Field(1, json_schema_extra={"const": 1})  # the validator explains other values
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Finite | None = None
-    frequency_penalty: Finite | None = None
+    presence_penalty: Finite | None = Field(None, json_schema_extra={"enum": [0, None]})
+    frequency_penalty: Finite | None = Field(None, json_schema_extra={"enum": [0, None]})
     user: str | None = None
 
     @field_validator("n")

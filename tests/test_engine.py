@@ -68,13 +68,19 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ref[0, len(prompt):].tolist()
 
 
+# Small blocks and one-block shard units, so these short prompts spread over every SP rank;
+# a small cache, so the block books stay small enough to check whole.
+SMALL = dict(block_size=2, shard_blocks=1, kv_cache_gb=2**-12)
+
+
 def check_against_hf(model, path: str, **engine) -> None:
     """Prompt logprobs of a ragged batch, then greedy generation, both equal to transformers'."""
     sp = engine.get("sp_size", 1)
-    with LLM(model=path, **engine) as llm:
+    with LLM(model=path, **{**SMALL, **engine}) as llm:
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=1, ignore_eos=True))
-        # every block is back in the free list, on the driver's books and on each rank
-        assert llm.engine.kv_bytes_per_rank() == [0] * sp and llm.engine.reserved == [0] * sp
+        # every block is back in the pool, and the books balance
+        assert llm.engine.kv_bytes_per_rank() == [0] * sp
+        llm.engine.blocks.check([])
     for prompt, out in zip(PROMPTS, outs):
         plp = out.prompt_logprobs
         assert len(plp) == len(prompt) and plp[0] is None
@@ -85,36 +91,33 @@ def check_against_hf(model, path: str, **engine) -> None:
         assert out.outputs[0].finish_reason == "length"
 
 
-# Each prefill strategy at several SP sizes; decode merges and placements rotate through the
-# cases; a few run with shared_memory=False, so the process-group merges and result gather
-# are checked end to end too.
+# Each prefill strategy at several SP sizes, whole or chunked (max_num_batched_tokens smaller
+# than a block, than a shard, than the prompt); decode merges rotate through the cases; a few
+# run with shared_memory=False, so the process-group merges and result gather run end to end.
 CASES = [
-    ("ring", 1, "allgather", "round_robin", True), ("ring", 2, "alltoall", "least_loaded", True),
-    ("ring", 3, "tree", "round_robin", False), ("ring", 4, "allgather", "least_loaded", True),
-    ("pass_q", 2, "tree", "round_robin", True), ("pass_q", 3, "alltoall", "round_robin", False),
-    ("allgather", 2, "allgather", "round_robin", False), ("allgather", 4, "tree", "least_loaded", True),
-    ("ulysses", 3, "allgather", "round_robin", True), ("ulysses", 4, "alltoall", "round_robin", False),
-    ("usp", 4, "tree", "round_robin", True), ("head_sharded", 2, "alltoall", "round_robin", True),
-    ("head_sharded", 3, "allgather", "least_loaded", False), ("auto", 2, "tree", "round_robin", True),
+    ("ring", 1, "allgather", True, 2048), ("ring", 2, "alltoall", True, 2048),
+    ("ring", 3, "tree", False, 5), ("ring", 4, "allgather", True, 1),
+    ("pass_q", 2, "tree", True, 3), ("pass_q", 3, "alltoall", False, 2048),
+    ("pass_q", 4, "allgather", True, 7),
+    ("allgather", 2, "allgather", False, 2048), ("allgather", 4, "tree", True, 4),
+    ("auto", 2, "tree", True, 6), ("auto", 3, "allgather", True, 2048),
 ]
 
 
-@pytest.mark.parametrize("strategy, sp, merge, placement, shm", CASES)
-def test_engine_matches_hf(llama, strategy, sp, merge, placement, shm):
-    extra = {"ulysses_degree": 2} if strategy == "usp" else {}
-    check_against_hf(*llama, sp_size=sp, strategy=strategy, decode_merge=merge, placement=placement,
-                     shared_memory=shm, **extra)
+@pytest.mark.parametrize("strategy, sp, merge, shm, budget", CASES)
+def test_engine_matches_hf(llama, strategy, sp, merge, shm, budget):
+    check_against_hf(*llama, sp_size=sp, strategy=strategy, decode_merge=merge, shared_memory=shm,
+                     max_num_batched_tokens=budget)
 
 
-# Qwen2 (q/k/v bias) and tied embeddings at SP 1-4, strategies rotating (the seed layout
-# permutes Qwen2's q bias with its heads).
-@pytest.mark.parametrize("fixture, sp, strategy", [
-    ("qwen2", 1, "ring"), ("qwen2", 2, "head_sharded"), ("qwen2", 3, "pass_q"), ("qwen2", 4, "ulysses"),
-    ("tied", 1, "allgather"), ("tied", 2, "ring"), ("tied", 3, "ring"), ("tied", 4, "usp"),
+# Qwen2 (q/k/v bias) and tied embeddings at SP 1-4, strategies and schemes rotating.
+@pytest.mark.parametrize("fixture, sp, strategy, scheme", [
+    ("qwen2", 1, "ring", "zigzag"), ("qwen2", 2, "pass_q", "striped"), ("qwen2", 3, "pass_q", "zigzag"),
+    ("qwen2", 4, "ring", "striped"), ("tied", 1, "allgather", "zigzag"), ("tied", 2, "ring", "striped"),
+    ("tied", 3, "ring", "zigzag"), ("tied", 4, "allgather", "striped"),
 ])
-def test_other_architectures_match_hf(request, fixture, sp, strategy):
-    extra = {"ulysses_degree": 2} if strategy == "usp" else {}
-    check_against_hf(*request.getfixturevalue(fixture), sp_size=sp, strategy=strategy, **extra)
+def test_other_architectures_match_hf(request, fixture, sp, strategy, scheme):
+    check_against_hf(*request.getfixturevalue(fixture), sp_size=sp, strategy=strategy, scheme=scheme)
 
 
 @pytest.mark.parametrize("fixture, sp, tp", [("llama", 1, 2), ("llama", 2, 2), ("qwen2", 1, 2)])
@@ -136,8 +139,8 @@ def test_bad_input_is_a_clear_error(llama, tmp_path):
         LLM(model="no-such-model")
     with pytest.raises(ModelLoadError, match="holds no model weights"):
         LLM(model=str(tmp_path))
-    with pytest.raises(ValueError, match="divisible by sp_size"):
-        LLM(model=path, sp_size=5, strategy="ulysses")
+    with pytest.raises(ValueError, match="seqpar.sp_attention"):
+        LLM(model=path, sp_size=2, strategy="ulysses")
     with pytest.raises(ValueError, match="tp_size=4 must divide"):
         LLM(model=path, tp_size=4)
     with pytest.raises(ValueError, match="more than this machine allows"):
@@ -171,17 +174,18 @@ def test_dead_rank_fails_requests_instead_of_hanging(llama):
 
 
 def test_requests_wait_for_cache_and_never_corrupt_each_other(llama):
-    """A cache of 4 blocks per rank holds one of these requests at a time: the second waits
-    for the first to finish, and both produce what they produce with room to spare."""
+    """A cache of 4 blocks per rank holds one of these requests at a time: the others are
+    preempted and recomputed, and all produce what they produce with room to spare."""
     model, path = llama
     prompts = [[(7 * i + j) % VOCAB for j in range(40)] for i in range(3)]
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    per_block = 2 * 2 * 8 * 4 * 2 * 16 + 16 * 8  # 2 layers x 2 kv heads x D 8 x fp32 x (K, V) x 16 + positions
-    with LLM(model=path, sp_size=2, kv_cache_gb=4.5 * per_block / 2**30) as llm:
+    per_block = 2 * 2 * 8 * 4 * 2 * 16  # 2 layers x 2 kv heads x D 8 x fp32 x (K, V) x 16 tokens
+    with LLM(model=path, sp_size=2, kv_cache_gb=4.5 * per_block / 2**30, shard_blocks=1) as llm:
         assert llm.engine.num_blocks == 4
         outs = llm.generate(prompts, params)
-        assert llm.engine.kv_bytes_per_rank() == [0, 0] and llm.engine.reserved == [0, 0]
-        with pytest.raises(ValueError, match="at most 96 tokens"):
+        assert llm.engine.kv_bytes_per_rank() == [0, 0]
+        llm.engine.blocks.check([])
+        with pytest.raises(ValueError, match="at most 128 tokens"):
             llm.generate([[5] * 100])
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, 30)

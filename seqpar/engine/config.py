@@ -7,9 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-PREFILL_STRATEGIES = ("ring", "pass_q", "allgather", "ulysses", "usp", "head_sharded", "auto")
-DECODE_MERGES = ("allgather", "alltoall", "tree")
-PLACEMENTS = ("round_robin", "least_loaded")
+from seqpar.engine.kv_cache import SHARD_SCHEMES, Placement
+from seqpar.strategies.decode import MERGES as DECODE_MERGES
+from seqpar.strategies.over_cache import CACHE_STRATEGIES
+
+# ring = pass-KV; auto = pass-Q or pass-KV per step by Meta's rule (new vs cached tokens).
+PREFILL_STRATEGIES = (*CACHE_STRATEGIES, "auto")
+# In the attention library (seqpar.sp_attention) only: they attend whole prompts, not chunks over a cache.
+LIBRARY_ONLY = ("ulysses", "usp", "head_sharded")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -18,18 +23,19 @@ class EngineConfig:
     model: str = "smollm2-135m"
     sp_size: int = 1
     tp_size: int = 1
-    strategy: str = "ring"  # prefill attention across SP ranks
+    strategy: str = "ring"  # prefill attention across SP ranks (over their KV caches)
     decode_merge: str = "allgather"  # how partial decode attention is merged across SP ranks
-    placement: str = "round_robin"  # which SP rank caches each decoded token
-    scheme: str = "zigzag"  # how prompts are sharded across SP ranks
-    ulysses_degree: int | None = None  # for strategy="usp"
+    scheme: str = "zigzag"  # how positions are sharded across SP ranks: zigzag or striped over shard units
+    shard_blocks: int = 16  # KV blocks per shard unit: consecutive positions one SP rank holds
     num_threads: int | None = None  # per rank; default: cores split evenly over ranks
     dtype: str = "float32"
     block_size: int = 16
     kv_cache_gb: float = 1.0  # per rank
     max_model_len: int | None = None  # default: the model's context
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1 << 20
+    max_num_batched_tokens: int = 2048  # tokens per step across the SP group (chunked prefill)
+    long_prefill_token_threshold: int | None = None  # a prefill chunk's cap while others wait; default half the budget
+    enable_prefix_caching: bool = True
     seed: int = 0
     step_timeout_s: float = 1800.0  # a step that takes longer means a wedged worker
     shared_memory: bool = True  # decode merges and step results through shared memory between ranks on one host
@@ -39,23 +45,27 @@ class EngineConfig:
             if value not in options:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(options)}")
 
+        if self.strategy in LIBRARY_ONLY:
+            raise ValueError(
+                f"strategy={self.strategy!r} attends whole prompts; the engine prefills in chunks over the "
+                f"sharded KV cache (prefix caching, chunked prefill), where {', '.join(PREFILL_STRATEGIES)} apply. "
+                f"Use one of those, or seqpar.sp_attention(..., strategy={self.strategy!r}) on whole sequences")
         choice("strategy", self.strategy, PREFILL_STRATEGIES)
         choice("decode_merge", self.decode_merge, DECODE_MERGES)
-        choice("placement", self.placement, PLACEMENTS)
-        choice("scheme", self.scheme, ("contiguous", "zigzag", "striped"))
+        choice("scheme", self.scheme, SHARD_SCHEMES)
         choice("dtype", self.dtype, tuple(DTYPES))
-        for name in ("sp_size", "tp_size", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("sp_size", "tp_size", "block_size", "shard_blocks", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
+            raise ValueError(f"long_prefill_token_threshold must be >= 1, got {self.long_prefill_token_threshold}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
-        if self.strategy == "usp":
-            if self.ulysses_degree is None or self.sp_size % self.ulysses_degree:
-                raise ValueError(f"strategy='usp' needs ulysses_degree dividing sp_size={self.sp_size}, got {self.ulysses_degree}")
-        if self.strategy == "head_sharded" and self.tp_size != 1:
-            raise ValueError("strategy='head_sharded' is the seed's coupled layout: it shards heads over the SP group itself; use tp_size=1")
+
+    def placement(self) -> Placement:
+        return Placement(self.sp_size, self.block_size, self.shard_blocks, self.scheme)
 
     @property
     def world_size(self) -> int:

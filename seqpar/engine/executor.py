@@ -23,7 +23,8 @@ import torch.multiprocessing as mp
 
 from seqpar.comm.launch import free_port
 from seqpar.engine.config import EngineConfig
-from seqpar.engine.worker import StepResult, Worker
+from seqpar.engine.messages import StepResult
+from seqpar.engine.worker import Worker
 
 ProgressFn = Callable[[int, int], None]
 

@@ -1,29 +1,32 @@
-"""Continuous batching: which sequences run next, and whether as prefill or decode.
+"""Continuous batching with a token budget: what each step computes, for which sequences.
 
-The scheduler knows nothing about ranks or blocks. The engine answers one
-question through `fits`: could the cache side reserve room for this batch of
-new prompts, on top of everything running? The scheduler never preempts, so
-`fits` must account for decode growth, for instance by reserving each
-sequence's `max_total_tokens` on admission.
+Every step has `max_num_batched_tokens` tokens to spend across the SP group
+(vLLM V1's model: no separate prefill and decode phases). Running sequences go
+first, in admission order: one token each when decoding, the next chunk of their
+prompt while still prefilling. Then waiting requests are admitted in arrival
+order, each reusing its longest cached prefix and prefilling (a chunk of) the rest,
+while budget, `max_num_seqs` and KV blocks last. So one step can carry decode
+tokens and a prefill chunk, a long prompt never stalls running decodes for its
+whole prefill, and while others wait a long prompt's chunk is capped at
+`long_prefill_token_threshold` so short prompts get through beside it.
 
-Policy (vLLM's default without chunked prefill): admit waiting requests in
-arrival order while they fit, and run them as one prefill; when none can be
-admitted, decode every running sequence. New requests therefore join between
-decode steps. Admission is strictly FCFS: a request that does not fit blocks
-the ones behind it, so a long prompt is never starved by short ones.
+Blocks are allocated as tokens are written. When a running sequence cannot get
+the blocks its tokens need, the most recently admitted running sequence is
+preempted: its blocks are freed (full ones stay cached by hash, so recomputing
+them is often a prefix hit) and it goes back to the front of the queue, to be
+recomputed exactly from its prompt and the tokens it had generated.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Literal, NamedTuple
 
 import torch
 
+from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.outputs import LogprobDict
 from seqpar.engine.sampling import SamplingParams, make_generator
 
@@ -37,35 +40,29 @@ class SequenceStatus(enum.Enum):
 class RequestTooLongError(ValueError):
     """The request could never be scheduled, however long it waited."""
 
-    def __init__(self, message: str, seq: "Sequence | None" = None) -> None:
-        super().__init__(message)
-        self.seq = seq
-
-
-_seq_ids = itertools.count()
-
 
 @dataclass(eq=False)
 class Sequence:
-    """One request's tokens and progress. `seq_id` keys it in every rank's KV cache."""
+    """One request's tokens, progress and KV blocks; `seq_id` is the request's one id everywhere."""
 
-    request_id: str
+    seq_id: int
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt: str | None = None
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     arrival_time: float = field(default_factory=time.monotonic)
-    # Tokens (prompt + output) this sequence may ever reach; set by Scheduler.add.
-    max_total_tokens: int = 0
     cumulative_logprob: float = 0.0
     output_logprobs: list[LogprobDict] = field(default_factory=list)
     generator: torch.Generator | None = None
+    blocks: list[int] = field(default_factory=list)  # physical block of each logical block, on its owner rank
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int | None = None  # prompt tokens reused from the prefix cache at first admission
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
-            raise ValueError(f"request {self.request_id!r}: the prompt has no tokens; send at least one")
+            raise ValueError(f"request {self.seq_id}: the prompt has no tokens; send at least one")
         if self.generator is None:
             self.generator = make_generator(self.params.seed)
 
@@ -86,109 +83,131 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
-
-    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
 
-class ScheduledBatch(NamedTuple):
-    kind: Literal["prefill", "decode", "idle"]
-    seqs: list[Sequence]
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """Compute tokens [start, start + num_new) of `seq` in this step."""
+
+    seq: Sequence
+    start: int
+    num_new: int
+    decode: bool  # the one new token is the last sampled one: every SP rank runs it, partials merge by LSE
+
+    @property
+    def wants_logits(self) -> bool:
+        """The chunk reaches the last known token, so the step samples the next one."""
+        return self.start + self.num_new == self.seq.num_tokens
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
-    # Prompt tokens per prefill batch. A single prompt larger than this still runs, alone:
-    # without chunked prefill there is no other way to serve it.
-    max_num_batched_tokens: int = 8192
-    # Longest sequence (prompt + output) the engine can ever hold: min(model context, cache size).
-    max_tokens_ever: int = 8192
+    max_num_batched_tokens: int = 2048  # per step, across the SP group
+    long_prefill_token_threshold: int = 1024  # a prefill chunk's cap while other requests wait
+    max_model_len: int = 8192  # longest sequence (prompt + output) the engine holds
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_tokens_ever"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "max_model_len"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 1:
-                raise ValueError(f"SchedulerConfig.{name} must be a positive int, got {val!r}")
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
 
 
 class Scheduler:
-    def __init__(
-        self,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        fits: Callable[[list[Sequence]], bool],
-        max_tokens_ever: int,
-    ) -> None:
-        self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_tokens_ever)
-        self.fits = fits
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # admission order
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         """Queue a request; reject it now if it could never run."""
-        limit = self.config.max_tokens_ever
-        if seq.num_prompt_tokens > limit:
+        limit = self.config.max_model_len
+        if seq.num_prompt_tokens >= limit:
             raise RequestTooLongError(
-                f"request {seq.request_id!r}: prompt has {seq.num_prompt_tokens} tokens but this engine holds at "
-                f"most {limit} tokens per sequence (min of model context and KV cache); shorten the prompt "
-                f"or give the cache more memory / more ranks"
-            )
+                f"request {seq.seq_id}: prompt of {seq.num_prompt_tokens} tokens leaves no room to generate: "
+                f"this engine holds at most {limit} tokens per sequence (min of model context and KV cache); "
+                "shorten the prompt, or give the cache more memory or more SP ranks")
         if seq.status is not SequenceStatus.WAITING:
-            raise ValueError(f"request {seq.request_id!r} is {seq.status.value}; only new sequences can be added")
-        max_new = seq.params.max_tokens if seq.params.max_tokens is not None else limit
-        seq.max_total_tokens = min(seq.num_prompt_tokens + max_new, limit)
+            raise ValueError(f"request {seq.seq_id} is {seq.status.value}; only new sequences can be added")
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
-        """Next batch: a prefill of newly admitted requests if any fit, else a decode of all running."""
-        batch: list[Sequence] = []
-        num_tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.config.max_num_seqs:
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        if n > 1 and self.waiting:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        out: dict[int, ScheduledSeq] = {}
+        preempted = False
+        # Decodes first (one token each, so a long prefill never stalls them), then chunks of
+        # prompts still prefilling; both in admission order.
+        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        for seq in order:
+            if budget <= 0 or seq.status is not SequenceStatus.RUNNING:
+                continue
+            n = self._chunk(seq, budget)
+            while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running.pop()  # the most recently admitted
+                if victim.seq_id in out:
+                    budget += out.pop(victim.seq_id).num_new
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                out[seq.seq_id] = self._scheduled(seq, n)
+                budget -= n
+        scheduled = list(out.values())
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if batch and num_tokens + seq.num_prompt_tokens > self.config.max_num_batched_tokens:
+            cached = self.blocks.match_prefix(seq)
+            seq.num_computed_tokens = cached
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
+            self.waiting.popleft()  # so _chunk sees only the others
+            n = self._chunk(seq, budget)
+            if not self.blocks.allocate(seq, cached + n):
+                self.blocks.free(seq)
+                self.waiting.appendleft(seq)
                 break
-            if not self.fits(batch + [seq]):
-                break
-            batch.append(self.waiting.popleft())
-            num_tokens += seq.num_prompt_tokens
-        if batch:
-            for seq in batch:
-                seq.status = SequenceStatus.RUNNING
-            self.running.extend(batch)
-            return ScheduledBatch("prefill", batch)
-        if self.running:
-            return ScheduledBatch("decode", list(self.running))
-        if self.waiting:
-            # Nothing runs, so the cache is empty: if the head does not fit now it never will.
-            # Retire it so the queue behind it moves; the error carries it for the engine to report.
-            head = self.waiting.popleft()
-            head.status = SequenceStatus.FINISHED
-            raise RequestTooLongError(
-                f"request {head.request_id!r} ({head.num_prompt_tokens} prompt tokens, up to "
-                f"{head.max_total_tokens} in all) does not fit in an empty KV cache; lower max_tokens_ever "
-                f"to what the cache holds so add() rejects such requests, or give the cache more memory",
-                head,
-            )
-        return ScheduledBatch("idle", [])
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(self._scheduled(seq, n))
+            budget -= n
+        return scheduled
+
+    @staticmethod
+    def _scheduled(seq: Sequence, n: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        return ScheduledSeq(seq, start, n, decode=n == 1 and start == seq.num_tokens - 1 and seq.num_output_tokens > 0)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update(self, scheduled: list[ScheduledSeq]) -> None:
+        """After a step: its tokens are cached; filled blocks become reusable by hash."""
+        for s in scheduled:
+            s.seq.num_computed_tokens = s.start + s.num_new
+            self.blocks.cache_full_blocks(s.seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Retire a sequence (finished or aborted); the engine frees its cache blocks."""
+        """Retire a sequence (finished or aborted) and free its blocks at once."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
-
-    def abort(self, request_id: str) -> list[Sequence]:
-        """Retire every sequence of a request; returns them so the engine can free their blocks."""
-        found = [s for s in [*self.waiting, *self.running] if s.request_id == request_id]
-        for seq in found:
-            self.finish(seq)
-        return found

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from seqpar.engine.config import EngineConfig
-from seqpar.model import ModelConfig, head_shard
+from seqpar.model import ModelConfig
 
 # The local launcher runs every rank on this machine; beyond a few ranks per core
 # each rank gets too small a slice of a core to be worth a process.
@@ -27,15 +27,3 @@ def check_parallelism(config: EngineConfig, mc: ModelConfig, local: bool = True)
             f"tp_size={tp} must divide the model's {mc.num_heads} q heads and {mc.num_kv_heads} kv heads; "
             f"use a tp_size dividing {mc.num_kv_heads}"
         )
-    hq = mc.num_heads // tp
-    if config.strategy == "ulysses" and hq % sp:
-        raise ValueError(
-            f"strategy='ulysses' needs the q heads per TP rank ({hq}) divisible by sp_size ({sp}); "
-            f"use sp_size dividing {hq}, or strategy='ring'"
-        )
-    if config.strategy == "usp" and hq % config.ulysses_degree:
-        raise ValueError(
-            f"strategy='usp' needs the q heads per TP rank ({hq}) divisible by ulysses_degree ({config.ulysses_degree})"
-        )
-    if config.strategy == "head_sharded":
-        head_shard(mc.num_heads, mc.num_kv_heads, sp, 0)  # raises with the valid world sizes

@@ -1,19 +1,22 @@
 """One rank of the engine: its model shard, its share of the paged KV cache, and a step.
 
 Every rank runs the same steps in the same order (the driver's messages are
-broadcast from rank 0), so collectives inside the model always match up. Prefill
-shards the batch's tokens with a ShardPlan and runs a sequence-parallel strategy;
-decode runs every new token on every SP rank, caches its K/V on one rank only and
-merges partial attention by LSE; since every SP rank then has the new tokens' final
-hidden states, each computes the logits of its slice of the vocabulary (a
-vocab-parallel head) and rank 0 joins the slices. Results go to rank 0 and from
-there to the driver.
+broadcast from rank 0), so collectives inside the model always match up. A step
+carries two kinds of rows, in one forward pass:
+- decode rows (one new token of a generating sequence) run on every SP rank; the
+  owner of the token's position caches its K/V; each rank attends over its cached
+  share and the partials are merged by LSE. Every SP rank then has the final hidden
+  states, so each computes the logits of its slice of the vocabulary.
+- prefill rows (a chunk of a prompt, over whatever is cached before it) are sharded by
+  position (`Placement`): each rank computes the tokens it will cache, writes their
+  K/V, and attends over every rank's cache by pass-KV, pass-Q or all-gather. The owner
+  of a chunk's last token computes its logits.
+Results go to rank 0 and from there to the driver.
 """
 
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -23,49 +26,95 @@ from seqpar.comm.collectives import STATS
 from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
-from seqpar.engine.kv_cache import PagedKVCache
+from seqpar.engine.kv_cache import KVCache, Placement
+from seqpar.engine.messages import SeqStep, Step, StepResult
 from seqpar.engine.parallel import ShardedModel
 from seqpar.engine.sampling import prompt_logprobs_rows
-from seqpar.kernels.layout import TokenLayout
-from seqpar.sharding.plan import ShardPlan
-from seqpar.strategies.api import sp_attention
-from seqpar.strategies.decode import gather_heads, local_partial, merge_partials
-from seqpar.strategies.head_sharded import head_sharded_attention
+from seqpar.kernels.attention import attend_into_head_major, new_accumulators
+from seqpar.kernels.layout import Run, TokenLayout
+from seqpar.strategies.decode import gather_heads, merge_partials
+from seqpar.strategies.over_cache import CachedKeys, attention_over_cache
 
-# Below this many tokens per rank a ring step is too small to hide its latency:
-# "auto" then gathers K/V in one collective instead.
-_AUTO_RING_MIN_LOCAL_TOKENS = 512
 # Step results up to this size (pickled) reach rank 0 through shared memory; larger ones
 # (big batches, prompt logprobs) through the process group.
 _RESULT_BYTES = 1 << 20
 
 
-@dataclass
-class Prefill:
-    seq_ids: list[int]
-    prompts: list[list[int]]
-    prompt_logprobs: list[int | None]  # top-k per request, None = not wanted
+def _append(runs: list[Run], run: Run) -> None:
+    """Add a run, joining it to the last one when rows and positions both continue."""
+    last = runs[-1] if runs else None
+    if last is not None and last.seq == run.seq and last.start + last.length == run.start \
+            and last.pos + last.length == run.pos:
+        runs[-1] = Run(last.start, last.length + run.length, run.seq, last.pos, 1)
+    else:
+        runs.append(run)
 
 
-@dataclass
-class Decode:
-    seq_ids: list[int]
-    token_ids: list[int]
-    positions: list[int]
-    owners: list[int]  # SP rank that caches each new token
+def _slots(runs: list[Run]) -> Tensor:
+    if not runs:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat([torch.arange(r.start, r.start + r.length) for r in runs])
 
 
-@dataclass
-class Free:
-    seq_ids: list[int]
+class StepPlan:
+    """Where this step's rows and keys are, on every rank (built from the message alone)."""
 
-
-@dataclass
-class StepResult:
-    logits: dict[int, Tensor]  # seq_id -> next-token logits [V] fp32
-    prompt_logprobs: dict[int, dict[int, dict]]  # seq_id -> prompt index -> LogprobDict
-    kv_bytes: list[int]  # KV cache bytes in use, per SP rank
-    comm_bytes: list[int] = field(default_factory=list)  # bytes each SP rank sent in this step
+    def __init__(self, msg: Step, placement: Placement, me: int) -> None:
+        world, bs = placement.sp_size, placement.block_size
+        self.decode = [s for s in msg.seqs if s.decode]
+        self.prefill = [s for s in msg.seqs if not s.decode]
+        # Decode rows: queries replicated; keys are every cached position of the sequence, all
+        # visible to its one query, so runs need only contiguous slots (attention is non-causal).
+        self.decode_q = TokenLayout.from_runs([Run(j, 1, j, s.start, 1) for j, s in enumerate(self.decode)])
+        dec_keys: list[Run] = []
+        write_rows, write_slots = [], []
+        for j, s in enumerate(self.decode):
+            for run in placement.key_runs(s.blocks, s.start + 1, j)[me]:
+                last = dec_keys[-1] if dec_keys else None
+                if last is not None and last.seq == j and last.start + last.length == run.start:
+                    dec_keys[-1] = Run(last.start, last.length + run.length, j, last.pos, 1)
+                else:
+                    dec_keys.append(run)
+            if placement.owner(s.start // bs) == me:
+                write_rows.append(j)
+                write_slots.append(s.blocks[s.start // bs] * bs + s.start % bs)
+        self.decode_keys = TokenLayout.from_runs(dec_keys)
+        # Prefill rows: rank r computes the new positions it owns (rows in sequence order).
+        q_runs: list[list[Run]] = [[] for _ in range(world)]
+        k_runs: list[list[Run]] = [[] for _ in range(world)]
+        rows = [0] * world
+        self.ids: list[int] = [s.token_ids[0] for s in self.decode]
+        positions = [torch.tensor([s.start for s in self.decode], dtype=torch.long)]
+        self.prefill_rows: list[tuple[SeqStep, Tensor]] = []  # (seq, its local rows' positions)
+        local_rows = len(self.decode)
+        for j, s in enumerate(self.prefill):
+            end = s.start + len(s.token_ids)
+            local = []
+            for r, stretches in enumerate(placement.token_runs(s.start, end)):
+                for p, n in stretches:
+                    _append(q_runs[r], Run(rows[r], n, j, p, 1))
+                    rows[r] += n
+                    if r == me:
+                        local.append(torch.arange(p, p + n))
+                        self.ids += s.token_ids[p - s.start : p - s.start + n]
+            for r, runs in enumerate(placement.key_runs(s.blocks, end, j)):
+                k_runs[r].extend(runs)
+            pos = torch.cat(local) if local else torch.empty(0, dtype=torch.long)
+            positions.append(pos)
+            self.prefill_rows.append((s, pos))
+            table = torch.tensor(s.blocks, dtype=torch.long)
+            write_rows += range(local_rows, local_rows + len(pos))
+            local_rows += len(pos)
+            write_slots += (table[pos // bs] * bs + pos % bs).tolist()
+        self.positions = torch.cat(positions)
+        self.write_rows = torch.tensor(write_rows, dtype=torch.long)
+        self.write_slots = torch.tensor(write_slots, dtype=torch.long)
+        self.q_layouts = [TokenLayout.from_runs(r) for r in q_runs]
+        packed = []
+        for runs in k_runs:
+            offsets = torch.cumsum(torch.tensor([0] + [r.length for r in runs]), 0).tolist()
+            packed.append(TokenLayout.from_runs([Run(o, r.length, r.seq, r.pos, 1) for o, r in zip(offsets, runs)]))
+        self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, _slots(k_runs[me]))
 
 
 class Worker:
@@ -75,8 +124,9 @@ class Worker:
         self.sharded = ShardedModel(config, self.mesh)
         self.model = self.sharded.model
         mc = self.model.config
-        self.cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, self.sharded.num_kv_heads_cached,
-                                  mc.head_dim, config.torch_dtype)
+        self.placement = config.placement()
+        self.cache = KVCache(mc.num_layers, num_blocks, config.block_size, self.sharded.num_kv_heads_cached,
+                             mc.head_dim, config.torch_dtype)
         self.scale = mc.head_dim ** -0.5
         # Decode merges a few KB per layer, and each step's results (a few vocabulary slices of
         # logits) go to rank 0: through shared memory when the ranks share a host.
@@ -93,118 +143,62 @@ class Worker:
         chunk = -(-vocab // config.sp_size)
         self.vocab_slice = slice(min(vocab, self.mesh.sp_rank * chunk), min(vocab, (self.mesh.sp_rank + 1) * chunk))
 
-    # ---- prefill ------------------------------------------------------------------
-    def prefill(self, msg: Prefill) -> StepResult:
+    def step(self, msg: Step) -> StepResult:
         cfg, mesh = self.config, self.mesh
-        lens = [len(p) for p in msg.prompts]
-        plan = ShardPlan(lens, cfg.sp_size, cfg.scheme)
-        r = mesh.sp_rank
-        idx = plan.local_indices(r)
-        all_ids = torch.tensor([t for p in msg.prompts for t in p], dtype=torch.long)
-        positions, seq_rows = plan.positions(r), plan.seq_ids(r)
-        counts = [int((seq_rows == i).sum()) for i in range(len(lens))]
-        self.cache.reserve_many({s: c for s, c in zip(msg.seq_ids, counts)})
-        for i, s in enumerate(msg.seq_ids):
-            self.cache.append_positions(s, positions[seq_rows == i])
-        slots = self.cache.slot_mapping(msg.seq_ids, counts)
-        strategy = self._pick_strategy(plan)
-        seed_layout = strategy == "head_sharded"
+        plan = StepPlan(msg, self.placement, mesh.sp_rank)
+        nd = len(plan.decode)
         num_layers = self.model.config.num_layers
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            if seed_layout:  # q, k, v for all tokens (replicated hidden); cache and ring only our shard
-                k_loc, v_loc = k[idx], v[idx]
-                self.cache.write(layer, slots, k_loc, v_loc)
-                out = head_sharded_attention(q, k_loc, v_loc, plan, mesh.sp_group, True, self.scale,
-                                             kv_head_ids=self.sharded.kv_head_ids)
-            else:
-                self.cache.write(layer, slots, k, v)
-                out = sp_attention(q, k, v, plan=plan, group=mesh.sp_group, strategy=strategy, scale=self.scale,
-                                   ulysses_degree=cfg.ulysses_degree if strategy == "usp" else None)
-            if self.progress is not None:
-                self.progress.put((layer + 1, num_layers))
-            return out
+            self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
+            kh, vh = self.cache.storage(layer)  # read in place through slot runs
+            outs = []
+            if nd:
+                out, lse = new_accumulators(q[:nd])
+                attend_into_head_major(out, lse, q[:nd], kh, vh, plan.decode_q, plan.decode_keys, False, self.scale)
+                out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange)
+                if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
+                    # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
+                    # here every rank runs the whole o_proj, so gather the slices back.
+                    out = gather_heads(out, q.shape[1], mesh.sp_group, self.exchange)
+                outs.append(out.to(q.dtype))
+            if plan.prefill:
+                out = attention_over_cache(q[nd:], plan.q_layouts, kh, vh, plan.keys, mesh.sp_group, msg.strategy,
+                                           self.scale)
+                outs.append(out.to(q.dtype))
+                if self.progress is not None:
+                    self.progress.put((layer + 1, num_layers))
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+        result = StepResult()
         with torch.inference_mode():
-            if seed_layout:
-                all_pos = plan.global_layout.positions
-                hidden = self.model(all_ids, all_pos, attention)[idx]  # keep this rank's rows
-            else:
-                hidden = self.model(all_ids[idx], positions, attention)
-            result = StepResult({}, {}, [])
+            hidden = self.model(torch.tensor(plan.ids, dtype=torch.long), plan.positions, attention)
             if self.reports:
-                self._prefill_outputs(msg, lens, seq_rows, positions, hidden, result)
+                if nd:  # this rank's vocabulary slice, for every decode row
+                    logits = self.model.compute_logits(hidden[:nd], self.vocab_slice)
+                    result.logits = {s.seq_id: logits[j].clone() for j, s in enumerate(plan.decode)}  # no shared storage to pickle
+                self._prefill_outputs(plan, hidden[nd:], result)
         return self._gather(result)
 
-    def _pick_strategy(self, plan: ShardPlan) -> str:
-        if self.config.strategy != "auto":
-            return self.config.strategy
-        return "ring" if min(plan.local_counts) >= _AUTO_RING_MIN_LOCAL_TOKENS else "allgather"
+    def _prefill_outputs(self, plan: StepPlan, hidden: Tensor, result: StepResult) -> None:
+        """Logits of each chunk's last token, where it lives; prompt logprobs of local rows."""
+        row = 0
+        for s, pos in plan.prefill_rows:
+            h = hidden[row : row + len(pos)]
+            row += len(pos)
+            end = s.start + len(s.token_ids)
+            if s.logits and len(pos) and int(pos[-1]) == end - 1:
+                result.logits[s.seq_id] = self.model.compute_logits(h[-1:])[0]
+            if s.prompt_logprobs is not None:
+                keep = (pos < s.num_prompt_tokens - 1).nonzero().flatten()  # row at p predicts token p + 1
+                nxt = s.token_ids[1:] + [s.next_token if s.next_token is not None else -1]
+                targets = [nxt[p - s.start] for p in pos[keep].tolist()]
+                entries = prompt_logprobs_rows(lambda x: self.model.compute_logits(x), h[keep], targets,
+                                               s.prompt_logprobs)
+                result.prompt_logprobs[s.seq_id] = {p + 1: e for p, e in zip(pos[keep].tolist(), entries)}
 
-    def _prefill_outputs(self, msg: Prefill, lens: list[int], seq_rows: Tensor, positions: Tensor,
-                         hidden: Tensor, result: StepResult) -> None:
-        """Logits of each sequence's last token, where it lives; prompt logprobs of local rows."""
-        for i, s in enumerate(msg.seq_ids):
-            rows = (seq_rows == i).nonzero().flatten()
-            last = rows[positions[rows] == lens[i] - 1]
-            if last.numel():
-                result.logits[s] = self.model.compute_logits(hidden[last])[0]
-            k = msg.prompt_logprobs[i]
-            if k is not None:
-                # row at position p predicts prompt token p + 1
-                rows = rows[positions[rows] < lens[i] - 1]
-                targets = [msg.prompts[i][p + 1] for p in positions[rows].tolist()]
-                entries = prompt_logprobs_rows(lambda h: self.model.compute_logits(h), hidden[rows], targets, k)
-                result.prompt_logprobs[s] = {p + 1: e for p, e in zip(positions[rows].tolist(), entries)}
-
-    # ---- decode -------------------------------------------------------------------
-    def decode(self, msg: Decode) -> StepResult:
-        cfg, mesh = self.config, self.mesh
-        me = mesh.sp_rank
-        mine = [i for i, o in enumerate(msg.owners) if o == me]
-        for i in mine:
-            self.cache.reserve(msg.seq_ids[i], 1)
-            self.cache.append_positions(msg.seq_ids[i], [msg.positions[i]])
-        new_slots = self.cache.slot_mapping([msg.seq_ids[i] for i in mine], [1] * len(mine))
-        mine_t = torch.tensor(mine, dtype=torch.long)
-        # Where everything this rank caches for these sequences sits: one layout per step, all layers.
-        k_layout = self.cache.layout(msg.seq_ids)
-        q_layout = TokenLayout.build(list(range(len(msg.seq_ids))), msg.positions)
-        ids = torch.tensor(msg.token_ids, dtype=torch.long)
-        pos = torch.tensor(msg.positions, dtype=torch.long)
-        seed_layout = cfg.strategy == "head_sharded"
-
-        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.cache.write(layer, new_slots, k[mine_t], v[mine_t])
-            kh, vh = self.cache.storage(layer)  # read in place through k_layout's slot runs
-            if seed_layout:
-                return self.sharded.seed_decode(q, kh, vh, q_layout, k_layout, cfg.decode_merge, self.scale, self.exchange)
-            out, lse = local_partial(q, kh, vh, q_layout, k_layout, self.scale)
-            out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange).to(q.dtype)
-            if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
-                # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
-                # here every rank runs the whole o_proj, so gather the slices back.
-                out = gather_heads(out, q.shape[1], mesh.sp_group, self.exchange)
-            return out
-
-        with torch.inference_mode():
-            hidden = self.model(ids, pos, attention)
-            result = StepResult({}, {}, [])
-            if self.reports:  # this rank's vocabulary slice, for every sequence
-                logits = self.model.compute_logits(hidden, self.vocab_slice)
-                result.logits = {s: logits[j] for j, s in enumerate(msg.seq_ids)}
-        return self._gather(result)
-
-    def free(self, msg: Free) -> StepResult:
-        for s in msg.seq_ids:
-            if s in self.cache.seq_ids:
-                self.cache.free(s)
-        return self._gather(StepResult({}, {}, []))
-
-    # ---- results ------------------------------------------------------------------
     def _gather(self, result: StepResult) -> StepResult:
-        """Collect every rank's partial result on rank 0 (others get None back)."""
-        result.kv_bytes = [self.cache.bytes_used()]
+        """Collect every rank's partial result on rank 0 (others get theirs back)."""
         result.comm_bytes = [STATS.total]
         mine = result if self.reports else None
         world, me = dist.get_world_size(), dist.get_rank()
@@ -219,7 +213,7 @@ class Worker:
             dist.gather_object(mine, parts, dst=0)
         if me != 0:
             return result
-        merged = StepResult({}, {}, [])
+        merged = StepResult()
         for part in parts:
             if part is None:
                 continue
@@ -228,15 +222,10 @@ class Worker:
                 merged.logits[s] = torch.cat([merged.logits[s], logits]) if s in merged.logits else logits
             for s, entries in part.prompt_logprobs.items():
                 merged.prompt_logprobs.setdefault(s, {}).update(entries)
-            merged.kv_bytes += part.kv_bytes
             merged.comm_bytes += part.comm_bytes
         return merged
 
-    def execute(self, msg: Prefill | Decode | Free) -> StepResult:
-        if isinstance(msg, Prefill):
-            return self.prefill(msg)
-        if isinstance(msg, Decode):
-            return self.decode(msg)
-        if isinstance(msg, Free):
-            return self.free(msg)
-        raise TypeError(f"unknown engine message {type(msg).__name__}")
+    def execute(self, msg: Step) -> StepResult:
+        if not isinstance(msg, Step):
+            raise TypeError(f"unknown engine message {type(msg).__name__}")
+        return self.step(msg)

@@ -83,6 +83,31 @@ class TokenLayout:
         return TokenLayout(seq_t, pos_t, tuple(runs), {s: tuple(rs) for s, rs in groups.items()})
 
     @staticmethod
+    def from_runs(runs: list[Run]) -> "TokenLayout":
+        """A layout straight from its runs (O(runs) Python; the per-token tensors are built by torch).
+
+        Used where runs are known in bulk, e.g. whole KV blocks of a paged cache, so a step over a
+        long context never loops over its tokens in Python.
+        """
+        lengths = torch.tensor([r.length for r in runs], dtype=torch.long)
+        seq_t = torch.repeat_interleave(torch.tensor([r.seq for r in runs], dtype=torch.long), lengths)
+        first = torch.repeat_interleave(torch.tensor([r.pos for r in runs], dtype=torch.long), lengths)
+        stride = torch.repeat_interleave(torch.tensor([r.stride for r in runs], dtype=torch.long), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(starts, lengths)
+        groups: dict[int, list[Run]] = defaultdict(list)
+        for r in runs:
+            groups[r.seq].append(r)
+        return TokenLayout(seq_t, first + stride * within, tuple(runs), {s: tuple(rs) for s, rs in groups.items()})
+
+    def shifted(self, offset: int) -> "TokenLayout":
+        """The same tokens, their rows moved by `offset` (a part placed after others in a concatenation)."""
+        runs = [Run(r.start + offset, r.length, r.seq, r.pos, r.stride) for r in self.runs]
+        return TokenLayout(self.seq_ids, self.positions, tuple(runs),
+                           {s: tuple(Run(r.start + offset, r.length, r.seq, r.pos, r.stride) for r in rs)
+                            for s, rs in self.by_seq.items()})
+
+    @staticmethod
     def concat(layouts: list["TokenLayout"]) -> "TokenLayout":
         """Rows of several layouts stacked in order (e.g. K/V gathered from all ranks)."""
         if not layouts:

@@ -15,6 +15,7 @@ from torch import Tensor
 from seqpar.comm.collectives import all_to_all, group_rank, group_size
 from seqpar.comm.ring import RingExchanger
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
+from seqpar.kernels.layout import TokenLayout
 from seqpar.kernels.merge import merge_many
 from seqpar.sharding.plan import ShardPlan
 
@@ -25,11 +26,25 @@ def pass_q_attention(
 ) -> Tensor:
     world, rank = group_size(group), group_rank(group)
     layouts = [plan.layout(r) for r in range(world)]
-    counts = plan.local_counts
+    kh, vh = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()  # [Hkv, T_local, D], read W times
+    return pass_q_core(q, kh, vh, layouts, layouts[rank], group, causal, scale).to(q.dtype)
+
+
+def pass_q_core(
+    q: Tensor, kh: Tensor, vh: Tensor, q_layouts: list[TokenLayout], k_layout: TokenLayout,
+    group: dist.ProcessGroup | None, causal: bool, scale: float | None,
+) -> Tensor:
+    """This rank's queries q [T_local, Hq, D] over the K/V of every rank; returns fp32 out.
+
+    q_layouts[r] describes rank r's queries (they visit every rank); kh, vh [Hkv, rows, D] are
+    this rank's keys, which never move: a packed shard, or a paged cache read in place through
+    `k_layout`'s slot runs.
+    """
+    world, rank = group_size(group), group_rank(group)
+    counts = [len(lay) for lay in q_layouts]
     hq, d = q.shape[1], q.shape[2]
     partials: list[Tensor] = [q.new_empty(0)] * world  # partials[j]: [T_j, Hq, D + 1] fp32 for rank j
     ring = RingExchanger(group) if world > 1 else None
-    kh, vh = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()  # [Hkv, T_local, D], read W times
     q_block = q
     for step in range(world):
         owner = (rank - step) % world
@@ -37,7 +52,7 @@ def pass_q_attention(
         if ring is not None and step + 1 < world:
             recv = ring.send_recv(q_block, (counts[(rank - step - 1) % world], hq, d))
         out, lse = new_accumulators(q_block)
-        attend_into_head_major(out, lse, q_block, kh, vh, layouts[owner], layouts[rank], causal, scale, fresh=True)
+        attend_into_head_major(out, lse, q_block, kh, vh, q_layouts[owner], k_layout, causal, scale, fresh=True)
         partials[owner] = torch.cat([out, lse.unsqueeze(-1)], dim=-1)  # out and lse in one message
         if recv is not None:
             ring.wait()
@@ -45,4 +60,4 @@ def pass_q_attention(
     mine = all_to_all(partials, [(counts[rank], hq, d + 1)] * world, group)
     stacked = torch.stack(mine)  # [W, T_local, Hq, D + 1]
     out, _ = merge_many(stacked[..., :d], stacked[..., d])
-    return out.to(q.dtype)
+    return out

@@ -31,12 +31,20 @@ def ring_core(
 
     Returns fp32 out [Tq, Hq, D] and lse [Tq, Hq].
     """
-    world, rank = group_size(group), group_rank(group)
-    acc_out, acc_lse = new_accumulators(q)
     # [2, Hkv, T_r, D]: K and V in one message, head-major as the kernels read them, so no
     # rank re-lays-out a received block.
     kv = torch.stack([k, v]).transpose(1, 2).contiguous()
-    hkv, d = k.shape[1], k.shape[2]
+    return ring_core_packed(q, kv, q_layout, kv_layouts, group, causal, scale, kv_heads)
+
+
+def ring_core_packed(
+    q: Tensor, kv: Tensor, q_layout: TokenLayout, kv_layouts: list[TokenLayout],
+    group: dist.ProcessGroup | None, causal: bool, scale: float | None, kv_heads: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`ring_core` with this rank's K/V already packed as one message kv [2, Hkv, T_local, D]."""
+    world, rank = group_size(group), group_rank(group)
+    acc_out, acc_lse = new_accumulators(q)
+    hkv, d = kv.shape[1], kv.shape[3]
     ring = RingExchanger(group) if world > 1 else None
     for step in range(world):
         src = (rank - step) % world

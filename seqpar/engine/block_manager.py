@@ -1,0 +1,167 @@
+"""The driver's book of every SP rank's KV blocks: the one source of truth for what lives where.
+
+Each rank's blocks have a reference count; a block is free (never filled, or its
+contents forgotten), cached (reference count 0 but its contents known by hash, so a
+later request may reuse it; evicted least recently used first when space runs out),
+or in use. A full block is known by a chained hash of every token up to its end, so
+equal hashes mean equal K/V (positions are fixed by the block index). Because the
+placement of a block depends only on its index (`Placement`), a prompt's prefix is
+found on the same ranks whatever follows it.
+
+Ranks hold no book of their own: each step tells them the physical block of every
+logical block of every sequence in the step, and they write and read there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
+
+from seqpar.engine.kv_cache import Placement, blocks_needed
+
+if TYPE_CHECKING:
+    from seqpar.engine.scheduler import Sequence
+
+
+def chain_hash(prev: bytes | None, tokens: list[int]) -> bytes:
+    """Hash of a full block given the hash of the block before it (None for the first)."""
+    h = hashlib.blake2b(prev or b"", digest_size=16)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
+
+
+class BlockPool:
+    """One SP rank's blocks."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.free: deque[int] = deque(range(num_blocks))
+        self.ref = [0] * num_blocks
+        self.hash_of: dict[int, bytes] = {}
+        self.by_hash: dict[bytes, int] = {}
+        self.cached: OrderedDict[int, None] = OrderedDict()  # reference count 0 but reusable; LRU first
+
+    def available(self) -> int:
+        return len(self.free) + len(self.cached)
+
+    def take(self) -> int:
+        """A block for new contents: a free one, else the least recently used cached one (forgotten)."""
+        if self.free:
+            b = self.free.popleft()
+        else:
+            b, _ = self.cached.popitem(last=False)
+            del self.by_hash[self.hash_of.pop(b)]
+        self.ref[b] = 1
+        return b
+
+    def touch(self, b: int) -> None:
+        """One more reference to a block found by hash."""
+        if self.ref[b] == 0:
+            del self.cached[b]
+        self.ref[b] += 1
+
+    def release(self, b: int) -> None:
+        if self.ref[b] < 1:
+            raise RuntimeError(f"block {b} released with no reference held (a double free)")
+        self.ref[b] -= 1
+        if self.ref[b] == 0:
+            if b in self.hash_of:
+                self.cached[b] = None  # most recently used: evicted last
+            else:
+                self.free.append(b)
+
+    def register(self, b: int, h: bytes) -> None:
+        """Remember a full block's contents by hash (the first block with those contents wins)."""
+        if h not in self.by_hash and b not in self.hash_of:
+            self.by_hash[h] = b
+            self.hash_of[b] = h
+
+
+class BlockManager:
+    def __init__(self, placement: Placement, num_blocks: int, enable_prefix_caching: bool = True) -> None:
+        self.placement = placement
+        self.block_size = placement.block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pools = [BlockPool(num_blocks) for _ in range(placement.sp_size)]
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of which found cached
+
+    def usage(self) -> list[float]:
+        """Fraction of each rank's blocks in use (cached but unreferenced blocks count as free)."""
+        return [1.0 - p.available() / p.num_blocks for p in self.pools]
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Reuse the longest cached prefix of a sequence that holds no blocks; returns its tokens.
+
+        At least one token is always left to compute: its logits start the generation.
+        Requests that want prompt logprobs compute every position (as in vLLM).
+        """
+        assert not seq.blocks, "match_prefix on a sequence that already holds blocks"
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return 0
+        tokens, bs = seq.all_token_ids, self.block_size
+        h = None
+        for i in range((len(tokens) - 1) // bs):
+            h = chain_hash(h, tokens[i * bs : (i + 1) * bs])
+            pool = self.pools[self.placement.owner(i)]
+            b = pool.by_hash.get(h)
+            if b is None:
+                break
+            pool.touch(b)
+            seq.blocks.append(b)
+            seq.block_hashes.append(h)
+        self.prefix_queries += len(tokens)
+        self.prefix_hits += len(seq.blocks) * bs
+        return len(seq.blocks) * bs
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give the sequence blocks for positions [0, num_tokens): all on every rank, or none."""
+        first = len(seq.blocks)
+        new = range(first, blocks_needed(num_tokens, self.block_size))
+        need = [0] * len(self.pools)
+        for i in new:
+            need[self.placement.owner(i)] += 1
+        if any(n > p.available() for n, p in zip(need, self.pools)):
+            return False
+        seq.blocks.extend(self.pools[self.placement.owner(i)].take() for i in new)
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register by hash the blocks the sequence has filled since the last call."""
+        if not self.enable_prefix_caching:
+            return
+        tokens, bs = seq.all_token_ids, self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            prev = seq.block_hashes[-1] if seq.block_hashes else None
+            h = chain_hash(prev, tokens[i * bs : (i + 1) * bs])
+            seq.block_hashes.append(h)
+            self.pools[self.placement.owner(i)].register(seq.blocks[i], h)
+
+    def free(self, seq: Sequence) -> None:
+        """Drop every block reference of a sequence; filled blocks stay cached for reuse.
+
+        Released last block first, so a prefix's tail is evicted before its head.
+        """
+        for i in reversed(range(len(seq.blocks))):
+            self.pools[self.placement.owner(i)].release(seq.blocks[i])
+        seq.blocks.clear()
+        seq.block_hashes.clear()
+        seq.num_computed_tokens = 0
+
+    def check(self, live: list[Sequence]) -> None:
+        """Assert the books balance: every reference held by a live sequence, each block in one state."""
+        for r, pool in enumerate(self.pools):
+            refs = [0] * pool.num_blocks
+            for seq in live:
+                for i, b in enumerate(seq.blocks):
+                    if self.placement.owner(i) == r:
+                        refs[b] += 1
+            if refs != pool.ref:
+                raise AssertionError(f"rank {r}: reference counts {pool.ref} but live sequences hold {refs}")
+            free = set(pool.free)
+            states = [(b in free) + (b in pool.cached) + (pool.ref[b] > 0) for b in range(pool.num_blocks)]
+            if any(s != 1 for s in states):
+                raise AssertionError(f"rank {r}: a block is in {max(states)} or 0 states at once")

@@ -1,0 +1,35 @@
+"""What the driver sends the ranks each step, and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class SeqStep:
+    """Tokens [start, start + len(token_ids)) of one sequence, to compute in this step."""
+
+    seq_id: int
+    token_ids: list[int]
+    start: int
+    blocks: list[int]  # physical block of each logical block covering [0, start + len(token_ids)), on its owner
+    decode: bool  # one new token run on every SP rank, partial attention merged by LSE
+    logits: bool  # next-token logits of the last new token are wanted
+    num_prompt_tokens: int
+    prompt_logprobs: int | None = None  # top-k for prompt positions in this chunk; None = not wanted
+    next_token: int | None = None  # the token after the chunk (prompt logprobs of its last position)
+
+
+@dataclass
+class Step:
+    seqs: list[SeqStep]
+    strategy: str  # prefill attention over the caches: ring (pass-KV), pass_q or allgather
+
+
+@dataclass
+class StepResult:
+    logits: dict[int, Tensor] = field(default_factory=dict)  # seq_id -> next-token logits [V] fp32
+    prompt_logprobs: dict[int, dict[int, dict]] = field(default_factory=dict)  # seq_id -> position -> LogprobDict
+    comm_bytes: list[int] = field(default_factory=list)  # bytes each rank sent in this step

@@ -1,0 +1,91 @@
+"""Prefill attention over a KV cache sharded by sequence: chunks and suffixes of cached prefixes.
+
+With prefix caching and chunked prefill, a step's new tokens attend to K/V that
+already sit in every rank's cache (an earlier chunk, a reused prefix) plus their
+own, which each rank writes into its cache before attending. Every rank holds
+queries only for the new tokens it owns, and keys for everything it caches. Then:
+
+- pass-KV (`ring`): each rank packs its cached K/V of the step's sequences into one
+  message and the messages travel the ring, overlapped with compute. Sends
+  (W - 1) * 2 * Hkv * D values per cached token per rank.
+- pass-Q (`pass_q`): queries travel the ring, cached K/V stay in place (read
+  straight from the paged storage), and partial outputs return by one all-to-all
+  to be merged by LSE. Sends (W - 1) * Hq * D per new token plus the partials:
+  less than pass-KV when the new tokens are few next to the cached ones (Meta's
+  context-parallelism paper: pass-Q when T / (T + P) <= 2 Hkv / Hq).
+- `allgather`: every rank gathers every rank's packed K/V, then attends locally.
+
+All three are exact: each query's partial results over disjoint key sets are
+merged by log-sum-exp; the causal rule uses true positions.
+
+Shapes: q [T_local, Hq, D]; storage kh, vh [Hkv, S, D] (head-major, S slots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqpar.comm.collectives import all_gather_uneven, group_rank
+from seqpar.kernels.attention import attend_into_head_major, new_accumulators
+from seqpar.kernels.layout import TokenLayout
+from seqpar.strategies.pass_q import pass_q_core
+from seqpar.strategies.ring import ring_core_packed
+
+CACHE_STRATEGIES = ("ring", "pass_q", "allgather")
+
+
+@dataclass(frozen=True)
+class CachedKeys:
+    """Where every rank's cached keys of a step lie.
+
+    in_storage[r]: rank r's keys, rows = slots of rank r's storage (read in place there);
+    packed[r]: the same keys, rows 0..n_r-1, the order `slots` packs them in;
+    slots: this rank's key slots in packed order [n_local].
+    """
+
+    in_storage: list[TokenLayout]
+    packed: list[TokenLayout]
+    slots: Tensor
+
+
+def pass_kv_for_meta(num_new: int, num_cached: int, num_q_heads: int, num_kv_heads: int) -> bool:
+    """Meta's rule (arXiv 2411.01783): pass-KV unless the new tokens are few next to the cached."""
+    total = num_new + num_cached
+    return total == 0 or num_new / total > 2 * num_kv_heads / num_q_heads
+
+
+def _pack(kh: Tensor, vh: Tensor, slots: Tensor) -> Tensor:
+    """This rank's cached K/V at `slots` as one message [2, Hkv, n, D]."""
+    return torch.stack([kh.index_select(1, slots), vh.index_select(1, slots)])
+
+
+def attention_over_cache(
+    q: Tensor, q_layouts: list[TokenLayout], kh: Tensor, vh: Tensor, keys: CachedKeys,
+    group: dist.ProcessGroup | None, strategy: str, scale: float | None,
+) -> Tensor:
+    """Exact causal attention of this rank's new-token queries over every rank's cache.
+
+    q_layouts[r]: rank r's queries (rows 0..T_r-1; true positions). Returns out [T_local, Hq, D] fp32.
+    """
+    rank = group_rank(group)
+    if strategy == "ring":
+        out, _ = ring_core_packed(q, _pack(kh, vh, keys.slots), q_layouts[rank], keys.packed, group, True, scale)
+        return out
+    if strategy == "pass_q":
+        return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale)
+    if strategy == "allgather":
+        hkv = kh.shape[0]
+        mine = _pack(kh, vh, keys.slots).permute(2, 0, 1, 3).reshape(len(keys.slots), 2 * hkv, -1)  # [n, 2 Hkv, D]
+        parts = all_gather_uneven(mine.contiguous(), [len(lay) for lay in keys.packed], group)
+        full = torch.cat(parts).transpose(0, 1).contiguous()  # [2 Hkv, sum n, D]
+        offsets = torch.cumsum(torch.tensor([0] + [len(lay) for lay in keys.packed]), 0).tolist()
+        runs = [run for lay, off in zip(keys.packed, offsets) for run in lay.shifted(off).runs]
+        out, lse = new_accumulators(q)
+        attend_into_head_major(out, lse, q, full[:hkv], full[hkv:], q_layouts[rank], TokenLayout.from_runs(runs),
+                               True, scale)
+        return out
+    raise ValueError(f"unknown strategy {strategy!r} over a KV cache; choose one of {', '.join(CACHE_STRATEGIES)}")

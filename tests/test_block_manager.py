@@ -1,0 +1,192 @@
+"""The driver's KV books without ranks: placement, block manager, scheduler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqpar.engine.block_manager import BlockManager
+from seqpar.engine.kv_cache import KVCache, Placement, blocks_needed, size_cache
+from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.scheduler import RequestTooLongError, Scheduler, SchedulerConfig, Sequence, SequenceStatus
+
+
+# ---------------------------------------------------------------- placement
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("scheme", ["zigzag", "striped"])
+def test_placement_depends_only_on_position(world, scheme):
+    pl = Placement(world, block_size=4, shard_blocks=2, scheme=scheme)
+    owners = [pl.owner(i) for i in range(8 * world)]
+    units = owners[::2]
+    assert owners == [u for u in units for _ in range(2)]  # whole shard units
+    if scheme == "zigzag":
+        assert units[: 2 * world] == list(range(world)) + list(reversed(range(world)))
+    else:
+        assert units[:world] == list(range(world))
+    # token_runs covers [start, stop) exactly once, each stretch on the owner of its blocks
+    for start, stop in [(0, 1), (3, 29), (5, 70), (16, 17)]:
+        seen = []
+        for r, stretches in enumerate(pl.token_runs(start, stop)):
+            for p, n in stretches:
+                assert all(pl.owner(q // 4) == r for q in range(p, p + n))
+                seen += range(p, p + n)
+        assert sorted(seen) == list(range(start, stop))
+
+
+def test_zigzag_units_balance_causal_work():
+    """Zigzag over units gives each rank near-equal causal work once a prompt spans 2W units."""
+    for world in (2, 3, 4):
+        pl = Placement(world, block_size=16, shard_blocks=16)
+        length = 2 * world * pl.unit_tokens * 2
+        work = [0] * world
+        for r, stretches in enumerate(pl.token_runs(0, length)):
+            work[r] = sum(p + 1 for s, n in stretches for p in range(s, s + n))
+        assert max(work) / min(work) < 1.0 + 1e-9
+
+
+def test_capacity_grows_with_sp():
+    one = Placement(1, 16, 16).max_tokens(100)
+    assert one == 1600
+    for world in (2, 3, 4):
+        assert Placement(world, 16, 16).max_tokens(100) >= 0.95 * world * one
+
+
+def test_cache_sizing_and_write():
+    per_block = 2 * 3 * 16 * 2 * 8 * 4  # K+V fp32, 3 layers, 2 kv heads, D 8, 16 tokens
+    assert [blocks_needed(n, 4) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]
+    assert size_cache(3, 2, 8, torch.float32, 10 * per_block + 7, 16) == 10
+    with pytest.raises(ValueError, match="kv_cache_gb=0.1 gives"):
+        size_cache(3, 2, 8, torch.float32, per_block - 1, 16, what="kv_cache_gb=0.1")
+    cache = KVCache(3, 10, 16, 2, 8)
+    k = torch.randn(5, 2, 8)
+    slots = torch.tensor([3, 40, 41, 7, 100])
+    cache.write(1, slots, k, -k)
+    kh, vh = cache.storage(1)
+    torch.testing.assert_close(kh[:, slots].transpose(0, 1), k, rtol=0, atol=0)
+    torch.testing.assert_close(vh[:, slots].transpose(0, 1), -k, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[n, Hkv, D\]"):
+        cache.write(0, slots, torch.zeros(5, 3, 8), torch.zeros(5, 3, 8))
+
+
+# ---------------------------------------------------------------- block manager
+def _seq(sid: int, tokens: list[int], **params) -> Sequence:
+    return Sequence(sid, tokens, SamplingParams(**params))
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["alloc", "compute", "free"]), st.integers(0, 5), st.integers(1, 30)),
+                    max_size=60),
+       num_blocks=st.integers(1, 10), world=st.integers(1, 3), prefix=st.booleans())
+def test_books_balance_under_any_sequence_of_operations(ops, num_blocks, world, prefix):
+    bm = BlockManager(Placement(world, 2, 1), num_blocks, prefix)
+    seqs: dict[int, Sequence] = {}
+    for op, sid, n in ops:
+        if op == "alloc":
+            seq = seqs.get(sid)
+            if seq is None:  # prompts share a prefix, so hits happen
+                seq = seqs[sid] = _seq(sid, [1, 2, 3, 4, 5, 6, 7, 8][: n % 9 or 1] + [sid] * n)
+                seq.num_computed_tokens = bm.match_prefix(seq)
+            before = [p.available() for p in bm.pools]
+            want = min(seq.num_tokens, seq.num_computed_tokens + n)
+            if not bm.allocate(seq, want):
+                assert [p.available() for p in bm.pools] == before  # all or nothing
+        elif op == "compute" and sid in seqs:
+            seq = seqs[sid]
+            seq.num_computed_tokens = min(len(seq.blocks) * 2, seq.num_tokens)
+            bm.cache_full_blocks(seq)
+        elif op == "free" and sid in seqs:
+            bm.free(seqs.pop(sid))
+        bm.check(list(seqs.values()))
+    for seq in seqs.values():
+        bm.free(seq)
+    bm.check([])
+    assert all(p.available() == num_blocks for p in bm.pools)
+
+
+def test_prefix_reuse_across_ranks_and_lru_eviction():
+    bm = BlockManager(Placement(2, 4, 1), num_blocks=4)
+    doc = list(range(100, 118))  # 18 tokens: 4 full blocks and a partial one
+    a = _seq(0, doc + [1, 2])
+    assert bm.match_prefix(a) == 0 and bm.allocate(a, a.num_tokens)
+    a.num_computed_tokens = a.num_tokens
+    bm.cache_full_blocks(a)
+    assert len(a.block_hashes) == 5
+    bm.free(a)
+    b = _seq(1, doc + [9])  # same document, another question: 4 blocks (16 tokens) reused on both ranks
+    assert bm.match_prefix(b) == 16 and [bm.placement.owner(i) for i in range(4)] == [0, 1, 1, 0]
+    c = _seq(2, doc[:6])  # a prefix ending mid-block reuses its full blocks only
+    assert bm.match_prefix(c) == 4
+    assert bm.prefix_queries == 20 + 19 + 6 and bm.prefix_hits == 16 + 4
+    bm.free(b)
+    bm.free(c)
+    bm.check([])
+    d = _seq(3, list(range(500, 532)))  # needs all 8 blocks: every cached one is evicted, LRU first
+    assert bm.match_prefix(d) == 0 and bm.allocate(d, 32)
+    assert all(not p.by_hash for p in bm.pools)
+    bm.free(d)
+    e = _seq(4, doc + [3], prompt_logprobs=1)  # prompt logprobs need every position computed
+    assert bm.match_prefix(e) == 0
+
+
+# ---------------------------------------------------------------- scheduler
+def _sched(num_blocks=64, budget=8, world=1, max_seqs=4, threshold=4, max_len=64) -> Scheduler:
+    bm = BlockManager(Placement(world, 2, 1), num_blocks)
+    return Scheduler(SchedulerConfig(max_seqs, budget, threshold, max_len), bm)
+
+
+def _run(sched: Scheduler) -> list[tuple[int, int, int, bool]]:
+    """One step, as the engine does it, sampling token 7 for every sequence that reached its end."""
+    out = sched.schedule()
+    sched.update(out)
+    for s in out:
+        if s.wants_logits:
+            s.seq.output_token_ids.append(7)
+    return [(s.seq.seq_id, s.start, s.num_new, s.decode) for s in out]
+
+
+def test_chunked_prefill_mixes_with_decodes_and_short_prompts_get_through():
+    sched = _sched(budget=8, threshold=4)
+    long, short = _seq(0, list(range(1, 21))), _seq(1, [5, 6])
+    sched.add(long)
+    sched.add(short)
+    assert _run(sched) == [(0, 0, 4, False), (1, 0, 2, False)]  # long capped while short waits
+    assert _run(sched) == [(1, 2, 1, True), (0, 4, 7, False)]  # a decode beside a prefill chunk, first
+    assert _run(sched) == [(1, 3, 1, True), (0, 11, 7, False)]
+    assert _run(sched) == [(1, 4, 1, True), (0, 18, 2, False)]
+    assert _run(sched) == [(0, 20, 1, True), (1, 5, 1, True)]
+    sched.finish(long)
+    sched.finish(short)
+    sched.blocks.check([])
+
+
+def test_preemption_frees_the_newest_and_recomputes_it():
+    sched = _sched(num_blocks=6, budget=16, threshold=16)
+    a, b = _seq(0, list(range(1, 7))), _seq(1, list(range(11, 17)))
+    sched.add(a)
+    sched.add(b)
+    assert _run(sched) == [(0, 0, 6, False), (1, 0, 6, False)]  # 3 + 3 blocks
+    assert _run(sched) == [(0, 6, 1, True)]  # a needs a 4th block: b (newest) is preempted
+    assert sched.num_preemptions == 1 and b.status is SequenceStatus.WAITING and not b.blocks
+    sched.finish(a)
+    # b comes back and recomputes its prompt and its sampled token: its first two blocks are
+    # prefix hits, its third was evicted (LRU, a prefix's tail first) to give a its 4th
+    assert _run(sched) == [(1, 4, 3, False)]
+    assert b.num_cached_tokens == 0  # counted at its first admission
+    sched.finish(b)
+    sched.blocks.check([])
+
+
+def test_requests_that_can_never_fit_are_refused_at_once():
+    sched = _sched(max_len=48)
+    with pytest.raises(RequestTooLongError, match="48 tokens.*at most 48"):
+        sched.add(_seq(0, [1] * 48))
+    with pytest.raises(ValueError, match="no tokens"):
+        _seq(1, [])
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        SchedulerConfig(0, 8, 4, 48)
+    r = _seq(2, [1, 2])
+    sched.add(r)
+    sched.finish(r)
+    assert r.is_finished and not sched.has_unfinished()

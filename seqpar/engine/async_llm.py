@@ -155,7 +155,8 @@ class AsyncLLM:
     async def add_request(self, prompt: str | list[int], params: SamplingParams) -> RequestStream:
         """Queue a request; raises ValueError (bad prompt) or EngineDownError once the engine answers."""
         if not self.healthy:
-            raise EngineDownError(f"the engine is {self.status}; try again shortly")
+            hint = "; try again shortly" if self.status in ("starting", "restarting") else ""
+            raise EngineDownError(f"the engine is {self.status}{hint}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
         cmd = _Add(prompt, params, stream)
         self._post(cmd)
@@ -213,7 +214,6 @@ class AsyncLLM:
                     + ("it is restarting, send the request again" if self._restart else "it cannot restart")))
                 traceback.print_exc()
                 if not self._restart:
-                    self.status = "dead"
                     if self._on_dead is not None:
                         self._on_dead()
                     return
@@ -237,8 +237,8 @@ class AsyncLLM:
             if engine.has_unfinished():
                 start = time.monotonic()
                 stepped = engine.step()
+                self._snapshot(engine)  # first: a client that sees its last token sees the stats after it
                 self._publish(engine, stepped, start)
-                self._snapshot(engine)
                 if not stepped:  # nothing could be scheduled: do not spin
                     with self._cond:
                         if not self._commands:
@@ -292,7 +292,8 @@ class AsyncLLM:
 
     def _fail(self, engine: Any, error: EngineDownError) -> None:
         """Fail every request in flight or queued, keep the counters, stop the engine."""
-        self.healthy, self.status = False, "restarting" if self._restart and not self._stopping else "stopped"
+        self.healthy = False
+        self.status = "stopped" if self._stopping else "restarting" if self._restart else "dead"
         s = self._stats
         self._base = self._stats = EngineStats(0, 0, [0.0] * len(s.kv_cache_usage), s.num_preemptions,
                                                s.prefix_cache_queries, s.prefix_cache_hits, list(s.sp_bytes_sent))

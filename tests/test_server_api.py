@@ -149,3 +149,29 @@ def test_tokenize_detokenize(server):
     tok = server.post("/tokenize", json={"prompt": "w5 w6 w99"}).json()
     assert tok == {"count": 3, "max_model_len": MAX_MODEL_LEN, "tokens": [5, 6, 99]}
     assert server.post("/detokenize", json={"tokens": [5, 6, 99]}).json() == {"prompt": "w5 w6 w99"}
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics(server, client):
+    prompt = [10 + (i * 7) % 80 for i in range(40)]  # two whole 16-token blocks and a part
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **GREEDY)
+    hits = server.metric("seqpar:prefix_cache_hits_total")
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **GREEDY)
+    assert again.choices[0].text == first.choices[0].text
+    assert again.usage.prompt_tokens_details.cached_tokens >= 32
+    assert server.metric("seqpar:prefix_cache_hits_total") - hits >= 32
+    assert server.metric("seqpar:prefix_cache_queries_total") >= server.metric("seqpar:prefix_cache_hits_total")
+
+
+def test_metrics_have_vllm_names_under_seqpar(server, client):
+    client.completions.create(model="tiny", prompt="w5 w6", max_tokens=3, **GREEDY)
+    text = server.get("/metrics").text
+    for name in ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
+                 "generation_tokens_total", "request_success_total", "num_preemptions_total", "engine_restarts_total",
+                 "sp_bytes_sent_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
+                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+                 "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"]:
+        assert f'seqpar:{name}{{' in text and 'model_name="tiny"' in text, name
+    m = server.metrics()
+    assert {labels for (name, labels) in m if name == "seqpar:kv_cache_usage_perc"} == {(), (("rank", "0"),), (("rank", "1"),)}
+    assert m[("seqpar:request_success_total", (("finished_reason", "length"),))] >= 1
+    assert m[("seqpar:time_to_first_token_seconds_count", ())] >= 1 and m[("seqpar:sp_bytes_sent_total", (("rank", "1"),))] > 0

@@ -51,12 +51,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
 class Server:
     """`python -m seqpar serve ...` on a free port; stopped with SIGTERM (then SIGKILL) on exit."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, startup_timeout: float = 120.0):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, startup_timeout: float = 120.0,
+                 launcher: tuple[str, ...] = ()):
+        """`launcher`: a command that runs `-m seqpar serve ...` for us, e.g. torchrun's."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.devnull, "w") if os.environ.get("SEQPAR_TEST_QUIET") else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "seqpar", "serve", "--port", str(self.port), *args],
+            [*(launcher or (sys.executable,)), "-m", "seqpar", "serve", "--port", str(self.port), *args],
             cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.ready_line = self._wait_ready(startup_timeout)
 

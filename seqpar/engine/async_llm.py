@@ -172,11 +172,18 @@ class AsyncLLM:
         return self._stats
 
     def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop the engine; requests in flight end with EngineDownError. If the engine thread is
+        stuck in a step (a rank wedged), their streams are failed from here after `timeout`."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.healthy, self.status = False, "stopped"
+            error = EngineDownError("the server is shutting down (the engine did not stop in time)")
+            for st in list(self._streams.values()):  # the engine thread is blocked: nothing else touches these
+                st.push(error)
 
     def _post(self, cmd: _Add | _Abort) -> None:
         with self._cond:

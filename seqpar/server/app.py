@@ -114,5 +114,5 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets: Any = None) -> None:
         # Ending the engine first ends every open stream (with an error event), so connections
         # close now rather than after the graceful-shutdown timeout.
-        await asyncio.to_thread(self.engine.shutdown)
+        await asyncio.to_thread(self.engine.shutdown, 15.0)  # within torchrun's 30 s grace before SIGKILL
         await super().shutdown(sockets)

@@ -71,7 +71,7 @@ def run_server(args: argparse.Namespace, config: Any, factory: Callable[[], Any]
     try:
         server.run()
     finally:
-        engine.shutdown()
+        engine.shutdown(15.0)
     if holder.get("dead"):
         print(f"seqpar: error: the engine failed and cannot restart here: {engine.last_error}", file=sys.stderr)
         return 1

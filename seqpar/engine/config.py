@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,6 +40,9 @@ class EngineConfig:
     seed: int = 0
     step_timeout_s: float = 1800.0  # a step that takes longer means a wedged worker
     shared_memory: bool = True  # decode merges and step results through shared memory between ranks on one host
+    # Replaces the model's RoPE scaling (HF's rope_scaling dict, as vLLM's --rope-scaling), e.g.
+    # {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 8192}; the context grows by the factor.
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         def choice(name: str, value: str, options: tuple[str, ...]) -> None:
@@ -61,6 +65,8 @@ class EngineConfig:
             raise ValueError(f"long_prefill_token_threshold must be >= 1, got {self.long_prefill_token_threshold}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be a dict like {{'rope_type': 'yarn', 'factor': 4}}, got {self.rope_scaling!r}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
 

@@ -57,7 +57,7 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig, torchrun: bool = False):
         self.config = config
-        mc = self.model_config = load_config(config.model)
+        mc = self.model_config = load_config(config.model, config.rope_scaling)
         self.num_blocks = kv_blocks_per_rank(config, mc, local=not torchrun)
         self.tokenizer = load_tokenizer(config.model)
         context = mc.max_position_embeddings

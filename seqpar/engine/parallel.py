@@ -10,7 +10,7 @@ from seqpar.model import load_model, parallelize_tp
 class ShardedModel:
     def __init__(self, config: EngineConfig, mesh: ParallelMesh):
         self.mesh = mesh
-        model, _ = load_model(config.model, config.torch_dtype)
+        model, _ = load_model(config.model, config.torch_dtype, config.rope_scaling)
         if config.tp_size > 1:
             parallelize_tp(model, mesh.tp_group)
         self.model = model.eval()

@@ -1,7 +1,7 @@
 """Llama-family model, weight loading and tensor-parallel rewriting. Knows nothing of
 sequence parallelism: attention is a callable supplied by the caller."""
 
-from seqpar.model.config import ConfigError, ModelConfig
+from seqpar.model.config import ConfigError, ModelConfig, with_rope_scaling
 from seqpar.model.llama import AttentionFn, LlamaForCausalLM
 from seqpar.model.loader import load_config, load_model, load_tokenizer, resolve_model
 from seqpar.model.parallel_layers import head_shard
@@ -23,4 +23,5 @@ __all__ = [
     "parallelize_head_sharded",
     "parallelize_tp",
     "resolve_model",
+    "with_rope_scaling",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 # HF `model_type` -> our architecture name. SmolLM2 ships as model_type "llama".
@@ -18,8 +18,10 @@ _HF_CLASS_TO_ARCH = {
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 # "freq_factors" is llama.cpp's way of storing llama3 scaling: a per-frequency
 # divisor tensor (`rope_freqs.weight`) instead of the four llama3 numbers.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "freq_factors")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+              "mscale", "mscale_all_dim", "truncate")
 
 
 class ConfigError(ValueError):
@@ -105,7 +107,7 @@ class ModelConfig:
         theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
-        if rope_scaling is not None and rope_type == "llama3":
+        if rope_scaling is not None and rope_type in ("llama3", "yarn"):
             rope_scaling.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
         num_heads = hf["num_attention_heads"]
         bias = bool(hf.get("attention_bias", arch == "qwen2"))
@@ -186,6 +188,35 @@ class ModelConfig:
         )
 
 
+def with_rope_scaling(config: ModelConfig, scaling: Mapping[str, Any] | None) -> ModelConfig:
+    """`config` with its RoPE scaling replaced by `scaling` (HF's `rope_scaling` dict, as vLLM's
+    `--rope-scaling` / `hf_overrides`); None leaves it as it is.
+
+    As vLLM does, the context grows by the factor: linear and yarn reach
+    `original_max_position_embeddings * factor` (the original defaults to the model's context).
+    llama3 keeps the model's context: its checkpoints already state the extended one.
+    """
+    if scaling is None:
+        return config
+    scaling = dict(scaling)
+    if "type" in scaling and "rope_type" not in scaling:  # transformers 4.x spelling
+        scaling["rope_type"] = scaling.pop("type")
+    kind = scaling.get("rope_type")
+    if kind == "default":
+        return replace(config, rope_scaling=None)
+    if kind == "dynamic":
+        raise ConfigError("dynamic NTK rope scaling is not supported: transformers recomputes its frequencies "
+                          "from the longest sequence seen so far, so a cached key's angle depends on what ran "
+                          "before it; use 'yarn' or 'linear' (exact at every position)")
+    if kind in ("linear", "yarn", "llama3"):
+        scaling.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    context = config.max_position_embeddings
+    factor = scaling.get("factor")
+    if kind in ("linear", "yarn") and isinstance(factor, (int, float)) and factor > 0:
+        context = max(context, int(scaling["original_max_position_embeddings"] * factor))
+    return replace(config, rope_scaling=scaling, max_position_embeddings=context)
+
+
 def _hf_architecture(hf: Mapping[str, Any]) -> str:
     model_type = hf.get("model_type")
     if model_type in SUPPORTED_ARCHITECTURES:
@@ -213,7 +244,7 @@ def _validate_rope_scaling(scaling: dict[str, Any] | None, head_dim: int) -> Non
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"rope scaling type {kind!r} is not supported; "
                           f"supported: {', '.join(SUPPORTED_ROPE_TYPES)} (or None)")
-    if kind in ("linear", "llama3") and not scaling.get("factor", 0) > 0:
+    if kind in ("linear", "llama3", "yarn") and not scaling.get("factor", 0) > 0:
         raise ConfigError(f"{kind} rope scaling needs a positive 'factor', got {scaling.get('factor')!r}")
     if kind == "llama3":
         missing = [k for k in _LLAMA3_KEYS if k not in scaling]
@@ -222,6 +253,12 @@ def _validate_rope_scaling(scaling: dict[str, Any] | None, head_dim: int) -> Non
         if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
             raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
                               f"{scaling['high_freq_factor']} <= {scaling['low_freq_factor']}")
+    if kind == "yarn":
+        unknown = sorted(set(scaling) - {"rope_type", *_YARN_KEYS})
+        if unknown or "original_max_position_embeddings" not in scaling:
+            raise ConfigError(f"yarn rope scaling needs 'factor' and 'original_max_position_embeddings' and takes "
+                              f"only {list(_YARN_KEYS)}; got unknown keys {unknown}" if unknown else
+                              "yarn rope scaling needs 'original_max_position_embeddings' (the trained context)")
     if kind == "freq_factors":
         factors = scaling.get("factors")
         if factors is None or len(factors) != head_dim // 2:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from seqpar.model.config import ConfigError, ModelConfig
+from seqpar.model.config import ConfigError, ModelConfig, with_rope_scaling
 from seqpar.model.gguf_cache import gguf_config, gguf_tensors, gguf_tokenizer
 from seqpar.model.llama import LlamaForCausalLM
 from seqpar.model.weights import ModelLoadError, build_model, check_safetensors_header, read_safetensors_dir
@@ -73,27 +73,29 @@ def resolve_model(name_or_path: str | Path) -> Path:
     raise ModelLoadError(f"{path} holds no model weights; {_PATH_HELP}")
 
 
-def load_model(path_or_name: str | Path,
-               dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Full (unsharded) model and its config, in eval mode without gradients."""
+def load_model(path_or_name: str | Path, dtype: torch.dtype = torch.float32,
+               rope_scaling: dict[str, Any] | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Full (unsharded) model and its config, in eval mode without gradients. `rope_scaling`
+    replaces the checkpoint's RoPE scaling (see `with_rope_scaling`)."""
     path = resolve_model(path_or_name)
     if path.suffix == ".gguf":
         config, tensors = gguf_tensors(path)
+        config = with_rope_scaling(config, rope_scaling)
         return build_model(config, tensors, dtype, source=str(path)), config
-    config = read_hf_config(path)
+    config = with_rope_scaling(read_hf_config(path), rope_scaling)
     model = build_model(config, read_safetensors_dir(path), dtype, source=str(path))
     return model, config
 
 
-def load_config(path_or_name: str | Path) -> ModelConfig:
+def load_config(path_or_name: str | Path, rope_scaling: dict[str, Any] | None = None) -> ModelConfig:
     """The model's config alone (to validate a setup before starting ranks). For a GGUF this
     converts the file into the cache once, so the ranks' load_model calls are fast."""
     path = resolve_model(path_or_name)
     if path.suffix == ".gguf":
-        return gguf_config(path)  # converting it reads (and so checks) every tensor
+        return with_rope_scaling(gguf_config(path), rope_scaling)  # converting it checks every tensor
     for file in sorted(path.glob("*.safetensors")):
         check_safetensors_header(file)  # truncation is caught here, not in every rank
-    return read_hf_config(path)
+    return with_rope_scaling(read_hf_config(path), rope_scaling)
 
 
 def read_hf_config(directory: Path) -> ModelConfig:

@@ -3,7 +3,6 @@ steps; the answers equal a local server's; SIGTERM ends the whole job."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 

@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import Request
 
@@ -178,6 +178,3 @@ async def merged(streams: list[AsyncIterator[RequestUpdate]]) -> AsyncIterator[t
     finally:
         for t in tasks:
             t.cancel()
-
-
-OnUpdate = Callable[[int, RequestUpdate], None]

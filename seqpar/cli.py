@@ -22,11 +22,12 @@ import sys
 from datetime import timedelta
 from typing import Any
 
-from seqpar.engine.config import DECODE_MERGES, PLACEMENTS, PREFILL_STRATEGIES, EngineConfig
+from seqpar.engine.config import DECODE_MERGES, PREFILL_STRATEGIES, EngineConfig
+from seqpar.engine.kv_cache import SHARD_SCHEMES
 from seqpar.engine.executor import EngineDeadError
 from seqpar.engine.sampling import SamplingParams
 
-BENCHES = ("attention", "engine")
+BENCHES = ("attention", "engine", "core")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 
 
@@ -37,7 +38,7 @@ class CLIError(ValueError):
 # ---- arguments --------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqpar", description="Exact sequence-parallel long-context LLM inference.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench,demo,plan}")
 
     gen = sub.add_parser("generate", help="generate from one prompt", description=(
         "Generate from one prompt with the KV cache sharded over --sp ranks. Streams the answer to stdout and "
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Under torchrun, rank 0 serves HTTP: torchrun --nproc-per-node N -m seqpar serve --sp N ..."))
     add_engine_args(serve.add_argument_group("engine"))
     add_serve_args(serve.add_argument_group("server"))
+
+    from seqpar.costmodel.command import add_plan_args
+
+    add_plan_args(sub.add_parser("plan", help="predict prefill, decode and memory of every layout of a cluster",
+                                 description="Predicted TTFT, decode ms/token, KV bytes per rank and longest context "
+                                 "of every layout (TP inside a node x CP across nodes) and strategy; marks the chosen one."))
     return parser
 
 
@@ -86,25 +93,54 @@ def add_engine_args(eng: Any) -> None:
     eng.add_argument("--tp", type=int, default=1, metavar="K", help="tensor-parallel ranks per SP rank (default: 1)")
     eng.add_argument("--strategy", default="ring", choices=PREFILL_STRATEGIES, help="prefill attention across SP ranks")
     eng.add_argument("--decode-merge", default="allgather", choices=DECODE_MERGES, help="how decode merges partial attention")
-    eng.add_argument("--placement", default="round_robin", choices=PLACEMENTS, help="which SP rank caches each new token")
+    eng.add_argument("--scheme", default="zigzag", choices=SHARD_SCHEMES,
+                     help="how positions are spread over SP ranks, in units of --shard-blocks KV blocks (default: zigzag)")
+    eng.add_argument("--shard-blocks", type=int, default=16, metavar="B",
+                     help="KV blocks per shard unit: consecutive positions one SP rank holds (default: 16)")
+    eng.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                     help="reuse the KV of cached prompt prefixes (default: on)")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
+                     help="tokens per step across the SP group; longer prompts prefill in chunks (default: 2048)")
     eng.add_argument("--kv-cache-gb", type=float, default=1.0, metavar="G", help="KV cache per rank, GiB (default: 1)")
     eng.add_argument("--num-threads", type=int, default=None, metavar="T", help="threads per rank (default: cores / ranks)")
     eng.add_argument("--max-model-len", type=int, default=None, metavar="L",
                      help="tokens per sequence at most, prompt + output (default: the model's context)")
     eng.add_argument("--max-num-seqs", type=int, default=64, metavar="S", help="requests in one batch at most (default: 64)")
+    eng.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=True,
+                     help="decode merges between ranks on one host through shared memory (default: on; "
+                          "--no-shared-memory sends everything over the process group, as between hosts)")
+    eng.add_argument("--rope-scaling", default=None, metavar="JSON",
+                     help='replace the model\'s RoPE scaling, e.g. \'{"rope_type":"yarn","factor":4,'
+                          '"original_max_position_embeddings":8192}\' (the context grows by the factor)')
 
 
 def engine_config(args: argparse.Namespace, world: int | None = None) -> EngineConfig:
     """The EngineConfig `args` ask for; `world` = WORLD_SIZE under torchrun, which it must match."""
     sp = args.sp if args.sp is not None else (world // args.tp if world and args.tp > 0 else 1)
     config = EngineConfig(model=args.model, sp_size=sp, tp_size=args.tp, strategy=args.strategy,
-                          decode_merge=args.decode_merge, placement=args.placement,
+                          decode_merge=args.decode_merge, scheme=args.scheme, shard_blocks=args.shard_blocks,
+                          block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_gb=args.kv_cache_gb, num_threads=args.num_threads,
-                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
+                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                          shared_memory=args.shared_memory, rope_scaling=rope_scaling_arg(args.rope_scaling))
     if world is not None and config.world_size != world:
         raise CLIError(f"--sp {config.sp_size} x --tp {config.tp_size} = {config.world_size} ranks, but torchrun "
                        f"started WORLD_SIZE={world} processes; make them equal")
     return config
+
+
+def rope_scaling_arg(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise CLIError(f"--rope-scaling is not JSON ({e}); e.g. '{{\"rope_type\":\"yarn\",\"factor\":4}}'") from e
+    if not isinstance(value, dict):
+        raise CLIError(f"--rope-scaling must be a JSON object, got {text!r}")
+    return value
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -306,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             from seqpar import demo
 
             return demo.main(sp_size=args.sp)
+        if args.command == "plan":
+            from seqpar.costmodel.command import run_plan
+
+            return run_plan(args)
         if args.command == "serve":
             from seqpar.server.launch import serve
 

@@ -186,6 +186,6 @@ def test_requests_wait_for_cache_and_never_corrupt_each_other(llama):
         assert llm.engine.kv_bytes_per_rank() == [0, 0]
         llm.engine.blocks.check([])
         with pytest.raises(ValueError, match="at most 128 tokens"):
-            llm.generate([[5] * 100])
+            llm.generate([[5] * 130])
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, 30)

@@ -132,33 +132,28 @@ def make_prompt(tokenizer: Any, vocab_size: int, num_tokens: int, source: str, s
 
 @dataclass
 class Call:
-    kind: str  # Prefill | Decode | Free
+    kind: str  # prefill (the step carries prompt tokens) | decode
     wall_s: float
     comm_bytes: list[int]
-    kv_bytes: list[int]
 
 
 class Engine:
-    """One LLM kept up for the whole run; every step result it returns is recorded."""
+    """One LLM kept up for the whole run; every step is recorded through the engine's observer hook."""
 
     def __init__(self, config: Config, model: str, kv_cache_gb: float):
         from seqpar.engine.llm import LLM
 
         self.config = config
+        # No prefix caching: every round must prefill the same prompt from scratch.
         self.llm = LLM(model, sp_size=config.sp, strategy="ring", scheme="zigzag", decode_merge=config.decode_merge,
-                       num_threads=config.threads, kv_cache_gb=kv_cache_gb)
+                       num_threads=config.threads, kv_cache_gb=kv_cache_gb, enable_prefix_caching=False)
         self.calls: list[Call] = []
-        executor = self.llm.engine.executor
-        inner = executor.call
 
-        def recorded(msg: Any, on_progress: Any = None) -> Any:
-            t0 = time.perf_counter()
-            result = inner(msg, on_progress)
-            self.calls.append(Call(type(msg).__name__, time.perf_counter() - t0,
-                                   list(getattr(result, "comm_bytes", []) or []), list(result.kv_bytes)))
-            return result
+        def record(msg: Any, result: Any, seconds: float) -> None:
+            kind = "decode" if all(s.decode for s in msg.seqs) else "prefill"
+            self.calls.append(Call(kind, seconds, list(result.comm_bytes)))
 
-        executor.call = recorded  # this driver's executor only
+        self.llm.engine.observers.append(record)
 
     @property
     def max_model_len(self) -> int:
@@ -172,16 +167,16 @@ class Engine:
         t0 = time.perf_counter()
         out = self.llm.generate(prompt, params)[0]
         wall = time.perf_counter() - t0
-        prefill = [c for c in self.calls if c.kind == "Prefill"]
-        decode = [c for c in self.calls if c.kind == "Decode"]
+        prefill = [c for c in self.calls if c.kind == "prefill"]
+        decode = [c for c in self.calls if c.kind == "decode"]
         m = out.metrics
         return {
             "wall_s": wall,
             "ttft_s": m["time_to_first_token_s"],
             "decode_tokens_per_s": m["decode_tokens_per_s"],
-            "kv_bytes_after_prefill": prefill[0].kv_bytes if prefill else None,
-            "prefill_comm_bytes": prefill[0].comm_bytes if prefill else None,
-            "prefill_step_s": prefill[0].wall_s if prefill else None,
+            "kv_bytes_after_prefill": m["kv_cache_bytes_per_rank"] if max_tokens == 1 else None,
+            "prefill_comm_bytes": [sum(b) for b in zip(*(c.comm_bytes for c in prefill))] if prefill else None,
+            "prefill_step_s": sum(c.wall_s for c in prefill) if prefill else None,
             "decode_comm_bytes": [c.comm_bytes for c in decode],
             "decode_step_s": [c.wall_s for c in decode],
             "tokens": list(out.outputs[0].token_ids),

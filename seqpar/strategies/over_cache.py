@@ -78,8 +78,8 @@ def attention_over_cache(
     if strategy == "pass_q":
         return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale)
     if strategy == "allgather":
-        hkv = kh.shape[0]
-        mine = _pack(kh, vh, keys.slots).permute(2, 0, 1, 3).reshape(len(keys.slots), 2 * hkv, -1)  # [n, 2 Hkv, D]
+        hkv, d = kh.shape[0], kh.shape[2]
+        mine = _pack(kh, vh, keys.slots).permute(2, 0, 1, 3).reshape(len(keys.slots), 2 * hkv, d)  # [n, 2 Hkv, D]
         parts = all_gather_uneven(mine.contiguous(), [len(lay) for lay in keys.packed], group)
         full = torch.cat(parts).transpose(0, 1).contiguous()  # [2 Hkv, sum n, D]
         offsets = torch.cumsum(torch.tensor([0] + [len(lay) for lay in keys.packed]), 0).tolist()

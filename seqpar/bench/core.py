@@ -1,0 +1,178 @@
+"""Engine-core benchmark: prefix reuse, chunked prefill, latency of running decodes, capacity.
+
+    seqpar bench core [--model smollm2-135m] [--sp 2] [--doc-tokens 4096] [--long-tokens 8000]
+                      [--chunk 512] [--kv-cache-gb 0.1] [--json out.json]
+    python -m seqpar.bench.core --quick           # tiny sizes, a smoke test
+
+(a) prefix reuse: a document then a second question about it; the second request's time to
+    first token against the first's (its document blocks come from the prefix cache).
+(b) chunked prefill: the same long prompt prefilled whole and in `--chunk`-token chunks
+    (time to first token, no prefix caching); both must give the same first token.
+(c) a running request's inter-token latency while a long prompt arrives: with chunks of
+    `--chunk` tokens each step carries a chunk beside the decode; without chunking one step
+    carries the whole prefill. p50 / p99 / max of the gaps, against the chunk step time.
+(d) capacity: the longest sequence one `--kv-cache-gb` per rank holds at SP 1..4 (from the
+    block books; SP 3 and 4 oversubscribe 2 cores but capacity does not depend on speed), and
+    one prompt longer than SP 1 holds, served at SP 2. Peak resident memory of each rank
+    (VmHWM) is reported: model, cache and the transient buffers of a chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from seqpar.bench.engine import make_prompt
+from seqpar.engine.config import EngineConfig
+from seqpar.engine.llm_engine import LLMEngine
+from seqpar.engine.sampling import SamplingParams
+
+QUICK = dict(doc_tokens=200, long_tokens=400, chunk=64, kv_cache_gb=0.005)
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def _engine(args: argparse.Namespace, sp: int, **over: Any) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=args.model, sp_size=sp, **over))
+
+
+def _finish(eng: LLMEngine, rid: int) -> Any:
+    while not eng.requests[rid].detok.finished:
+        eng.step()
+    out = eng.output(rid)
+    eng.forget(rid)
+    return out
+
+
+def _peak_rss_mib(eng: LLMEngine) -> list[float]:
+    peaks = []
+    for p in getattr(eng.executor, "_procs", []):
+        with open(f"/proc/{p.pid}/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+        peaks.append(round(kb / 1024, 1))
+    return peaks
+
+
+def prefix_reuse(args: argparse.Namespace) -> dict[str, Any]:
+    eng = _engine(args, args.sp)
+    try:
+        doc = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.doc_tokens, "text", seed=1)
+        q1 = eng.tokenizer.encode(" Question: which record mentions Oslo?", add_special_tokens=False)
+        q2 = eng.tokenizer.encode(" Question: what was built first?", add_special_tokens=False)
+        first = _finish(eng, eng.add_request(doc + q1, SamplingParams(max_tokens=1, **GREEDY)))
+        second = _finish(eng, eng.add_request(doc + q2, SamplingParams(max_tokens=1, **GREEDY)))
+    finally:
+        eng.shutdown()
+    t1, t2 = first.metrics["time_to_first_token_s"], second.metrics["time_to_first_token_s"]
+    return {"doc_tokens": len(doc), "first_ttft_s": t1, "second_ttft_s": t2, "ratio": t2 / t1,
+            "second_cached_tokens": second.num_cached_tokens, "target": 0.15, "met": t2 / t1 <= 0.15}
+
+
+def chunked_prefill(args: argparse.Namespace) -> dict[str, Any]:
+    runs = {}
+    for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.chunk)):
+        eng = _engine(args, args.sp, enable_prefix_caching=False, max_num_batched_tokens=budget,
+                      long_prefill_token_threshold=budget)
+        try:
+            prompt = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.long_tokens, "text", seed=2)
+            out = _finish(eng, eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY)))
+            runs[name] = {"ttft_s": out.metrics["time_to_first_token_s"], "token": out.outputs[0].token_ids[0],
+                          "peak_rss_mib": _peak_rss_mib(eng)}
+        finally:
+            eng.shutdown()
+    ratio = runs["chunked"]["ttft_s"] / runs["whole"]["ttft_s"]
+    return {"prompt_tokens": args.long_tokens, "chunk": args.chunk, **runs, "ratio": ratio, "target": 1.15,
+            "met": ratio <= 1.15, "same_token": runs["chunked"]["token"] == runs["whole"]["token"]}
+
+
+def decode_during_prefill(args: argparse.Namespace) -> dict[str, Any]:
+    runs = {}
+    for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.chunk)):
+        eng = _engine(args, args.sp, enable_prefix_caching=False, max_num_batched_tokens=budget,
+                      long_prefill_token_threshold=budget)
+        try:
+            short = eng.add_request(make_prompt(eng.tokenizer, eng.model_config.vocab_size, 64, "text", seed=3),
+                                    SamplingParams(max_tokens=100_000, **GREEDY))
+            while not eng.requests[short].seq.output_token_ids:
+                eng.step()
+            for _ in range(3):
+                eng.step()  # decoding steadily
+            prompt = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.long_tokens, "text", seed=4)
+            long = eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY))
+            stamps, steps = [time.perf_counter()], []
+            while not eng.requests[long].detok.finished:
+                t0 = time.perf_counter()
+                produced = eng.step()
+                steps.append(time.perf_counter() - t0)
+                if short in produced:
+                    stamps.append(time.perf_counter())
+            eng.abort([short])
+        finally:
+            eng.shutdown()
+        gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+        runs[name] = {"gaps": len(gaps), "itl_p50_s": statistics.median(gaps),
+                      "itl_p99_s": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], "itl_max_s": gaps[-1],
+                      "max_step_s": max(steps), "prefill_steps": len(steps)}
+    return {"prompt_tokens": args.long_tokens, "chunk": args.chunk, **runs,
+            "met": runs["chunked"]["itl_p99_s"] <= runs["chunked"]["max_step_s"] * 1.05}
+
+
+def capacity(args: argparse.Namespace) -> dict[str, Any]:
+    from seqpar.engine.llm_engine import kv_blocks_per_rank
+    from seqpar.model import load_config
+
+    mc = load_config(args.model)
+    out: dict[str, Any] = {"kv_cache_gb": args.kv_cache_gb, "tokens": {}}
+    for sp in (1, 2, 3, 4):
+        config = EngineConfig(model=args.model, sp_size=sp, kv_cache_gb=args.kv_cache_gb)
+        out["tokens"][sp] = config.placement().max_tokens(kv_blocks_per_rank(config, mc))
+    one = out["tokens"][1]
+    out["growth"] = {sp: n / one for sp, n in out["tokens"].items()}
+    out["met"] = all(out["growth"][sp] >= 0.95 * sp for sp in (1, 2, 3, 4))
+    # A prompt SP 1 refuses, served at SP 2.
+    n = min(int(one * 1.5), mc.max_position_embeddings - 2)
+    eng = _engine(args, 2, kv_cache_gb=args.kv_cache_gb)
+    try:
+        prompt = make_prompt(eng.tokenizer, mc.vocab_size, n, "text", seed=5)
+        res = _finish(eng, eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY)))
+        out["served_at_sp2"] = {"prompt_tokens": n, "ttft_s": res.metrics["time_to_first_token_s"],
+                                "kv_bytes_per_rank": res.metrics["kv_cache_bytes_per_rank"],
+                                "peak_rss_mib": _peak_rss_mib(eng)}
+    finally:
+        eng.shutdown()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqpar bench core", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sp", type=int, default=2)
+    p.add_argument("--doc-tokens", type=int, default=4096)
+    p.add_argument("--long-tokens", type=int, default=8000)
+    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--kv-cache-gb", type=float, default=0.1)
+    p.add_argument("--parts", default="a,b,c,d", help="which of a,b,c,d to run")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    parts = {"a": ("prefix_reuse", prefix_reuse), "b": ("chunked_prefill", chunked_prefill),
+             "c": ("decode_during_prefill", decode_during_prefill), "d": ("capacity", capacity)}
+    results: dict[str, Any] = {"args": vars(args)}
+    for key in args.parts.split(","):
+        name, fn = parts[key]
+        results[name] = fn(args)
+        print(json.dumps({name: results[name]}, indent=1), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -136,3 +136,24 @@ def test_engine_sp2_with_yarn_equals_transformers(tiny):
     got = torch.tensor([out.prompt_logprobs[t][prompt[t]].logprob for t in range(1, len(prompt))])
     assert (got - expected).abs().max().item() < 1e-4
     assert out.outputs[0].token_ids == greedy
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{yarn", "--rope-scaling is not JSON"),
+    ('["yarn"]', "--rope-scaling must be a JSON object"),
+])
+def test_cli_flag_errors_in_one_line(capsys, value, message):
+    from seqpar import cli
+
+    rc = cli.main(["generate", "--prompt", "hi", "--rope-scaling", value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("seqpar: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_cli_flag_reaches_the_engine_config():
+    from seqpar import cli
+
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--no-shared-memory", "--rope-scaling",
+                                          json.dumps(YARN)])
+    config = cli.engine_config(args)
+    assert config.rope_scaling == YARN and config.shared_memory is False

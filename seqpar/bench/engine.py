@@ -140,13 +140,14 @@ class Call:
 class Engine:
     """One LLM kept up for the whole run; every step is recorded through the engine's observer hook."""
 
-    def __init__(self, config: Config, model: str, kv_cache_gb: float):
+    def __init__(self, config: Config, model: str, kv_cache_gb: float, rope_scaling: dict | None = None):
         from seqpar.engine.llm import LLM
 
         self.config = config
         # No prefix caching: every round must prefill the same prompt from scratch.
         self.llm = LLM(model, sp_size=config.sp, strategy="ring", scheme="zigzag", decode_merge=config.decode_merge,
-                       num_threads=config.threads, kv_cache_gb=kv_cache_gb, enable_prefix_caching=False)
+                       num_threads=config.threads, kv_cache_gb=kv_cache_gb, enable_prefix_caching=False,
+                       rope_scaling=rope_scaling)
         self.calls: list[Call] = []
 
         def record(msg: Any, result: Any, seconds: float) -> None:
@@ -198,7 +199,7 @@ def kv_cache_gb_for(model_config: Any, sp: int, tokens: int, block_size: int = 1
 
 # ---------------------------------------------------------------- transformers baseline
 
-def hf_model_from(model: str) -> Any:
+def hf_model_from(model: str, rope_scaling: dict | None = None) -> Any:
     """transformers' CausalLM with our loaded weights (the converted GGUF cache): same fp32 numbers."""
     import inspect
 
@@ -206,7 +207,7 @@ def hf_model_from(model: str) -> Any:
 
     from seqpar.model import load_model
 
-    ours, mc = load_model(model)
+    ours, mc = load_model(model, rope_scaling=rope_scaling)  # the same override for transformers (its config below)
     classes = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}
     if mc.architecture not in classes:
@@ -242,11 +243,11 @@ def hf_model_from(model: str) -> Any:
     return hf.requires_grad_(False)
 
 
-def _hf_server(model: str, threads: int, conn: Any) -> None:
+def _hf_server(model: str, threads: int, conn: Any, rope_scaling: dict | None = None) -> None:
     """In its own process: build the HF model, then time one prefill forward per prompt received."""
     try:
         torch.set_num_threads(threads)
-        hf = hf_model_from(model)
+        hf = hf_model_from(model, rope_scaling)
         conn.send(("ok", None))
     except Exception:
         conn.send(("error", traceback.format_exc()))
@@ -270,12 +271,12 @@ def _hf_server(model: str, threads: int, conn: Any) -> None:
 
 
 class HFBaseline:
-    def __init__(self, model: str, threads: int):
+    def __init__(self, model: str, threads: int, rope_scaling: dict | None = None):
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_hf_server, args=(model, threads, child), name="hf-baseline", daemon=True)
+        self.proc = ctx.Process(target=_hf_server, args=(model, threads, child, rope_scaling), name="hf-baseline", daemon=True)
         self.proc.start()
         self._answer(600.0)
 
@@ -334,7 +335,7 @@ def log(msg: str) -> None:
 def run_benchmark(args: argparse.Namespace, configs: list[Config]) -> Results:
     from seqpar.model import load_config, load_tokenizer
 
-    mc = load_config(args.model)
+    mc = load_config(args.model, args.rope_scaling)
     tokenizer = load_tokenizer(args.model)
     context = mc.max_position_embeddings
     res = Results()
@@ -353,7 +354,7 @@ def run_benchmark(args: argparse.Namespace, configs: list[Config]) -> Results:
         for c in configs:
             t0 = time.perf_counter()
             try:
-                engines[c.key] = Engine(c, args.model, kv_cache_gb_for(mc, c.sp, longest))
+                engines[c.key] = Engine(c, args.model, kv_cache_gb_for(mc, c.sp, longest), args.rope_scaling)
             except ValueError as e:  # e.g. a decode merge this model's head count rules out
                 if c.ttft:
                     raise
@@ -365,7 +366,7 @@ def run_benchmark(args: argparse.Namespace, configs: list[Config]) -> Results:
         if not args.no_hf:
             try:
                 t0 = time.perf_counter()
-                hf = HFBaseline(args.model, 2)
+                hf = HFBaseline(args.model, 2, args.rope_scaling)
                 hf.run(warm)
                 log(f"hf-2t: up in {time.perf_counter() - t0:.1f}s")
             except Exception as e:  # reported, the rest still runs
@@ -579,6 +580,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", choices=("text", "random"), default="text",
                    help="token ids from the tokenizer on generated text, or pseudo-random ids (default: %(default)s)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--rope-scaling", type=json.loads, default=None, metavar="JSON",
+                   help="RoPE scaling override for seqpar and transformers alike, to run past the model's context, "
+                        'e.g. \'{"rope_type":"yarn","factor":4,"original_max_position_embeddings":8192}\'')
     p.add_argument("--decode-only", action="store_true", help="time decode only (no TTFT rounds, no transformers)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--json", metavar="PATH", help="write every sample and the summary as JSON")

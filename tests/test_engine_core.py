@@ -57,7 +57,7 @@ def _blocks(model: str, n: int) -> float:
 # (sp, budget, strategy, blocks per rank): budgets smaller than a block (1, 3), than a shard
 # of the prompt, than the prompt, and none; tiny caches force eviction and preemption.
 CASES = [(1, 2048, "ring", None), (2, 3, "pass_q", None), (3, 9, "ring", None), (4, 1, "allgather", None),
-         (2, 2048, "ring", 12), (3, 5, "pass_q", 8)]
+         (2, 2048, "ring", 12), (3, 5, "pass_q", 5)]
 
 
 @pytest.mark.parametrize("sp, budget, strategy, blocks", CASES)
@@ -76,9 +76,11 @@ def test_prefix_caching_chunking_preemption_are_exact(model, alone, sp, budget, 
         stats = eng.stats()
         if blocks is None:
             # 7 full blocks of DOC (28 tokens) reused for the second question; 3 (12) for the
-            # mid-block prefix; nothing for the same-step sharers.
-            assert [o.num_cached_tokens for o in then] == [28, 12, 0, 0]
-            assert stats.prefix_cache_hits == 40 and stats.num_preemptions == 0
+            # mid-block prefix; nothing for sharers admitted in the same step (a small budget
+            # admits the second sharer a step later, when the first's blocks are cached).
+            cached = [o.num_cached_tokens for o in then]
+            assert cached[:2] == [28, 12] and (budget < 100 or cached[2:] == [0, 0])
+            assert stats.prefix_cache_hits == sum(cached) and stats.num_preemptions == 0
         else:
             assert stats.num_preemptions > 0  # 4 requests at once do not fit: some were recomputed
         # After everything: the document again, evicted or not, still exact.

@@ -47,8 +47,9 @@ class HostExchange:
     """`all_gather` of equal-shaped tensors (at most `capacity` bytes) among one host's ranks."""
 
     def __init__(self, flags: Tensor, slots: Tensor, rank: int, world: int, capacity: int, timeout_s: float):
-        self._flags = flags  # int64 [W, _FLAG_STRIDE], column 0 is each rank's last finished write
+        self._flags = flags  # int64 [W, _FLAG_STRIDE], column 0 is each rank's last finished write, 1 its pid
         self._slots = slots  # uint8 [2, W, capacity]
+        flags[rank, 1] = os.getpid()
         self.rank, self.world, self.capacity = rank, world, capacity
         self._timeout_s = timeout_s
         self._calls = 0
@@ -89,7 +90,9 @@ class HostExchange:
         dist.barrier(group=group)  # gone for everyone before anyone goes on
         flags = buffer[:flag_bytes].view(torch.int64).view(world, _FLAG_STRIDE)
         slots = buffer[flag_bytes:].view(2, world, capacity)
-        return HostExchange(flags, slots, rank, world, capacity, timeout_s)
+        exchange = HostExchange(flags, slots, rank, world, capacity, timeout_s)
+        dist.barrier(group=group)  # every pid written before anyone may check one
+        return exchange
 
     def fits(self, t: Tensor) -> bool:
         return t.device.type == "cpu" and nbytes(t) <= self.capacity
@@ -133,13 +136,27 @@ class HostExchange:
             if now - start < _YIELD_S:
                 os.sched_yield()  # ranks may outnumber cores: let the one we wait for run
                 continue
+            late = [r for r, c in enumerate(column.tolist()) if c < self._calls]
+            dead = [r for r in late if not _alive(int(self._flags[r, 1]))]
+            if dead:  # same host, so a peer's pid tells whether it still runs
+                raise RuntimeError(f"HostExchange: rank(s) {dead} of this host's group exited mid-step; "
+                                   "the whole group has to be restarted")
             if now - start > self._timeout_s:
-                late = [r for r, c in enumerate(column.tolist()) if c < self._calls]
                 raise RuntimeError(
                     f"HostExchange: rank(s) {late} of this host's group wrote nothing for "
                     f"{self._timeout_s:.0f} s: a peer died or is stuck; the whole group has to be restarted"
                 )
             time.sleep(_SLEEP_S)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _make_buffer(size: int, token: str) -> str | None:

@@ -169,6 +169,8 @@ class LocalExecutor:
                 p.kill()
                 p.join(timeout=5)
         self._conn.close()
+        self._progress.close()
+        self._progress.join_thread()
 
 
 class TorchrunExecutor:

@@ -123,6 +123,9 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        now = time.monotonic()
+        for s in scheduled:
+            self.requests[s.seq.seq_id].metrics.setdefault("scheduled", now)
         msg = Step([self._seq_step(s) for s in scheduled], self._strategy(scheduled))
         t0 = time.perf_counter()
         result = self.executor.call(msg, on_progress)
@@ -168,7 +171,8 @@ class LLMEngine:
 
     def _sample(self, reqs: list[Request], result: StepResult) -> None:
         logits = torch.stack([result.logits[r.seq.seq_id] for r in reqs])  # [B, V]
-        out = self.sampler(logits, [r.seq.params for r in reqs], [r.seq.generator for r in reqs])
+        out = self.sampler(logits, [r.seq.params for r in reqs], [r.seq.generator for r in reqs],
+                           [self._banned(r) for r in reqs])
         now = time.monotonic()
         for i, req in enumerate(reqs):
             seq = req.seq
@@ -186,6 +190,14 @@ class LLMEngine:
                 held[self.blocks.placement.owner(i)] += 1
             req.metrics["kv_bytes_per_rank"] = [n * self.block_bytes for n in held]
 
+    def _banned(self, req: Request) -> list[int]:
+        """Before `min_tokens` outputs, EOS (unless ignored) and the stop ids cannot be drawn (vLLM)."""
+        p, seq = req.seq.params, req.seq
+        if seq.num_output_tokens >= p.min_tokens:
+            return []
+        eos = [] if p.ignore_eos or req.detok.eos_token_id is None else [req.detok.eos_token_id]
+        return eos + list(p.stop_token_ids)
+
     # ---- results ------------------------------------------------------------------
     def output(self, rid: int) -> RequestOutput:
         req = self.requests[rid]
@@ -200,6 +212,7 @@ class LLMEngine:
         n = len(seq.output_token_ids)
         metrics = {
             "time_to_first_token_s": m.get("first_token", m["arrival"]) - m["arrival"],
+            "queue_time_s": m.get("scheduled", m["arrival"]) - m["arrival"],
             "decode_tokens_per_s": (n - 1) / (m["last_token"] - m["first_token"])
             if n > 1 and m["last_token"] > m["first_token"] else None,
             "kv_cache_bytes_per_rank": m.get("kv_bytes_per_rank"),

@@ -142,13 +142,21 @@ class Sampler:
         logits: Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None] | None = None,
+        banned: Sequence[Sequence[int]] | None = None,
     ) -> SamplerOutput:
+        """`banned[i]`: token ids row i may not draw now (EOS and stop ids before `min_tokens`);
+        log-probs stay those of the raw distribution, as vLLM reports them."""
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits must be [B, V] with B = len(params) = {len(params)}, got {list(logits.shape)}")
         B = logits.shape[0]
         gens = list(generators) if generators is not None else [None] * B
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+        if banned is not None and any(banned):
+            logits = logits.clone()
+            for i, ids in enumerate(banned):
+                if ids:
+                    logits[i, list(ids)] = float("-inf")
         # torch.argmax returns the first maximum, i.e. the lowest token id on ties.
         tokens = torch.argmax(logits, dim=-1)  # [B]
         rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -1,0 +1,290 @@
+"""Serving benchmark: `seqpar serve` at SP 1 and SP 2 and llama.cpp's OpenAI server under load.
+
+    flock /tmp/seqpar-cpu.lock seqpar bench serve [--servers sp1,sp2,llamacpp] [--concurrency 1,4,8]
+        [--requests 8] [--prompt-tokens 4000] [--output-tokens 64] [--bench-venv .venv-bench]
+        [--json docs/serve-bench.json] [--plot docs/serve-bench.png]
+    python -m seqpar.bench.serve --quick --model TINY_DIR   # a smoke test: no bench venv, no plot
+
+Each server is started here on a free port, warmed with one short request, driven at each
+concurrency with its own long-document questions (serve_load.py: every request a different
+document), and stopped. seqpar runs with prefix caching off (`--no-enable-prefix-caching`),
+so every request prefills its whole prompt, and with the same total KV cache at every SP
+degree (`--kv-cache-gb` split over the ranks). llama.cpp (llama-cpp-python's server, the same
+GGUF file, 2 threads, n_ctx 8192) runs from the bench-only virtualenv, which also holds
+guidellm; it has no `ignore_eos`, so its requests carry a logit bias that forbids the EOS
+tokens instead (every request must still produce `--output-tokens` tokens: checked).
+
+Then the server's overhead: a 1-token request through HTTP against `LLM.generate` on the same
+prompt in this process, with the engine configured as the server's, in pairs whose order
+alternates (the server's ranks sleep while the in-process engine runs, and the other way round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from seqpar.bench.serve_load import run_guidellm, run_openai, workload
+
+LLAMA_CPP = "llamacpp"
+
+
+@dataclasses.dataclass
+class ServerSpec:
+    name: str
+    cmd: list[str]
+    health: str  # GET path that answers 200 once the server is ready
+    extras: dict[str, Any]  # added to each completion request's body
+    engine_args: list[str] | None = None  # seqpar's: the engine flags, for the in-process twin
+
+
+class RunningServer:
+    """A server subprocess in its own session; SIGTERM on stop (SIGKILL to its group if it hangs)."""
+
+    def __init__(self, spec: ServerSpec, port: int, log_path: Path, timeout: float = 600.0):
+        import httpx
+
+        self.spec, self.url = spec, f"http://127.0.0.1:{port}"
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(spec.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{spec.name} exited with {self.proc.returncode} before it was ready; see {log_path}")
+            try:
+                if httpx.get(self.url + spec.health, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{spec.name} not ready within {timeout:.0f}s; see {log_path}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+def server_specs(args: argparse.Namespace, port: int, eos_ids: list[int]) -> list[ServerSpec]:
+    specs = []
+    for name in args.servers.split(","):
+        if name.startswith("sp"):
+            sp = int(name[2:])
+            engine = ["--model", args.model, "--sp", str(sp), "--num-threads", str(max(1, args.cores // sp)),
+                      "--kv-cache-gb", str(args.kv_cache_gb / sp), "--no-enable-prefix-caching"]
+            cmd = [sys.executable, "-m", "seqpar", "serve", *engine, "--port", str(port), "--served-model-name", "bench"]
+            specs.append(ServerSpec(name, cmd, "/health", {}, engine))
+        elif name == LLAMA_CPP:
+            cmd = [str(Path(args.bench_venv) / "bin" / "python"), "-m", "llama_cpp.server", "--model", args.gguf,
+                   "--model_alias", "bench", "--n_threads", str(args.cores), "--n_threads_batch", str(args.cores),
+                   "--n_ctx", "8192", "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
+            specs.append(ServerSpec(name, cmd, "/v1/models", {"logit_bias": {str(t): -1000 for t in eos_ids}}))
+        else:
+            raise SystemExit(f"seqpar bench serve: unknown server {name!r} (sp1, sp2, ..., {LLAMA_CPP})")
+    return specs
+
+
+def drive(args: argparse.Namespace, spec: ServerSpec, url: str, rows: list[dict[str, Any]], conc: int,
+          workdir: Path, tokenizer_dir: str) -> dict[str, Any]:
+    if args.driver == "guidellm":
+        return run_guidellm(str(Path(args.bench_venv) / "bin" / "guidellm"), url, "bench", rows, tokenizer_dir, conc,
+                            workdir, f"{spec.name}-c{conc}", spec.extras,
+                            health_route=None if spec.health == "/health" else spec.health.lstrip("/"))
+    return run_openai(url + "/v1", "bench", rows, conc, spec.extras)
+
+
+def one_token(args: argparse.Namespace, server: RunningServer, prompt: str) -> dict[str, Any]:
+    """A 1-token request through HTTP vs LLM.generate on the same prompt, paired, alternating order."""
+    import httpx
+
+    from seqpar.cli import build_parser, engine_config
+    from seqpar.engine.llm import LLM
+    from seqpar.engine.sampling import SamplingParams
+
+    config = engine_config(build_parser().parse_args(["serve", *server.spec.engine_args]))
+    llm = LLM(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    body = {"model": "bench", "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
+
+    def http() -> tuple[float, str]:
+        t0 = time.perf_counter()
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return time.perf_counter() - t0, r.json()["choices"][0]["text"]
+
+    def generate() -> tuple[float, str]:
+        t0 = time.perf_counter()
+        out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1))
+        return time.perf_counter() - t0, out[0].outputs[0].text
+
+    try:
+        http(), generate()  # warm-up, untimed
+        pairs = []
+        for k in range(args.one_token_pairs):
+            order = (http, generate) if k % 2 == 0 else (generate, http)
+            res = {fn.__name__: fn() for fn in order}
+            pairs.append({"first": order[0].__name__, "http_s": res["http"][0], "generate_s": res["generate"][0],
+                          "same_text": res["http"][1] == res["generate"][1]})
+    finally:
+        llm.shutdown()
+    h = statistics.median(p["http_s"] for p in pairs)
+    g = statistics.median(p["generate_s"] for p in pairs)
+    return {"server": server.spec.name, "pairs": pairs, "http_median_s": h, "generate_median_s": g,
+            "ratio": h / g, "ratio_per_pair_median": statistics.median(p["http_s"] / p["generate_s"] for p in pairs),
+            "target": 1.1, "met": h / g <= 1.1, "same_text": all(p["same_text"] for p in pairs)}
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    load, out = results["load"], {}
+    try:
+        r = load["sp2"]["1"]["ttft_s"]["p50"] / load["sp1"]["1"]["ttft_s"]["p50"]
+        out["sp2_ttft_p50_vs_sp1_c1"] = {"ratio": r, "target": 0.55, "met": r <= 0.55}
+    except KeyError:
+        pass
+    top = str(max(int(c) for per in load.values() for c in per)) if load else None
+    for name, per in load.items():
+        if name.startswith("sp") and top in per:
+            out[f"{name}_errors_c{top}"] = {"errors": per[top]["errors"], "target": 0, "met": per[top]["errors"] == 0}
+    if results.get("one_token"):
+        out["one_token_http_vs_generate"] = {k: results["one_token"][k] for k in ("ratio", "target", "met")}
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    """The load results as a markdown table."""
+    lines = ["| server | concurrency | ok | errors | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
+             "E2E p50 / p99 (s) | output tok/s | prompt tok |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, per in results["load"].items():
+        for conc, r in sorted(per.items(), key=lambda kv: int(kv[0])):
+            def pq(key: str, fmt: str) -> str:
+                return f"{r[key]['p50']:{fmt}} / {r[key]['p99']:{fmt}}" if key in r else "-"
+            lines.append(f"| {name} | {conc} | {r['requests']} | {r['errors']} | {pq('ttft_s', '.2f')} | "
+                         f"{pq('itl_ms', '.1f')} | {pq('e2e_s', '.2f')} | {r.get('output_tokens_per_s', 0):.2f} | "
+                         f"{r.get('prompt_tokens_p50', '-')} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for (key, label), ax in zip((("ttft_s", "time to first token (s)"), ("itl_ms", "inter-token latency (ms)")), axes):
+        for i, (name, per) in enumerate(results["load"].items()):
+            concs = sorted(int(c) for c in per if key in per[c])
+            color = f"C{i}"
+            ax.plot(concs, [per[str(c)][key]["p50"] for c in concs], "o-", color=color, label=f"{name} p50")
+            ax.plot(concs, [per[str(c)][key]["p99"] for c in concs], "x--", color=color, alpha=0.5, label=f"{name} p99")
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(label)
+        ax.set_xticks(sorted({int(c) for per in results["load"].values() for c in per}))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    a = results["args"]
+    fig.suptitle(f"{a['model']}: {a['prompt_tokens']}-token prompts, {a['output_tokens']} output tokens, "
+                 f"{a['requests']} requests per level, {a['cores']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqpar bench serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="seqpar's model (llama.cpp gets --gguf)")
+    p.add_argument("--gguf", default=None, help="llama.cpp's model file (default: --model's GGUF)")
+    p.add_argument("--servers", default=f"sp1,sp2,{LLAMA_CPP}", help="comma-separated: spN and/or llamacpp")
+    p.add_argument("--concurrency", default="1,4,8", help="concurrent streams, comma-separated")
+    p.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
+    p.add_argument("--prompt-tokens", type=int, default=4000)
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--kv-cache-gb", type=float, default=2.0, help="seqpar's KV cache, GiB over all SP ranks")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="threads per server, split over ranks")
+    p.add_argument("--driver", choices=("guidellm", "openai"), default="guidellm")
+    p.add_argument("--bench-venv", default=".venv-bench", help="the virtualenv holding guidellm and llama-cpp-python")
+    p.add_argument("--one-token-pairs", type=int, default=5, help="paired 1-token HTTP / LLM.generate runs (0: none)")
+    p.add_argument("--one-token-server", default="sp2", help="which seqpar server the 1-token check uses")
+    p.add_argument("--workdir", default=None, help="keep logs, data and guidellm reports here (default: a temp dir)")
+    p.add_argument("--json", default=None, help="results file (default: docs/serve-bench.json; '' for none)")
+    p.add_argument("--plot", default=None, help="plot file (default: docs/serve-bench.png; '' for none)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: sp1 only, 2 requests at concurrency 1 and 2, 48-token prompts, 4 output "
+                        "tokens, the openai driver, one pair, no files unless asked")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.servers, args.concurrency, args.requests, args.driver = "sp1", "1,2", 2, "openai"
+        args.prompt_tokens, args.output_tokens, args.one_token_pairs, args.one_token_server = 48, 4, 1, "sp1"
+        args.kv_cache_gb = 0.01
+    if args.json is None:
+        args.json = "" if args.quick else "docs/serve-bench.json"
+    if args.plot is None:
+        args.plot = "" if args.quick else "docs/serve-bench.png"
+    from seqpar.comm.launch import free_port
+    from seqpar.model import load_tokenizer
+    from seqpar.model.loader import resolve_model
+
+    concs = [int(c) for c in args.concurrency.split(",")]
+    if LLAMA_CPP in args.servers.split(",") and args.gguf is None:
+        args.gguf = str(resolve_model(args.model))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="seqpar-bench-serve-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(args.model)
+    tokenizer_dir = str(workdir / "tokenizer")
+    tokenizer.save_pretrained(tokenizer_dir)  # guidellm counts tokens with the same tokenizer
+    eos_ids = sorted({t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+                      if isinstance(t, int) and t != tokenizer.unk_token_id})
+    port = free_port()
+    results: dict[str, Any] = {"args": vars(args), "workdir": str(workdir), "load": {}, "one_token": None,
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg()}
+    # Request rows: each level of each server its own documents (no row is sent twice to a server).
+    levels = {c: workload(tokenizer, args.requests, args.prompt_tokens, args.output_tokens, first=1 + i * args.requests)
+              for i, c in enumerate(concs)}
+    warm = workload(tokenizer, 1, min(256, args.prompt_tokens), 4, first=0)[0]
+    for spec in server_specs(args, port, eos_ids):
+        print(f"seqpar bench serve: starting {spec.name}: {' '.join(spec.cmd)}", flush=True)
+        server = RunningServer(spec, port, workdir / f"{spec.name}.server.log")
+        try:
+            run_openai(server.url + "/v1", "bench", [warm], 1, spec.extras)  # first-request costs, untimed
+            per = results["load"][spec.name] = {}
+            for c in concs:
+                r = per[str(c)] = drive(args, spec, server.url, levels[c], c, workdir, tokenizer_dir)
+                r["loadavg_after"] = os.getloadavg()
+                print(f"  {spec.name} concurrency {c}: " + json.dumps({k: r.get(k) for k in (
+                    "requests", "errors", "ttft_s", "itl_ms", "e2e_s", "output_tokens_per_s", "output_tokens_min")}),
+                    flush=True)
+            if spec.name == args.one_token_server and args.one_token_pairs > 0:
+                results["one_token"] = one_token(args, server, levels[concs[0]][0]["prompt"])
+                print("  one token: " + json.dumps({k: v for k, v in results["one_token"].items() if k != "pairs"}),
+                      flush=True)
+        finally:
+            server.stop()
+    results["targets"] = targets(results)
+    results["loadavg_end"] = os.getloadavg()
+    print(table(results))
+    print(json.dumps(results["targets"], indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

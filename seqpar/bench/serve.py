@@ -150,6 +150,30 @@ def one_token(args: argparse.Namespace, server: RunningServer, prompt: str) -> d
             "target": 1.1, "met": h / g <= 1.1, "same_text": all(p["same_text"] for p in pairs)}
 
 
+def code_version() -> str:
+    """The seqpar commit measured (+dirty if its seqpar/ has uncommitted changes); $SEQPAR_COMMIT outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        git = ["git", "-C", str(root)]
+        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "seqpar"], capture_output=True, text=True, check=True)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("SEQPAR_COMMIT", "unknown")
+
+
+def bench_versions(venv: str) -> dict[str, str]:
+    py = Path(venv) / "bin" / "python"
+    if not py.exists():
+        return {}
+    code = ("import importlib.metadata as m, json\nv = {}\nfor p in ('guidellm', 'llama_cpp_python', 'torch'):\n"
+            "    try: v[p] = m.version(p)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(v))")
+    try:
+        return json.loads(subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True).stdout)
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return {}
+
+
 def targets(results: dict[str, Any]) -> dict[str, Any]:
     load, out = results["load"], {}
     try:
@@ -252,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                       if isinstance(t, int) and t != tokenizer.unk_token_id})
     port = free_port()
     results: dict[str, Any] = {"args": vars(args), "workdir": str(workdir), "load": {}, "one_token": None,
-                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg()}
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(),
+                               "seqpar": code_version(), "bench_venv": bench_versions(args.bench_venv)}
     # Request rows: each level of each server its own documents (no row is sent twice to a server).
     levels = {c: workload(tokenizer, args.requests, args.prompt_tokens, args.output_tokens, first=1 + i * args.requests)
               for i, c in enumerate(concs)}

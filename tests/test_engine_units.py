@@ -193,3 +193,28 @@ def test_incomplete_utf8_is_held_back(byte_tok):
     entries = [{ids[0]: Logprob(-0.1, 1)}, None]
     decode_logprobs(byte_tok, entries)
     assert entries[0][ids[0]].decoded_token == "c"
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(min_size=1, max_size=80))
+def test_incremental_detokenization_equals_decoding_the_whole_output(text):
+    """A window per step gives the text of decoding everything at once (byte-level BPE,
+    multi-byte characters split over tokens, spaces)."""
+    tok = _smollm2_tokenizer()
+    ids = tok.encode(text, add_special_tokens=False)
+    if not ids:
+        return
+    d = IncrementalDetokenizer(tok, SamplingParams(max_tokens=len(ids)), None)
+    streamed = "".join(d.update(ids[:i]) for i in range(1, len(ids) + 1))
+    assert streamed == d.text == tok.decode(ids, skip_special_tokens=True)
+
+
+_TOKENIZERS: dict = {}
+
+
+def _smollm2_tokenizer():
+    from seqpar.model import load_tokenizer
+
+    if "smollm2" not in _TOKENIZERS:
+        _TOKENIZERS["smollm2"] = load_tokenizer("smollm2-135m")
+    return _TOKENIZERS["smollm2"]

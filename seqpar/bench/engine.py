@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-QUICK = dict(prompt_tokens=192, decode_contexts="64,160", decode_tokens=4, repeats=1)
+QUICK = dict(prompt_tokens=192, decode_contexts="64,160", decode_tokens=4, repeats=1, shard_blocks=2)
 DECODE_MERGES = ("allgather", "alltoall", "tree")
 
 # Targets from the issue.
@@ -140,14 +140,15 @@ class Call:
 class Engine:
     """One LLM kept up for the whole run; every step is recorded through the engine's observer hook."""
 
-    def __init__(self, config: Config, model: str, kv_cache_gb: float, rope_scaling: dict | None = None):
+    def __init__(self, config: Config, model: str, kv_cache_gb: float, rope_scaling: dict | None = None,
+                 shard_blocks: int = 16):
         from seqpar.engine.llm import LLM
 
         self.config = config
         # No prefix caching: every round must prefill the same prompt from scratch.
         self.llm = LLM(model, sp_size=config.sp, strategy="ring", scheme="zigzag", decode_merge=config.decode_merge,
                        num_threads=config.threads, kv_cache_gb=kv_cache_gb, enable_prefix_caching=False,
-                       rope_scaling=rope_scaling)
+                       rope_scaling=rope_scaling, shard_blocks=shard_blocks)
         self.calls: list[Call] = []
 
         def record(msg: Any, result: Any, seconds: float) -> None:
@@ -189,12 +190,12 @@ class Engine:
 
 def kv_cache_gb_for(model_config: Any, sp: int, tokens: int, block_size: int = 16) -> float:
     """A cache just big enough for one sequence of `tokens` (at least the model's context) on each rank."""
-    from seqpar.engine.kv_cache import block_bytes
+    from seqpar.engine.kv_cache import Placement, block_bytes
 
     per_block = block_bytes(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim,
                             torch.float32, block_size)
-    blocks = math.ceil(max(tokens, model_config.max_position_embeddings) / sp / block_size) + 4
-    return blocks * per_block / 2**30
+    need = Placement(sp, block_size).blocks_per_rank(max(tokens, model_config.max_position_embeddings))
+    return (max(need) + 4) * per_block / 2**30
 
 
 # ---------------------------------------------------------------- transformers baseline
@@ -354,7 +355,8 @@ def run_benchmark(args: argparse.Namespace, configs: list[Config]) -> Results:
         for c in configs:
             t0 = time.perf_counter()
             try:
-                engines[c.key] = Engine(c, args.model, kv_cache_gb_for(mc, c.sp, longest), args.rope_scaling)
+                engines[c.key] = Engine(c, args.model, kv_cache_gb_for(mc, c.sp, longest), args.rope_scaling,
+                                        args.shard_blocks)
             except ValueError as e:  # e.g. a decode merge this model's head count rules out
                 if c.ttft:
                     raise
@@ -583,11 +585,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rope-scaling", type=json.loads, default=None, metavar="JSON",
                    help="RoPE scaling override for seqpar and transformers alike, to run past the model's context, "
                         'e.g. \'{"rope_type":"yarn","factor":4,"original_max_position_embeddings":8192}\'')
+    p.add_argument("--shard-blocks", type=int, default=None, metavar="B",
+                   help="KV blocks per SP shard unit (default: the engine's 16)")
     p.add_argument("--decode-only", action="store_true", help="time decode only (no TTFT rounds, no transformers)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--json", metavar="PATH", help="write every sample and the summary as JSON")
     args = p.parse_args(argv)
-    defaults = QUICK if args.quick else dict(prompt_tokens=8192, decode_contexts="1024,8192", decode_tokens=32, repeats=3)
+    defaults = QUICK if args.quick else dict(prompt_tokens=8192, decode_contexts="1024,8192", decode_tokens=32, repeats=3,
+                                             shard_blocks=16)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -1,13 +1,14 @@
 """Incremental detokenization and stop conditions for one completion.
 
-Each step decodes the whole generated id list and diffs it against the text
-seen so far: simple, and correct for tokens whose text depends on neighbours
-(byte-level BPE pieces of one UTF-8 character, SentencePiece spaces). The cost
-is O(n) per step in the Rust tokenizer, negligible next to a decode step.
+Each step decodes only a short window of ids: the ids since the last committed text
+plus the ones before them (vLLM's prefix/read offsets), and keeps the part of the
+window's text past the prefix's. Decoding in context handles tokens whose text
+depends on neighbours (byte-level BPE pieces of one UTF-8 character, SentencePiece
+spaces), and a step costs O(1) instead of re-decoding the whole output.
 
 Two things are held back from the streamed text until the completion ends:
 - a trailing U+FFFD, which is an incomplete UTF-8 character that the next
-  byte token may complete;
+  byte token may complete (its ids stay in the window until it is whole);
 - the last len(longest stop string) - 1 characters, which may be the start of
   a stop string that must not reach the client.
 """
@@ -55,6 +56,9 @@ class IncrementalDetokenizer:
         self._num_seen = 0  # output ids already processed
         self._num_emitted = 0  # characters of self.text already returned as deltas
         self._stop_hold = max((len(s) for s in params.stop), default=1) - 1
+        self._committed = ""  # text of ids[:_read], committed
+        self._prefix = 0  # the window starts here: context for decoding ids[_read:]
+        self._read = 0
 
     @property
     def finished(self) -> bool:
@@ -86,9 +90,7 @@ class IncrementalDetokenizer:
             self.max_model_len is not None and self.num_prompt_tokens + len(ids) >= self.max_model_len
         ):
             self.finish_reason = "length"
-        text = self.tokenizer.decode(list(text_ids), skip_special_tokens=p.skip_special_tokens)
-        if not self.finished:
-            text = text.rstrip(_INCOMPLETE_CHAR)
+        text = self._decode(text_ids)
         # A stop string can only be new if it overlaps text added since the last step.
         search_from = max(0, len(self.text) - self._stop_hold)
         hits = [] if early else [(i, s) for s in p.stop if (i := text.find(s, search_from)) >= 0]
@@ -97,6 +99,20 @@ class IncrementalDetokenizer:
             text = text[:idx]
             self.finish_reason, self.stop_reason = "stop", stop
         self.text = text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids` (the output so far, minus a stopping token), from a short window."""
+        skip = self.params.skip_special_tokens
+        window = self.tokenizer.decode(list(ids[self._prefix:]), skip_special_tokens=skip)
+        before = self.tokenizer.decode(list(ids[self._prefix:self._read]), skip_special_tokens=skip)
+        new = window[len(before):]
+        if self.finished:
+            return self._committed + new
+        if new and not new.endswith(_INCOMPLETE_CHAR):
+            self._committed += new
+            self._prefix, self._read = self._read, len(ids)
+            return self._committed
+        return self._committed + new.rstrip(_INCOMPLETE_CHAR)
 
     def output(
         self, token_ids: list[int], cumulative_logprob: float | None = None,

@@ -56,7 +56,8 @@ def serve(worker: Worker, conn: Any = None) -> None:
             except EOFError:  # the driver is gone
                 msg = None
         box = [msg]
-        dist.broadcast_object_list(box, src=0)
+        if dist.get_world_size() > 1:  # one rank: nothing to tell anyone
+            dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             return
         try:
@@ -193,10 +194,12 @@ class TorchrunExecutor:
         if self.closed:
             raise EngineDeadError("the engine is shut down")
         self._on_progress = on_progress
-        dist.broadcast_object_list([msg], src=0)
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list([msg], src=0)
         return self.worker.execute(msg)
 
     def shutdown(self) -> None:
         if not self.closed:
             self.closed = True
-            dist.broadcast_object_list([None], src=0)
+            if dist.get_world_size() > 1:
+                dist.broadcast_object_list([None], src=0)

@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.config import EngineConfig
@@ -24,7 +23,7 @@ from seqpar.engine.executor import LocalExecutor, ProgressFn, TorchrunExecutor
 from seqpar.engine.kv_cache import block_bytes, size_cache
 from seqpar.engine.messages import SeqStep, Step, StepResult
 from seqpar.engine.outputs import EngineStats, RequestOutput
-from seqpar.engine.sampling import Sampler, SamplingParams
+from seqpar.engine.sampling import SamplingParams
 from seqpar.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
 from seqpar.engine.validate import check_parallelism
 from seqpar.model import ModelConfig, load_config, load_tokenizer
@@ -76,7 +75,7 @@ class LLMEngine:
             self.max_model_len), self.blocks)
         self.block_bytes = block_bytes(mc.num_layers, mc.num_kv_heads // config.tp_size, mc.head_dim,
                                        config.torch_dtype, config.block_size)
-        self.sampler = Sampler(config.seed)
+        self._gone: list[int] = []
         self.requests: dict[int, Request] = {}
         self._next_id = 0
         self.observers: list[StepObserver] = []  # called after every step (benchmarks, metrics)
@@ -126,7 +125,8 @@ class LLMEngine:
         now = time.monotonic()
         for s in scheduled:
             self.requests[s.seq.seq_id].metrics.setdefault("scheduled", now)
-        msg = Step([self._seq_step(s) for s in scheduled], self._strategy(scheduled))
+        msg = Step([self._seq_step(s) for s in scheduled], self._strategy(scheduled), self._gone)
+        self._gone = []
         t0 = time.perf_counter()
         result = self.executor.call(msg, on_progress)
         elapsed = time.perf_counter() - t0
@@ -142,7 +142,7 @@ class LLMEngine:
         for s in sampled:
             req = self.requests[s.seq.seq_id]
             if req.detok.finished:
-                self.scheduler.finish(req.seq)
+                self._retire(req.seq)
         for observe in self.observers:
             observe(msg, result, elapsed)
         return [s.seq.seq_id for s in sampled]
@@ -154,7 +154,9 @@ class LLMEngine:
         wants_plp = k is not None and s.start < seq.num_prompt_tokens - 1
         return SeqStep(seq.seq_id, tokens[s.start:end], s.start, list(seq.blocks), s.decode, s.wants_logits,
                        seq.num_prompt_tokens, k if wants_plp else None,
-                       tokens[end] if wants_plp and end < len(tokens) else None)
+                       tokens[end] if wants_plp and end < len(tokens) else None,
+                       seq.params if s.wants_logits else None,
+                       self._banned(self.requests[seq.seq_id]) if s.wants_logits else [])
 
     def _strategy(self, scheduled: list[ScheduledSeq]) -> str:
         """The prefill strategy for this step; `auto` applies Meta's pass-KV / pass-Q rule."""
@@ -169,20 +171,23 @@ class LLMEngine:
         self.strategy_counts[strategy] += 1
         return strategy
 
+    def _retire(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._gone.append(seq.seq_id)  # rank 0 drops its sampling state with the next step
+
     def _sample(self, reqs: list[Request], result: StepResult) -> None:
-        logits = torch.stack([result.logits[r.seq.seq_id] for r in reqs])  # [B, V]
-        out = self.sampler(logits, [r.seq.params for r in reqs], [r.seq.generator for r in reqs],
-                           [self._banned(r) for r in reqs])
+        """Take the tokens rank 0 drew; detokenize; check stop rules."""
         now = time.monotonic()
-        for i, req in enumerate(reqs):
+        for req in reqs:
             seq = req.seq
+            got = result.sampled[seq.seq_id]
             if "first_token" not in req.metrics:
                 req.metrics["first_token"] = now
-            seq.output_token_ids.append(out.token_ids[i])
-            seq.cumulative_logprob += out.logprobs[i]
-            if out.top_logprobs[i] is not None:
-                decode_logprobs(self.tokenizer, [out.top_logprobs[i]])
-                seq.output_logprobs.append(out.top_logprobs[i])
+            seq.output_token_ids.append(got.token_id)
+            seq.cumulative_logprob += got.logprob
+            if got.top_logprobs is not None:
+                decode_logprobs(self.tokenizer, [got.top_logprobs])
+                seq.output_logprobs.append(got.top_logprobs)
             req.delta += req.detok.update(seq.output_token_ids)
             req.metrics["last_token"] = now
             held = [0] * self.config.sp_size  # this request's KV blocks per SP rank
@@ -233,7 +238,7 @@ class LLMEngine:
             req = self.requests.get(rid)
             if req is not None and not req.detok.finished:
                 req.detok.finish_reason = "abort"
-                self.scheduler.finish(req.seq)
+                self._retire(req.seq)
 
     def forget(self, rid: int) -> None:
         self.requests.pop(rid, None)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from seqpar.engine.outputs import LogprobDict
+from seqpar.engine.sampling import SamplingParams
+
 
 @dataclass
 class SeqStep:
@@ -20,16 +23,27 @@ class SeqStep:
     num_prompt_tokens: int
     prompt_logprobs: int | None = None  # top-k for prompt positions in this chunk; None = not wanted
     next_token: int | None = None  # the token after the chunk (prompt logprobs of its last position)
+    sampling: SamplingParams | None = None  # set when `logits`: rank 0 samples the next token
+    banned: list[int] = field(default_factory=list)  # token ids it may not draw now (min_tokens)
 
 
 @dataclass
 class Step:
     seqs: list[SeqStep]
     strategy: str  # prefill attention over the caches: ring (pass-KV), pass_q or allgather
+    finished: list[int] = field(default_factory=list)  # sequences gone since the last step: drop their state
+
+
+@dataclass
+class Sampled:
+    token_id: int
+    logprob: float  # raw log-prob of the chosen token
+    top_logprobs: LogprobDict | None  # the chosen token plus the top-k, when logprobs were asked
 
 
 @dataclass
 class StepResult:
-    logits: dict[int, Tensor] = field(default_factory=dict)  # seq_id -> next-token logits [V] fp32
+    logits: dict[int, Tensor] = field(default_factory=dict)  # seq_id -> next-token logits [V] fp32 (between ranks)
+    sampled: dict[int, Sampled] = field(default_factory=dict)  # seq_id -> the token rank 0 drew (to the driver)
     prompt_logprobs: dict[int, dict[int, dict]] = field(default_factory=dict)  # seq_id -> position -> LogprobDict
     comm_bytes: list[int] = field(default_factory=list)  # bytes each rank sent in this step

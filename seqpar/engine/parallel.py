@@ -1,17 +1,99 @@
-"""Load the model and apply the engine's tensor parallelism to it (heads and MLP over the tp group)."""
+"""Load the model and apply the engine's parallelism to it.
+
+- Tensor parallelism over the tp group (`parallelize_tp`): heads and MLP split for every step.
+- Decode split over the SP group: in a decode step every SP rank holds the same hidden
+  states of the new tokens, so without it SP N does N times the linear work of one rank.
+  `decode_model` is a second view of the same weights in which each SP rank computes a
+  slice: its q heads (`head_slices`, uneven where W does not divide Hq, so SmolLM2's 9
+  heads split 4 + 5 at SP 2), a slice of the MLP's intermediate features, and the matching
+  rows of o_proj and down_proj, whose partial products are summed across the SP group.
+  K/V stay whole (every rank caches all kv heads of the tokens it owns; they are ~6% of a
+  layer's weights). Attention gathers the q heads, attends over the local cache, and the
+  alltoall merge hands each rank back its heads: what its o_proj slice reads.
+"""
 
 from __future__ import annotations
 
+import copy
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
 from seqpar.comm.mesh import ParallelMesh
+from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
-from seqpar.model import load_model, parallelize_tp
+from seqpar.model import LlamaForCausalLM, load_model, parallelize_tp
+from seqpar.strategies.decode import gather_parts, head_slices
+
+
+class _Columns(nn.Module):
+    """Output features [a, b) of a full linear (a view: no copy of the weights)."""
+
+    def __init__(self, full: nn.Linear, a: int, b: int) -> None:
+        super().__init__()
+        self.weight = full.weight.detach()[a:b]
+        self.bias = None if full.bias is None else full.bias.detach()[a:b]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _RowsSummed(nn.Module):
+    """Input features [a, b) of a full linear; partial products summed over the SP group."""
+
+    def __init__(self, full: nn.Linear, a: int, b: int, mesh: ParallelMesh, exchange: HostExchange | None) -> None:
+        super().__init__()
+        self.weight = full.weight.detach()[:, a:b].contiguous()  # a strided view would slow every GEMM
+        self.bias = None if full.bias is None else full.bias.detach()
+        self.mesh, self.exchange = mesh, exchange
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = gather_parts(F.linear(x, self.weight), self.mesh.sp_group, self.exchange).sum(0)
+        # Added after the sum: before it, each rank's copy would be counted W times.
+        return out if self.bias is None else out + self.bias
+
+
+def _even(n: int, world: int, rank: int) -> tuple[int, int]:
+    return rank * n // world, (rank + 1) * n // world
+
+
+def split_for_decode(model: LlamaForCausalLM, mesh: ParallelMesh, exchange: HostExchange | None) -> LlamaForCausalLM:
+    """A shallow copy of `model` whose projections compute this SP rank's slice (weights shared)."""
+    cfg, world, rank = model.config, mesh.sp_size, mesh.sp_rank
+    heads = head_slices(cfg.num_heads, world)[rank]
+    d = cfg.head_dim
+    # Shallow copies share their `_modules` dict with the original: give each its own before
+    # replacing children, so the full model is left exactly as it was.
+    split = copy.copy(model)
+    split._modules = dict(model._modules)
+    split.model = copy.copy(model.model)
+    split.model._modules = dict(model.model._modules)
+    split.model.layers = nn.ModuleList()
+    for layer in model.model.layers:
+        new = copy.copy(layer)
+        attn, mlp = copy.copy(layer.self_attn), copy.copy(layer.mlp)
+        attn._modules = dict(attn._modules)
+        mlp._modules = dict(mlp._modules)
+        attn.q_proj = _Columns(layer.self_attn.q_proj, heads.start * d, heads.stop * d)
+        attn.o_proj = _RowsSummed(layer.self_attn.o_proj, heads.start * d, heads.stop * d, mesh, exchange)
+        attn.num_heads = heads.stop - heads.start
+        a, b = _even(cfg.intermediate_size, world, rank)
+        mlp.gate_proj = _Columns(layer.mlp.gate_proj, a, b)
+        mlp.up_proj = _Columns(layer.mlp.up_proj, a, b)
+        mlp.down_proj = _RowsSummed(layer.mlp.down_proj, a, b, mesh, exchange)
+        new._modules = dict(layer._modules, self_attn=attn, mlp=mlp)
+        split.model.layers.append(new)
+    return split
 
 
 class ShardedModel:
-    def __init__(self, config: EngineConfig, mesh: ParallelMesh):
+    def __init__(self, config: EngineConfig, mesh: ParallelMesh, exchange: HostExchange | None = None):
         self.mesh = mesh
         model, _ = load_model(config.model, config.torch_dtype, config.rope_scaling)
         if config.tp_size > 1:
             parallelize_tp(model, mesh.tp_group)
         self.model = model.eval()
         self.num_kv_heads_cached = model.model.layers[0].self_attn.num_kv_heads
+        self.decode_model: LlamaForCausalLM | None = None
+        if config.decode_split and config.sp_size > 1 and config.tp_size == 1:
+            self.decode_model = split_for_decode(self.model, mesh, exchange)

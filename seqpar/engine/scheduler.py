@@ -24,11 +24,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
 
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.outputs import LogprobDict
-from seqpar.engine.sampling import SamplingParams, make_generator
+from seqpar.engine.sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -54,7 +53,6 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     cumulative_logprob: float = 0.0
     output_logprobs: list[LogprobDict] = field(default_factory=list)
-    generator: torch.Generator | None = None
     blocks: list[int] = field(default_factory=list)  # physical block of each logical block, on its owner rank
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -63,8 +61,6 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.seq_id}: the prompt has no tokens; send at least one")
-        if self.generator is None:
-            self.generator = make_generator(self.params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -27,9 +27,10 @@ from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.kv_cache import KVCache, Placement
-from seqpar.engine.messages import SeqStep, Step, StepResult
+from seqpar.engine.messages import Sampled, SeqStep, Step, StepResult
 from seqpar.engine.parallel import ShardedModel
-from seqpar.engine.sampling import prompt_logprobs_rows
+from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
+from seqpar.model import load_config
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.strategies.decode import gather_heads, merge_partials
@@ -121,23 +122,28 @@ class Worker:
     def __init__(self, config: EngineConfig, num_blocks: int, progress=None):
         self.config = config
         self.mesh = ParallelMesh.build(config.sp_size, config.tp_size)
-        self.sharded = ShardedModel(config, self.mesh)
-        self.model = self.sharded.model
-        mc = self.model.config
-        self.placement = config.placement()
-        self.cache = KVCache(mc.num_layers, num_blocks, config.block_size, self.sharded.num_kv_heads_cached,
-                             mc.head_dim, config.torch_dtype)
-        self.scale = mc.head_dim ** -0.5
-        # Decode merges a few KB per layer, and each step's results (a few vocabulary slices of
-        # logits) go to rank 0: through shared memory when the ranks share a host.
-        # (shared_memory=False: always the process group.)
-        largest = max(config.max_num_seqs * mc.num_heads * (mc.head_dim + 1) * 4, _RESULT_BYTES)
+        mc = load_config(config.model, config.rope_scaling)
+        # Decode merges and split projections move a few KB per layer, and each step's results
+        # (a few vocabulary slices of logits) go to rank 0: through shared memory when the ranks
+        # share a host. (shared_memory=False: always the process group.)
+        row = max(mc.num_heads * (mc.head_dim + 1), mc.hidden_size) * 4
+        largest = max(config.max_num_seqs * row, _RESULT_BYTES)
         self.exchange = self.world_exchange = None
         if config.shared_memory:
             self.exchange = HostExchange.create(self.mesh.sp_group, largest, config.step_timeout_s)
             self.world_exchange = (self.exchange if config.tp_size == 1
                                    else HostExchange.create(None, _RESULT_BYTES, config.step_timeout_s))
+        self.sharded = ShardedModel(config, self.mesh, self.exchange)
+        self.model = self.sharded.model
+        self.placement = config.placement()
+        self.cache = KVCache(mc.num_layers, num_blocks, config.block_size, self.sharded.num_kv_heads_cached,
+                             mc.head_dim, config.torch_dtype)
+        self.scale = mc.head_dim ** -0.5
         self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
+        # Rank 0 samples (as vLLM's workers do): only token ids and asked-for log-probs go to the
+        # driver, never [B, V] logits. Seeded requests keep their own generator here.
+        self.sampler = Sampler(config.seed)
+        self.generators: dict[int, torch.Generator | None] = {}
         self.reports = self.mesh.tp_rank == 0  # one rank per SP position reports results
         vocab = mc.vocab_size
         chunk = -(-vocab // config.sp_size)
@@ -170,15 +176,47 @@ class Worker:
                     self.progress.put((layer + 1, num_layers))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+        def split_attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            # q [B, H_r, D]: this rank's heads; k, v [B, Hkv, D]: all kv heads (see parallel.py)
+            self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
+            kh, vh = self.cache.storage(layer)
+            q_all = gather_heads(q, num_heads, mesh.sp_group, self.exchange)  # [B, Hq, D]
+            out, lse = new_accumulators(q_all)
+            attend_into_head_major(out, lse, q_all, kh, vh, plan.decode_q, plan.decode_keys, False, self.scale)
+            return merge_partials(out, lse, mesh.sp_group, "alltoall", self.exchange).to(q.dtype)  # [B, H_r, D]
+
+        num_heads = self.model.config.num_heads
+        model, attend = self.model, attention
+        if not plan.prefill and self.sharded.decode_model is not None:
+            model, attend = self.sharded.decode_model, split_attention
         result = StepResult()
         with torch.inference_mode():
-            hidden = self.model(torch.tensor(plan.ids, dtype=torch.long), plan.positions, attention)
+            hidden = model(torch.tensor(plan.ids, dtype=torch.long), plan.positions, attend)
             if self.reports:
                 if nd:  # this rank's vocabulary slice, for every decode row
                     logits = self.model.compute_logits(hidden[:nd], self.vocab_slice)
                     result.logits = {s.seq_id: logits[j].clone() for j, s in enumerate(plan.decode)}  # no shared storage to pickle
                 self._prefill_outputs(plan, hidden[nd:], result)
-        return self._gather(result)
+        result = self._gather(result)
+        if dist.get_rank() == 0:
+            self._sample(msg, result)
+        return result
+
+    def _sample(self, msg: Step, result: StepResult) -> None:
+        for seq_id in msg.finished:
+            self.generators.pop(seq_id, None)
+        rows = [s for s in msg.seqs if s.sampling is not None]
+        if not rows:
+            return
+        for s in rows:
+            if s.seq_id not in self.generators:
+                self.generators[s.seq_id] = make_generator(s.sampling.seed)
+        logits = torch.stack([result.logits[s.seq_id] for s in rows])  # [B, V]
+        out = self.sampler(logits, [s.sampling for s in rows], [self.generators[s.seq_id] for s in rows],
+                           [s.banned for s in rows])
+        result.sampled = {s.seq_id: Sampled(out.token_ids[i], out.logprobs[i], out.top_logprobs[i])
+                          for i, s in enumerate(rows)}
+        result.logits = {}
 
     def _prefill_outputs(self, plan: StepPlan, hidden: Tensor, result: StepResult) -> None:
         """Logits of each chunk's last token, where it lives; prompt logprobs of local rows."""

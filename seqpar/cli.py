@@ -27,7 +27,7 @@ from seqpar.engine.kv_cache import SHARD_SCHEMES
 from seqpar.engine.executor import EngineDeadError
 from seqpar.engine.sampling import SamplingParams
 
-BENCHES = ("attention", "engine", "core", "serve")
+BENCHES = ("attention", "engine", "core", "decode", "serve")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 
 

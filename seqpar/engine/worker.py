@@ -110,6 +110,8 @@ class StepPlan:
         self.positions = torch.cat(positions)
         self.write_rows = torch.tensor(write_rows, dtype=torch.long)
         self.write_slots = torch.tensor(write_slots, dtype=torch.long)
+        if not self.prefill:  # a decode-only step needs none of the prefill layouts
+            return
         self.q_layouts = [TokenLayout.from_runs(r) for r in q_runs]
         packed = []
         for runs in k_runs:

@@ -92,22 +92,23 @@ def check_against_hf(model, path: str, **engine) -> None:
 
 
 # Each prefill strategy at several SP sizes, whole or chunked (max_num_batched_tokens smaller
-# than a block, than a shard, than the prompt); decode merges rotate through the cases; a few
-# run with shared_memory=False, so the process-group merges and result gather run end to end.
+# than a block, than a shard, than the prompt); decode steps split the linear layers over the
+# SP ranks (decode_split) or run them whole on each rank with the decode merges rotating;
+# a few run with shared_memory=False, so the process-group paths run end to end.
 CASES = [
-    ("ring", 1, "allgather", True, 2048), ("ring", 2, "alltoall", True, 2048),
-    ("ring", 3, "tree", False, 5), ("ring", 4, "allgather", True, 1),
-    ("pass_q", 2, "tree", True, 3), ("pass_q", 3, "alltoall", False, 2048),
-    ("pass_q", 4, "allgather", True, 7),
-    ("allgather", 2, "allgather", False, 2048), ("allgather", 4, "tree", True, 4),
-    ("auto", 2, "tree", True, 6), ("auto", 3, "allgather", True, 2048),
+    ("ring", 1, "allgather", True, 2048, True), ("ring", 2, "alltoall", True, 2048, False),
+    ("ring", 3, "tree", False, 5, True), ("ring", 4, "allgather", True, 1, False),
+    ("pass_q", 2, "tree", True, 3, False), ("pass_q", 3, "alltoall", False, 2048, True),
+    ("pass_q", 4, "allgather", True, 7, True),
+    ("allgather", 2, "allgather", False, 2048, False), ("allgather", 4, "tree", True, 4, True),
+    ("auto", 2, "tree", True, 6, True), ("auto", 3, "allgather", True, 2048, False),
 ]
 
 
-@pytest.mark.parametrize("strategy, sp, merge, shm, budget", CASES)
-def test_engine_matches_hf(llama, strategy, sp, merge, shm, budget):
+@pytest.mark.parametrize("strategy, sp, merge, shm, budget, split", CASES)
+def test_engine_matches_hf(llama, strategy, sp, merge, shm, budget, split):
     check_against_hf(*llama, sp_size=sp, strategy=strategy, decode_merge=merge, shared_memory=shm,
-                     max_num_batched_tokens=budget)
+                     max_num_batched_tokens=budget, decode_split=split)
 
 
 # Qwen2 (q/k/v bias) and tied embeddings at SP 1-4, strategies and schemes rotating.

@@ -107,6 +107,8 @@ def add_engine_args(eng: Any) -> None:
     eng.add_argument("--max-model-len", type=int, default=None, metavar="L",
                      help="tokens per sequence at most, prompt + output (default: the model's context)")
     eng.add_argument("--max-num-seqs", type=int, default=64, metavar="S", help="requests in one batch at most (default: 64)")
+    eng.add_argument("--decode-split", action=argparse.BooleanOptionalAction, default=True,
+                     help="decode-only steps split the linear layers over the SP ranks (default: on)")
     eng.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=True,
                      help="decode merges between ranks on one host through shared memory (default: on; "
                           "--no-shared-memory sends everything over the process group, as between hosts)")
@@ -124,7 +126,8 @@ def engine_config(args: argparse.Namespace, world: int | None = None) -> EngineC
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_gb=args.kv_cache_gb, num_threads=args.num_threads,
                           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                          shared_memory=args.shared_memory, rope_scaling=rope_scaling_arg(args.rope_scaling))
+                          shared_memory=args.shared_memory, rope_scaling=rope_scaling_arg(args.rope_scaling),
+                          decode_split=args.decode_split)
     if world is not None and config.world_size != world:
         raise CLIError(f"--sp {config.sp_size} x --tp {config.tp_size} = {config.world_size} ranks, but torchrun "
                        f"started WORLD_SIZE={world} processes; make them equal")

@@ -15,8 +15,9 @@ logical block of every sequence in the step, and they write and read there.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from seqpar.engine.kv_cache import Placement, blocks_needed
@@ -37,7 +38,9 @@ class BlockPool:
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.free: deque[int] = deque(range(num_blocks))
+        # A min-heap: the lowest free id first, so a sequence's blocks tend to be consecutive in
+        # storage, which the kernels read as one run (a scattered cache means many tiny calls).
+        self.free: list[int] = list(range(num_blocks))
         self.ref = [0] * num_blocks
         self.hash_of: dict[int, bytes] = {}
         self.by_hash: dict[bytes, int] = {}
@@ -49,7 +52,7 @@ class BlockPool:
     def take(self) -> int:
         """A block for new contents: a free one, else the least recently used cached one (forgotten)."""
         if self.free:
-            b = self.free.popleft()
+            b = heapq.heappop(self.free)
         else:
             b, _ = self.cached.popitem(last=False)
             del self.by_hash[self.hash_of.pop(b)]
@@ -70,7 +73,7 @@ class BlockPool:
             if b in self.hash_of:
                 self.cached[b] = None  # most recently used: evicted last
             else:
-                self.free.append(b)
+                heapq.heappush(self.free, b)
 
     def register(self, b: int, h: bytes) -> None:
         """Remember a full block's contents by hash (the first block with those contents wins)."""
@@ -150,18 +153,3 @@ class BlockManager:
         seq.blocks.clear()
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
-
-    def check(self, live: list[Sequence]) -> None:
-        """Assert the books balance: every reference held by a live sequence, each block in one state."""
-        for r, pool in enumerate(self.pools):
-            refs = [0] * pool.num_blocks
-            for seq in live:
-                for i, b in enumerate(seq.blocks):
-                    if self.placement.owner(i) == r:
-                        refs[b] += 1
-            if refs != pool.ref:
-                raise AssertionError(f"rank {r}: reference counts {pool.ref} but live sequences hold {refs}")
-            free = set(pool.free)
-            states = [(b in free) + (b in pool.cached) + (pool.ref[b] > 0) for b in range(pool.num_blocks)]
-            if any(s != 1 for s in states):
-                raise AssertionError(f"rank {r}: a block is in {max(states)} or 0 states at once")

@@ -36,6 +36,8 @@ from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.strategies.decode import gather_heads, merge_partials
 from seqpar.strategies.over_cache import CachedKeys, attention_over_cache
 
+# Decode key runs shorter than this are gathered into one buffer instead of read in place.
+_IN_PLACE_MIN = 128
 # Step results up to this size (pickled) reach rank 0 through shared memory; larger ones
 # (big batches, prompt logprobs) through the process group.
 _RESULT_BYTES = 1 << 20
@@ -67,19 +69,37 @@ class StepPlan:
         # Decode rows: queries replicated; keys are every cached position of the sequence, all
         # visible to its one query, so runs need only contiguous slots (attention is non-causal).
         self.decode_q = TokenLayout.from_runs([Run(j, 1, j, s.start, 1) for j, s in enumerate(self.decode)])
+        # Long runs are read in place; short ones (blocks taken one at a time while decoding sit
+        # scattered in storage) are gathered into one buffer per step, so a long generation
+        # costs one kernel call per sequence, not one per block.
         dec_keys: list[Run] = []
+        short: list[Run] = []
         write_rows, write_slots = [], []
         for j, s in enumerate(self.decode):
+            runs: list[Run] = []
             for run in placement.key_runs(s.blocks, s.start + 1, j)[me]:
-                last = dec_keys[-1] if dec_keys else None
-                if last is not None and last.seq == j and last.start + last.length == run.start:
-                    dec_keys[-1] = Run(last.start, last.length + run.length, j, last.pos, 1)
+                last = runs[-1] if runs else None
+                if last is not None and last.start + last.length == run.start:
+                    runs[-1] = Run(last.start, last.length + run.length, j, last.pos, 1)
                 else:
-                    dec_keys.append(run)
+                    runs.append(run)
+            for run in runs:
+                (dec_keys if run.length >= _IN_PLACE_MIN else short).append(run)
             if placement.owner(s.start // bs) == me:
                 write_rows.append(j)
                 write_slots.append(s.blocks[s.start // bs] * bs + s.start % bs)
         self.decode_keys = TokenLayout.from_runs(dec_keys)
+        self.short_slots = _slots(short)
+        gathered: list[Run] = []
+        row = 0
+        for run in short:
+            if gathered and gathered[-1].seq == run.seq:
+                last = gathered[-1]
+                gathered[-1] = Run(last.start, last.length + run.length, run.seq, last.pos, 1)
+            else:
+                gathered.append(Run(row, run.length, run.seq, run.pos, 1))
+            row += run.length
+        self.short_keys = TokenLayout.from_runs(gathered)
         # Prefill rows: rank r computes the new positions it owns (rows in sequence order).
         q_runs: list[list[Run]] = [[] for _ in range(world)]
         k_runs: list[list[Run]] = [[] for _ in range(world)]
@@ -115,8 +135,14 @@ class StepPlan:
         self.q_layouts = [TokenLayout.from_runs(r) for r in q_runs]
         packed = []
         for runs in k_runs:
-            offsets = torch.cumsum(torch.tensor([0] + [r.length for r in runs]), 0).tolist()
-            packed.append(TokenLayout.from_runs([Run(o, r.length, r.seq, r.pos, 1) for o, r in zip(offsets, runs)]))
+            # Packed rows are consecutive, so blocks scattered in storage join into one run per
+            # stretch of consecutive positions.
+            joined: list[Run] = []
+            row = 0
+            for r in runs:
+                _append(joined, Run(row, r.length, r.seq, r.pos, 1))
+                row += r.length
+            packed.append(TokenLayout.from_runs(joined))
         self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, _slots(k_runs[me]))
 
 
@@ -162,8 +188,7 @@ class Worker:
             kh, vh = self.cache.storage(layer)  # read in place through slot runs
             outs = []
             if nd:
-                out, lse = new_accumulators(q[:nd])
-                attend_into_head_major(out, lse, q[:nd], kh, vh, plan.decode_q, plan.decode_keys, False, self.scale)
+                out, lse = self._decode_partial(q[:nd], kh, vh, plan)
                 out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange)
                 if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
                     # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
@@ -183,8 +208,7 @@ class Worker:
             self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
             kh, vh = self.cache.storage(layer)
             q_all = gather_heads(q, num_heads, mesh.sp_group, self.exchange)  # [B, Hq, D]
-            out, lse = new_accumulators(q_all)
-            attend_into_head_major(out, lse, q_all, kh, vh, plan.decode_q, plan.decode_keys, False, self.scale)
+            out, lse = self._decode_partial(q_all, kh, vh, plan)
             return merge_partials(out, lse, mesh.sp_group, "alltoall", self.exchange).to(q.dtype)  # [B, H_r, D]
 
         num_heads = self.model.config.num_heads
@@ -203,6 +227,16 @@ class Worker:
         if dist.get_rank() == 0:
             self._sample(msg, result)
         return result
+
+    def _decode_partial(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor]:
+        """This rank's (out, lse) of the decode rows q [B, Hq, D] over its cached keys (all visible)."""
+        out, lse = new_accumulators(q)
+        attend_into_head_major(out, lse, q, kh, vh, plan.decode_q, plan.decode_keys, False, self.scale)
+        if len(plan.short_slots):
+            attend_into_head_major(out, lse, q, kh.index_select(1, plan.short_slots),
+                                   vh.index_select(1, plan.short_slots), plan.decode_q, plan.short_keys, False,
+                                   self.scale)
+        return out, lse
 
     def _sample(self, msg: Step, result: StepResult) -> None:
         for seq_id in msg.finished:

@@ -1,15 +1,23 @@
-"""Run a function on W gloo ranks in fresh processes on this machine, with a hard timeout.
+"""Start W gloo ranks as fresh processes on this machine: the one launcher of the engine,
+the benchmarks and the tests.
 
-Used by tests and benchmarks: a hang (a collective some rank never joins) becomes
-an error instead of blocking. Each rank gets cores / W threads (or `threads`).
+`start_ranks` spawns `target(rank, world, port, *args_of(rank))` in W daemonic processes
+(they die with the parent); each calls `init_local_rank` to join the group and set its
+threads. `run_ranks` is the one-shot form for tests: run a function on every rank and
+collect the results, with a hard timeout so a hang (a collective some rank never joins)
+becomes an error instead of blocking.
 """
 
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import timedelta
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,10 +30,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn: Callable, rank: int, world: int, port: int, queue: Any, args: tuple, threads: int | None) -> None:
+def start_ranks(
+    target: Callable[..., None],
+    world: int,
+    args_of: Callable[[int], tuple] = lambda rank: (),
+    name: str = "seqpar-rank",
+) -> list[BaseProcess]:
+    """Spawn `target(rank, world, port, *args_of(rank))` for every rank; rank 0 listens on `port`.
+
+    Spawned, not forked: a rank starts with clean thread pools and no copy of the parent's state.
+    Queues and pipes handed to the ranks come from `mp.get_context("spawn")` too.
+    """
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [
+        ctx.Process(target=target, args=(r, world, port, *args_of(r)), name=f"{name}{r}", daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def init_local_rank(
+    rank: int, world: int, port: int, threads: int | None = None, timeout_s: float | None = None
+) -> None:
+    """In a started rank: `threads` threads (default cores / W), then join the gloo group on 127.0.0.1:`port`."""
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, **timeout)
+
+
+def stop_ranks(procs: list[BaseProcess], grace_s: float = 10.0) -> None:
+    """Wait up to `grace_s` for each rank to exit by itself, then kill what is left."""
+    for p in procs:
+        p.join(timeout=grace_s)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, queue: Any, args: tuple, threads: int | None) -> None:
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        init_local_rank(rank, world, port, threads)
         result = fn(rank, world, *args)
         dist.barrier()
         queue.put((rank, "ok", result))
@@ -40,12 +88,8 @@ def _entry(fn: Callable, rank: int, world: int, port: int, queue: Any, args: tup
 
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0, threads: int | None = None) -> list[Any]:
     """fn(rank, world, *args) on each rank; returns the W results, or raises with the first traceback."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args, threads), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
+    queue = mp.get_context("spawn").Queue()
+    procs = start_ranks(_entry, world, lambda rank: (fn, queue, args, threads))
     results: dict[int, Any] = {}
     try:
         for _ in range(world):
@@ -53,13 +97,8 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0, thre
             if status != "ok":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             results[rank] = value
-    except Exception as exc:
-        if exc.__class__.__name__ == "Empty":
-            raise AssertionError(f"ranks timed out after {timeout}s (a hang?); finished: {sorted(results)}") from None
-        raise
+    except queue_mod.Empty:
+        raise AssertionError(f"ranks timed out after {timeout}s (a hang?); finished: {sorted(results)}") from None
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        stop_ranks(procs)
     return [results[r] for r in range(world)]

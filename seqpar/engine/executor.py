@@ -14,14 +14,12 @@ import os
 import threading
 import time
 import traceback
-from datetime import timedelta
 from typing import Any, Callable
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from seqpar.comm.launch import free_port
+from seqpar.comm.launch import init_local_rank, start_ranks, stop_ranks
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.messages import StepResult
 from seqpar.engine.worker import Worker
@@ -91,11 +89,10 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(1.0)
 
 
-def _rank_main(config: EngineConfig, num_blocks: int, rank: int, port: int, conn: Any, progress: Any, parent: int) -> None:
+def _rank_main(rank: int, world: int, port: int, config: EngineConfig, num_blocks: int, conn: Any, progress: Any,
+               parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    torch.set_num_threads(config.threads_per_rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=config.world_size, timeout=timedelta(seconds=config.step_timeout_s))
+    init_local_rank(rank, world, port, config.threads_per_rank, config.step_timeout_s)
     worker, error = _init_worker(config, num_blocks, progress)
     if conn is not None:
         conn.send(("error", error) if error else ("ok", None))
@@ -111,15 +108,9 @@ class LocalExecutor:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._progress = ctx.Queue()
-        port = free_port()
-        self._procs = [
-            ctx.Process(target=_rank_main, name=f"seqpar-rank{r}", daemon=True,
-                        args=(config, num_blocks, r, port, child if r == 0 else None,
-                              self._progress if r == 0 else None, os.getpid()))
-            for r in range(config.world_size)
-        ]
-        for p in self._procs:
-            p.start()
+        parent = os.getpid()
+        self._procs = start_ranks(_rank_main, config.world_size, lambda r: (
+            config, num_blocks, child if r == 0 else None, self._progress if r == 0 else None, parent))
         self.closed = False
         self._wait(None, timeout=600.0)  # ranks load the model; errors come back here
 
@@ -163,12 +154,7 @@ class LocalExecutor:
             self._conn.send(None)
         except (OSError, ValueError):
             pass
-        for p in self._procs:
-            p.join(timeout=10)
-        for p in self._procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        stop_ranks(self._procs)
         self._conn.close()
         self._progress.close()
         self._progress.join_thread()

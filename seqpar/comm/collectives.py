@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from seqpar.profiling import COLLECTIVE, traced
+
 
 @dataclass
 class CommStats:
@@ -47,6 +49,7 @@ def group_rank(group: dist.ProcessGroup | None) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
+@traced(COLLECTIVE)
 def all_gather_uneven(x: Tensor, counts: list[int] | tuple[int, ...], group: dist.ProcessGroup | None) -> list[Tensor]:
     """Gather every rank's x [counts[r], ...]; returns the W parts in rank order.
 
@@ -65,6 +68,7 @@ def all_gather_uneven(x: Tensor, counts: list[int] | tuple[int, ...], group: dis
     return [r[:n] for r, n in zip(recv, counts)]
 
 
+@traced(COLLECTIVE)
 def all_to_all(send: list[Tensor], recv_shapes: list[tuple[int, ...]], group: dist.ProcessGroup | None) -> list[Tensor]:
     """Send send[j] to rank j, receive a tensor of recv_shapes[j] from rank j (uneven sizes allowed).
 
@@ -85,6 +89,7 @@ def all_to_all(send: list[Tensor], recv_shapes: list[tuple[int, ...]], group: di
     return [part.view(shape) for part, shape in zip(flat_out.split(out_splits), recv_shapes)]
 
 
+@traced(COLLECTIVE)
 def all_reduce(x: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
     """In-place all-reduce. Counted as a ring all-reduce: 2 (W - 1) / W of the tensor per rank."""
     world = group_size(group)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.comm.collectives import STATS, group_rank, group_size, nbytes
+from seqpar.profiling import RING_POST, RING_WAIT, traced
 
 
 class RingExchanger:
@@ -23,6 +24,7 @@ class RingExchanger:
         self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group is not None else (self.rank - 1) % self.world
         self._reqs: list[dist.Work] = []
 
+    @traced(RING_POST)
     def send_recv(self, send: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
         """Start sending `send` forward and receiving a `recv_shape` block from behind."""
         if self._reqs:
@@ -37,6 +39,7 @@ class RingExchanger:
         self._reqs = dist.batch_isend_irecv(ops)
         return recv
 
+    @traced(RING_WAIT)
     def wait(self) -> None:
         for req in self._reqs:
             req.wait()

@@ -23,8 +23,10 @@ from torch import Tensor
 
 from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.kernels.merge import merge_into
+from seqpar.profiling import KERNEL, traced
 
 
+@traced(KERNEL)  # the one entry of every dense block: a profiler range, not nested
 def _fused_lse(q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """One dense block: q [Lq, Hq, D], kh/vh [Hkv, Lk, D] (head-major) -> out [Lq, Hq, D], lse [Lq, Hq].
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from seqpar.profiling import MERGE, traced
 
+
+@traced(MERGE)
 def merge_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Combine attention over two disjoint key sets into attention over their union.
 
@@ -27,6 +30,7 @@ def merge_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> 
     return out.to(out_a.dtype), lse
 
 
+@traced(MERGE)
 def merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     """`merge_states` in place into fp32 accumulators (a slice of them is fine).
 
@@ -39,6 +43,7 @@ def merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> No
     acc_lse.copy_(merged)
 
 
+@traced(MERGE)
 def merge_many(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     """Merge N partial results at once: outs [N, T, H, D], lses [N, T, H].
 

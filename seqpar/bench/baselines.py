@@ -21,10 +21,8 @@ has the same length (which becomes their batch dimension).
 
 from __future__ import annotations
 
-import time
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,13 +59,12 @@ def equal_lengths(seq_lens: tuple[int, ...] | list[int], multiple: int, who: str
 
 def prepare_torch_ring(
     rank: int, world: int, q: Tensor, k: Tensor, v: Tensor, seq_lens: tuple[int, ...], rotate: str = "allgather",
-    op: Callable | None = None, layout: str = "head-major",
+    layout: str = "head-major",
 ) -> Prepared:
     """PyTorch's ring attention, head-tail balanced, causal.
 
     rotate: "allgather" (PyTorch's default: one all-gather of K/V) or "alltoall" (a true
-    ring: each step permutes K/V to the next rank). op: the attention op (default the
-    CPU flash kernel; the profiler passes a timed wrapper of it). layout: "head-major" hands
+    ring: each step permutes K/V to the next rank). layout: "head-major" hands
     it contiguous [B, H, L, D] tensors (its API's own layout, converted before timing);
     "token-major" hands it [B, H, L, D] views of contiguous [B, L, H, D] memory, the memory
     seqpar's [T, H, D] strategies get (a model's q/k/v projections give that layout too).
@@ -95,7 +92,7 @@ def prepare_torch_ring(
 
     ql, kl, vl = to_bhld(q), to_bhld(k), to_bhld(v)
     group = dist.group.WORLD
-    op = op or torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
     def forward() -> Tensor:
         return _templated_ring_attention(group, 2, op, ql, kl, vl, is_causal=True)[0]
@@ -114,7 +111,9 @@ class _LocalFlash(torch.nn.Module):
         return out.permute(2, 0, 1, 3)
 
 
-def prepare_deepspeed_ulysses(rank: int, world: int, q: Tensor, k: Tensor, v: Tensor, seq_lens: tuple[int, ...]) -> Prepared:
+def prepare_deepspeed_ulysses(
+    rank: int, world: int, q: Tensor, k: Tensor, v: Tensor, seq_lens: tuple[int, ...]
+) -> Prepared:
     """DeepSpeed Ulysses (all-to-all seq <-> heads around a local causal flash attention)."""
     import deepspeed.comm as ds_comm  # ImportError when deepspeed is not installed: reported in the row
     from deepspeed.sequence.layer import DistributedAttention
@@ -138,43 +137,3 @@ def prepare_deepspeed_ulysses(rank: int, world: int, q: Tensor, k: Tensor, v: Te
         return out.transpose(0, 1).reshape(batch * local, out.shape[2], out.shape[3])
 
     return Prepared(forward, idx, to_rows)
-
-
-def install_torch_ring_profiler(prof: Counter) -> None:
-    """Accumulate seconds spent in PyTorch ring's kernel calls, LSE merges and K/V waits into `prof`."""
-    from torch.distributed.tensor.experimental._context_parallel import _attention as cp
-
-    def timed(fn: Callable, key: str) -> Callable:
-        def wrapper(*args, **kwargs):
-            c0, t0 = time.thread_time(), time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                prof[key] += time.perf_counter() - t0
-                prof[key + "_cpu"] += time.thread_time() - c0
-                prof[key + "_calls"] += 1
-        return wrapper
-
-    if getattr(cp, "_seqpar_bench_profiled", False):
-        return
-    cp._SDPAMerger.step = timed(cp._SDPAMerger.step, "merge")
-    cp._AllGatherRotater.next_buffer = timed(cp._AllGatherRotater.next_buffer, "comm_wait")
-    cp._AllToAllRotater.next_buffer = timed(cp._AllToAllRotater.next_buffer, "comm_wait")
-    cp._AllGatherRotater.exchange_buffers = timed(cp._AllGatherRotater.exchange_buffers, "comm_post")
-    cp._AllToAllRotater.exchange_buffers = timed(cp._AllToAllRotater.exchange_buffers, "comm_post")
-    cp._seqpar_bench_profiled = True
-
-
-def profiled_torch_ring_op(prof: Counter) -> Callable:
-    """The CPU flash op, timed into prof["kernel"]."""
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-    def wrapper(*args, **kwargs):
-        c0, t0 = time.thread_time(), time.perf_counter()
-        try:
-            return op(*args, **kwargs)
-        finally:
-            prof["kernel"] += time.perf_counter() - t0
-            prof["kernel_cpu"] += time.thread_time() - c0
-            prof["kernel_calls"] += 1
-    return wrapper

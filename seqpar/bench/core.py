@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from seqpar.bench.engine import make_prompt
+from seqpar.bench.prompts import make_prompt
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.llm_engine import LLMEngine
 from seqpar.engine.sampling import SamplingParams

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from seqpar.bench.engine import hf_model_from, make_prompt
+from seqpar.bench.prompts import make_prompt
+from seqpar.model import hf_model_from
 
 QUICK = dict(contexts="64,160", tokens=4, batch=2, batch_context=32, repeats=1)
 

@@ -2,6 +2,7 @@
 sequence parallelism: attention is a callable supplied by the caller."""
 
 from seqpar.model.config import ConfigError, ModelConfig, with_rope_scaling
+from seqpar.model.hf import hf_model_from
 from seqpar.model.llama import AttentionFn, LlamaForCausalLM
 from seqpar.model.loader import load_config, load_model, load_tokenizer, resolve_model
 from seqpar.model.parallel_layers import head_shard
@@ -17,6 +18,7 @@ __all__ = [
     "ModelLoadError",
     "dense_causal_attention",
     "head_shard",
+    "hf_model_from",
     "load_config",
     "load_model",
     "load_tokenizer",

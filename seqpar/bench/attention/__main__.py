@@ -1,0 +1,7 @@
+"""`python -m seqpar.bench.attention`."""
+
+import sys
+
+from seqpar.bench.attention import main
+
+sys.exit(main())

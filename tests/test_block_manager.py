@@ -7,15 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine_util import check_books
 from seqpar.engine.block_manager import BlockManager
-from seqpar.engine.kv_cache import KVCache, Placement, blocks_needed, size_cache
+from seqpar.engine.kv_cache import SHARD_SCHEMES, KVCache, Placement, blocks_needed, size_cache
 from seqpar.engine.sampling import SamplingParams
 from seqpar.engine.scheduler import RequestTooLongError, Scheduler, SchedulerConfig, Sequence, SequenceStatus
 
 
 # ---------------------------------------------------------------- placement
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("scheme", ["zigzag", "striped"])
+@pytest.mark.parametrize("scheme", SHARD_SCHEMES)
 def test_placement_depends_only_on_position(world, scheme):
     pl = Placement(world, block_size=4, shard_blocks=2, scheme=scheme)
     owners = [pl.owner(i) for i in range(8 * world)]
@@ -98,10 +99,10 @@ def test_books_balance_under_any_sequence_of_operations(ops, num_blocks, world, 
             bm.cache_full_blocks(seq)
         elif op == "free" and sid in seqs:
             bm.free(seqs.pop(sid))
-        bm.check(list(seqs.values()))
+        check_books(bm, list(seqs.values()))
     for seq in seqs.values():
         bm.free(seq)
-    bm.check([])
+    check_books(bm, [])
     assert all(p.available() == num_blocks for p in bm.pools)
 
 
@@ -121,7 +122,7 @@ def test_prefix_reuse_across_ranks_and_lru_eviction():
     assert bm.prefix_queries == 20 + 19 + 6 and bm.prefix_hits == 16 + 4
     bm.free(b)
     bm.free(c)
-    bm.check([])
+    check_books(bm, [])
     d = _seq(3, list(range(500, 532)))  # needs all 8 blocks: every cached one is evicted, LRU first
     assert bm.match_prefix(d) == 0 and bm.allocate(d, 32)
     assert all(not p.by_hash for p in bm.pools)
@@ -158,7 +159,7 @@ def test_chunked_prefill_mixes_with_decodes_and_short_prompts_get_through():
     assert _run(sched) == [(0, 20, 1, True), (1, 5, 1, True)]
     sched.finish(long)
     sched.finish(short)
-    sched.blocks.check([])
+    check_books(sched.blocks, [])
 
 
 def test_preemption_frees_the_newest_and_recomputes_it():
@@ -175,7 +176,7 @@ def test_preemption_frees_the_newest_and_recomputes_it():
     assert _run(sched) == [(1, 4, 3, False)]
     assert b.num_cached_tokens == 0  # counted at its first admission
     sched.finish(b)
-    sched.blocks.check([])
+    check_books(sched.blocks, [])
 
 
 def test_requests_that_can_never_fit_are_refused_at_once():
@@ -189,4 +190,4 @@ def test_requests_that_can_never_fit_are_refused_at_once():
     r = _seq(2, [1, 2])
     sched.add(r)
     sched.finish(r)
-    assert r.is_finished and not sched.has_unfinished()
+    assert r.status is SequenceStatus.FINISHED and not sched.has_unfinished()

@@ -18,12 +18,13 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from engine_util import check_books
 from seqpar import LLM, SamplingParams
 from seqpar.engine.executor import EngineDeadError
 from seqpar.model import ModelLoadError
 from test_model_helpers import VOCAB, tiny_hf_model
 
-# 12 q heads / 2 kv heads (GQA 6), head_dim 8: valid for ulysses and the seed layout at SP 1-4.
+# 12 q heads / 2 kv heads (GQA 6), head_dim 8: valid for ulysses and the head-sharded layout at SP 1-4.
 HEADS = dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2)
 PROMPTS = [[5, 17, 3, 99, 42, 8, 8, 23, 61, 7, 14], [9], [4, 44, 71], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]]
 
@@ -79,8 +80,8 @@ def check_against_hf(model, path: str, **engine) -> None:
     with LLM(model=path, **{**SMALL, **engine}) as llm:
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=1, ignore_eos=True))
         # every block is back in the pool, and the books balance
-        assert llm.engine.kv_bytes_per_rank() == [0] * sp
-        llm.engine.blocks.check([])
+        assert llm.engine.blocks.usage() == [0.0] * sp
+        check_books(llm.engine.blocks, [])
     for prompt, out in zip(PROMPTS, outs):
         plp = out.prompt_logprobs
         assert len(plp) == len(prompt) and plp[0] is None
@@ -135,7 +136,7 @@ def test_bad_input_is_a_clear_error(llama, tmp_path):
             llm.generate([[5] * 300])
         ok = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3))[0]
         assert len(ok.outputs[0].token_ids) == 3
-        assert llm.engine.kv_bytes_per_rank() == [0, 0]
+        assert llm.engine.blocks.usage() == [0.0, 0.0]
     with pytest.raises(ModelLoadError, match="neither a known model name"):
         LLM(model="no-such-model")
     with pytest.raises(ModelLoadError, match="holds no model weights"):
@@ -184,8 +185,8 @@ def test_requests_wait_for_cache_and_never_corrupt_each_other(llama):
     with LLM(model=path, sp_size=2, kv_cache_gb=4.5 * per_block / 2**30, shard_blocks=1) as llm:
         assert llm.engine.num_blocks == 4
         outs = llm.generate(prompts, params)
-        assert llm.engine.kv_bytes_per_rank() == [0, 0]
-        llm.engine.blocks.check([])
+        assert llm.engine.blocks.usage() == [0.0, 0.0]
+        check_books(llm.engine.blocks, [])
         with pytest.raises(ValueError, match="at most 128 tokens"):
             llm.generate([[5] * 130])
     for prompt, out in zip(prompts, outs):

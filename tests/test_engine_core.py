@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from engine_util import check_books
 from seqpar import LLM, SamplingParams
 from seqpar.model import load_config
 from test_engine import _save
@@ -71,8 +72,8 @@ def test_prefix_caching_chunking_preemption_are_exact(model, alone, sp, budget, 
         first = llm.generate(FIRST, PARAMS)
         then = llm.generate(THEN, PARAMS)
         _same(first + then, alone)
-        eng.blocks.check([])  # every reference dropped, every block in one state
-        assert eng.kv_bytes_per_rank() == [0] * sp
+        check_books(eng.blocks, [])  # every reference dropped, every block in one state
+        assert eng.blocks.usage() == [0.0] * sp
         stats = eng.stats()
         if blocks is None:
             # 7 full blocks of DOC (28 tokens) reused for the second question; 3 (12) for the

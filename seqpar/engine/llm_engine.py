@@ -243,10 +243,6 @@ class LLMEngine:
     def forget(self, rid: int) -> None:
         self.requests.pop(rid, None)
 
-    def kv_bytes_per_rank(self) -> list[int]:
-        """KV cache bytes held by live sequences on each SP rank."""
-        return [round(u * self.num_blocks) * self.block_bytes for u in self.blocks.usage()]
-
     def stats(self) -> EngineStats:
         """Counts for metrics, from the driver's own books (no call to the ranks)."""
         return EngineStats(

@@ -1,4 +1,4 @@
-"""Decode merges over a sequence-sharded KV cache, and the seed's head-sharded layout,
+"""Decode merges over a sequence-sharded KV cache, and the head-sharded layout (SGLang PR #1436),
 against the single-process reference (fp32: 1e-5, summation order only)."""
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def test_decode_merges_match_reference(world: int) -> None:
     assert all(n > 0 for n in run_ranks(_decode, world))
 
 
-def seed_heads(hq: int, hkv: int, world: int, rank: int) -> tuple[list[int], list[int]]:
-    """The seed's head assignment: every rank a share of every KV group, or whole groups."""
+def head_sharded_heads(hq: int, hkv: int, world: int, rank: int) -> tuple[list[int], list[int]]:
+    """The head-sharded layout's head assignment: every rank a share of every KV group, or whole groups."""
     group = hq // hkv
     if hkv % world == 0:
         per = hkv // world
@@ -86,7 +86,7 @@ def _head_sharded(rank: int, world: int) -> int:
         q, k, v = torch.randn(t, hq, D, generator=gen), torch.randn(t, hkv, D, generator=gen), torch.randn(t, hkv, D, generator=gen)
         plan = ShardPlan(lens, world, scheme)
         ref, _ = reference_attention(q, k, v, plan.global_layout, plan.global_layout, causal)
-        qh, kvh = seed_heads(hq, hkv, world, rank)
+        qh, kvh = head_sharded_heads(hq, hkv, world, rank)
         idx = plan.local_indices(rank)
         out = head_sharded_attention(q[:, qh], k[idx], v[idx], plan, None, causal, kv_mode=kv_mode, kv_head_ids=kvh)
         torch.testing.assert_close(out, ref[:, qh], atol=1e-5, rtol=0)

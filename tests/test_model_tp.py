@@ -29,9 +29,9 @@ CASES = {
     "llama_gqa_tp": ("llama", {}, "tp", [0, 1], [0]),
     # q/k/v biases sliced with their heads, tied embeddings, uneven MLP split (81 = 40 + 41).
     "qwen2_bias_tp": ("qwen2", {"tie_word_embeddings": True, "intermediate_size": 81}, "tp", [0, 1], [0]),
-    # Seed layout: 3 kv heads cannot split over 2 ranks, so every rank keeps all kv heads and
+    # Head-sharded layout: 3 kv heads cannot split over 2 ranks, so every rank keeps all kv heads and
     # one q head of each KV group (group size 2); o_proj's bias must be added exactly once.
-    "llama_seed_layout": ("llama", {"num_attention_heads": 6, "num_key_value_heads": 3,
+    "llama_head_sharded_layout": ("llama", {"num_attention_heads": 6, "num_key_value_heads": 3,
                                     "attention_bias": True}, "head_sharded", [0, 2, 4], [0, 1, 2]),
     # When kv heads divide, head-sharded is plain TP.
     "llama_gqa_head_sharded": ("llama", {}, "head_sharded", [0, 1], [0]),
@@ -111,7 +111,7 @@ def test_tp_refuses_indivisible_heads(tmp_path: Path) -> None:
 def test_head_shard_layouts() -> None:
     # num_kv_heads % world == 0: contiguous blocks, as plain TP.
     assert head_shard(8, 4, 2, 1) == ([4, 5, 6, 7], [2, 3])
-    # Seed layout: 3 kv heads, group size 4, world 4 -> one q head of every group per rank.
+    # Head-sharded layout: 3 kv heads, group size 4, world 4 -> one q head of every group per rank.
     assert head_shard(12, 3, 4, 1) == ([1, 5, 9], [0, 1, 2])
     # In between: 2 kv heads, world 4 -> kv split 2 ways, each group's 4 q heads 2 ways.
     assert head_shard(8, 2, 4, 1) == ([2, 3], [0])

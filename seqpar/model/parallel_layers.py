@@ -58,7 +58,7 @@ def head_shard(num_heads: int, num_kv_heads: int, world: int, rank: int) -> tupl
 
     Rule: split the kv heads into a = gcd(num_kv_heads, world) blocks and each KV group's
     q heads into b = world // a slices; rank r takes kv block r // b and slice r % b of each
-    of those groups. a = world is plain TP (contiguous heads); a = 1 is the seed layout
+    of those groups. a = world is plain TP (contiguous heads); a = 1 is the head-sharded layout
     (all kv heads, group_size // world q heads of every group). A valid assignment needs
     b | group_size; a = gcd gives the smallest b, so if it fails none exists.
     """

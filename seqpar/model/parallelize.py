@@ -29,7 +29,7 @@ def parallelize_tp(model: LlamaForCausalLM, group: dist.ProcessGroup) -> LlamaFo
 
 
 def parallelize_head_sharded(model: LlamaForCausalLM, group: dist.ProcessGroup) -> LlamaForCausalLM:
-    """The seed layout for head-sharded sequence parallelism (SGLang PR #1436): q heads
+    """The head-sharded layout for sequence parallelism (SGLang PR #1436): q heads
     split so each rank holds `group_size // world` heads of every KV group, k/v computed
     for all kv heads, o_proj row-parallel over the same head permutation. When the kv
     heads divide evenly (num_kv_heads % world == 0) this is plain TP; in between, kv heads
@@ -60,7 +60,7 @@ def _shard_attention(attn: LlamaAttention, q_ids: list[int], kv_ids: list[int],
     d = attn.head_dim
     q_rows = head_rows(q_ids, d)
     attn.q_proj = ColumnParallelLinear(_linear(attn.q_proj), q_rows)
-    # With every kv head local (the seed layout) the full k/v projections stay as they are.
+    # With every kv head local (the head-sharded layout) the full k/v projections stay as they are.
     if len(kv_ids) < num_kv_heads:
         kv_rows = head_rows(kv_ids, d)
         attn.k_proj = ColumnParallelLinear(_linear(attn.k_proj), kv_rows)

@@ -6,7 +6,7 @@ partial (out, lse) per query and head. Three exact merges:
   per query head cross the wire to each rank; every rank ends with all heads.
 - alltoall: rank j receives only the partials of its head slice (~Hq / W heads)
   and merges those: 1/W of the traffic and merge work; ends head-sharded, which is
-  what a row-parallel o_proj wants (the seed's noted improvement).
+  what a row-parallel o_proj wants (the improvement noted in SGLang PR #1436).
 - tree: all-reduce the max of the LSE, then all-reduce the sum of
   exp(lse - max) * out and of exp(lse - max) (Tree Attention): two reductions of
   fixed size, whatever W is.
@@ -125,7 +125,7 @@ def decode_attention(
     """Exact attention of q [B, Hq, D] over K/V sharded by sequence (k, v [L_local, Hkv, D] here).
 
     q is replicated on every rank, or with q_head_sharded=True each rank passes its slice
-    `head_slices(Hq, W)[r]` of the heads and they are all-gathered first (the seed's decode;
+    `head_slices(Hq, W)[r]` of the heads and they are all-gathered first (SGLang PR #1436's decode;
     give `num_q_heads` = Hq when W does not divide it). Positions in
     the layouts make the step causal, so a cache may also hold other sequences' tokens.
     `exchange`: the group's HostExchange, when its ranks share a host.

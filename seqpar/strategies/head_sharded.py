@@ -1,4 +1,4 @@
-"""The seed's layout (SGLang PR #1436): Q by heads over all tokens, K/V by sequence.
+"""The head-sharded layout (SGLang PR #1436): Q by heads over all tokens, K/V by sequence.
 
 Each rank holds q [T, Hq_local, D] for *all* T tokens of the batch (its head shard,
 as a column-parallel q_proj produces it) and K/V [T_r, Hkv, D] with all KV heads

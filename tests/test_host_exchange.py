@@ -15,7 +15,7 @@ from seqpar import ShardPlan, TokenLayout, decode_attention, reference_attention
 from seqpar.comm.collectives import STATS
 from seqpar.comm.launch import run_ranks
 from seqpar.comm.shm import HostExchange
-from seqpar.strategies.decode import gather_parts
+from seqpar.strategies.decode import MERGES, gather_parts
 
 pytestmark = pytest.mark.skipif(not HostExchange.supported(), reason="HostExchange needs x86-64 (total store order)")
 
@@ -58,7 +58,7 @@ def _merges(rank: int, world: int) -> int:
     ex = HostExchange.create(None, capacity=1 << 16, timeout_s=60)
     n = 0
     for lens, (hq, hkv), merge in itertools.product(([1, 6, 2], [3], [9, 1, 4, 2]), ((12, 4), (12, 1), (10, 2)),
-                                                   ("allgather", "alltoall", "tree")):
+                                                   MERGES):
         gen = torch.Generator().manual_seed(sum(lens) + hkv)
         q = torch.randn(len(lens), hq, 16, generator=gen)
         k, v = torch.randn(sum(lens), hkv, 16, generator=gen), torch.randn(sum(lens), hkv, 16, generator=gen)

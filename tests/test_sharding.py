@@ -6,9 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqpar import ShardPlan
+from seqpar.sharding.plan import SCHEMES
 
 lens_st = st.lists(st.integers(1, 40), min_size=1, max_size=5)
-scheme_st = st.sampled_from(["contiguous", "zigzag", "striped"])
+scheme_st = st.sampled_from(SCHEMES)
 
 
 @settings(max_examples=200, deadline=None)

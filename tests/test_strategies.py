@@ -13,9 +13,10 @@ import itertools
 import pytest
 import torch
 
-from seqpar.comm.launch import run_ranks
 from seqpar import ShardPlan, reference_attention, sp_attention
 from seqpar.comm.collectives import STATS
+from seqpar.comm.launch import run_ranks
+from seqpar.sharding.plan import SCHEMES
 
 BATCHES = ([1, 7, 2, 13], [3], [20, 5])  # ragged, lengths 1, shorter than the world
 HEADS = ((12, 12), (12, 4), (12, 1))  # GQA ratios 1, 3 and MQA
@@ -34,7 +35,7 @@ def _sweep(rank: int, world: int, strategy: str, dtypes: tuple) -> int:
     degrees = [d for d in range(1, world + 1) if world % d == 0] if strategy == "usp" else [None]
     checked = 0
     for (lens, (hq, hkv), scheme, causal, dtype, udeg) in itertools.product(
-        BATCHES, HEADS, ("contiguous", "zigzag", "striped"), (True, False), dtypes, degrees
+        BATCHES, HEADS, SCHEMES, (True, False), dtypes, degrees
     ):
         q, k, v = make_qkv(lens, hq, hkv, dtype, seed=len(lens) * 100 + hq + hkv)
         plan = ShardPlan(seq_lens=lens, world_size=world, scheme=scheme)

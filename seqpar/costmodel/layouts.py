@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from seqpar.model.config import ModelConfig
+from seqpar.strategies.over_cache import CACHE_STRATEGIES
 
-CP_STRATEGIES = ("ring", "pass_q", "allgather", "ulysses")
+# What the cost model prices: the engine's strategies over a cache, and Ulysses (heads for sequence).
+CP_STRATEGIES = (*CACHE_STRATEGIES, "ulysses")
 
 
 class PlanError(ValueError):

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from datetime import timedelta
 from typing import Any
@@ -29,6 +30,10 @@ from seqpar.engine.sampling import SamplingParams
 
 BENCHES = ("attention", "engine", "core", "decode", "serve")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+# EngineConfig field -> the flag that sets it, so an engine error names what the user typed.
+ENGINE_FLAGS = {"sp_size": "--sp", "tp_size": "--tp", **{name: "--" + name.replace("_", "-") for name in (
+    "model", "strategy", "decode_merge", "scheme", "shard_blocks", "block_size", "max_num_batched_tokens",
+    "kv_cache_gb", "num_threads", "max_model_len", "max_num_seqs", "rope_scaling")}}
 
 
 class CLIError(ValueError):
@@ -318,9 +323,14 @@ def bench(name: str, argv: list[str]) -> int:
     return module.main(argv) or 0
 
 
+def with_flag_names(text: str) -> str:
+    """`kv_cache_gb=0.001 gives ...` -> `--kv-cache-gb 0.001 gives ...`: the engine's settings as the CLI's flags."""
+    return re.sub(r"\b([a-z_]+)=", lambda m: f"{ENGINE_FLAGS[m[1]]} " if m[1] in ENGINE_FLAGS else m[0], text)
+
+
 def fail(error: BaseException | str) -> int:
     """Print one error line (for a failed rank: its first line and its exception) and return 2."""
-    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()] or [type(error).__name__]
+    lines = [ln for ln in with_flag_names(str(error)).strip().splitlines() if ln.strip()] or [type(error).__name__]
     msg = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1].strip()}"
     print(f"seqpar: error: {msg}", file=sys.stderr)
     return 2

@@ -46,6 +46,7 @@ def test_bench_forwards_its_arguments(monkeypatch):
     (["--prompt", "hi", "--sp", "0"], "sp_size must be >= 1"),
     (["--prompt-file", "/no/such/prompt.txt"], "cannot read --prompt-file '/no/such/prompt.txt'"),
     (["--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt", "hi", "--kv-cache-gb", "0.000001"], "--kv-cache-gb 1e-06 gives"),  # the flag, not the field
 ])
 def test_bad_input_exits_2_with_one_line(capsys, args, message):
     rc, out, err = run_main(capsys, ["generate"] + args)

@@ -55,7 +55,8 @@ def test_bad_input_exits_2_with_one_line(capsys, args, message):
 
 
 def test_failed_rank_is_reported_in_one_line(capsys):
-    error = "a rank failed; the engine is stopped:\nrank 1:\nTraceback (most recent call last):\n  ...\nValueError: boom\n"
+    error = ("a rank failed; the engine is stopped:\nrank 1:\nTraceback (most recent call last):\n  ...\n"
+             "ValueError: boom\n")
     assert cli.fail(error) == 2
     assert capsys.readouterr().err == "seqpar: error: a rank failed; the engine is stopped: ValueError: boom\n"
 
@@ -99,7 +100,8 @@ def test_torchrun_matches_local_sp2(capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # silences torchrun's warning; the CLI sets threads itself
     # --standalone: a free rendezvous port, so parallel test runs do not collide.
     torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                                 "-m", "seqpar"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                 "-m", "seqpar"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
     try:
         rc, out, _ = run_main(capsys, args)  # the local executor, meanwhile
         stdout, stderr = torchrun.communicate(timeout=240)

@@ -13,7 +13,8 @@ import torch
 from seqpar import ShardPlan, sp_attention
 from seqpar.comm.collectives import STATS
 from seqpar.comm.launch import run_ranks
-from seqpar.costmodel import Layout, formulas as f, predict, preset_config
+from seqpar.costmodel import Layout, predict, preset_config
+from seqpar.costmodel import formulas as f
 from seqpar.costmodel.calibrate import CALIBRATION_POINT, META_405B_H100, calibrate_gemm_efficiency, point_ttft
 from seqpar.costmodel.hardware import H100, H200, Hardware
 

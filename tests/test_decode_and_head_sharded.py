@@ -8,9 +8,11 @@ import itertools
 import pytest
 import torch
 
-from seqpar.comm.launch import run_ranks
 from seqpar import ShardPlan, TokenLayout, decode_attention, head_sharded_attention, reference_attention
 from seqpar.comm.collectives import STATS
+from seqpar.comm.launch import run_ranks
+from seqpar.engine.kv_cache import SHARD_SCHEMES
+from seqpar.strategies.decode import MERGES
 
 HEADS = ((12, 12), (12, 4), (12, 1))
 D = 16
@@ -19,13 +21,14 @@ D = 16
 def _cache(lens: list[int], hq: int, hkv: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     t = sum(lens)
-    return torch.randn(len(lens), hq, D, generator=gen), torch.randn(t, hkv, D, generator=gen), torch.randn(t, hkv, D, generator=gen)
+    q = torch.randn(len(lens), hq, D, generator=gen)
+    return q, torch.randn(t, hkv, D, generator=gen), torch.randn(t, hkv, D, generator=gen)
 
 
 def _decode(rank: int, world: int) -> int:
     n = 0
     for lens, (hq, hkv), scheme, merge, sharded_q in itertools.product(
-        ([1, 6, 2], [3], [9, 1, 4, 2]), HEADS + ((10, 2),), ("zigzag", "striped"), ("allgather", "alltoall", "tree"), (False, True)
+        ([1, 6, 2], [3], [9, 1, 4, 2]), HEADS + ((10, 2),), SHARD_SCHEMES, MERGES, (False, True)
     ):
         q, k, v = _cache(lens, hq, hkv, seed=sum(lens) + hkv)
         plan = ShardPlan(lens, world, scheme)  # which rank caches which token (prefill shards + decode tokens)
@@ -83,7 +86,8 @@ def _head_sharded(rank: int, world: int) -> int:
     ):
         gen = torch.Generator().manual_seed(n)
         t = sum(lens)
-        q, k, v = torch.randn(t, hq, D, generator=gen), torch.randn(t, hkv, D, generator=gen), torch.randn(t, hkv, D, generator=gen)
+        q = torch.randn(t, hq, D, generator=gen)
+        k, v = torch.randn(t, hkv, D, generator=gen), torch.randn(t, hkv, D, generator=gen)
         plan = ShardPlan(lens, world, scheme)
         ref, _ = reference_attention(q, k, v, plan.global_layout, plan.global_layout, causal)
         qh, kvh = head_sharded_heads(hq, hkv, world, rank)

@@ -26,7 +26,7 @@ from test_model_helpers import VOCAB, tiny_hf_model
 
 # 12 q heads / 2 kv heads (GQA 6), head_dim 8: valid for ulysses and the head-sharded layout at SP 1-4.
 HEADS = dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2)
-PROMPTS = [[5, 17, 3, 99, 42, 8, 8, 23, 61, 7, 14], [9], [4, 44, 71], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]]
+PROMPTS = [[5, 17, 3, 99, 42, 8, 8, 23, 61, 7, 14], [9], [4, 44, 71], list(range(30, 52))]
 
 
 def _save(tmp: Path, kind: str, **overrides) -> tuple[torch.nn.Module, str]:
@@ -65,7 +65,8 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
     with torch.no_grad():
         ids = torch.tensor([prompt])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
     return ref[0, len(prompt):].tolist()
 
 

@@ -44,7 +44,8 @@ def test_min_tokens_defers_eos_stop_ids_and_stop_strings(tok):
 
 
 def test_min_tokens_never_outlives_the_context(tok):
-    d, n, _ = run(tok, SamplingParams(min_tokens=10, max_tokens=None), [HELLO] * 10, num_prompt_tokens=5, max_model_len=8)
+    d, n, _ = run(tok, SamplingParams(min_tokens=10, max_tokens=None), [HELLO] * 10, num_prompt_tokens=5,
+                  max_model_len=8)
     assert (d.finish_reason, n) == ("length", 3)
 
 

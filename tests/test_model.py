@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model_helpers import hf_logits, our_logits, packed_batch, save_tiny, tiny_hf_model
 
 from seqpar.model import ConfigError, LlamaForCausalLM, ModelConfig, load_model
-from seqpar.model.rope import apply_rotary, RotaryEmbedding
+from seqpar.model.rope import RotaryEmbedding, apply_rotary
+from test_model_helpers import hf_logits, our_logits, packed_batch, save_tiny, tiny_hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 5e5}

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_model_helpers import hf_logits, our_logits, packed_batch, tiny_hf_model
 from torch import nn
 
-from seqpar.model import ModelConfig, ModelLoadError, load_config, load_model, load_tokenizer
-from seqpar.model import gguf_loader
+from seqpar.model import ModelConfig, ModelLoadError, gguf_loader, load_config, load_model, load_tokenizer
 from seqpar.model.gguf_loader import unpermute_rotary_rows
+from test_model_helpers import hf_logits, our_logits, packed_batch, tiny_hf_model
 
 BATCH = dict(lengths=[6, 9, 4], starts=[0, 30, 0])
 
@@ -98,7 +97,7 @@ def write_gguf(hf: nn.Module, file: Path, arch: str, extra: dict[str, np.ndarray
 ])
 def test_gguf_matches_transformers(tmp_path: Path, kind: str, overrides: dict) -> None:
     hf = tiny_hf_model(kind, **overrides)
-    file = write_gguf(hf, tmp_path / "tiny.gguf", kind)
+    write_gguf(hf, tmp_path / "tiny.gguf", kind)
     model, config = load_model(tmp_path)  # a directory holding exactly one .gguf
     # GGUF metadata gives the same config as config.json (eps went through float32).
     from_hf = ModelConfig.from_hf(hf.config.to_dict())

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_model_helpers import hf_logits, our_logits, packed_batch, save_tiny, tiny_hf_model
 
 from seqpar.model import ModelLoadError, load_model, resolve_model
+from test_model_helpers import hf_logits, our_logits, packed_batch, save_tiny, tiny_hf_model
 
 BATCH = dict(lengths=[6, 9, 4], starts=[0, 30, 0])
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
-from test_model_helpers import our_logits, packed_batch, save_tiny
 
 from seqpar.comm.launch import run_ranks
 from seqpar.model import head_shard, load_model, parallelize_head_sharded, parallelize_tp
+from test_model_helpers import our_logits, packed_batch, save_tiny
 
 WORLD = 2
 TIMEOUT_S = 120  # generous for a loaded 2-core machine; a hang fails instead of blocking CI

@@ -22,7 +22,8 @@ def run_plan(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"])
 def test_json_shape(capsys, model):
-    rc, out, _ = run_plan(capsys, "--model", model, "--context", "131072", "--gpus", "16", "--weight-dtype", "fp8", "--json")
+    rc, out, _ = run_plan(capsys, "--model", model, "--context", "131072", "--gpus", "16", "--weight-dtype", "fp8",
+                          "--json")
     assert rc == 0
     result = json.loads(out)
     assert KEYS <= set(result["chosen"]) and result["layouts"]

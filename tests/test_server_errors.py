@@ -41,9 +41,11 @@ CASES = [
     ("missing-messages", "POST", CHAT, {"model": "tiny"}, 400, "messages", "required"),
     ("empty-messages", "POST", CHAT, chat(messages=[]), 400, "messages", "at least 1"),
     ("unknown-role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "w5"}]), 400, "messages[0].role", ""),
-    ("content-wrong-type", "POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content", ""),
+    ("content-wrong-type", "POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content",
+     ""),
     ("content-part-not-text", "POST", CHAT,
-     chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]), 400, "messages[0].content", ""),
+     chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]), 400,
+     "messages[0].content", ""),
     ("negative-max-tokens", "POST", CHAT, chat(max_tokens=-1), 400, "max_tokens", "greater than or equal to 1"),
     ("huge-max-tokens", "POST", CHAT, chat(max_tokens=10**12), 400, "max_tokens", f"{MAX_MODEL_LEN} tokens"),
     ("max-tokens-not-int", "POST", COMP, comp(max_tokens="ten"), 400, "max_tokens", ""),
@@ -76,7 +78,8 @@ CASES = [
 
 @pytest.mark.parametrize("name, method, path, body, status, param, words", CASES, ids=[c[0] for c in CASES])
 def test_malformed_request_gets_4xx_in_openai_shape(server, name, method, path, body, status, param, words):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    json_bytes = {"content": body, "headers": {"content-type": "application/json"}}
+    kw = json_bytes if isinstance(body, bytes) else {"json": body}
     r = server.get(path) if method == "GET" else server.post(path, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -104,7 +107,8 @@ def test_fuzz_openapi_schema_finds_no_server_error(server):
             def check(case) -> None:
                 response = case.call(base_url=server.url, timeout=60)
                 if response.status_code >= 500:
-                    errors.append(f"{op.label} {mode.value}: {response.status_code} {response.text[:200]} "
+                    # check() runs within this iteration, so op and mode are the current ones
+                    errors.append(f"{op.label} {mode.value}: {response.status_code} {response.text[:200]} "  # noqa: B023
                                   f"for {case.body!r:.300}")
 
             try:

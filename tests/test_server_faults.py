@@ -44,7 +44,10 @@ def client(server: Server, key: str = KEY, timeout: float = 60) -> openai.OpenAI
 def test_api_key(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         for path in ("/v1/models", "/tokenize"):
-            r = server.post(path, json={"prompt": "w5"}, headers=headers) if path == "/tokenize" else server.get(path, headers=headers)
+            if path == "/tokenize":
+                r = server.post(path, json={"prompt": "w5"}, headers=headers)
+            else:
+                r = server.get(path, headers=headers)
             assert r.status_code == 401, (path, headers)
             assert r.json()["error"]["code"] == 401 and "Bearer" in r.json()["error"]["message"]
     with pytest.raises(openai.AuthenticationError):

@@ -34,7 +34,8 @@ def server(tmp_path_factory):
 def idle(server: Server) -> bool:
     m = server.metrics()
     usage = [v for (name, labels), v in m.items() if name == "seqpar:kv_cache_usage_perc"]
-    return m[("seqpar:num_requests_running", ())] == 0 and m[("seqpar:num_requests_waiting", ())] == 0 and not any(usage)
+    idle = m[("seqpar:num_requests_running", ())] == 0 and m[("seqpar:num_requests_waiting", ())] == 0
+    return idle and not any(usage)
 
 
 async def consume(stream) -> int:
@@ -47,7 +48,8 @@ async def consume(stream) -> int:
 def test_eight_long_streams_run_at_once_then_all_disconnect(server):
     async def run() -> float:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
-        streams = [await client.completions.create(prompt=f"w{10 + i} w{20 + i}", stream=True, **LONG) for i in range(8)]
+        streams = [await client.completions.create(prompt=f"w{10 + i} w{20 + i}", stream=True, **LONG)
+                   for i in range(8)]
         readers = [asyncio.ensure_future(consume(s)) for s in streams]
         try:
             await asyncio.to_thread(wait_until, lambda: server.metric("seqpar:num_requests_running") == 8, 30, 0.02,

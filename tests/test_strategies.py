@@ -46,7 +46,8 @@ def _sweep(rank: int, world: int, strategy: str, dtypes: tuple) -> int:
         err = (out.float() - ref[idx]).abs().max().item() if idx.numel() else 0.0
         assert out.shape == (idx.numel(), hq, D) and out.dtype == dtype
         assert not torch.isnan(out).any()
-        assert err <= TOL[dtype], f"{strategy} {scheme} causal={causal} {lens} heads={hq}/{hkv} {dtype} udeg={udeg}: {err}"
+        what = f"{strategy} {scheme} causal={causal} {lens} heads={hq}/{hkv} {dtype} udeg={udeg}"
+        assert err <= TOL[dtype], f"{what}: {err}"
         checked += 1
     return checked
 

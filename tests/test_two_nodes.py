@@ -21,7 +21,8 @@ from test_model_helpers import VOCAB, tiny_hf_model
 # Blocks of 2 tokens, one block per shard unit: the 24-token prompt alternates between the two ranks.
 ENGINE = ["--sp", "2", "--block-size", "2", "--shard-blocks", "1", "--kv-cache-gb", "0.01", "--num-threads", "1",
           "--no-shared-memory"]
-PROMPT = " ".join(f"w{i}" for i in (5, 17, 3, 99, 42, 8, 8, 23, 61, 7, 14, 30, 31, 32, 33, 90, 12, 77, 6, 4, 19, 50, 2, 11))
+PROMPT = " ".join(f"w{i}" for i in (5, 17, 3, 99, 42, 8, 8, 23, 61, 7, 14, 30, 31, 32, 33, 90, 12, 77, 6, 4, 19, 50,
+                                    2, 11))
 REQUEST = ["--prompt", PROMPT, "--json", "--max-tokens", "8", "--temperature", "0"]
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
 
@@ -46,7 +45,7 @@ class ParallelMesh:
     tp_rank: int
 
     @staticmethod
-    def build(sp_size: int, tp_size: int, group: dist.ProcessGroup | None = None) -> "ParallelMesh":
+    def build(sp_size: int, tp_size: int, group: dist.ProcessGroup | None = None) -> ParallelMesh:
         world = dist.get_world_size(group)
         if sp_size * tp_size != world:
             raise ValueError(f"sp_size ({sp_size}) x tp_size ({tp_size}) must equal the number of ranks ({world})")
@@ -56,7 +55,8 @@ class ParallelMesh:
         sp_rank, tp_rank = divmod(local, tp_size)
         tp_layout = [[members[s * tp_size + t] for t in range(tp_size)] for s in range(sp_size)]
         sp_layout = [[members[s * tp_size + t] for s in range(sp_size)] for t in range(tp_size)]
-        return ParallelMesh(sp_size, tp_size, _member_groups(sp_layout, me), _member_groups(tp_layout, me), sp_rank, tp_rank)
+        return ParallelMesh(sp_size, tp_size, _member_groups(sp_layout, me), _member_groups(tp_layout, me),
+                            sp_rank, tp_rank)
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class UlyssesRingMesh:
     ring_group: dist.ProcessGroup
 
     @staticmethod
-    def build(group: dist.ProcessGroup | None, ulysses_degree: int) -> "UlyssesRingMesh":
+    def build(group: dist.ProcessGroup | None, ulysses_degree: int) -> UlyssesRingMesh:
         world = dist.get_world_size(group)
         if ulysses_degree < 1 or world % ulysses_degree != 0:
             raise ValueError(

@@ -20,8 +20,9 @@ class RingExchanger:
         self.group = group
         self.world = group_size(group)
         self.rank = group_rank(group)
-        self._next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group is not None else (self.rank + 1) % self.world
-        self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group is not None else (self.rank - 1) % self.world
+        nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world  # in the group
+        self._next = dist.get_global_rank(group, nxt) if group is not None else nxt
+        self._prev = dist.get_global_rank(group, prev) if group is not None else prev
         self._reqs: list[dist.Work] = []
 
     @traced(RING_POST)

@@ -59,7 +59,7 @@ class HostExchange:
         return platform.machine().lower() in ("x86_64", "amd64") and hasattr(os, "sched_yield")
 
     @staticmethod
-    def create(group: dist.ProcessGroup | None, capacity: int, timeout_s: float = 1800.0) -> "HostExchange | None":
+    def create(group: dist.ProcessGroup | None, capacity: int, timeout_s: float = 1800.0) -> HostExchange | None:
         """Collective over `group`. None (on every rank alike) when the group has one rank, a
         rank's CPU is not x86-64, or its ranks do not all see one folder in /dev/shm (they
         span hosts): callers then use the process group."""

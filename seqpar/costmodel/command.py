@@ -27,7 +27,8 @@ def add_plan_args(p: Any) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="devices per node (default: 8)")
     p.add_argument("--hardware", default="h100", metavar="NAME_OR_JSON",
                    help=f"a preset ({', '.join(HARDWARE)}) or a JSON hardware profile (default: h100)")
-    p.add_argument("--tp", type=int, default=None, metavar="K", help="consider only this TP degree (default: every one)")
+    p.add_argument("--tp", type=int, default=None, metavar="K",
+                   help="consider only this TP degree (default: every one)")
     p.add_argument("--weight-dtype", default="bf16", choices=tuple(WEIGHT_BYTES),
                    help="weight storage, for memory and decode reads (default: bf16)")
     p.add_argument("--json", action="store_true", help="print one JSON object: chosen, layouts")

@@ -19,7 +19,8 @@ LSE_BYTES = 4  # partial results carry an fp32 log-sum-exp per query and head, w
 # ---- compute ----------------------------------------------------------------------------------
 def linear_params_per_layer(mc: ModelConfig) -> int:
     """Weights of one decoder layer's matmuls: q, k, v, o and the SwiGLU MLP (gate, up, down)."""
-    attn = mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim + mc.num_heads * mc.head_dim * mc.hidden_size
+    attn = (mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+            + mc.num_heads * mc.head_dim * mc.hidden_size)
     return attn + 3 * mc.hidden_size * mc.intermediate_size
 
 

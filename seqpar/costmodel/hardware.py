@@ -52,7 +52,8 @@ class Hardware:
                 raise ValueError(f"hardware {self.name!r}: {f.name} must be a positive number, got {value!r}")
         for name in ("attention_efficiency", "gemm_efficiency", "memory_fraction"):
             if getattr(self, name) > 1:
-                raise ValueError(f"hardware {self.name!r}: {name} is a share of peak, at most 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"hardware {self.name!r}: {name} is a share of peak, at most 1, got {getattr(self, name)}")
 
     @classmethod
     def from_json(cls, path: str | Path) -> Hardware:

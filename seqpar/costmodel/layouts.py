@@ -75,7 +75,8 @@ def enumerate_layouts(mc: ModelConfig, gpus: int, gpus_per_node: int, context: i
     per_node = min(gpus, gpus_per_node)
     if tp is not None:
         if gpus % tp != 0:
-            raise PlanError(f"--tp {tp} does not divide --gpus {gpus}; use one of {', '.join(map(str, _divisors(gpus)))}")
+            raise PlanError(
+                f"--tp {tp} does not divide --gpus {gpus}; use one of {', '.join(map(str, _divisors(gpus)))}")
         layout = Layout(tp, gpus // tp, per_node)
         check_layout(mc, layout, context)
         return [layout]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -24,13 +25,14 @@ class LLM:
 
     def __init__(self, model: str = "smollm2-135m", sp_size: int = 1, tp_size: int = 1, strategy: str = "ring",
                  *, torchrun: bool = False, **kwargs: Any):
-        self.engine = LLMEngine(EngineConfig(model=model, sp_size=sp_size, tp_size=tp_size, strategy=strategy, **kwargs),
-                                torchrun=torchrun)
+        config = EngineConfig(model=model, sp_size=sp_size, tp_size=tp_size, strategy=strategy, **kwargs)
+        self.engine = LLMEngine(config, torchrun=torchrun)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for every prompt (strings or token-id lists); outputs in prompt order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -96,7 +98,7 @@ class LLM:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc: Any) -> None:

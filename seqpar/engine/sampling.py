@@ -6,8 +6,8 @@ logits before temperature, top-k or top-p), which is what vLLM returns by defaul
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

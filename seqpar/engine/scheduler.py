@@ -24,7 +24,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.outputs import LogprobDict
 from seqpar.engine.sampling import SamplingParams

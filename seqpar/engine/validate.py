@@ -14,7 +14,7 @@ RANKS_PER_CORE_LIMIT = 4
 
 
 def check_parallelism(config: EngineConfig, mc: ModelConfig, local: bool = True) -> None:
-    sp, tp = config.sp_size, config.tp_size
+    tp = config.tp_size
     cores = os.cpu_count() or 1
     if local and config.world_size > max(8, RANKS_PER_CORE_LIMIT * cores):
         raise ValueError(

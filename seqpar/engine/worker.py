@@ -30,9 +30,9 @@ from seqpar.engine.kv_cache import KVCache, Placement
 from seqpar.engine.messages import Sampled, SeqStep, Step, StepResult
 from seqpar.engine.parallel import ShardedModel
 from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
-from seqpar.model import load_config
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import Run, TokenLayout
+from seqpar.model import load_config
 from seqpar.strategies.decode import gather_heads, merge_partials
 from seqpar.strategies.over_cache import CachedKeys, attention_over_cache
 
@@ -221,7 +221,8 @@ class Worker:
             if self.reports:
                 if nd:  # this rank's vocabulary slice, for every decode row
                     logits = self.model.compute_logits(hidden[:nd], self.vocab_slice)
-                    result.logits = {s.seq_id: logits[j].clone() for j, s in enumerate(plan.decode)}  # no shared storage to pickle
+                    # clone: no shared storage to pickle
+                    result.logits = {s.seq_id: logits[j].clone() for j, s in enumerate(plan.decode)}
                 self._prefill_outputs(plan, hidden[nd:], result)
         result = self._gather(result)
         if dist.get_rank() == 0:

@@ -86,7 +86,8 @@ def _cuda_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tu
     return res[0], res[1]
 
 
-def reference_block(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def reference_block(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                    mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Plain-torch block in fp32; mask [Lq, Lk] bool (True = visible) overrides `causal`."""
     group = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)  # [Lk, Hq, D]
@@ -141,7 +142,8 @@ def _attend_pair(
         merge_into(acc_out[rows], acc_lse[rows], o, l)
 
 
-def _attend_masked(acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, qr: Run, kr: Run, scale: float) -> None:
+def _attend_masked(acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, qr: Run, kr: Run,
+                   scale: float) -> None:
     """Runs of different strides (rare: mixed layouts): explicit mask, plain torch."""
     qpos = qr.pos + qr.stride * torch.arange(qr.length)
     kpos = kr.pos + kr.stride * torch.arange(kr.length)
@@ -217,14 +219,16 @@ def attention_with_lse(
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
-        raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
             f"q has {q.shape[1]} heads of dim {q.shape[-1]} and k has {k.shape[1]} heads of dim {k.shape[-1]}: "
             "head dims must match and q heads must be a multiple of kv heads (GQA)"
         )
     if len(q_layout) != q.shape[0] or len(k_layout) != k.shape[0]:
-        raise ValueError(f"layouts describe {len(q_layout)} queries / {len(k_layout)} keys; tensors hold {q.shape[0]} / {k.shape[0]}")
+        raise ValueError(f"layouts describe {len(q_layout)} queries / {len(k_layout)} keys; "
+                         f"tensors hold {q.shape[0]} / {k.shape[0]}")
 
 
 def reference_attention(

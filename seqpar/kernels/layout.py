@@ -66,7 +66,7 @@ class TokenLayout:
 
     @staticmethod
     def build(seq_ids: Tensor | list[int], positions: Tensor | list[int],
-              rows: Tensor | list[int] | None = None) -> "TokenLayout":
+              rows: Tensor | list[int] | None = None) -> TokenLayout:
         seq_t = torch.as_tensor(seq_ids, dtype=torch.long).reshape(-1)
         pos_t = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         if seq_t.numel() != pos_t.numel() or (rows is not None and len(rows) != seq_t.numel()):
@@ -83,7 +83,7 @@ class TokenLayout:
         return TokenLayout(seq_t, pos_t, tuple(runs), {s: tuple(rs) for s, rs in groups.items()})
 
     @staticmethod
-    def from_runs(runs: list[Run]) -> "TokenLayout":
+    def from_runs(runs: list[Run]) -> TokenLayout:
         """A layout straight from its runs (O(runs) Python; the per-token tensors are built by torch).
 
         Used where runs are known in bulk, e.g. whole KV blocks of a paged cache, so a step over a
@@ -100,7 +100,7 @@ class TokenLayout:
             groups[r.seq].append(r)
         return TokenLayout(seq_t, first + stride * within, tuple(runs), {s: tuple(rs) for s, rs in groups.items()})
 
-    def shifted(self, offset: int) -> "TokenLayout":
+    def shifted(self, offset: int) -> TokenLayout:
         """The same tokens, their rows moved by `offset` (a part placed after others in a concatenation)."""
         runs = [Run(r.start + offset, r.length, r.seq, r.pos, r.stride) for r in self.runs]
         return TokenLayout(self.seq_ids, self.positions, tuple(runs),
@@ -108,7 +108,7 @@ class TokenLayout:
                             for s, rs in self.by_seq.items()})
 
     @staticmethod
-    def concat(layouts: list["TokenLayout"]) -> "TokenLayout":
+    def concat(layouts: list[TokenLayout]) -> TokenLayout:
         """Rows of several layouts stacked in order (e.g. K/V gathered from all ranks)."""
         if not layouts:
             return TokenLayout.build([], [])

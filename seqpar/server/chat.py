@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -11,8 +12,18 @@ from starlette.background import BackgroundTask
 from seqpar.engine.async_llm import EngineDownError, RequestStream
 from seqpar.engine.outputs import LogprobDict
 from seqpar.server.protocol import APIError, ChatCompletionRequest
-from seqpar.server.serving import (SSE_DONE, ServerState, error_event, request_id, sampling_params, sse, submit,
-                                   tracked, unless_disconnected, usage)
+from seqpar.server.serving import (
+    SSE_DONE,
+    ServerState,
+    error_event,
+    request_id,
+    sampling_params,
+    sse,
+    submit,
+    tracked,
+    unless_disconnected,
+    usage,
+)
 
 
 def _lp(x: float) -> float:
@@ -75,7 +86,8 @@ async def _stream(state: ServerState, stream: RequestStream, rid: str, created: 
         return sse(body)
 
     try:
-        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
         async for u in tracked(state, stream):
             comp = u.output.outputs[0]
             if not (u.text or u.finished or (logprobs and u.token_ids)):

@@ -8,7 +8,8 @@ reach its HTTP handler, with the engine thread's timestamps.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -52,7 +53,8 @@ class _EngineCollector(Collector):
             kv.add_sample("seqpar:kv_cache_usage_perc", {"model_name": name, "rank": str(rank)}, u)
         yield kv
         yield counter("seqpar:num_preemptions", "Requests preempted by the scheduler.", s.num_preemptions)
-        yield counter("seqpar:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("seqpar:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      s.prefix_cache_queries)
         yield counter("seqpar:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
         yield counter("seqpar:engine_restarts", "Times the engine rebuilt itself after a failure.",
                       self.engine.num_restarts)
@@ -84,7 +86,7 @@ class ServerMetrics:
         self.queue = Histogram("seqpar:request_queue_time_seconds", "Arrival to the start of the request's "
                                "first step.", labels, buckets=_LATENCY, registry=reg).labels(model_name)
 
-    def tracker(self) -> "RequestTracker":
+    def tracker(self) -> RequestTracker:
         return RequestTracker(self)
 
     def render(self) -> bytes:

@@ -8,7 +8,7 @@ their whole sequences.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.distributed as dist
 from torch import Tensor
@@ -39,7 +39,8 @@ def sp_attention(
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     world = group_size(group)
     if plan.world_size != world:
-        raise ValueError(f"the plan shards over {plan.world_size} ranks but the group has {world}; build the plan with world_size={world}")
+        raise ValueError(f"the plan shards over {plan.world_size} ranks but the group has {world}; "
+                         f"build the plan with world_size={world}")
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     if q.shape[0] != plan.local_counts[rank] or k.shape[0] != q.shape[0] or v.shape != k.shape:
         raise ValueError(

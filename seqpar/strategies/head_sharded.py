@@ -5,7 +5,8 @@ as a column-parallel q_proj produces it) and K/V [T_r, Hkv, D] with all KV heads
 only for the tokens the plan gives it (every rank needs every other rank's tokens
 for its own heads, so blocks carry all KV heads). `kv_head_ids` names the KV heads
 its q heads read, such that local q head i reads kv_head_ids[i // (Hq_local / n)];
-None means all, as when each rank holds a share of every GQA group. K/V shards travel around the ring (overlapped) or are gathered;
+None means all, as when each rank holds a share of every GQA group. K/V shards travel
+around the ring (overlapped) or are gathered;
 queries never move, and since every rank holds every query there is no causal
 imbalance. The output [T, Hq_local, D] feeds a row-parallel o_proj.
 """

@@ -38,7 +38,8 @@ def kv_heads_for(num_q_heads: int, num_kv_heads: int, degree: int, j: int) -> li
     return per_q
 
 
-def seq_to_head(q: Tensor, k: Tensor, v: Tensor, counts: list[int], group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
+def seq_to_head(q: Tensor, k: Tensor, v: Tensor, counts: list[int],
+                group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
     """q [T_r, Hq, D], k/v [T_r, Hkv, D] -> q [T, hq, D], k/v [T, hkv, D]: all members' tokens in member order."""
     world, rank = group_size(group), group_rank(group)
     hq_total, hkv_total, d = q.shape[1], k.shape[1], q.shape[2]

@@ -24,8 +24,8 @@ from datetime import timedelta
 from typing import Any
 
 from seqpar.engine.config import DECODE_MERGES, PREFILL_STRATEGIES, EngineConfig
-from seqpar.engine.kv_cache import SHARD_SCHEMES
 from seqpar.engine.executor import EngineDeadError
+from seqpar.engine.kv_cache import SHARD_SCHEMES
 from seqpar.engine.sampling import SamplingParams
 
 BENCHES = ("attention", "engine", "core", "decode", "serve")
@@ -54,11 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = req.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="the prompt")
     src.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file ('-' = stdin)")
-    req.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    req.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user message in the model's chat template")
     req.add_argument("--max-tokens", type=int, default=64, metavar="K", help="tokens to generate at most (default: 64)")
     req.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default: 1)")
     req.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1 = off)")
-    req.add_argument("--top-k", type=int, default=-1, metavar="K", help="sample among the K likeliest (default: -1 = off)")
+    req.add_argument("--top-k", type=int, default=-1, metavar="K",
+                     help="sample among the K likeliest (default: -1 = off)")
     req.add_argument("--seed", type=int, default=None, metavar="S", help="seed of this request's sampling")
     req.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, figures) instead")
 
@@ -86,20 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_args(sub.add_parser("plan", help="predict prefill, decode and memory of every layout of a cluster",
                                  description="Predicted TTFT, decode ms/token, KV bytes per rank and longest context "
-                                 "of every layout (TP inside a node x CP across nodes) and strategy; marks the chosen one."))
+                                 "of every layout (TP inside a node x CP across nodes) and strategy; "
+                                 "marks the chosen one."))
     return parser
 
 
 def add_engine_args(eng: Any) -> None:
     """The engine flags, shared by `generate` and `serve`."""
-    eng.add_argument("--model", default="smollm2-135m", help="known model name, GGUF file or HF directory (default: %(default)s)")
+    eng.add_argument("--model", default="smollm2-135m",
+                     help="known model name, GGUF file or HF directory (default: %(default)s)")
     eng.add_argument("--sp", type=int, default=None, metavar="N",
                      help="sequence-parallel ranks (default: 1; under torchrun WORLD_SIZE / tp)")
     eng.add_argument("--tp", type=int, default=1, metavar="K", help="tensor-parallel ranks per SP rank (default: 1)")
     eng.add_argument("--strategy", default="ring", choices=PREFILL_STRATEGIES, help="prefill attention across SP ranks")
-    eng.add_argument("--decode-merge", default="allgather", choices=DECODE_MERGES, help="how decode merges partial attention")
+    eng.add_argument("--decode-merge", default="allgather", choices=DECODE_MERGES,
+                     help="how decode merges partial attention")
     eng.add_argument("--scheme", default="zigzag", choices=SHARD_SCHEMES,
-                     help="how positions are spread over SP ranks, in units of --shard-blocks KV blocks (default: zigzag)")
+                     help="how positions are spread over SP ranks, in units of --shard-blocks KV blocks "
+                          "(default: zigzag)")
     eng.add_argument("--shard-blocks", type=int, default=16, metavar="B",
                      help="KV blocks per shard unit: consecutive positions one SP rank holds (default: 16)")
     eng.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")
@@ -108,10 +114,12 @@ def add_engine_args(eng: Any) -> None:
     eng.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
                      help="tokens per step across the SP group; longer prompts prefill in chunks (default: 2048)")
     eng.add_argument("--kv-cache-gb", type=float, default=1.0, metavar="G", help="KV cache per rank, GiB (default: 1)")
-    eng.add_argument("--num-threads", type=int, default=None, metavar="T", help="threads per rank (default: cores / ranks)")
+    eng.add_argument("--num-threads", type=int, default=None, metavar="T",
+                     help="threads per rank (default: cores / ranks)")
     eng.add_argument("--max-model-len", type=int, default=None, metavar="L",
                      help="tokens per sequence at most, prompt + output (default: the model's context)")
-    eng.add_argument("--max-num-seqs", type=int, default=64, metavar="S", help="requests in one batch at most (default: 64)")
+    eng.add_argument("--max-num-seqs", type=int, default=64, metavar="S",
+                     help="requests in one batch at most (default: 64)")
     eng.add_argument("--decode-split", action=argparse.BooleanOptionalAction, default=True,
                      help="decode-only steps split the linear layers over the SP ranks (default: on)")
     eng.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=True,
@@ -193,7 +201,7 @@ class PrefillBar:
         if self.bar is not None:
             self.bar.close()
 
-    def __enter__(self) -> "PrefillBar":
+    def __enter__(self) -> PrefillBar:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(PY) -m seqpar demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -137,7 +137,6 @@ class AsyncLLM:
         self.status = "starting"
         self.num_restarts = 0
         self.last_error: str | None = None
-        self.tokenizer: Any = None
         self.model_config: Any = None
         self.max_model_len = 0
         self._thread = threading.Thread(target=self._run, name="seqpar-engine", daemon=True)
@@ -208,7 +207,7 @@ class AsyncLLM:
                 continue
             if not first:
                 self.num_restarts += 1
-            self.tokenizer, self.model_config, self.max_model_len = engine.tokenizer, engine.model_config, engine.max_model_len
+            self.model_config, self.max_model_len = engine.model_config, engine.max_model_len
             self.healthy, self.status, backoff = True, "running", 1.0
             self._ready.set()
             first = False

@@ -33,11 +33,12 @@ class IncrementalDetokenizer:
     Before `min_tokens` tokens none of the stop rules apply (vLLM's order too): an
     early EOS or stop token id is kept as an ordinary token (EOS, a special token,
     stays out of the text), and a stop string there ends nothing.
+    Without a tokenizer (a model that has none) the text stays "" and the rules on ids apply.
     """
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: Any | None,
         params: SamplingParams,
         eos_token_id: int | None = None,
         num_prompt_tokens: int = 0,
@@ -102,6 +103,8 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: Sequence[int]) -> str:
         """The text of `ids` (the output so far, minus a stopping token), from a short window."""
+        if self.tokenizer is None:
+            return ""
         skip = self.params.skip_special_tokens
         window = self.tokenizer.decode(list(ids[self._prefix:]), skip_special_tokens=skip)
         before = self.tokenizer.decode(list(ids[self._prefix:self._read]), skip_special_tokens=skip)
@@ -125,8 +128,11 @@ class IncrementalDetokenizer:
         )
 
 
-def decode_logprobs(tokenizer: Any, entries: Sequence[LogprobDict | None]) -> None:
-    """Fill `decoded_token` of every Logprob in place, each token decoded on its own (as vLLM does)."""
+def decode_logprobs(tokenizer: Any | None, entries: Sequence[LogprobDict | None]) -> None:
+    """Fill `decoded_token` of every Logprob in place, each token decoded on its own (as vLLM does);
+    without a tokenizer they stay None."""
+    if tokenizer is None:
+        return
     cache: dict[int, str] = {}
     for entry in entries:
         for tid, lp in (entry or {}).items():

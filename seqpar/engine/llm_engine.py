@@ -25,8 +25,9 @@ from seqpar.engine.messages import SeqStep, Step, StepResult
 from seqpar.engine.outputs import EngineStats, RequestOutput
 from seqpar.engine.sampling import SamplingParams
 from seqpar.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
+from seqpar.engine.tokenizer import LazyTokenizer
 from seqpar.engine.validate import check_parallelism
-from seqpar.model import ModelConfig, load_config, load_tokenizer
+from seqpar.model import ModelConfig, load_config
 from seqpar.strategies.over_cache import pass_kv_for_meta
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,10 @@ class LLMEngine:
         self.config = config
         mc = self.model_config = load_config(config.model, config.rope_scaling)
         self.num_blocks = kv_blocks_per_rank(config, mc, local=not torchrun)
-        self.tokenizer = load_tokenizer(config.model)
+        self._tokenizer = LazyTokenizer(config.model)
+        # Loaded now, when the model has one, so no request's latency includes it; a model
+        # without one still starts and serves token-id prompts.
+        self._tokenizer.get_or_none()
         context = mc.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > context:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context of {context} tokens")
@@ -84,10 +88,20 @@ class LLMEngine:
         executor = TorchrunExecutor if torchrun else LocalExecutor
         self.executor = executor(config, self.num_blocks)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer; TokenizerUnavailableError (a ValueError) if it has none."""
+        return self._tokenizer.get()
+
+    def tokenizer_or_none(self) -> Any | None:
+        return self._tokenizer.get_or_none()
+
     # ---- requests -----------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams) -> int:
+        if params.stop:
+            self._tokenizer.get("stop strings")  # they are matched in the detokenized text
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+            ids = self._tokenizer.get("a text prompt").encode(prompt, add_special_tokens=False) if prompt else []
             text: str | None = prompt
         else:
             ids, text = [int(t) for t in prompt], None
@@ -106,10 +120,11 @@ class LLMEngine:
         self._next_id += 1
         seq = Sequence(rid, ids, params, prompt=text)
         self.scheduler.add(seq)
-        eos = self.tokenizer.eos_token_id
+        tokenizer = self.tokenizer_or_none()
+        eos = None if tokenizer is None else tokenizer.eos_token_id
         if eos is None:
             eos = next(iter(self.model_config.eos_token_ids), None)
-        detok = IncrementalDetokenizer(self.tokenizer, params, eos, len(ids), self.max_model_len)
+        detok = IncrementalDetokenizer(tokenizer, params, eos, len(ids), self.max_model_len)
         self.requests[rid] = Request(seq, detok, metrics={"arrival": time.monotonic()})
         return rid
 
@@ -186,7 +201,7 @@ class LLMEngine:
             seq.output_token_ids.append(got.token_id)
             seq.cumulative_logprob += got.logprob
             if got.top_logprobs is not None:
-                decode_logprobs(self.tokenizer, [got.top_logprobs])
+                decode_logprobs(self.tokenizer_or_none(), [got.top_logprobs])
                 seq.output_logprobs.append(got.top_logprobs)
             req.delta += req.detok.update(seq.output_token_ids)
             req.metrics["last_token"] = now
@@ -212,7 +227,7 @@ class LLMEngine:
         prompt_logprobs = None
         if seq.params.prompt_logprobs is not None:
             prompt_logprobs = [None] + [req.prompt_logprobs.get(t) for t in range(1, seq.num_prompt_tokens)]
-            decode_logprobs(self.tokenizer, prompt_logprobs)
+            decode_logprobs(self.tokenizer_or_none(), prompt_logprobs)
         m = req.metrics
         n = len(seq.output_token_ids)
         metrics = {

@@ -123,14 +123,21 @@ def _merge_ids(*values: int | list[int] | None) -> list[int]:
     return ids
 
 
+# Without one of these, transformers cannot build a tokenizer for a model directory.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(path_or_name: str | Path) -> Any:
     """The model's HF tokenizer (from tokenizer files, or from the GGUF's embedded vocab)."""
-    from transformers import AutoTokenizer  # slow import, only when a tokenizer is wanted
-
     path = resolve_model(path_or_name)
+    if path.suffix != ".gguf" and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        # Said without importing transformers (seconds), whose own message here is about sentencepiece.
+        raise ModelLoadError(f"{path} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
     try:
         if path.suffix == ".gguf":
             return gguf_tokenizer(path)
+        from transformers import AutoTokenizer  # slow import, only when a tokenizer is wanted
+
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except ModelLoadError:
         raise

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.detokenize import IncrementalDetokenizer, decode_logprobs
-from seqpar.engine.executor import LocalExecutor, ProgressFn, TorchrunExecutor
+from seqpar.engine.executor import EngineDeadError, LocalExecutor, ProgressFn, TorchrunExecutor
 from seqpar.engine.kv_cache import block_bytes, size_cache
 from seqpar.engine.messages import SeqStep, Step, StepResult
 from seqpar.engine.outputs import EngineStats, RequestOutput
@@ -134,6 +134,8 @@ class LLMEngine:
     # ---- stepping -----------------------------------------------------------------
     def step(self, on_progress: ProgressFn | None = None) -> list[int]:
         """Run one step; returns the ids of requests that produced a token."""
+        if self.executor.closed:  # a failed step stopped the ranks: nothing can run any more
+            raise EngineDeadError("the engine's ranks are stopped after a failure; create a new engine")
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []

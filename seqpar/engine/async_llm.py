@@ -25,8 +25,9 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from seqpar.engine.outputs import EngineStats, LogprobDict, RequestOutput
 from seqpar.engine.sampling import SamplingParams
@@ -86,10 +87,10 @@ class RequestStream:
     """One request's outputs: `async for update in stream`; `abort()` (or leaving
     `async with stream`) drops an unfinished request and frees its KV blocks."""
 
-    def __init__(self, owner: "AsyncLLM", stream: _Stream):
+    def __init__(self, owner: AsyncLLM, stream: _Stream):
         self._owner, self._stream = owner, stream
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestUpdate:
@@ -107,7 +108,7 @@ class RequestStream:
             self._stream.done = True
             self._owner._post(_Abort(self._stream))
 
-    async def __aenter__(self) -> "RequestStream":
+    async def __aenter__(self) -> RequestStream:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -142,7 +143,7 @@ class AsyncLLM:
         self._thread = threading.Thread(target=self._run, name="seqpar-engine", daemon=True)
 
     # ---- caller side (any thread; coroutines on the caller's loop) -------------------
-    def start(self) -> "AsyncLLM":
+    def start(self) -> AsyncLLM:
         """Build the first engine; raises what building it raised (a bad model is no restart case)."""
         self._thread.start()
         self._ready.wait()
@@ -215,8 +216,9 @@ class AsyncLLM:
                 self._serve(engine)
             except Exception as e:
                 self.last_error = f"{type(e).__name__}: {e}"
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 self._fail(engine, EngineDownError(
-                    f"the engine failed while serving this request ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                    f"the engine failed while serving this request ({type(e).__name__}: {first_line}); "
                     + ("it is restarting, send the request again" if self._restart else "it cannot restart")))
                 traceback.print_exc()
                 if not self._restart:

@@ -15,7 +15,8 @@ Two things are held back from the streamed text until the completion ends:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from seqpar.engine.outputs import CompletionOutput, FinishReason, LogprobDict
 from seqpar.engine.sampling import SamplingParams

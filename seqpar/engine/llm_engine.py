@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
+from typing import Any
 
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.config import EngineConfig
@@ -71,7 +71,8 @@ class LLMEngine:
         self.capacity = placement.max_tokens(self.num_blocks)
         self.max_model_len = min(config.max_model_len or context, self.capacity)
         if self.max_model_len < 2:
-            raise ValueError(f"kv_cache_gb={config.kv_cache_gb} holds {self.capacity} tokens per sequence; give it more")
+            raise ValueError(
+                f"kv_cache_gb={config.kv_cache_gb} holds {self.capacity} tokens per sequence; give it more")
         self.blocks = BlockManager(placement, self.num_blocks, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens
         self.scheduler = Scheduler(SchedulerConfig(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from seqpar import cli
+from seqpar.comm.launch import free_port
 from test_model_helpers import VOCAB, tiny_hf_model
 
 # Blocks of 2 tokens, one block per shard unit: the 24-token prompt alternates between the two ranks.
@@ -37,12 +37,6 @@ def tiny(tmp_path_factory) -> str:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2").save_pretrained(path)
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def agent(model: str, port: int, run_id: str, log: Path) -> subprocess.Popen:

@@ -1,7 +1,7 @@
 """Serving benchmark: `seqpar serve` at SP 1 and SP 2 and llama.cpp's OpenAI server under load.
 
     flock /tmp/seqpar-cpu.lock seqpar bench serve [--servers sp1,sp2,llamacpp] [--concurrency 1,4,8]
-        [--requests 8] [--prompt-tokens 4000] [--output-tokens 64] [--bench-venv .venv-bench]
+        [--requests 4,4,8] [--prompt-tokens 4000] [--output-tokens 64] [--bench-venv .venv-bench]
         [--json docs/serve-bench.json] [--plot docs/serve-bench.png]
     python -m seqpar.bench.serve --quick --model TINY_DIR   # a smoke test: no bench venv, no plot
 
@@ -181,10 +181,11 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
         out["sp2_ttft_p50_vs_sp1_c1"] = {"ratio": r, "target": 0.55, "met": r <= 0.55}
     except KeyError:
         pass
-    top = str(max(int(c) for per in load.values() for c in per)) if load else None
+    top = str(max((int(c) for per in load.values() for c in per), default=0))
     for name, per in load.items():
         if name.startswith("sp") and top in per:
-            out[f"{name}_errors_c{top}"] = {"errors": per[top]["errors"], "target": 0, "met": per[top]["errors"] == 0}
+            errors = per[top].get("errors")  # None: the level did not run to the end
+            out[f"{name}_errors_c{top}"] = {"errors": errors, "target": 0, "met": errors == 0}
     if results.get("one_token"):
         out["one_token_http_vs_generate"] = {k: results["one_token"][k] for k in ("ratio", "target", "met")}
     return out
@@ -196,6 +197,10 @@ def table(results: dict[str, Any]) -> str:
              "E2E p50 / p99 (s) | output tok/s | prompt tok |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, per in results["load"].items():
         for conc, r in sorted(per.items(), key=lambda kv: int(kv[0])):
+            if "failed" in r:
+                lines.append(f"| {name} | {conc} | failed: {r['failed'][:80]} | | | | | | |")
+                continue
+
             def pq(key: str, fmt: str) -> str:
                 return f"{r[key]['p50']:{fmt}} / {r[key]['p99']:{fmt}}" if key in r else "-"
             lines.append(f"| {name} | {conc} | {r['requests']} | {r['errors']} | {pq('ttft_s', '.2f')} | "
@@ -213,7 +218,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for (key, label), ax in zip((("ttft_s", "time to first token (s)"), ("itl_ms", "inter-token latency (ms)")), axes):
         for i, (name, per) in enumerate(results["load"].items()):
-            concs = sorted(int(c) for c in per if key in per[c])
+            concs = sorted(int(c) for c in per if key in per[c] and "failed" not in per[c])
             color = f"C{i}"
             ax.plot(concs, [per[str(c)][key]["p50"] for c in concs], "o-", color=color, label=f"{name} p50")
             ax.plot(concs, [per[str(c)][key]["p99"] for c in concs], "x--", color=color, alpha=0.5, label=f"{name} p99")
@@ -224,10 +229,17 @@ def plot(results: dict[str, Any], path: str) -> None:
     axes[0].legend(fontsize=8)
     a = results["args"]
     fig.suptitle(f"{a['model']}: {a['prompt_tokens']}-token prompts, {a['output_tokens']} output tokens, "
-                 f"{a['requests']} requests per level, {a['cores']} cores")
+                 f"requests per level {a['requests']}, {a['cores']} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save(results: dict[str, Any], path: str) -> None:
+    """Written after every level, so a run cut short keeps what it measured."""
+    if path:
+        results["targets"] = targets(results)
+        Path(path).write_text(json.dumps(results, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", default=None, help="llama.cpp's model file (default: --model's GGUF)")
     p.add_argument("--servers", default=f"sp1,sp2,{LLAMA_CPP}", help="comma-separated: spN and/or llamacpp")
     p.add_argument("--concurrency", default="1,4,8", help="concurrent streams, comma-separated")
-    p.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
+    p.add_argument("--requests", default="4,4,8",
+                   help="requests per concurrency level: one number, or one per level (default: 4,4,8: four one "
+                        "after another at 1 stream, one burst of every stream at 4 and at 8)")
     p.add_argument("--prompt-tokens", type=int, default=4000)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--kv-cache-gb", type=float, default=2.0, help="seqpar's KV cache, GiB over all SP ranks")
@@ -253,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                         "tokens, the openai driver, one pair, no files unless asked")
     args = p.parse_args(argv)
     if args.quick:
-        args.servers, args.concurrency, args.requests, args.driver = "sp1", "1,2", 2, "openai"
+        args.servers, args.concurrency, args.requests, args.driver = "sp1", "1,2", "2", "openai"
         args.prompt_tokens, args.output_tokens, args.one_token_pairs, args.one_token_server = 48, 4, 1, "sp1"
         args.kv_cache_gb = 0.01
     if args.json is None:
@@ -265,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.model.loader import resolve_model
 
     concs = [int(c) for c in args.concurrency.split(",")]
+    counts = [int(n) for n in args.requests.split(",")]
+    counts = counts * len(concs) if len(counts) == 1 else counts
+    if len(counts) != len(concs):
+        raise SystemExit(f"seqpar bench serve: --requests gives {len(counts)} counts for {len(concs)} levels")
     if LLAMA_CPP in args.servers.split(",") and args.gguf is None:
         args.gguf = str(resolve_model(args.model))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="seqpar-bench-serve-"))
@@ -278,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"args": vars(args), "workdir": str(workdir), "load": {}, "one_token": None,
                                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(),
                                "seqpar": code_version(), "bench_venv": bench_versions(args.bench_venv)}
-    # Request rows: each level of each server its own documents (no row is sent twice to a server).
-    levels = {c: workload(tokenizer, args.requests, args.prompt_tokens, args.output_tokens, first=1 + i * args.requests)
-              for i, c in enumerate(concs)}
+    # Request rows: each level its own documents (no row is sent twice to a server).
+    levels, first = {}, 1
+    for c, n in zip(concs, counts):
+        levels[c] = workload(tokenizer, n, args.prompt_tokens, args.output_tokens, first=first)
+        first += n
     warm = workload(tokenizer, 1, min(256, args.prompt_tokens), 4, first=0)[0]
     for spec in server_specs(args, port, eos_ids):
         print(f"seqpar bench serve: starting {spec.name}: {' '.join(spec.cmd)}", flush=True)
@@ -289,23 +309,32 @@ def main(argv: list[str] | None = None) -> int:
             run_openai(server.url + "/v1", "bench", [warm], 1, spec.extras)  # first-request costs, untimed
             per = results["load"][spec.name] = {}
             for c in concs:
-                r = per[str(c)] = drive(args, spec, server.url, levels[c], c, workdir, tokenizer_dir)
+                try:
+                    r = per[str(c)] = drive(args, spec, server.url, levels[c], c, workdir, tokenizer_dir)
+                except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
+                    per[str(c)] = {"failed": f"{type(e).__name__}: {e}"[:300], "server_exit": server.proc.poll()}
+                    print(f"  {spec.name} concurrency {c}: FAILED {per[str(c)]}", flush=True)
+                    if server.proc.poll() is not None:
+                        break  # the server is gone (its exit code says how): on to the next server
+                    continue
                 r["loadavg_after"] = os.getloadavg()
+                r["server_exit"] = server.proc.poll()  # None: still up (an external kill shows here)
                 print(f"  {spec.name} concurrency {c}: " + json.dumps({k: r.get(k) for k in (
                     "requests", "errors", "ttft_s", "itl_ms", "e2e_s", "output_tokens_per_s", "output_tokens_min")}),
                     flush=True)
-            if spec.name == args.one_token_server and args.one_token_pairs > 0:
+                save(results, args.json)
+            if spec.name == args.one_token_server and args.one_token_pairs > 0 and server.proc.poll() is None:
                 results["one_token"] = one_token(args, server, levels[concs[0]][0]["prompt"])
                 print("  one token: " + json.dumps({k: v for k, v in results["one_token"].items() if k != "pairs"}),
                       flush=True)
         finally:
             server.stop()
+        save(results, args.json)
     results["targets"] = targets(results)
     results["loadavg_end"] = os.getloadavg()
     print(table(results))
     print(json.dumps(results["targets"], indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    save(results, args.json)
     if args.plot:
         plot(results, args.plot)
     return 0

@@ -60,7 +60,8 @@ class RunningServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{spec.name} exited with {self.proc.returncode} before it was ready; see {log_path}")
+                raise RuntimeError(f"{spec.name} exited with {self.proc.returncode} before it was ready; "
+                                   f"see {log_path}")
             try:
                 if httpx.get(self.url + spec.health, timeout=5).status_code == 200:
                     return
@@ -89,7 +90,8 @@ def server_specs(args: argparse.Namespace, port: int, eos_ids: list[int]) -> lis
             sp = int(name[2:])
             engine = ["--model", args.model, "--sp", str(sp), "--num-threads", str(max(1, args.cores // sp)),
                       "--kv-cache-gb", str(args.kv_cache_gb / sp), "--no-enable-prefix-caching"]
-            cmd = [sys.executable, "-m", "seqpar", "serve", *engine, "--port", str(port), "--served-model-name", "bench"]
+            cmd = [sys.executable, "-m", "seqpar", "serve", *engine, "--port", str(port),
+                   "--served-model-name", "bench"]
             specs.append(ServerSpec(name, cmd, "/health", {}, engine))
         elif name == LLAMA_CPP:
             cmd = [str(Path(args.bench_venv) / "bin" / "python"), "-m", "llama_cpp.server", "--model", args.gguf,
@@ -156,7 +158,8 @@ def code_version() -> str:
     try:
         git = ["git", "-C", str(root)]
         rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "seqpar"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "seqpar"], capture_output=True, text=True,
+                               check=True)
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("SEQPAR_COMMIT", "unknown")
@@ -201,7 +204,7 @@ def table(results: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {conc} | failed: {r['failed'][:80]} | | | | | | |")
                 continue
 
-            def pq(key: str, fmt: str) -> str:
+            def pq(key: str, fmt: str, r: dict[str, Any] = r) -> str:
                 return f"{r[key]['p50']:{fmt}} / {r[key]['p99']:{fmt}}" if key in r else "-"
             lines.append(f"| {name} | {conc} | {r['requests']} | {r['errors']} | {pq('ttft_s', '.2f')} | "
                          f"{pq('itl_ms', '.1f')} | {pq('e2e_s', '.2f')} | {r.get('output_tokens_per_s', 0):.2f} | "

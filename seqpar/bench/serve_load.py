@@ -44,9 +44,14 @@ def _render(tokenizer: Any, content: str) -> str:
     return content
 
 
+def _ask(tokenizer: Any, question: str, doc: str) -> str:
+    return _render(tokenizer, f"{question}\n\n{doc}\n\n{question}")
+
+
 def workload(tokenizer: Any, n: int, prompt_tokens: int, output_tokens: int, first: int = 0) -> list[dict[str, Any]]:
     """Rows `first` .. `first + n - 1`: {prompt, prompt_tokens_count, output_tokens_count} (guidellm's columns)."""
-    paragraphs = resources.files("seqpar.data").joinpath("harrowmere.txt").read_text(encoding="utf-8").strip().split("\n\n")
+    text = resources.files("seqpar.data").joinpath("harrowmere.txt").read_text(encoding="utf-8")
+    paragraphs = text.strip().split("\n\n")
     rows = []
     for i in range(first, first + n):
         code = f"{CODES[i % len(CODES)]}-{(i * 37) % 90 + 10}"
@@ -56,12 +61,9 @@ def workload(tokenizer: Any, n: int, prompt_tokens: int, output_tokens: int, fir
         body.insert(1 + (i * 7) % (len(body) // 2), f"The vault code of archive {i} is {code}.")
         doc = f"Archive record {i}.\n\n" + "\n\n".join(body * 2)  # twice: room for prompts past one copy
 
-        def prompt(text: str) -> str:
-            return _render(tokenizer, f"{question}\n\n{text}\n\n{question}")
-
-        overhead = len(tokenizer.encode(prompt(""), add_special_tokens=False))
+        overhead = len(tokenizer.encode(_ask(tokenizer, question, ""), add_special_tokens=False))
         doc_ids = tokenizer.encode(doc, add_special_tokens=False)[:max(1, prompt_tokens - overhead)]
-        text = prompt(tokenizer.decode(doc_ids))
+        text = _ask(tokenizer, question, tokenizer.decode(doc_ids))
         rows.append({"prompt": text, "prompt_tokens_count": len(tokenizer.encode(text, add_special_tokens=False)),
                      "output_tokens_count": output_tokens})
     return rows
@@ -87,7 +89,8 @@ def summarize(records: list[dict[str, Any]], errors: int, wall_s: float) -> dict
 def run_guidellm(exe: str, target: str, model: str, rows: list[dict[str, Any]], tokenizer_dir: str,
                  concurrency: int, workdir: Path, tag: str, extras: dict[str, Any] | None = None,
                  health_route: str | None = None) -> dict[str, Any]:
-    data, scenario, report = workdir / f"{tag}.jsonl", workdir / f"{tag}.scenario.json", workdir / f"{tag}.guidellm.json"
+    data, scenario = workdir / f"{tag}.jsonl", workdir / f"{tag}.scenario.json"
+    report = workdir / f"{tag}.guidellm.json"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     backend: dict[str, Any] = {"kind": "openai_http", "target": target, "model": model,
                                "request_format": "/v1/completions", "http2": False, "timeout": 3600}

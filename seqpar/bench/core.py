@@ -36,7 +36,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def _engine(args: argparse.Namespace, sp: int, **over: Any) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=args.model, sp_size=sp, **over))
+    return LLMEngine(EngineConfig(model=args.model, sp_size=sp, strategy=args.strategy, **over))
 
 
 def _finish(eng: LLMEngine, rid: int) -> Any:
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--kv-cache-gb", type=float, default=0.1)
     p.add_argument("--parts", default="a,b,c,d", help="which of a,b,c,d to run")
+    p.add_argument("--strategy", default="ring", help="prefill attention over the caches (default: ring)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)

@@ -274,7 +274,7 @@ def generate_torchrun(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from seqpar.engine.executor import serve_rank
-    from seqpar.model import load_tokenizer
+    from seqpar.engine.tokenizer import LazyTokenizer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # Checks of argv alone give every rank the same verdict: only rank 0 says it.
@@ -293,7 +293,7 @@ def generate_torchrun(args: argparse.Namespace) -> int:
             blocks = num_blocks(config)
             if rank == 0:
                 text = read_prompt(args)
-                load_tokenizer(config.model)
+                LazyTokenizer(config.model).get("a text prompt")
         except ValueError as e:
             error = f"rank {rank}: {e}" if rank else str(e)
         errors: list[str | None] = [None] * world

@@ -50,6 +50,14 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     for one in ids:
         state.check_prompt(one, body.max_tokens, "prompt")
     want = body.logprobs
+    # Said before anything is queued: these need the tokenizer, which a model may lack.
+    texts = [""] * len(prompts)
+    if body.echo:
+        texts = [p if isinstance(p, str) else state.decode(p, "echo of a token-id prompt", "echo") for p in prompts]
+    if want is not None:
+        state.need_tokenizer("logprobs (their tokens are text)", "logprobs")
+    if body.stop:
+        state.need_tokenizer("stop strings", "stop")
     params = sampling_params(body, body.max_tokens, want, want if body.echo and want is not None else None)
     streams: list[RequestStream] = []
     try:
@@ -60,7 +68,6 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             s.abort()
         raise
     rid, created = request_id("cmpl")
-    texts = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts]
 
     def abort_all() -> None:
         for s in streams:
@@ -89,12 +96,12 @@ class _Job:
         if self.logprobs is None:
             return self.texts[i], None
         plp = u.output.prompt_logprobs or [None] * len(self.ids[i])
-        return self.texts[i], self.lps[i].add(self.ids[i], plp, self.state.tokenizer.decode)
+        return self.texts[i], self.lps[i].add(self.ids[i], plp, self.state.decode)
 
     def _new_logprobs(self, i: int, u: RequestUpdate) -> dict | None:
         if self.logprobs is None:
             return None
-        return self.lps[i].add(u.token_ids, list(u.logprobs or []), self.state.tokenizer.decode)
+        return self.lps[i].add(u.token_ids, list(u.logprobs or []), self.state.decode)
 
     def _body(self, choices: list[dict], obj_usage: dict | None = None, chunk: bool = False) -> dict:
         body = {"id": self.rid, "object": "text_completion", "created": self.created,

@@ -48,7 +48,7 @@ def run_server(args: argparse.Namespace, config: Any, factory: Callable[[], Any]
     import uvicorn
 
     from seqpar.engine.async_llm import AsyncLLM
-    from seqpar.model import load_tokenizer
+    from seqpar.engine.tokenizer import LazyTokenizer
     from seqpar.server.app import Server, build_app
     from seqpar.server.metrics import ServerMetrics
     from seqpar.server.serving import ServerState
@@ -63,7 +63,9 @@ def run_server(args: argparse.Namespace, config: Any, factory: Callable[[], Any]
 
     engine = AsyncLLM(factory, restart=restart, on_dead=on_dead).start()  # raises ValueError on a bad model
     name = args.served_model_name or args.model
-    state = ServerState(engine, load_tokenizer(config.model), name, ServerMetrics(engine, name),
+    tokenizer = LazyTokenizer(config.model)
+    tokenizer.get_or_none()  # now, not in the first request; a model without one serves token ids
+    state = ServerState(engine, tokenizer, name, ServerMetrics(engine, name),
                         args.api_key or os.environ.get("SEQPAR_API_KEY") or None)
     uv_config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning",
                                timeout_graceful_shutdown=5)
@@ -85,7 +87,6 @@ def serve_torchrun(args: argparse.Namespace) -> int:
 
     from seqpar.cli import engine_config, fail, num_blocks
     from seqpar.engine.executor import serve_rank
-    from seqpar.model import load_tokenizer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:
@@ -98,9 +99,7 @@ def serve_torchrun(args: argparse.Namespace) -> int:
         # Agree on what may differ between machines (model files) before any rank loads.
         error, blocks = None, 0
         try:
-            blocks = num_blocks(config)
-            if rank == 0:
-                load_tokenizer(config.model)
+            blocks = num_blocks(config)  # the tokenizer is optional: a model without one serves token ids
         except ValueError as e:
             error = f"rank {rank}: {e}" if rank else str(e)
         errors: list[str | None] = [None] * world

@@ -85,7 +85,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     s.check_model(body.model)
     if any(t >= s.vocab_size for t in body.tokens):
         raise APIError(400, f"token ids must lie in [0, {s.vocab_size}) for this model", "tokens")
-    return {"prompt": s.tokenizer.decode(body.tokens)}
+    return {"prompt": s.decode(body.tokens, "/detokenize", "tokens")}
 
 
 @router.get("/metrics")

@@ -15,6 +15,7 @@ from fastapi import Request
 from seqpar.engine.async_llm import AsyncLLM, EngineDownError, RequestStream, RequestUpdate
 from seqpar.engine.outputs import RequestOutput
 from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.tokenizer import LazyTokenizer, TokenizerUnavailableError
 from seqpar.server.metrics import ServerMetrics
 from seqpar.server.protocol import APIError, ChatMessage, SamplingFields
 
@@ -22,7 +23,7 @@ from seqpar.server.protocol import APIError, ChatMessage, SamplingFields
 @dataclass
 class ServerState:
     engine: AsyncLLM
-    tokenizer: Any  # the server's own copy: the engine's belongs to the engine thread
+    tokenizer: LazyTokenizer  # the server's own copy: the engine's belongs to the engine thread
     model_name: str
     metrics: ServerMetrics
     api_key: str | None = None
@@ -39,16 +40,28 @@ class ServerState:
         if model is not None and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}", "model")
 
+    def need_tokenizer(self, need: str, param: str | None) -> Any:
+        """The tokenizer, or a 400 saying that `need` needs one (the model has no tokenizer files)."""
+        try:
+            return self.tokenizer.get(need)
+        except TokenizerUnavailableError as e:
+            raise APIError(400, str(e), param) from e
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return list(self.need_tokenizer("a text prompt", "prompt").encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], need: str = "decoding tokens", param: str | None = None) -> str:
+        return self.need_tokenizer(need, param).decode(ids)
 
     def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         """The conversation through the model's chat template, as `LLM.chat_prompt` renders it."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        tokenizer = self.need_tokenizer("a chat conversation", "messages")
+        if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt", "messages")
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
         try:
-            ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
+            ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                tokenize=True)
         except Exception as e:  # the template itself may refuse a conversation (jinja raise_exception)
             raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from e
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

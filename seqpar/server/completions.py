@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -11,8 +12,19 @@ from starlette.background import BackgroundTask
 from seqpar.engine.async_llm import EngineDownError, RequestStream, RequestUpdate
 from seqpar.engine.outputs import LogprobDict
 from seqpar.server.protocol import APIError, CompletionRequest
-from seqpar.server.serving import (SSE_DONE, ServerState, error_event, merged, request_id, sampling_params, sse, submit,
-                                   tracked, unless_disconnected, usage)
+from seqpar.server.serving import (
+    SSE_DONE,
+    ServerState,
+    error_event,
+    merged,
+    request_id,
+    sampling_params,
+    sse,
+    submit,
+    tracked,
+    unless_disconnected,
+    usage,
+)
 
 
 class LegacyLogprobs:

@@ -13,7 +13,13 @@ from fastapi.responses import JSONResponse, Response
 from seqpar.server.chat import create_chat_completion
 from seqpar.server.completions import create_completion
 from seqpar.server.metrics import CONTENT_TYPE
-from seqpar.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from seqpar.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from seqpar.server.serving import ServerState
 
 router = APIRouter()

@@ -7,8 +7,9 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any
 
 from fastapi import Request
 

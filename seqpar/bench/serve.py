@@ -152,6 +152,38 @@ def one_token(args: argparse.Namespace, server: RunningServer, prompt: str) -> d
             "target": 1.1, "met": h / g <= 1.1, "same_text": all(p["same_text"] for p in pairs)}
 
 
+def ttft_pairs(args: argparse.Namespace, eos_ids: list[int], workdir: Path, rows: list[dict[str, Any]],
+               warm: dict[str, Any]) -> dict[str, Any]:
+    """SP 1 and SP 2 up side by side, idle in turn: each row goes to one, then the other (the order
+    alternating), as a 1-token request, so the time is the time to first token. Pairs taken close
+    together see the same background load, which a whole level per server cannot promise."""
+    from seqpar.comm.launch import free_port
+
+    servers = {}
+    try:
+        for name in ("sp1", "sp2"):
+            port = free_port()
+            spec = server_specs(argparse.Namespace(**{**vars(args), "servers": name}), port, eos_ids)[0]
+            servers[name] = RunningServer(spec, port, workdir / f"{name}.pairs.server.log")
+            run_openai(servers[name].url + "/v1", "bench", [warm], 1)
+        pairs = []
+        for k, row in enumerate(rows):
+            order = ("sp1", "sp2") if k % 2 == 0 else ("sp2", "sp1")
+            times = {}
+            for name in order:
+                r = run_openai(servers[name].url + "/v1", "bench", [{**row, "output_tokens_count": 1}], 1)
+                times[name] = r["e2e_s"]["p50"] if r["requests"] else None
+            pairs.append({"first": order[0], **times})
+    finally:
+        for server in servers.values():
+            server.stop()
+    ok = [p for p in pairs if p["sp1"] and p["sp2"]]
+    t1, t2 = (statistics.median(p[n] for p in ok) for n in ("sp1", "sp2"))
+    return {"pairs": pairs, "sp1_median_s": t1, "sp2_median_s": t2, "ratio": t2 / t1,
+            "ratio_per_pair_median": statistics.median(p["sp2"] / p["sp1"] for p in ok), "target": 0.55,
+            "met": t2 / t1 <= 0.55}
+
+
 def code_version() -> str:
     """The seqpar commit measured (+dirty if its seqpar/ has uncommitted changes); $SEQPAR_COMMIT outside git."""
     root = Path(__file__).resolve().parents[2]
@@ -189,6 +221,8 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
         if name.startswith("sp") and top in per:
             errors = per[top].get("errors")  # None: the level did not run to the end
             out[f"{name}_errors_c{top}"] = {"errors": errors, "target": 0, "met": errors == 0}
+    if results.get("ttft_pairs"):
+        out["sp2_ttft_vs_sp1_paired"] = {k: results["ttft_pairs"][k] for k in ("ratio", "target", "met")}
     if results.get("one_token"):
         out["one_token_http_vs_generate"] = {k: results["one_token"][k] for k in ("ratio", "target", "met")}
     return out
@@ -262,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-venv", default=".venv-bench", help="the virtualenv holding guidellm and llama-cpp-python")
     p.add_argument("--one-token-pairs", type=int, default=5, help="paired 1-token HTTP / LLM.generate runs (0: none)")
     p.add_argument("--one-token-server", default="sp2", help="which seqpar server the 1-token check uses")
+    p.add_argument("--ttft-pairs", type=int, default=4,
+                   help="paired 1-token requests to SP 1 and SP 2 up side by side (0: none; needs sp1 and sp2)")
     p.add_argument("--workdir", default=None, help="keep logs, data and guidellm reports here (default: a temp dir)")
     p.add_argument("--json", default=None, help="results file (default: docs/serve-bench.json; '' for none)")
     p.add_argument("--plot", default=None, help="plot file (default: docs/serve-bench.png; '' for none)")
@@ -272,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.servers, args.concurrency, args.requests, args.driver = "sp1", "1,2", "2", "openai"
         args.prompt_tokens, args.output_tokens, args.one_token_pairs, args.one_token_server = 48, 4, 1, "sp1"
+        args.ttft_pairs = 0
         args.kv_cache_gb = 0.01
     if args.json is None:
         args.json = "" if args.quick else "docs/serve-bench.json"
@@ -281,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.model import load_tokenizer
     from seqpar.model.loader import resolve_model
 
-    concs = [int(c) for c in args.concurrency.split(",")]
-    counts = [int(n) for n in args.requests.split(",")]
+    concs = [int(c) for c in args.concurrency.split(",") if c]
+    counts = [int(n) for n in args.requests.split(",") if n]
     counts = counts * len(concs) if len(counts) == 1 else counts
-    if len(counts) != len(concs):
+    if len(counts) != len(concs) and concs:
         raise SystemExit(f"seqpar bench serve: --requests gives {len(counts)} counts for {len(concs)} levels")
     if LLAMA_CPP in args.servers.split(",") and args.gguf is None:
         args.gguf = str(resolve_model(args.model))
@@ -306,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         first += n
     warm = workload(tokenizer, 1, min(256, args.prompt_tokens), 4, first=0)[0]
     for spec in server_specs(args, port, eos_ids):
+        one = spec.name == args.one_token_server and args.one_token_pairs > 0
+        if not concs and not one:
+            continue
         print(f"seqpar bench serve: starting {spec.name}: {' '.join(spec.cmd)}", flush=True)
         server = RunningServer(spec, port, workdir / f"{spec.name}.server.log")
         try:
@@ -326,13 +366,19 @@ def main(argv: list[str] | None = None) -> int:
                     "requests", "errors", "ttft_s", "itl_ms", "e2e_s", "output_tokens_per_s", "output_tokens_min")}),
                     flush=True)
                 save(results, args.json)
-            if spec.name == args.one_token_server and args.one_token_pairs > 0 and server.proc.poll() is None:
-                results["one_token"] = one_token(args, server, levels[concs[0]][0]["prompt"])
+            if one and server.proc.poll() is None:
+                prompt = workload(tokenizer, 1, args.prompt_tokens, 1, first=first + args.ttft_pairs)[0]["prompt"]
+                results["one_token"] = one_token(args, server, prompt)
                 print("  one token: " + json.dumps({k: v for k, v in results["one_token"].items() if k != "pairs"}),
                       flush=True)
         finally:
             server.stop()
         save(results, args.json)
+    if args.ttft_pairs > 0 and {"sp1", "sp2"} <= set(args.servers.split(",")):
+        rows = workload(tokenizer, args.ttft_pairs, args.prompt_tokens, 1, first=first)
+        results["ttft_pairs"] = ttft_pairs(args, eos_ids, workdir, rows, warm)
+        print("  ttft pairs: " + json.dumps({k: v for k, v in results["ttft_pairs"].items() if k != "pairs"}),
+              flush=True)
     results["targets"] = targets(results)
     results["loadavg_end"] = os.getloadavg()
     print(table(results))

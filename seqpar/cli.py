@@ -20,10 +20,9 @@ import json
 import os
 import re
 import sys
-from datetime import timedelta
 from typing import Any
 
-from seqpar.engine.config import DECODE_MERGES, PREFILL_STRATEGIES, EngineConfig
+from seqpar.engine.config import DECODE_MERGES, DEVICES, PREFILL_STRATEGIES, EngineConfig
 from seqpar.engine.executor import EngineDeadError
 from seqpar.engine.kv_cache import SHARD_SCHEMES
 from seqpar.engine.sampling import SamplingParams
@@ -125,6 +124,9 @@ def add_engine_args(eng: Any) -> None:
     eng.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=True,
                      help="decode merges between ranks on one host through shared memory (default: on; "
                           "--no-shared-memory sends everything over the process group, as between hosts)")
+    eng.add_argument("--device", default="cpu", choices=DEVICES,
+                     help="where ranks keep the model and KV cache: cpu (gloo) or cuda (NCCL, one GPU per rank; "
+                          "written but not yet verified on a GPU: see scripts/gpu_check.sh) (default: cpu)")
     eng.add_argument("--rope-scaling", default=None, metavar="JSON",
                      help='replace the model\'s RoPE scaling, e.g. \'{"rope_type":"yarn","factor":4,'
                           '"original_max_position_embeddings":8192}\' (the context grows by the factor)')
@@ -140,7 +142,7 @@ def engine_config(args: argparse.Namespace, world: int | None = None) -> EngineC
                           kv_cache_gb=args.kv_cache_gb, num_threads=args.num_threads,
                           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           shared_memory=args.shared_memory, rope_scaling=rope_scaling_arg(args.rope_scaling),
-                          decode_split=args.decode_split)
+                          decode_split=args.decode_split, device=args.device)
     if world is not None and config.world_size != world:
         raise CLIError(f"--sp {config.sp_size} x --tp {config.tp_size} = {config.world_size} ranks, but torchrun "
                        f"started WORLD_SIZE={world} processes; make them equal")
@@ -273,6 +275,7 @@ def generate_torchrun(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from seqpar.comm.launch import join_group
     from seqpar.engine.executor import serve_rank
     from seqpar.engine.tokenizer import LazyTokenizer
 
@@ -284,7 +287,7 @@ def generate_torchrun(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail(e) if rank == 0 else 2
     torch.set_num_threads(config.threads_per_rank)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=config.step_timeout_s))
+    join_group(config.device, int(os.environ.get("LOCAL_RANK", 0)), config.step_timeout_s)  # gloo, or NCCL
     try:
         # Checks that depend on this machine (model files, the prompt file on rank 0) may differ
         # between ranks: agree on them before any rank starts loading, so none waits forever.

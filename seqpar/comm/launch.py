@@ -1,5 +1,6 @@
-"""Start W gloo ranks as fresh processes on this machine: the one launcher of the engine,
-the benchmarks and the tests.
+"""Start W ranks as fresh processes on this machine: the one launcher of the engine,
+the benchmarks and the tests. Ranks join a gloo group (CPU tensors) or, on GPUs, a NCCL
+group (`join_group`, also what torchrun's processes call).
 
 `start_ranks` spawns `target(rank, world, port, *args_of(rank))` in W daemonic processes
 (they die with the parent); each calls `init_local_rank` to join the group and set its
@@ -52,13 +53,29 @@ def start_ranks(
     return procs
 
 
-def init_local_rank(
-    rank: int, world: int, port: int, threads: int | None = None, timeout_s: float | None = None
-) -> None:
-    """In a started rank: `threads` threads (default cores / W), then join the gloo group on 127.0.0.1:`port`."""
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+def join_group(device: str = "cpu", local_rank: int = 0, timeout_s: float | None = None, **init: Any) -> None:
+    """Join the default process group: gloo for CPU tensors, NCCL for CUDA ones (`init`: init_process_group's
+    rendezvous arguments; none under torchrun, which sets them in the environment).
+
+    On cuda the process is first pinned to GPU `local_rank` of its host: NCCL's collectives, and the
+    object collectives that pickle through it (broadcast_object_list, gather_object), use the current device.
+    """
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} needs GPU {local_rank}, but this host shows "
+                               f"{torch.cuda.device_count()}: start at most one rank per GPU")
+        torch.cuda.set_device(local_rank)
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, **timeout)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", **init, **timeout)
+
+
+def init_local_rank(
+    rank: int, world: int, port: int, threads: int | None = None, timeout_s: float | None = None,
+    device: str = "cpu",
+) -> None:
+    """In a started rank: `threads` threads (default cores / W), then join the group on 127.0.0.1:`port`."""
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+    join_group(device, rank, timeout_s, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
 def stop_ranks(procs: list[BaseProcess], grace_s: float = 10.0) -> None:

@@ -17,6 +17,9 @@ PREFILL_STRATEGIES = (*CACHE_STRATEGIES, "auto")
 # In the attention library (seqpar.sp_attention) only: they attend whole prompts, not chunks over a cache.
 LIBRARY_ONLY = ("ulysses", "usp", "head_sharded")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# cpu: gloo, every path tested. cuda: NCCL, one GPU per rank; written but not yet run on a GPU
+# (scripts/gpu_check.sh is the check that would say it works).
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class EngineConfig:
     # Replaces the model's RoPE scaling (HF's rope_scaling dict, as vLLM's --rope-scaling), e.g.
     # {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 8192}; the context grows by the factor.
     rope_scaling: dict[str, Any] | None = None
+    # Where every rank keeps its model and KV cache; cuda: NCCL, rank i on GPU i of its host, no shared memory.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         def choice(name: str, value: str, options: tuple[str, ...]) -> None:
@@ -59,6 +64,12 @@ class EngineConfig:
         choice("decode_merge", self.decode_merge, DECODE_MERGES)
         choice("scheme", self.scheme, SHARD_SCHEMES)
         choice("dtype", self.dtype, tuple(DTYPES))
+        choice("device", self.device, DEVICES)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "device='cuda' but torch.cuda.is_available() is False here (a CPU-only torch build, or no GPU "
+                "visible); use device='cpu' (gloo, the tested path), or run on a machine with a GPU and a CUDA "
+                "build of torch")
         for name in ("sp_size", "tp_size", "block_size", "shard_blocks", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -93,7 +93,7 @@ def _watch_parent(parent_pid: int) -> None:
 def _rank_main(rank: int, world: int, port: int, config: EngineConfig, num_blocks: int, conn: Any, progress: Any,
                parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    init_local_rank(rank, world, port, config.threads_per_rank, config.step_timeout_s)
+    init_local_rank(rank, world, port, config.threads_per_rank, config.step_timeout_s, config.device)
     worker, error = _init_worker(config, num_blocks, progress)
     if conn is not None:
         conn.send(("error", error) if error else ("ok", None))

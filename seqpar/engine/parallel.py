@@ -91,7 +91,9 @@ class ShardedModel:
         self.mesh = mesh
         model, _ = load_model(config.model, config.torch_dtype, config.rope_scaling)
         if config.tp_size > 1:
-            parallelize_tp(model, mesh.tp_group)
+            parallelize_tp(model, mesh.tp_group)  # sliced on the host: a GPU never holds the whole model
+        if config.device != "cpu":
+            model.to(config.device)  # before the decode split, whose views must share the device copy
         self.model = model.eval()
         self.num_kv_heads_cached = model.model.layers[0].self_attn.num_kv_heads
         self.decode_model: LlamaForCausalLM | None = None

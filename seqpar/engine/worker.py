@@ -17,6 +17,7 @@ Results go to rank 0 and from there to the driver.
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -145,6 +146,14 @@ class StepPlan:
             packed.append(TokenLayout.from_runs(joined))
         self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, _slots(k_runs[me]))
 
+    def to(self, device: torch.device) -> None:
+        """Move what indexes the model's inputs and the cache to `device`. Layouts stay on the host:
+        the kernels read only their runs (ints); prefill_rows' positions pick output rows there."""
+        self.positions, self.write_rows, self.write_slots, self.short_slots = (
+            t.to(device) for t in (self.positions, self.write_rows, self.write_slots, self.short_slots))
+        if self.prefill:
+            self.keys = replace(self.keys, slots=self.keys.slots.to(device))
+
 
 class Worker:
     def __init__(self, config: EngineConfig, num_blocks: int, progress=None):
@@ -157,7 +166,8 @@ class Worker:
         row = max(mc.num_heads * (mc.head_dim + 1), mc.hidden_size) * 4
         largest = max(config.max_num_seqs * row, _RESULT_BYTES)
         self.exchange = self.world_exchange = None
-        if config.shared_memory:
+        # HostExchange copies CPU tensors through host memory; on cuda everything stays on the GPUs, over NCCL.
+        if config.shared_memory and config.device == "cpu":
             self.exchange = HostExchange.create(self.mesh.sp_group, largest, config.step_timeout_s)
             self.world_exchange = (self.exchange if config.tp_size == 1
                                    else HostExchange.create(None, _RESULT_BYTES, config.step_timeout_s))
@@ -165,7 +175,8 @@ class Worker:
         self.model = self.sharded.model
         self.placement = config.placement()
         self.cache = KVCache(mc.num_layers, num_blocks, config.block_size, self.sharded.num_kv_heads_cached,
-                             mc.head_dim, config.torch_dtype)
+                             mc.head_dim, config.torch_dtype, config.device)
+        self.device = torch.device(config.device)
         self.scale = mc.head_dim ** -0.5
         self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
         # Rank 0 samples (as vLLM's workers do): only token ids and asked-for log-probs go to the
@@ -180,6 +191,8 @@ class Worker:
     def step(self, msg: Step) -> StepResult:
         cfg, mesh = self.config, self.mesh
         plan = StepPlan(msg, self.placement, mesh.sp_rank)
+        if self.device.type != "cpu":
+            plan.to(self.device)
         nd = len(plan.decode)
         num_layers = self.model.config.num_layers
 
@@ -217,10 +230,11 @@ class Worker:
             model, attend = self.sharded.decode_model, split_attention
         result = StepResult()
         with torch.inference_mode():
-            hidden = model(torch.tensor(plan.ids, dtype=torch.long), plan.positions, attend)
+            hidden = model(torch.tensor(plan.ids, dtype=torch.long, device=self.device), plan.positions, attend)
             if self.reports:
                 if nd:  # this rank's vocabulary slice, for every decode row
-                    logits = self.model.compute_logits(hidden[:nd], self.vocab_slice)
+                    # on the host (a no-op on CPU): rank 0 samples there, and results are pickled
+                    logits = self.model.compute_logits(hidden[:nd], self.vocab_slice).cpu()
                     # clone: no shared storage to pickle
                     result.logits = {s.seq_id: logits[j].clone() for j, s in enumerate(plan.decode)}
                 self._prefill_outputs(plan, hidden[nd:], result)
@@ -263,12 +277,12 @@ class Worker:
             row += len(pos)
             end = s.start + len(s.token_ids)
             if s.logits and len(pos) and int(pos[-1]) == end - 1:
-                result.logits[s.seq_id] = self.model.compute_logits(h[-1:])[0]
+                result.logits[s.seq_id] = self.model.compute_logits(h[-1:])[0].cpu()
             if s.prompt_logprobs is not None:
                 keep = (pos < s.num_prompt_tokens - 1).nonzero().flatten()  # row at p predicts token p + 1
                 nxt = s.token_ids[1:] + [s.next_token if s.next_token is not None else -1]
                 targets = [nxt[p - s.start] for p in pos[keep].tolist()]
-                entries = prompt_logprobs_rows(lambda x: self.model.compute_logits(x), h[keep], targets,
+                entries = prompt_logprobs_rows(lambda x: self.model.compute_logits(x), h[keep.to(h.device)], targets,
                                                s.prompt_logprobs)
                 result.prompt_logprobs[s.seq_id] = {p + 1: e for p, e in zip(pos[keep].tolist(), entries)}
 

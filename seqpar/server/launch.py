@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import timedelta
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
@@ -86,6 +86,7 @@ def serve_torchrun(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from seqpar.cli import engine_config, fail, num_blocks
+    from seqpar.comm.launch import join_group
     from seqpar.engine.executor import serve_rank
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -94,7 +95,7 @@ def serve_torchrun(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail(e) if rank == 0 else 2
     torch.set_num_threads(config.threads_per_rank)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=config.step_timeout_s))
+    join_group(config.device, int(os.environ.get("LOCAL_RANK", 0)), config.step_timeout_s)  # gloo, or NCCL
     try:
         # Agree on what may differ between machines (model files) before any rank loads.
         error, blocks = None, 0

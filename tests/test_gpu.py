@@ -1,0 +1,127 @@
+"""The GPU paths (device="cuda": NCCL, model and KV cache on the GPU, the CUDA attention kernels)
+against the same references as the CPU tests. Where no GPU is visible they skip, saying so;
+`scripts/gpu_check.sh` runs them on a GPU machine and fails if they cannot run. Only the
+device checks at the end (a clear error for cuda without a GPU) run everywhere.
+
+Tolerances: fp32 on CUDA (the memory-efficient kernel; TF32 is off by torch's default) differs
+from the dense fp32 reference by summation order only, ~1e-6: 2e-5 as on CPU, with room. bf16 and
+fp16 go through the flash kernel: inputs are rounded to 8 (bf16) or 11 (fp16) mantissa bits and
+the output is stored in that type, ~2^-8 relative on outputs of magnitude ~1, so 3e-2; its LSE is
+accumulated in fp32 from the same rounded inputs, 1e-2. The engine in fp32 is held to
+test_engine's 1e-4 on prompt logprobs and to transformers' greedy tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar import LLM, TokenLayout, attention_with_lse, reference_attention
+from seqpar.engine.config import EngineConfig
+from test_cli import run_main
+from test_engine import _save, check_against_hf
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+needs_gpu = pytest.mark.skipif(GPUS < 1, reason="no CUDA GPU visible (torch.cuda.is_available() is False); "
+                               "scripts/gpu_check.sh runs these on a GPU machine")
+needs_2_gpus = pytest.mark.skipif(GPUS < 2, reason=f"SP 2 / TP 2 on cuda need 2 GPUs, {GPUS} visible")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def _ragged_case(hkv: int, d: int, order: str) -> tuple[torch.Tensor, ...]:
+    """A packed batch of 3 sequences (130, 5 and 37 tokens). Queries: every token, packed (runs of
+    stride 1 against the keys': the fused kernels' causal squares) or striped (stride 3: the masked
+    path). Keys: positions 86.. of the first sequence and all of the third; the second sequence's
+    queries (and, causal, the first's before 86) see no key: lse -inf, out 0."""
+    lens = [130, 5, 37]
+    seq = torch.tensor([s for s, n in enumerate(lens) for _ in range(n)])
+    pos = torch.tensor([p for n in lens for p in range(n)])
+    rows = list(range(len(seq)))
+    if order == "striped":
+        rows.sort(key=lambda i: (int(pos[i]) % 3, i))
+    qi, ki = torch.tensor(rows), torch.cat([torch.arange(86, 130), torch.arange(135, 172)])
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(len(seq), 6, d, generator=gen)[qi]
+    k = torch.randn(len(seq), hkv, d, generator=gen)[ki]
+    v = torch.randn(len(seq), hkv, d, generator=gen)[ki]
+    return q, k, v, TokenLayout.build(seq[qi], pos[qi]), TokenLayout.build(seq[ki], pos[ki])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype, atol, lse_atol", [
+    (torch.float32, 2e-5, 2e-5), (torch.bfloat16, 3e-2, 1e-2), (torch.float16, 3e-2, 1e-2)])
+@pytest.mark.parametrize("hkv", [1, 2, 6])  # MQA, GQA, MHA: the CUDA kernels repeat kv heads
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("order", ["packed", "striped"])
+def test_cuda_attention_matches_reference(dtype, atol, lse_atol, hkv, causal, order):
+    q, k, v, ql, kl = _ragged_case(hkv, 64, order)
+    out, lse = attention_with_lse(*(t.to("cuda", dtype) for t in (q, k, v)), ql, kl, causal)
+    assert out.device.type == "cuda" and out.dtype == dtype and lse.dtype == torch.float32
+    # the reference in fp32 on the host, from the same rounded inputs
+    ref_out, ref_lse = reference_attention(*(t.to(dtype).float() for t in (q, k, v)), ql, kl, causal)
+    out, lse = out.cpu().float(), lse.cpu()
+    blind = torch.isinf(ref_lse)  # rows that see no key
+    assert blind.any() and torch.equal(torch.isinf(lse), blind) and (lse[blind] < 0).all()
+    assert (out[blind] == 0).all() and not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=0)
+    torch.testing.assert_close(lse[~blind], ref_lse[~blind], atol=lse_atol, rtol=0)
+
+
+@needs_gpu
+def test_cuda_decode_block_matches_reference():
+    """One query over 5000 keys (a decode row): on CUDA the fused kernel, not the CPU few-queries path."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 8, 64, generator=gen), torch.randn(5000, 2, 64, generator=gen), \
+        torch.randn(5000, 2, 64, generator=gen)
+    ql, kl = TokenLayout.build([0], [5000]), TokenLayout.build([0] * 5000, list(range(5000)))
+    out, lse = attention_with_lse(q.cuda(), k.cuda(), v.cuda(), ql, kl, False)
+    ref_out, ref_lse = reference_attention(q, k, v, ql, kl, False)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("budget", [2048, 5])  # whole prompts; chunks smaller than a prompt
+def test_engine_on_cuda_matches_hf_sp1(llama, budget):
+    check_against_hf(*llama, device="cuda", max_num_batched_tokens=budget)
+
+
+# SP 2 over NCCL: each prefill strategy, the decode merges over the process group (shared memory
+# is asked for and must be turned off on cuda), decode steps split or whole.
+@needs_2_gpus
+@pytest.mark.parametrize("strategy, merge, budget, split", [
+    ("ring", "allgather", 2048, True), ("pass_q", "alltoall", 3, False), ("allgather", "tree", 2048, False),
+    ("auto", "alltoall", 6, True)])
+def test_engine_on_cuda_matches_hf_sp2(llama, strategy, merge, budget, split):
+    check_against_hf(*llama, device="cuda", sp_size=2, strategy=strategy, decode_merge=merge, shared_memory=True,
+                     max_num_batched_tokens=budget, decode_split=split)
+
+
+@needs_2_gpus
+def test_engine_on_cuda_tensor_parallel_matches_hf(llama):
+    check_against_hf(*llama, device="cuda", tp_size=2, decode_merge="tree")
+
+
+@needs_gpu
+def test_more_ranks_than_gpus_is_a_clear_error(llama):
+    with pytest.raises(ValueError, match=r"one rank per GPU .* use at most"):
+        LLM(model=llama[1], sp_size=GPUS + 1, device="cuda")
+
+
+# ---- these run everywhere ------------------------------------------------------------------
+
+def test_unknown_device_names_the_choices():
+    with pytest.raises(ValueError, match=r"device='tpu' is not supported; choose one of cpu, cuda"):
+        EngineConfig(device="tpu")
+
+
+@pytest.mark.skipif(GPUS > 0, reason="a GPU is visible: device='cuda' is valid here")
+def test_cuda_without_gpu_is_a_clear_error(capsys):
+    with pytest.raises(ValueError, match=r"device='cuda' but torch.cuda.is_available\(\) is False.*device='cpu'"):
+        EngineConfig(device="cuda")
+    rc, out, err = run_main(capsys, ["generate", "--prompt", "hi", "--device", "cuda"])
+    assert rc == 2 and out == "" and "device='cuda'" in err and err.count("\n") == 1, err

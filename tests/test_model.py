@@ -111,8 +111,8 @@ def test_from_hf_rejects_unsupported_architecture_by_name() -> None:
 @pytest.mark.parametrize(("changes", "message"), [
     ({"num_key_value_heads": 3}, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-     "rope scaling type 'yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}},
+     "rope scaling type 'longrope' is not supported"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
      r"llama3 rope scaling lacks \['low_freq_factor', 'high_freq_factor'\]"),
     ({"eos_token_id": 500}, r"special token id 500 is outside the vocabulary \[0, 101\)"),

@@ -21,7 +21,10 @@ from seqpar.sharding.plan import SCHEMES
 BATCHES = ([1, 7, 2, 13], [3], [20, 5])  # ragged, lengths 1, shorter than the world
 HEADS = ((12, 12), (12, 4), (12, 1))  # GQA ratios 1, 3 and MQA
 D = 16
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# fp32: blockwise attention merged by LSE reorders the sums of one softmax; on O(1) random inputs that
+# moves outputs by ~1e-6, and PyTorch's CPU flash kernel adds its fast exp (up to 7.8e-5 seen in one
+# full-suite run); a wrong mask or position moves them by >1e-2. bf16: 8 mantissa bits.
+TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2}
 
 
 def make_qkv(seq_lens: list[int], hq: int, hkv: int, dtype: torch.dtype, seed: int):

@@ -9,8 +9,15 @@ from seqpar.strategies.decode import decode_attention
 from seqpar.strategies.head_sharded import head_sharded_attention
 
 __all__ = [
-    "ShardPlan", "TokenLayout", "sp_attention", "STRATEGIES", "attention_with_lse", "reference_attention",
-    "merge_states", "decode_attention", "head_sharded_attention",
+    "ShardPlan",
+    "TokenLayout",
+    "sp_attention",
+    "STRATEGIES",
+    "attention_with_lse",
+    "reference_attention",
+    "merge_states",
+    "decode_attention",
+    "head_sharded_attention",
 ]
 
 from seqpar.engine.llm import LLM  # noqa: E402

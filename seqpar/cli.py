@@ -30,9 +30,27 @@ from seqpar.engine.sampling import SamplingParams
 BENCHES = ("attention", "engine", "core", "decode", "serve")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 # EngineConfig field -> the flag that sets it, so an engine error names what the user typed.
-ENGINE_FLAGS = {"sp_size": "--sp", "tp_size": "--tp", **{name: "--" + name.replace("_", "-") for name in (
-    "model", "strategy", "decode_merge", "scheme", "shard_blocks", "block_size", "max_num_batched_tokens",
-    "kv_cache_gb", "num_threads", "max_model_len", "max_num_seqs", "rope_scaling")}}
+ENGINE_FLAGS = {
+    "sp_size": "--sp",
+    "tp_size": "--tp",
+    **{
+        name: "--" + name.replace("_", "-")
+        for name in (
+            "model",
+            "strategy",
+            "decode_merge",
+            "scheme",
+            "shard_blocks",
+            "block_size",
+            "max_num_batched_tokens",
+            "kv_cache_gb",
+            "num_threads",
+            "max_model_len",
+            "max_num_seqs",
+            "rope_scaling",
+        )
+    },
+}
 
 
 class CLIError(ValueError):
@@ -44,108 +62,196 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqpar", description="Exact sequence-parallel long-context LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench,demo,plan}")
 
-    gen = sub.add_parser("generate", help="generate from one prompt", description=(
-        "Generate from one prompt with the KV cache sharded over --sp ranks. Streams the answer to stdout and "
-        "prints prompt tokens, time to first token, decode tokens/s and KV bytes per rank to stderr. Under "
-        "torchrun, run one process per rank: torchrun --nproc-per-node N -m seqpar generate --sp N ..."))
+    gen = sub.add_parser(
+        "generate",
+        help="generate from one prompt",
+        description=(
+            "Generate from one prompt with the KV cache sharded over --sp ranks. Streams the answer to stdout and "
+            "prints prompt tokens, time to first token, decode tokens/s and KV bytes per rank to stderr. Under "
+            "torchrun, run one process per rank: torchrun --nproc-per-node N -m seqpar generate --sp N ..."
+        ),
+    )
     add_engine_args(gen.add_argument_group("engine"))
     req = gen.add_argument_group("request")
     src = req.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="the prompt")
     src.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file ('-' = stdin)")
-    req.add_argument("--chat", action="store_true",
-                     help="wrap the prompt as a user message in the model's chat template")
+    req.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template"
+    )
     req.add_argument("--max-tokens", type=int, default=64, metavar="K", help="tokens to generate at most (default: 64)")
     req.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default: 1)")
     req.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1 = off)")
-    req.add_argument("--top-k", type=int, default=-1, metavar="K",
-                     help="sample among the K likeliest (default: -1 = off)")
+    req.add_argument(
+        "--top-k", type=int, default=-1, metavar="K", help="sample among the K likeliest (default: -1 = off)"
+    )
     req.add_argument("--seed", type=int, default=None, metavar="S", help="seed of this request's sampling")
     req.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, figures) instead")
 
-    bench = sub.add_parser("bench", help="benchmarks", description=(
-        "seqpar bench attention [...]: every SP strategy against one process. "
-        "seqpar bench engine [...]: the engine end to end. Arguments after the name go to the benchmark; "
-        "see seqpar bench NAME --help."))
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks",
+        description=(
+            "seqpar bench attention [...]: every SP strategy against one process. "
+            "seqpar bench engine [...]: the engine end to end. Arguments after the name go to the benchmark; "
+            "see seqpar bench NAME --help."
+        ),
+    )
     bench.add_argument("name", choices=BENCHES)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
 
-    demo = sub.add_parser("demo", help="find a needle in a ~4K-token document at SP 2", description=(
-        "SmolLM2-135M-Instruct answers a question whose answer is hidden mid-way through a ~4K-token document, "
-        "with the prompt sharded over --sp ranks; prints the answer and the figures."))
+    demo = sub.add_parser(
+        "demo",
+        help="find a needle in a ~4K-token document at SP 2",
+        description=(
+            "SmolLM2-135M-Instruct answers a question whose answer is hidden mid-way through a ~4K-token document, "
+            "with the prompt sharded over --sp ranks; prints the answer and the figures."
+        ),
+    )
     demo.add_argument("--sp", type=int, default=2, metavar="N", help="sequence-parallel ranks (default: 2)")
 
     from seqpar.server.launch import add_serve_args
 
-    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server", description=(
-        "Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...). "
-        "Under torchrun, rank 0 serves HTTP: torchrun --nproc-per-node N -m seqpar serve --sp N ..."))
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server",
+        description=(
+            "Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...). "
+            "Under torchrun, rank 0 serves HTTP: torchrun --nproc-per-node N -m seqpar serve --sp N ..."
+        ),
+    )
     add_engine_args(serve.add_argument_group("engine"))
     add_serve_args(serve.add_argument_group("server"))
 
     from seqpar.costmodel.command import add_plan_args
 
-    add_plan_args(sub.add_parser("plan", help="predict prefill, decode and memory of every layout of a cluster",
-                                 description="Predicted TTFT, decode ms/token, KV bytes per rank and longest context "
-                                 "of every layout (TP inside a node x CP across nodes) and strategy; "
-                                 "marks the chosen one."))
+    add_plan_args(
+        sub.add_parser(
+            "plan",
+            help="predict prefill, decode and memory of every layout of a cluster",
+            description="Predicted TTFT, decode ms/token, KV bytes per rank and longest context "
+            "of every layout (TP inside a node x CP across nodes) and strategy; "
+            "marks the chosen one.",
+        )
+    )
     return parser
 
 
 def add_engine_args(eng: Any) -> None:
     """The engine flags, shared by `generate` and `serve`."""
-    eng.add_argument("--model", default="smollm2-135m",
-                     help="known model name, GGUF file or HF directory (default: %(default)s)")
-    eng.add_argument("--sp", type=int, default=None, metavar="N",
-                     help="sequence-parallel ranks (default: 1; under torchrun WORLD_SIZE / tp)")
+    eng.add_argument(
+        "--model", default="smollm2-135m", help="known model name, GGUF file or HF directory (default: %(default)s)"
+    )
+    eng.add_argument(
+        "--sp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sequence-parallel ranks (default: 1; under torchrun WORLD_SIZE / tp)",
+    )
     eng.add_argument("--tp", type=int, default=1, metavar="K", help="tensor-parallel ranks per SP rank (default: 1)")
     eng.add_argument("--strategy", default="ring", choices=PREFILL_STRATEGIES, help="prefill attention across SP ranks")
-    eng.add_argument("--decode-merge", default="allgather", choices=DECODE_MERGES,
-                     help="how decode merges partial attention")
-    eng.add_argument("--scheme", default="zigzag", choices=SHARD_SCHEMES,
-                     help="how positions are spread over SP ranks, in units of --shard-blocks KV blocks "
-                          "(default: zigzag)")
-    eng.add_argument("--shard-blocks", type=int, default=16, metavar="B",
-                     help="KV blocks per shard unit: consecutive positions one SP rank holds (default: 16)")
+    eng.add_argument(
+        "--decode-merge", default="allgather", choices=DECODE_MERGES, help="how decode merges partial attention"
+    )
+    eng.add_argument(
+        "--scheme",
+        default="zigzag",
+        choices=SHARD_SCHEMES,
+        help="how positions are spread over SP ranks, in units of --shard-blocks KV blocks (default: zigzag)",
+    )
+    eng.add_argument(
+        "--shard-blocks",
+        type=int,
+        default=16,
+        metavar="B",
+        help="KV blocks per shard unit: consecutive positions one SP rank holds (default: 16)",
+    )
     eng.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")
-    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                     help="reuse the KV of cached prompt prefixes (default: on)")
-    eng.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
-                     help="tokens per step across the SP group; longer prompts prefill in chunks (default: 2048)")
+    eng.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of cached prompt prefixes (default: on)",
+    )
+    eng.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="tokens per step across the SP group; longer prompts prefill in chunks (default: 2048)",
+    )
     eng.add_argument("--kv-cache-gb", type=float, default=1.0, metavar="G", help="KV cache per rank, GiB (default: 1)")
-    eng.add_argument("--num-threads", type=int, default=None, metavar="T",
-                     help="threads per rank (default: cores / ranks)")
-    eng.add_argument("--max-model-len", type=int, default=None, metavar="L",
-                     help="tokens per sequence at most, prompt + output (default: the model's context)")
-    eng.add_argument("--max-num-seqs", type=int, default=64, metavar="S",
-                     help="requests in one batch at most (default: 64)")
-    eng.add_argument("--decode-split", action=argparse.BooleanOptionalAction, default=True,
-                     help="decode-only steps split the linear layers over the SP ranks (default: on)")
-    eng.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=True,
-                     help="decode merges between ranks on one host through shared memory (default: on; "
-                          "--no-shared-memory sends everything over the process group, as between hosts)")
-    eng.add_argument("--device", default="cpu", choices=DEVICES,
-                     help="where ranks keep the model and KV cache: cpu (gloo) or cuda (NCCL, one GPU per rank; "
-                          "written but not yet verified on a GPU: see scripts/gpu_check.sh) (default: cpu)")
-    eng.add_argument("--rope-scaling", default=None, metavar="JSON",
-                     help='replace the model\'s RoPE scaling, e.g. \'{"rope_type":"yarn","factor":4,'
-                          '"original_max_position_embeddings":8192}\' (the context grows by the factor)')
+    eng.add_argument(
+        "--num-threads", type=int, default=None, metavar="T", help="threads per rank (default: cores / ranks)"
+    )
+    eng.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        metavar="L",
+        help="tokens per sequence at most, prompt + output (default: the model's context)",
+    )
+    eng.add_argument(
+        "--max-num-seqs", type=int, default=64, metavar="S", help="requests in one batch at most (default: 64)"
+    )
+    eng.add_argument(
+        "--decode-split",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode-only steps split the linear layers over the SP ranks (default: on)",
+    )
+    eng.add_argument(
+        "--shared-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode merges between ranks on one host through shared memory (default: on; "
+        "--no-shared-memory sends everything over the process group, as between hosts)",
+    )
+    eng.add_argument(
+        "--device",
+        default="cpu",
+        choices=DEVICES,
+        help="where ranks keep the model and KV cache: cpu (gloo) or cuda (NCCL, one GPU per rank; "
+        "written but not yet verified on a GPU: see scripts/gpu_check.sh) (default: cpu)",
+    )
+    eng.add_argument(
+        "--rope-scaling",
+        default=None,
+        metavar="JSON",
+        help='replace the model\'s RoPE scaling, e.g. \'{"rope_type":"yarn","factor":4,'
+        '"original_max_position_embeddings":8192}\' (the context grows by the factor)',
+    )
 
 
 def engine_config(args: argparse.Namespace, world: int | None = None) -> EngineConfig:
     """The EngineConfig `args` ask for; `world` = WORLD_SIZE under torchrun, which it must match."""
     sp = args.sp if args.sp is not None else (world // args.tp if world and args.tp > 0 else 1)
-    config = EngineConfig(model=args.model, sp_size=sp, tp_size=args.tp, strategy=args.strategy,
-                          decode_merge=args.decode_merge, scheme=args.scheme, shard_blocks=args.shard_blocks,
-                          block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_cache_gb=args.kv_cache_gb, num_threads=args.num_threads,
-                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                          shared_memory=args.shared_memory, rope_scaling=rope_scaling_arg(args.rope_scaling),
-                          decode_split=args.decode_split, device=args.device)
+    config = EngineConfig(
+        model=args.model,
+        sp_size=sp,
+        tp_size=args.tp,
+        strategy=args.strategy,
+        decode_merge=args.decode_merge,
+        scheme=args.scheme,
+        shard_blocks=args.shard_blocks,
+        block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_gb=args.kv_cache_gb,
+        num_threads=args.num_threads,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        shared_memory=args.shared_memory,
+        rope_scaling=rope_scaling_arg(args.rope_scaling),
+        decode_split=args.decode_split,
+        device=args.device,
+    )
     if world is not None and config.world_size != world:
-        raise CLIError(f"--sp {config.sp_size} x --tp {config.tp_size} = {config.world_size} ranks, but torchrun "
-                       f"started WORLD_SIZE={world} processes; make them equal")
+        raise CLIError(
+            f"--sp {config.sp_size} x --tp {config.tp_size} = {config.world_size} ranks, but torchrun "
+            f"started WORLD_SIZE={world} processes; make them equal"
+        )
     return config
 
 
@@ -155,15 +261,16 @@ def rope_scaling_arg(text: str | None) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise CLIError(f"--rope-scaling is not JSON ({e}); e.g. '{{\"rope_type\":\"yarn\",\"factor\":4}}'") from e
+        raise CLIError(f'--rope-scaling is not JSON ({e}); e.g. \'{{"rope_type":"yarn","factor":4}}\'') from e
     if not isinstance(value, dict):
         raise CLIError(f"--rope-scaling must be a JSON object, got {text!r}")
     return value
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          seed=args.seed, max_tokens=args.max_tokens)
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens
+    )
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -217,8 +324,11 @@ def run_request(llm: Any, args: argparse.Namespace, text: str) -> None:
     if args.json:
         out = llm.generate(prompt, params)[0]
         done = out.outputs[0]
-        print(json.dumps({"text": done.text, "token_ids": done.token_ids, "finish_reason": done.finish_reason,
-                          **out.metrics}))
+        print(
+            json.dumps(
+                {"text": done.text, "token_ids": done.token_ids, "finish_reason": done.finish_reason, **out.metrics}
+            )
+        )
         return
     last = ""
     with PrefillBar() as bar:
@@ -238,13 +348,15 @@ def summary(out: Any) -> str:
     m = out.metrics
     rate = m["decode_tokens_per_s"]
     kv = m["kv_cache_bytes_per_rank"] or []
-    return "\n".join([
-        f"prompt tokens        {m['prompt_tokens']}",
-        f"output tokens        {m['output_tokens']} (finish: {out.outputs[0].finish_reason})",
-        f"time to first token  {m['time_to_first_token_s']:.3f} s",
-        f"decode               {'n/a (one token)' if rate is None else f'{rate:.2f} tokens/s'}",
-        f"KV cache per rank    {', '.join(f'{b / 2**20:.2f} MiB' for b in kv)} ({len(kv)} SP ranks)",
-    ])
+    return "\n".join(
+        [
+            f"prompt tokens        {m['prompt_tokens']}",
+            f"output tokens        {m['output_tokens']} (finish: {out.outputs[0].finish_reason})",
+            f"time to first token  {m['time_to_first_token_s']:.3f} s",
+            f"decode               {'n/a (one token)' if rate is None else f'{rate:.2f} tokens/s'}",
+            f"KV cache per rank    {', '.join(f'{b / 2**20:.2f} MiB' for b in kv)} ({len(kv)} SP ranks)",
+        ]
+    )
 
 
 def generate(args: argparse.Namespace) -> int:

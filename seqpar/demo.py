@@ -55,8 +55,10 @@ def main(sp_size: int = 2, model: str = "smollm2-135m") -> int:
     with LLM(model, sp_size=sp_size) as llm:
         prompt = llm.chat_prompt(conversation(doc))
         doc_tokens = len(llm.get_tokenizer().encode(doc, add_special_tokens=False))
-        print(f"document: seqpar/data/harrowmere.txt, {doc_tokens} tokens with the needle at paragraph "
-              f"{where + 1} of {paragraphs}: {NEEDLE!r}")
+        print(
+            f"document: seqpar/data/harrowmere.txt, {doc_tokens} tokens with the needle at paragraph "
+            f"{where + 1} of {paragraphs}: {NEEDLE!r}"
+        )
         print(f"question: {QUESTION!r} (asked before and after the document; {len(prompt)} prompt tokens)\n")
         out = answer(llm, prompt)
     text = out.outputs[0].text.strip()
@@ -83,17 +85,23 @@ def exactness(out: Any, ref: Any, sp_size: int) -> tuple[bool, str]:
     """Compare the SP run with the 1-rank run: tokens, log-probs of the chosen tokens, KV bytes per rank."""
     got, want = out.outputs[0], ref.outputs[0]
     kv_sp, kv_one = out.metrics["kv_cache_bytes_per_rank"], ref.metrics["kv_cache_bytes_per_rank"]
-    kv = (f"KV cache per rank: {', '.join(f'{b / 2**20:.1f}' for b in kv_sp)} MiB at SP {sp_size}, "
-          f"{kv_one[0] / 2**20:.1f} MiB on 1 rank")
+    kv = (
+        f"KV cache per rank: {', '.join(f'{b / 2**20:.1f}' for b in kv_sp)} MiB at SP {sp_size}, "
+        f"{kv_one[0] / 2**20:.1f} MiB on 1 rank"
+    )
     if got.token_ids != want.token_ids:
-        n = next((i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b),
-                 min(len(got.token_ids), len(want.token_ids)))
+        n = next(
+            (i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b),
+            min(len(got.token_ids), len(want.token_ids)),
+        )
         return False, f"NOT exact: the tokens differ from token {n} on (1 rank answered {want.text.strip()!r})\n{kv}"
     diff = max(abs(a[t].logprob - b[t].logprob) for t, a, b in zip(got.token_ids, got.logprobs, want.logprobs))
     if diff > LOGPROB_TOLERANCE:
         return False, f"NOT exact: same tokens, but log-probs differ by up to {diff:.1e}\n{kv}"
-    return True, (f"exact: SP {sp_size} gave the same {len(got.token_ids)} tokens as 1 rank, their log-probs within "
-                  f"{diff:.1e} (fp32 rounding; sequence-parallel attention is exact, not an approximation)\n{kv}")
+    return True, (
+        f"exact: SP {sp_size} gave the same {len(got.token_ids)} tokens as 1 rank, their log-probs within "
+        f"{diff:.1e} (fp32 rounding; sequence-parallel attention is exact, not an approximation)\n{kv}"
+    )
 
 
 if __name__ == "__main__":

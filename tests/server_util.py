@@ -22,14 +22,16 @@ from test_model_helpers import VOCAB, tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Words w0..w100 are the tokens; the template wraps each message in w3 ... w4 and asks with w5.
-CHAT_TEMPLATE = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
-                 "{% if add_generation_prompt %}w5{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}{% if add_generation_prompt %}w5{% endif %}"
+)
 
 
 def save_tiny_chat_model(path: Path, context: int = 256) -> str:
     """The engine tests' tiny Llama (12 q / 2 kv heads), with a word tokenizer and a chat template."""
-    tiny_hf_model("llama", seed=3, hidden_size=96, num_attention_heads=12, num_key_value_heads=2,
-                  max_position_embeddings=context).save_pretrained(path)
+    tiny_hf_model(
+        "llama", seed=3, hidden_size=96, num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=context
+    ).save_pretrained(path)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2")
@@ -52,15 +54,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
 class Server:
     """`python -m seqpar serve ...` on a free port; stopped with SIGTERM (then SIGKILL) on exit."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, startup_timeout: float = 120.0,
-                 launcher: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 120.0,
+        launcher: tuple[str, ...] = (),
+    ):
         """`launcher`: a command that runs `-m seqpar serve ...` for us, e.g. torchrun's."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.devnull, "w") if os.environ.get("SEQPAR_TEST_QUIET") else None
         self.proc = subprocess.Popen(
             [*(launcher or (sys.executable,)), "-m", "seqpar", "serve", "--port", str(self.port), *args],
-            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=self.log, text=True)
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
         self.ready_line = self._wait_ready(startup_timeout)
 
     def _wait_ready(self, timeout: float) -> str:
@@ -132,8 +144,8 @@ def children(pid: int, needle: str = "") -> list[int]:
             continue
         try:
             stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            state = stat[stat.rindex(")") + 2:].split()[0]
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            state = stat[stat.rindex(")") + 2 :].split()[0]
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ValueError):
             continue
@@ -147,4 +159,4 @@ def alive(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"

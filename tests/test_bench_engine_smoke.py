@@ -63,6 +63,14 @@ def test_bench_engine_quick(tmp_path, capsys):
     assert "first token hf-2t == sp1-1t" in s["exact"]
 
     # the printed report has every table and the targets
-    for text in ("Time to first token", "Decode", "KV cache bytes per rank", "Exactness", "Targets",
-                 "seqpar SP 2 (ring, zigzag)", "transformers, 2 threads", "decode merge tree"):
+    for text in (
+        "Time to first token",
+        "Decode",
+        "KV cache bytes per rank",
+        "Exactness",
+        "Targets",
+        "seqpar SP 2 (ring, zigzag)",
+        "transformers, 2 threads",
+        "decode merge tree",
+    ):
         assert text in printed, text

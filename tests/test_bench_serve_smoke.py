@@ -19,8 +19,19 @@ from server_util import save_tiny_chat_model
 def test_bench_serve_quick(tmp_path, capsys):
     model = save_tiny_chat_model(tmp_path / "tiny")
     out, png = tmp_path / "serve.json", tmp_path / "serve.png"
-    rc = serve.main(["--quick", "--model", model, "--workdir", str(tmp_path / "work"), "--json", str(out),
-                     "--plot", str(png) if _has_matplotlib() else ""])
+    rc = serve.main(
+        [
+            "--quick",
+            "--model",
+            model,
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+            "--plot",
+            str(png) if _has_matplotlib() else "",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     data = json.loads(out.read_text())
@@ -55,19 +66,39 @@ def test_percentile_is_nearest_rank():
 def test_parse_guidellm_report(tmp_path):
     def request(start: float, ttft: float, n: int, itl: float) -> dict:
         first = start + ttft
-        return {"info": {"timings": {"request_start": start, "first_token_iteration": first,
-                                     "last_token_iteration": first + (n - 1) * itl,
-                                     "request_end": first + (n - 1) * itl + 0.01}, "error": None},
-                "input_metrics": {"text_tokens": 100}, "output_metrics": {"text_tokens": n}}
+        return {
+            "info": {
+                "timings": {
+                    "request_start": start,
+                    "first_token_iteration": first,
+                    "last_token_iteration": first + (n - 1) * itl,
+                    "request_end": first + (n - 1) * itl + 0.01,
+                },
+                "error": None,
+            },
+            "input_metrics": {"text_tokens": 100},
+            "output_metrics": {"text_tokens": n},
+        }
 
     pcts = {"percentiles": {"p50": 1.0, "p99": 2.0}}
-    report = {"benchmarks": [{
-        "duration": 10.0,
-        "requests": {"successful": [request(0.0, 1.0, 5, 0.1), request(1.0, 3.0, 5, 0.3)],
-                     "errored": [{"info": {"error": "boom"}}]},
-        "metrics": {"request_totals": {"successful": 2, "errored": 1, "incomplete": 0, "total": 3},
-                    **{k: {"successful": pcts} for k in ("time_to_first_token_ms", "inter_token_latency_ms",
-                                                         "request_latency")}}}]}
+    report = {
+        "benchmarks": [
+            {
+                "duration": 10.0,
+                "requests": {
+                    "successful": [request(0.0, 1.0, 5, 0.1), request(1.0, 3.0, 5, 0.3)],
+                    "errored": [{"info": {"error": "boom"}}],
+                },
+                "metrics": {
+                    "request_totals": {"successful": 2, "errored": 1, "incomplete": 0, "total": 3},
+                    **{
+                        k: {"successful": pcts}
+                        for k in ("time_to_first_token_ms", "inter_token_latency_ms", "request_latency")
+                    },
+                },
+            }
+        ]
+    }
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
     r = parse_guidellm(path)

@@ -77,9 +77,14 @@ def _seq(sid: int, tokens: list[int], **params) -> Sequence:
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["alloc", "compute", "free"]), st.integers(0, 5), st.integers(1, 30)),
-                    max_size=60),
-       num_blocks=st.integers(1, 10), world=st.integers(1, 3), prefix=st.booleans())
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["alloc", "compute", "free"]), st.integers(0, 5), st.integers(1, 30)), max_size=60
+    ),
+    num_blocks=st.integers(1, 10),
+    world=st.integers(1, 3),
+    prefix=st.booleans(),
+)
 def test_books_balance_under_any_sequence_of_operations(ops, num_blocks, world, prefix):
     bm = BlockManager(Placement(world, 2, 1), num_blocks, prefix)
     seqs: dict[int, Sequence] = {}

@@ -40,14 +40,17 @@ def test_bench_forwards_its_arguments(monkeypatch):
     assert seen == [["--help", "--tokens", "8"]]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", "  "], "the prompt is empty"),
-    (["--prompt", "hi", "--model", "no-such-model"], "'no-such-model' is neither a known model name"),
-    (["--prompt", "hi", "--sp", "0"], "sp_size must be >= 1"),
-    (["--prompt-file", "/no/such/prompt.txt"], "cannot read --prompt-file '/no/such/prompt.txt'"),
-    (["--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--prompt", "hi", "--kv-cache-gb", "0.000001"], "--kv-cache-gb 1e-06 gives"),  # the flag, not the field
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "  "], "the prompt is empty"),
+        (["--prompt", "hi", "--model", "no-such-model"], "'no-such-model' is neither a known model name"),
+        (["--prompt", "hi", "--sp", "0"], "sp_size must be >= 1"),
+        (["--prompt-file", "/no/such/prompt.txt"], "cannot read --prompt-file '/no/such/prompt.txt'"),
+        (["--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--prompt", "hi", "--kv-cache-gb", "0.000001"], "--kv-cache-gb 1e-06 gives"),  # the flag, not the field
+    ],
+)
 def test_bad_input_exits_2_with_one_line(capsys, args, message):
     rc, out, err = run_main(capsys, ["generate"] + args)
     assert rc == 2 and out == ""
@@ -55,8 +58,9 @@ def test_bad_input_exits_2_with_one_line(capsys, args, message):
 
 
 def test_failed_rank_is_reported_in_one_line(capsys):
-    error = ("a rank failed; the engine is stopped:\nrank 1:\nTraceback (most recent call last):\n  ...\n"
-             "ValueError: boom\n")
+    error = (
+        "a rank failed; the engine is stopped:\nrank 1:\nTraceback (most recent call last):\n  ...\nValueError: boom\n"
+    )
     assert cli.fail(error) == 2
     assert capsys.readouterr().err == "seqpar: error: a rank failed; the engine is stopped: ValueError: boom\n"
 
@@ -69,8 +73,12 @@ def test_world_size_mismatch_under_torchrun(capsys, monkeypatch):
 
 
 def test_entry_point_error_has_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "seqpar", "generate", "--prompt", "hi", "--sp", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "seqpar", "generate", "--prompt", "hi", "--sp", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "seqpar: error: sp_size must be >= 1, got 0"
 
@@ -99,9 +107,13 @@ def test_torchrun_matches_local_sp2(capsys):
     args = ["generate", "--sp", "2", "--prompt", PROMPT, "--json"] + GREEDY
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # silences torchrun's warning; the CLI sets threads itself
     # --standalone: a free rendezvous port, so parallel test runs do not collide.
-    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                                 "-m", "seqpar"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env)
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "seqpar"] + args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         rc, out, _ = run_main(capsys, args)  # the local executor, meanwhile
         stdout, stderr = torchrun.communicate(timeout=240)

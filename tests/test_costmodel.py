@@ -44,8 +44,9 @@ def _measured_bytes(rank: int, world: int) -> list[tuple]:
 @pytest.mark.parametrize("world", [2, 3])
 def test_strategy_bytes_equal_counted_collectives(world):
     for rows in run_ranks(_measured_bytes, world):
-        assert rows and all(measured == predicted for *_, measured, predicted in rows), \
-            [r for r in rows if r[-2] != r[-1]]
+        assert rows and all(measured == predicted for *_, measured, predicted in rows), [
+            r for r in rows if r[-2] != r[-1]
+        ]
 
 
 def test_byte_formulas_by_hand():

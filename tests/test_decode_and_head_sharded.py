@@ -38,8 +38,17 @@ def _decode(rank: int, world: int) -> int:
         ref, _ = reference_attention(q, k, v, q_layout, plan.global_layout)
         heads = slice(rank * hq // world, (rank + 1) * hq // world)
         q_in = q[:, heads] if sharded_q else q
-        out = decode_attention(q_in, k[idx], v[idx], q_layout, plan.layout(rank), None, merge=merge,
-                               q_head_sharded=sharded_q, num_q_heads=hq)  # 10 heads: uneven slices at W = 3, 4
+        out = decode_attention(
+            q_in,
+            k[idx],
+            v[idx],
+            q_layout,
+            plan.layout(rank),
+            None,
+            merge=merge,
+            q_head_sharded=sharded_q,
+            num_q_heads=hq,
+        )  # 10 heads: uneven slices at W = 3, 4
         expected = ref[:, heads] if merge == "alltoall" else ref
         assert not torch.isnan(out).any()
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0, msg=f"{merge} {lens} {hq}/{hkv} {scheme}")

@@ -65,9 +65,10 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
     with torch.no_grad():
         ids = torch.tensor([prompt])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
-    return ref[0, len(prompt):].tolist()
+        ref = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+    return ref[0, len(prompt) :].tolist()
 
 
 # Small blocks and one-block shard units, so these short prompts spread over every SP rank;
@@ -98,27 +99,47 @@ def check_against_hf(model, path: str, **engine) -> None:
 # SP ranks (decode_split) or run them whole on each rank with the decode merges rotating;
 # a few run with shared_memory=False, so the process-group paths run end to end.
 CASES = [
-    ("ring", 1, "allgather", True, 2048, True), ("ring", 2, "alltoall", True, 2048, False),
-    ("ring", 3, "tree", False, 5, True), ("ring", 4, "allgather", True, 1, False),
-    ("pass_q", 2, "tree", True, 3, False), ("pass_q", 3, "alltoall", False, 2048, True),
+    ("ring", 1, "allgather", True, 2048, True),
+    ("ring", 2, "alltoall", True, 2048, False),
+    ("ring", 3, "tree", False, 5, True),
+    ("ring", 4, "allgather", True, 1, False),
+    ("pass_q", 2, "tree", True, 3, False),
+    ("pass_q", 3, "alltoall", False, 2048, True),
     ("pass_q", 4, "allgather", True, 7, True),
-    ("allgather", 2, "allgather", False, 2048, False), ("allgather", 4, "tree", True, 4, True),
-    ("auto", 2, "tree", True, 6, True), ("auto", 3, "allgather", True, 2048, False),
+    ("allgather", 2, "allgather", False, 2048, False),
+    ("allgather", 4, "tree", True, 4, True),
+    ("auto", 2, "tree", True, 6, True),
+    ("auto", 3, "allgather", True, 2048, False),
 ]
 
 
 @pytest.mark.parametrize("strategy, sp, merge, shm, budget, split", CASES)
 def test_engine_matches_hf(llama, strategy, sp, merge, shm, budget, split):
-    check_against_hf(*llama, sp_size=sp, strategy=strategy, decode_merge=merge, shared_memory=shm,
-                     max_num_batched_tokens=budget, decode_split=split)
+    check_against_hf(
+        *llama,
+        sp_size=sp,
+        strategy=strategy,
+        decode_merge=merge,
+        shared_memory=shm,
+        max_num_batched_tokens=budget,
+        decode_split=split,
+    )
 
 
 # Qwen2 (q/k/v bias) and tied embeddings at SP 1-4, strategies and schemes rotating.
-@pytest.mark.parametrize("fixture, sp, strategy, scheme", [
-    ("qwen2", 1, "ring", "zigzag"), ("qwen2", 2, "pass_q", "striped"), ("qwen2", 3, "pass_q", "zigzag"),
-    ("qwen2", 4, "ring", "striped"), ("tied", 1, "allgather", "zigzag"), ("tied", 2, "ring", "striped"),
-    ("tied", 3, "ring", "zigzag"), ("tied", 4, "allgather", "striped"),
-])
+@pytest.mark.parametrize(
+    "fixture, sp, strategy, scheme",
+    [
+        ("qwen2", 1, "ring", "zigzag"),
+        ("qwen2", 2, "pass_q", "striped"),
+        ("qwen2", 3, "pass_q", "zigzag"),
+        ("qwen2", 4, "ring", "striped"),
+        ("tied", 1, "allgather", "zigzag"),
+        ("tied", 2, "ring", "striped"),
+        ("tied", 3, "ring", "zigzag"),
+        ("tied", 4, "allgather", "striped"),
+    ],
+)
 def test_other_architectures_match_hf(request, fixture, sp, strategy, scheme):
     check_against_hf(*request.getfixturevalue(fixture), sp_size=sp, strategy=strategy, scheme=scheme)
 

@@ -45,7 +45,7 @@ def _same(outs, refs) -> None:
     for out, ref in zip(outs, refs, strict=True):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         for got, want in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
-            (tid, lp), = [(t, v) for t, v in got.items()]
+            ((tid, lp),) = [(t, v) for t, v in got.items()]
             assert abs(lp.logprob - want[tid].logprob) <= 1e-4
 
 
@@ -57,15 +57,22 @@ def _blocks(model: str, n: int) -> float:
 
 # (sp, budget, strategy, blocks per rank): budgets smaller than a block (1, 3), than a shard
 # of the prompt, than the prompt, and none; tiny caches force eviction and preemption.
-CASES = [(1, 2048, "ring", None), (2, 3, "pass_q", None), (3, 9, "ring", None), (4, 1, "allgather", None),
-         (2, 2048, "ring", 12), (3, 5, "pass_q", 5)]
+CASES = [
+    (1, 2048, "ring", None),
+    (2, 3, "pass_q", None),
+    (3, 9, "ring", None),
+    (4, 1, "allgather", None),
+    (2, 2048, "ring", 12),
+    (3, 5, "pass_q", 5),
+]
 
 
 @pytest.mark.parametrize("sp, budget, strategy, blocks", CASES)
 def test_prefix_caching_chunking_preemption_are_exact(model, alone, sp, budget, strategy, blocks):
     kv = {} if blocks is None else {"kv_cache_gb": _blocks(model, blocks)}
-    with LLM(model=model, sp_size=sp, block_size=BS, shard_blocks=1, strategy=strategy,
-             max_num_batched_tokens=budget, **kv) as llm:
+    with LLM(
+        model=model, sp_size=sp, block_size=BS, shard_blocks=1, strategy=strategy, max_num_batched_tokens=budget, **kv
+    ) as llm:
         eng = llm.engine
         if blocks is not None:
             assert eng.num_blocks == blocks

@@ -10,8 +10,10 @@ from seqpar import LLM, SamplingParams
 
 @pytest.mark.slow
 def test_smollm2_sp2_equals_sp1_on_a_long_prompt():
-    facts = [f"Station {i} of the northern line opened in {1900 + 7 * i % 97} and serves {i * 37 % 500} riders a day."
-             for i in range(60)]
+    facts = [
+        f"Station {i} of the northern line opened in {1900 + 7 * i % 97} and serves {i * 37 % 500} riders a day."
+        for i in range(60)
+    ]
     prompt = " ".join(facts) + " Which station opened first? Answer:"
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, prompt_logprobs=0)
     outs = {}

@@ -18,8 +18,14 @@ from seqpar.engine.sampling import Sampler, SamplingParams, filter_logits, make_
 def test_sampling_params_validation():
     p = SamplingParams(stop="x", stop_token_ids=None)
     assert p.stop == ["x"] and p.stop_token_ids == []
-    for bad, match in [({"temperature": -1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k"),
-                       ({"max_tokens": 0}, "max_tokens"), ({"logprobs": -1}, "logprobs"), ({"stop": [""]}, "stop")]:
+    for bad, match in [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+    ]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**bad)
 
@@ -72,13 +78,18 @@ def _reference_filter(logits: list[float], temperature: float, top_k: int, top_p
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), top_k=st.sampled_from([-1, 0, 1, 3, 10, 40]),
-       top_p=st.sampled_from([1.0, 0.95, 0.5, 0.1]), temperature=st.sampled_from([0.5, 1.0, 2.0]))
+@given(
+    seed=st.integers(0, 10_000),
+    top_k=st.sampled_from([-1, 0, 1, 3, 10, 40]),
+    top_p=st.sampled_from([1.0, 0.95, 0.5, 0.1]),
+    temperature=st.sampled_from([0.5, 1.0, 2.0]),
+)
 def test_top_k_top_p_match_reference(seed, top_k, top_p, temperature):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, 32, generator=gen) * 3
-    masked = filter_logits(logits, torch.full((2,), temperature), torch.tensor([top_k, top_k]),
-                           torch.tensor([top_p, top_p]))
+    masked = filter_logits(
+        logits, torch.full((2,), temperature), torch.tensor([top_k, top_k]), torch.tensor([top_p, top_p])
+    )
     for b in range(2):
         kept = set(torch.nonzero(torch.isfinite(masked[b])).flatten().tolist())
         assert kept == _reference_filter(logits[b].tolist(), temperature, top_k, top_p)
@@ -96,8 +107,11 @@ def test_sampled_tokens_follow_the_filtered_distribution():
 def test_logprob_dicts():
     torch.manual_seed(0)
     logits = torch.randn(3, 20)
-    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0, logprobs=0),
-              SamplingParams(temperature=0)]
+    params = [
+        SamplingParams(temperature=0, logprobs=3),
+        SamplingParams(temperature=0, logprobs=0),
+        SamplingParams(temperature=0),
+    ]
     out = Sampler()(logits, params)
     lsm = logits.log_softmax(-1)
     d0 = out.top_logprobs[0]

@@ -22,8 +22,10 @@ from test_cli import run_main
 from test_engine import _save, check_against_hf
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-needs_gpu = pytest.mark.skipif(GPUS < 1, reason="no CUDA GPU visible (torch.cuda.is_available() is False); "
-                               "scripts/gpu_check.sh runs these on a GPU machine")
+needs_gpu = pytest.mark.skipif(
+    GPUS < 1,
+    reason="no CUDA GPU visible (torch.cuda.is_available() is False); scripts/gpu_check.sh runs these on a GPU machine",
+)
 needs_2_gpus = pytest.mark.skipif(GPUS < 2, reason=f"SP 2 / TP 2 on cuda need 2 GPUs, {GPUS} visible")
 
 
@@ -52,8 +54,9 @@ def _ragged_case(hkv: int, d: int, order: str) -> tuple[torch.Tensor, ...]:
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype, atol, lse_atol", [
-    (torch.float32, 2e-5, 2e-5), (torch.bfloat16, 3e-2, 1e-2), (torch.float16, 3e-2, 1e-2)])
+@pytest.mark.parametrize(
+    "dtype, atol, lse_atol", [(torch.float32, 2e-5, 2e-5), (torch.bfloat16, 3e-2, 1e-2), (torch.float16, 3e-2, 1e-2)]
+)
 @pytest.mark.parametrize("hkv", [1, 2, 6])  # MQA, GQA, MHA: the CUDA kernels repeat kv heads
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("order", ["packed", "striped"])
@@ -75,8 +78,11 @@ def test_cuda_attention_matches_reference(dtype, atol, lse_atol, hkv, causal, or
 def test_cuda_decode_block_matches_reference():
     """One query over 5000 keys (a decode row): on CUDA the fused kernel, not the CPU few-queries path."""
     gen = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(1, 8, 64, generator=gen), torch.randn(5000, 2, 64, generator=gen), \
-        torch.randn(5000, 2, 64, generator=gen)
+    q, k, v = (
+        torch.randn(1, 8, 64, generator=gen),
+        torch.randn(5000, 2, 64, generator=gen),
+        torch.randn(5000, 2, 64, generator=gen),
+    )
     ql, kl = TokenLayout.build([0], [5000]), TokenLayout.build([0] * 5000, list(range(5000)))
     out, lse = attention_with_lse(q.cuda(), k.cuda(), v.cuda(), ql, kl, False)
     ref_out, ref_lse = reference_attention(q, k, v, ql, kl, False)
@@ -93,12 +99,26 @@ def test_engine_on_cuda_matches_hf_sp1(llama, budget):
 # SP 2 over NCCL: each prefill strategy, the decode merges over the process group (shared memory
 # is asked for and must be turned off on cuda), decode steps split or whole.
 @needs_2_gpus
-@pytest.mark.parametrize("strategy, merge, budget, split", [
-    ("ring", "allgather", 2048, True), ("pass_q", "alltoall", 3, False), ("allgather", "tree", 2048, False),
-    ("auto", "alltoall", 6, True)])
+@pytest.mark.parametrize(
+    "strategy, merge, budget, split",
+    [
+        ("ring", "allgather", 2048, True),
+        ("pass_q", "alltoall", 3, False),
+        ("allgather", "tree", 2048, False),
+        ("auto", "alltoall", 6, True),
+    ],
+)
 def test_engine_on_cuda_matches_hf_sp2(llama, strategy, merge, budget, split):
-    check_against_hf(*llama, device="cuda", sp_size=2, strategy=strategy, decode_merge=merge, shared_memory=True,
-                     max_num_batched_tokens=budget, decode_split=split)
+    check_against_hf(
+        *llama,
+        device="cuda",
+        sp_size=2,
+        strategy=strategy,
+        decode_merge=merge,
+        shared_memory=True,
+        max_num_batched_tokens=budget,
+        decode_split=split,
+    )
 
 
 @needs_2_gpus
@@ -113,6 +133,7 @@ def test_more_ranks_than_gpus_is_a_clear_error(llama):
 
 
 # ---- these run everywhere ------------------------------------------------------------------
+
 
 def test_unknown_device_names_the_choices():
     with pytest.raises(ValueError, match=r"device='tpu' is not supported; choose one of cpu, cuda"):

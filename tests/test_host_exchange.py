@@ -57,8 +57,9 @@ def test_host_exchange_gathers_every_part_in_order(world: int) -> None:
 def _merges(rank: int, world: int) -> int:
     ex = HostExchange.create(None, capacity=1 << 16, timeout_s=60)
     n = 0
-    for lens, (hq, hkv), merge in itertools.product(([1, 6, 2], [3], [9, 1, 4, 2]), ((12, 4), (12, 1), (10, 2)),
-                                                   MERGES):
+    for lens, (hq, hkv), merge in itertools.product(
+        ([1, 6, 2], [3], [9, 1, 4, 2]), ((12, 4), (12, 1), (10, 2)), MERGES
+    ):
         gen = torch.Generator().manual_seed(sum(lens) + hkv)
         q = torch.randn(len(lens), hq, 16, generator=gen)
         k, v = torch.randn(sum(lens), hkv, 16, generator=gen), torch.randn(sum(lens), hkv, 16, generator=gen)
@@ -69,8 +70,9 @@ def _merges(rank: int, world: int) -> int:
         STATS.reset()
         out = decode_attention(q, k[idx], v[idx], q_layout, plan.layout(rank), None, merge=merge, exchange=ex)
         heads = slice(rank * hq // world, (rank + 1) * hq // world)
-        torch.testing.assert_close(out, ref[:, heads] if merge == "alltoall" else ref, atol=1e-5, rtol=0,
-                                   msg=f"{merge} {lens} {hq}/{hkv}")
+        torch.testing.assert_close(
+            out, ref[:, heads] if merge == "alltoall" else ref, atol=1e-5, rtol=0, msg=f"{merge} {lens} {hq}/{hkv}"
+        )
         # one write of the packed partial (B Hq (D + 1) fp32), whatever the merge
         assert STATS.total == (0 if world == 1 else len(lens) * hq * 17 * 4)
         n += 1

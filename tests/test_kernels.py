@@ -28,7 +28,7 @@ def packed_case(draw):
     elif order == "shuffled":
         rows = draw(st.permutations(rows))
     q_rows = rows[: draw(st.integers(1, t))]
-    k_rows = rows[draw(st.integers(0, t - 1)):]
+    k_rows = rows[draw(st.integers(0, t - 1)) :]
     hkv = draw(st.sampled_from([1, 2, 6]))
     return seq, pos, q_rows, k_rows, hkv, draw(st.booleans())
 
@@ -61,8 +61,10 @@ def test_long_causal_block_uses_fused_kernel_exactly() -> None:
     lay = TokenLayout.build([0] * t, list(range(t)))
     out, lse = attention_with_lse(q, k, v, lay, lay)
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
-        is_causal=True
+        q.transpose(0, 1),
+        k.repeat_interleave(2, 1).transpose(0, 1),
+        v.repeat_interleave(2, 1).transpose(0, 1),
+        is_causal=True,
     ).transpose(0, 1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 

@@ -44,15 +44,19 @@ def test_min_tokens_defers_eos_stop_ids_and_stop_strings(tok):
 
 
 def test_min_tokens_never_outlives_the_context(tok):
-    d, n, _ = run(tok, SamplingParams(min_tokens=10, max_tokens=None), [HELLO] * 10, num_prompt_tokens=5,
-                  max_model_len=8)
+    d, n, _ = run(
+        tok, SamplingParams(min_tokens=10, max_tokens=None), [HELLO] * 10, num_prompt_tokens=5, max_model_len=8
+    )
     assert (d.finish_reason, n) == ("length", 3)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(min_tokens=-1), "min_tokens must be an int >= 0"),
-    (dict(min_tokens=5, max_tokens=4), "min_tokens=5 exceeds max_tokens=4"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(min_tokens=-1), "min_tokens must be an int >= 0"),
+        (dict(min_tokens=5, max_tokens=4), "min_tokens=5 exceeds max_tokens=4"),
+    ],
+)
 def test_min_tokens_validation(kw, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kw)

@@ -17,8 +17,14 @@ from seqpar.model import ConfigError, LlamaForCausalLM, ModelConfig, load_model
 from seqpar.model.rope import RotaryEmbedding, apply_rotary
 from test_model_helpers import hf_logits, our_logits, packed_batch, save_tiny, tiny_hf_model
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 5e5}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "rope_theta": 5e5,
+}
 
 CASES = {
     "llama_gqa": ("llama", {}),
@@ -85,6 +91,7 @@ def test_model_has_no_lm_head_when_tied() -> None:
 
 # ---- ModelConfig -------------------------------------------------------------------------
 
+
 def _llama_dict(**changes: object) -> dict:
     d = tiny_hf_model("llama").config.to_dict()
     d.update(changes)
@@ -92,14 +99,27 @@ def _llama_dict(**changes: object) -> dict:
 
 
 def test_from_hf_reads_transformers4_rope_layout_and_eos_list() -> None:
-    d = _llama_dict(eos_token_id=[2, 5], rope_theta=5e5,
-                    rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    d = _llama_dict(
+        eos_token_id=[2, 5],
+        rope_theta=5e5,
+        rope_scaling={
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     del d["rope_parameters"]
     config = ModelConfig.from_hf(d)
     assert config.rope_theta == 5e5 and config.eos_token_ids == (2, 5)
-    assert config.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    assert config.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     assert config.head_dim == 12 and config.group_size == 2
 
 
@@ -108,16 +128,23 @@ def test_from_hf_rejects_unsupported_architecture_by_name() -> None:
         ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"num_key_value_heads": 3}, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}},
-     "rope scaling type 'longrope' is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
-     r"llama3 rope scaling lacks \['low_freq_factor', 'high_freq_factor'\]"),
-    ({"eos_token_id": 500}, r"special token id 500 is outside the vocabulary \[0, 101\)"),
-    ({"num_hidden_layers": 0}, "num_layers must be a positive int"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_key_value_heads": 3}, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        (
+            {"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}},
+            "rope scaling type 'longrope' is not supported",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
+            r"llama3 rope scaling lacks \['low_freq_factor', 'high_freq_factor'\]",
+        ),
+        ({"eos_token_id": 500}, r"special token id 500 is outside the vocabulary \[0, 101\)"),
+        ({"num_hidden_layers": 0}, "num_layers must be a positive int"),
+    ],
+)
 def test_from_hf_validation_errors(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf(_llama_dict(**changes))

@@ -47,7 +47,8 @@ def _llamacpp_rope_factors(theta: float, dim: int, s: dict) -> np.ndarray:
             out.append(s["factor"])
         else:
             smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
-                s["high_freq_factor"] - s["low_freq_factor"])
+                s["high_freq_factor"] - s["low_freq_factor"]
+            )
             out.append(1 / ((1 - smooth) / s["factor"] + smooth))
     return np.array(out, dtype=np.float32)
 
@@ -70,8 +71,9 @@ def write_gguf(hf: nn.Module, file: Path, arch: str, extra: dict[str, np.ndarray
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     c.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, c.num_hidden_layers
+    )
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -90,11 +92,14 @@ def write_gguf(hf: nn.Module, file: Path, arch: str, extra: dict[str, np.ndarray
     return file
 
 
-@pytest.mark.parametrize(("kind", "overrides"), [
-    ("llama", {}),  # GQA: q and k permuted with different head counts
-    ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1, "head_dim": 16}),
-    ("qwen2", {}),  # not permuted by llama.cpp; q/k/v biases
-])
+@pytest.mark.parametrize(
+    ("kind", "overrides"),
+    [
+        ("llama", {}),  # GQA: q and k permuted with different head counts
+        ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1, "head_dim": 16}),
+        ("qwen2", {}),  # not permuted by llama.cpp; q/k/v biases
+    ],
+)
 def test_gguf_matches_transformers(tmp_path: Path, kind: str, overrides: dict) -> None:
     hf = tiny_hf_model(kind, **overrides)
     write_gguf(hf, tmp_path / "tiny.gguf", kind)
@@ -108,8 +113,14 @@ def test_gguf_matches_transformers(tmp_path: Path, kind: str, overrides: dict) -
 
 
 def test_gguf_llama3_rope_freqs(tmp_path: Path) -> None:
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 5e5}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "rope_theta": 5e5,
+    }
     hf = tiny_hf_model("llama", rope_parameters=scaling)
     factors = _llamacpp_rope_factors(5e5, hf.config.head_dim, scaling)
     write_gguf(hf, tmp_path / "tiny.gguf", "llama", extra={"rope_freqs.weight": factors})
@@ -130,8 +141,9 @@ def test_gguf_unknown_tensor_and_truncation(tmp_path: Path) -> None:
         load_model(short)
 
 
-def test_gguf_conversion_is_cached_and_keyed_by_file(tmp_path: Path, gguf_cache: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_conversion_is_cached_and_keyed_by_file(
+    tmp_path: Path, gguf_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hf = tiny_hf_model("llama")
     file = write_gguf(hf, tmp_path / "tiny.gguf", "llama")
     first, config = load_model(file)
@@ -158,8 +170,10 @@ def test_gguf_config_errors() -> None:
     with pytest.raises(ValueError, match=r"GGUF architecture 'gpt2' is not supported; supported: llama, qwen2"):
         ModelConfig.from_gguf({"general.architecture": "gpt2"}, {})
     with pytest.raises(ValueError, match=r"lacks required key 'llama.feed_forward_length'"):
-        ModelConfig.from_gguf({"general.architecture": "llama", "llama.embedding_length": 8,
-                               "llama.attention.head_count": 2}, {"token_embd.weight": (10, 8)})
+        ModelConfig.from_gguf(
+            {"general.architecture": "llama", "llama.embedding_length": 8, "llama.attention.head_count": 2},
+            {"token_embd.weight": (10, 8)},
+        )
 
 
 def test_unpermute_inverts_llamacpp_permute() -> None:

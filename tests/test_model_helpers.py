@@ -19,9 +19,18 @@ def tiny_hf_model(kind: str = "llama", seed: int = 0, **overrides: Any) -> nn.Mo
     import transformers as tf
 
     fields: dict[str, Any] = dict(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     if kind == "mistral":
         fields["sliding_window"] = None
     fields.update(overrides)
@@ -70,13 +79,13 @@ class PackedBatch:
     order: Tensor  # packed index -> index in the unshuffled concatenation
 
 
-def packed_batch(lengths: list[int], starts: list[int], seed: int = 0, shuffle: bool = True,
-                 vocab: int = VOCAB) -> PackedBatch:
+def packed_batch(
+    lengths: list[int], starts: list[int], seed: int = 0, shuffle: bool = True, vocab: int = VOCAB
+) -> PackedBatch:
     """Sequence i has `lengths[i]` tokens at positions starts[i] .. starts[i]+len-1 (a start
     > 0 stands for a chunk whose earlier tokens are not in this batch)."""
     gen = torch.Generator().manual_seed(seed)
-    per_seq = [(torch.randint(0, vocab, (n,), generator=gen), torch.arange(s, s + n))
-               for n, s in zip(lengths, starts)]
+    per_seq = [(torch.randint(0, vocab, (n,), generator=gen), torch.arange(s, s + n)) for n, s in zip(lengths, starts)]
     ids = torch.cat([i for i, _ in per_seq])
     pos = torch.cat([p for _, p in per_seq])
     seq = torch.cat([torch.full((n,), k) for k, n in enumerate(lengths)])
@@ -87,8 +96,7 @@ def packed_batch(lengths: list[int], starts: list[int], seed: int = 0, shuffle: 
 def hf_logits(hf: nn.Module, batch: PackedBatch) -> Tensor:
     """HF logits for each sequence run alone, arranged in the batch's packed order: [T, V]."""
     with torch.no_grad():
-        flat = torch.cat([hf(input_ids=i[None], position_ids=p[None]).logits[0]
-                          for i, p in batch.per_seq])
+        flat = torch.cat([hf(input_ids=i[None], position_ids=p[None]).logits[0] for i, p in batch.per_seq])
     return flat[batch.order]
 
 

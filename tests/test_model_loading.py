@@ -26,6 +26,7 @@ def _rewrite(path: Path, edit) -> None:
 
 # ---- HF safetensors directories -----------------------------------------------------------
 
+
 def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
     hf = tiny_hf_model("qwen2")
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
@@ -57,16 +58,24 @@ def test_tied_checkpoint_may_carry_a_copy_of_lm_head(tmp_path: Path) -> None:
     assert config.tie_word_embeddings and model.lm_head is None
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
-     r"missing keys: model\.layers\.1\.mlp\.up_proj\.weight"),
-    (lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)),
-     r"unexpected keys: model\.layers\.0\.extra\.weight"),
-    (lambda t: t.__setitem__("model.norm.weight", torch.ones(47)),
-     r"wrong shapes: model\.norm\.weight \(47,\) \(expected \(48,\)\)"),
-    (lambda t: t.__setitem__("model.norm.weight", torch.ones(48, dtype=torch.int32)),
-     r"non-float tensors: model\.norm\.weight torch\.int32"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing keys: model\.layers\.1\.mlp\.up_proj\.weight"),
+        (
+            lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)),
+            r"unexpected keys: model\.layers\.0\.extra\.weight",
+        ),
+        (
+            lambda t: t.__setitem__("model.norm.weight", torch.ones(47)),
+            r"wrong shapes: model\.norm\.weight \(47,\) \(expected \(48,\)\)",
+        ),
+        (
+            lambda t: t.__setitem__("model.norm.weight", torch.ones(48, dtype=torch.int32)),
+            r"non-float tensors: model\.norm\.weight torch\.int32",
+        ),
+    ],
+)
 def test_strict_loading_names_bad_keys(tmp_path: Path, edit, message: str) -> None:
     _, path = save_tiny(tmp_path, "llama")
     _rewrite(path, edit)
@@ -108,8 +117,11 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_name_and_empty_dir_say_what_would_work(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match=r"'llama-9000' is neither a known model name "
-                                             r"\(smollm2-135m, .*\) nor an existing path; a path must"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"'llama-9000' is neither a known model name "
+        r"\(smollm2-135m, .*\) nor an existing path; a path must",
+    ):
         resolve_model("llama-9000")
     with pytest.raises(ModelLoadError, match=r"holds no model weights; .*config\.json and \*\.safetensors"):
         resolve_model(tmp_path)

@@ -35,9 +35,16 @@ def _transformers_gguf_model(path: Path, num_layers: int) -> nn.Module:
         # Parsing the GGUF takes seconds, so read it once: the model passed in only supplies
         # parameter names (which depend on the layer count alone), on the meta device.
         with torch.device("meta"):
-            namer = tf.LlamaForCausalLM(tf.LlamaConfig(
-                num_hidden_layers=num_layers, hidden_size=8, intermediate_size=8,
-                num_attention_heads=1, vocab_size=8, tie_word_embeddings=True))
+            namer = tf.LlamaForCausalLM(
+                tf.LlamaConfig(
+                    num_hidden_layers=num_layers,
+                    hidden_size=8,
+                    intermediate_size=8,
+                    num_attention_heads=1,
+                    vocab_size=8,
+                    tie_word_embeddings=True,
+                )
+            )
         parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=namer)
         hf_config = tf.LlamaConfig.from_dict(parsed["config"])
         with torch.device("meta"):  # every weight is assigned below: skip random init
@@ -47,8 +54,9 @@ def _transformers_gguf_model(path: Path, num_layers: int) -> nn.Module:
         hf.tie_weights()
         hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)  # its buffer was on meta
         return hf
-    return tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                   dtype=torch.float32, local_files_only=True).eval()
+    return tf.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+    ).eval()
 
 
 @pytest.mark.slow

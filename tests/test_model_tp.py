@@ -30,8 +30,13 @@ CASES = {
     "qwen2_bias_tp": ("qwen2", {"tie_word_embeddings": True, "intermediate_size": 81}, "tp", [0, 1], [0]),
     # Head-sharded layout: 3 kv heads cannot split over 2 ranks, so every rank keeps all kv heads and
     # one q head of each KV group (group size 2); o_proj's bias must be added exactly once.
-    "llama_head_sharded_layout": ("llama", {"num_attention_heads": 6, "num_key_value_heads": 3,
-                                    "attention_bias": True}, "head_sharded", [0, 2, 4], [0, 1, 2]),
+    "llama_head_sharded_layout": (
+        "llama",
+        {"num_attention_heads": 6, "num_key_value_heads": 3, "attention_bias": True},
+        "head_sharded",
+        [0, 2, 4],
+        [0, 1, 2],
+    ),
     # When kv heads divide, head-sharded is plain TP.
     "llama_gqa_head_sharded": ("llama", {}, "head_sharded", [0, 1], [0]),
 }
@@ -49,7 +54,8 @@ def _worker(rank: int, world: int, jobs: dict[str, tuple[str, str]]) -> dict:
         attn = model.model.layers[1].self_attn
         results[name] = {
             "max_diff": (our_logits(model, batch) - expected).abs().max().item(),
-            "q_heads": attn.q_head_ids, "kv_heads": attn.kv_head_ids,
+            "q_heads": attn.q_head_ids,
+            "kv_heads": attn.kv_head_ids,
             "local_counts": [attn.num_heads, attn.num_kv_heads],
             "q_rows": attn.q_proj.weight.shape[0],
         }
@@ -93,8 +99,11 @@ class _FakeGroup:
 def test_tp_refuses_indivisible_heads(tmp_path: Path) -> None:
     _, path = save_tiny(tmp_path, "llama", num_attention_heads=6, num_key_value_heads=3)
     model, _ = load_model(path)
-    with pytest.raises(ValueError, match=r"num_heads \(6\) and num_kv_heads \(3\) divisible by 2; .*"
-                                         r"parallelize_head_sharded"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_heads \(6\) and num_kv_heads \(3\) divisible by 2; .*"
+        r"parallelize_head_sharded",
+    ):
         parallelize_tp(model, _FakeGroup(2, 0))
     with pytest.raises(ValueError, match=r"cannot shard 6 q heads / 3 kv heads over 4 ranks"):
         parallelize_head_sharded(model, _FakeGroup(4, 1))
@@ -106,6 +115,7 @@ def test_tp_refuses_indivisible_heads(tmp_path: Path) -> None:
 
 
 # ---- head_shard -----------------------------------------------------------------------------
+
 
 def test_head_shard_layouts() -> None:
     # num_kv_heads % world == 0: contiguous blocks, as plain TP.
@@ -129,6 +139,7 @@ def test_head_shard_partitions_q_heads_and_keeps_gqa_mapping(num_kv: int, group:
     except ValueError:
         # No valid layout exists iff the q slices per group, world // gcd, do not divide it.
         import math
+
         assert group % (world // math.gcd(num_kv, world)) != 0
         return
     assert sorted(q for qs, _ in shards for q in qs) == list(range(num_heads))

@@ -27,9 +27,10 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     model.generation_config.eos_token_id = None  # n tokens, as the engine with ignore_eos
     with torch.no_grad():
         ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def bare(tmp_path_factory) -> tuple[str, dict[str, list[int]]]:
     first = ref["ids"][0]
     stop_at = next(i for i in range(2, len(first)) if first[i] not in first[:i])
     model.config.eos_token_id = model.generation_config.eos_token_id = first[stop_at]
-    ref["until_eos"] = first[:stop_at + 1]  # EOS ends the completion and is its last id
+    ref["until_eos"] = first[: stop_at + 1]  # EOS ends the completion and is its last id
     path = tmp_path_factory.mktemp("bare")
     model.save_pretrained(path)
     assert not any(p.name.startswith(("tokenizer", "vocab", "special_tokens")) for p in Path(path).iterdir())
@@ -91,10 +92,12 @@ def test_token_ids_generate_as_transformers(bare, sp):
         entries = lp.outputs[0].logprobs + [e for e in lp.prompt_logprobs if e]
         assert len(lp.outputs[0].logprobs) == 2 and all(x.decoded_token is None for e in entries for x in e.values())
         # what needs the tokenizer says so, and the engine keeps serving
-        for call, need in [(lambda: llm.generate("w5 w6"), "a text prompt"),
-                           (lambda: llm.generate(PROMPTS[0], SamplingParams(stop=["x"])), "stop strings"),
-                           (lambda: llm.chat([{"role": "user", "content": "hi"}]), "working with text"),
-                           (llm.get_tokenizer, "working with text")]:
+        for call, need in [
+            (lambda: llm.generate("w5 w6"), "a text prompt"),
+            (lambda: llm.generate(PROMPTS[0], SamplingParams(stop=["x"])), "stop strings"),
+            (lambda: llm.chat([{"role": "user", "content": "hi"}]), "working with text"),
+            (llm.get_tokenizer, "working with text"),
+        ]:
             with pytest.raises(TokenizerUnavailableError, match=f"^{need} needs the model's tokenizer.*{HINT}$"):
                 call()
         assert llm.generate(PROMPTS[1], greedy)[0].outputs[0].token_ids == ref["ids"][1]
@@ -128,11 +131,19 @@ def test_server_serves_token_ids_and_refuses_text_with_400(bare):
         refused = [
             ("/v1/completions", {"prompt": "w5 w6", **greedy}, "prompt", "a text prompt"),
             ("/v1/completions", {"prompt": PROMPTS[0], "echo": True, **greedy}, "echo", "echo of a token-id prompt"),
-            ("/v1/completions", {"prompt": PROMPTS[0], "logprobs": 1, **greedy}, "logprobs",
-             "logprobs (their tokens are text)"),
+            (
+                "/v1/completions",
+                {"prompt": PROMPTS[0], "logprobs": 1, **greedy},
+                "logprobs",
+                "logprobs (their tokens are text)",
+            ),
             ("/v1/completions", {"prompt": PROMPTS[0], "stop": ["x"], **greedy}, "stop", "stop strings"),
-            ("/v1/chat/completions", {"model": "bare", "messages": [{"role": "user", "content": "hi"}]},
-             "messages", "a chat conversation"),
+            (
+                "/v1/chat/completions",
+                {"model": "bare", "messages": [{"role": "user", "content": "hi"}]},
+                "messages",
+                "a chat conversation",
+            ),
             ("/tokenize", {"prompt": "w5"}, "prompt", "a text prompt"),
             ("/detokenize", {"tokens": [5, 6]}, "tokens", "/detokenize"),
         ]

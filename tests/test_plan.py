@@ -22,8 +22,9 @@ def run_plan(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"])
 def test_json_shape(capsys, model):
-    rc, out, _ = run_plan(capsys, "--model", model, "--context", "131072", "--gpus", "16", "--weight-dtype", "fp8",
-                          "--json")
+    rc, out, _ = run_plan(
+        capsys, "--model", model, "--context", "131072", "--gpus", "16", "--weight-dtype", "fp8", "--json"
+    )
     assert rc == 0
     result = json.loads(out)
     assert KEYS <= set(result["chosen"]) and result["layouts"]
@@ -47,8 +48,10 @@ def test_hf_config_file_works_like_the_preset(tmp_path, capsys):
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(PRESETS["llama-3.1-8b"]))
-    outs = [json.loads(run_plan(capsys, "--model", m, "--context", "4096", "--gpus", "8", "--json")[1])
-            for m in (str(path), str(tmp_path), "llama-3.1-8b")]
+    outs = [
+        json.loads(run_plan(capsys, "--model", m, "--context", "4096", "--gpus", "8", "--json")[1])
+        for m in (str(path), str(tmp_path), "llama-3.1-8b")
+    ]
     assert outs[0] == outs[1] == outs[2]
 
 
@@ -67,25 +70,43 @@ def test_monotonic_in_context_and_gpus(model):
         assert max(p.max_context_tokens for p in b.layouts) > max(p.max_context_tokens for p in a.layouts)
     assert by_gpus[-1].chosen.fits
     same = plan(mc, H100, 131072, 16, 8, tp=8, weight_dtype=weights)
-    assert plan(mc, H200, 131072, 16, 8, tp=8, weight_dtype=weights).chosen.max_context_tokens > \
-        same.chosen.max_context_tokens  # more memory, longer contexts
+    assert (
+        plan(mc, H200, 131072, 16, 8, tp=8, weight_dtype=weights).chosen.max_context_tokens
+        > same.chosen.max_context_tokens
+    )  # more memory, longer contexts
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "llama-3.1-8b", "--context", "8", "--gpus", "16", "--tp", "1"],
-     "CP 16 ranks but only 8 tokens: some rank would hold none; use at most 8 CP ranks"),
-    (["--model", "smollm2-135m", "--context", "4096", "--gpus", "8", "--tp", "2"],
-     "9 attention heads cannot split over TP 2: use a TP degree dividing 9 (1, 3)"),
-    (["--model", "llama-3.1-8b", "--context", "4096", "--gpus", "12"],
-     "--gpus 12 is not a multiple of --gpus-per-node 8: nodes must be whole; use --gpus 8 or 16"),
-    (["--model", "llama-3.1-8b", "--context", "4096", "--gpus", "8", "--tp", "16", "--gpus-per-node", "8"],
-     "--tp 16 does not divide --gpus 8"),
-    (["--model", "llama-3.1-8b", "--context", "4096", "--gpus", "16", "--tp", "16"],
-     "TP 16 spans more than one node of 8 GPUs"),
-    (["--model", "smollm2-135m", "--context", "2", "--gpus", "16"], "no layout of 16 GPUs can serve 2 tokens"),
-    (["--model", "no-such-model", "--context", "8", "--gpus", "8"], "'no-such-model' is neither a preset"),
-    (["--model", "llama-3.1-8b", "--context", "8", "--gpus", "8", "--hardware", "tpu"], "'tpu' is neither a preset"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--model", "llama-3.1-8b", "--context", "8", "--gpus", "16", "--tp", "1"],
+            "CP 16 ranks but only 8 tokens: some rank would hold none; use at most 8 CP ranks",
+        ),
+        (
+            ["--model", "smollm2-135m", "--context", "4096", "--gpus", "8", "--tp", "2"],
+            "9 attention heads cannot split over TP 2: use a TP degree dividing 9 (1, 3)",
+        ),
+        (
+            ["--model", "llama-3.1-8b", "--context", "4096", "--gpus", "12"],
+            "--gpus 12 is not a multiple of --gpus-per-node 8: nodes must be whole; use --gpus 8 or 16",
+        ),
+        (
+            ["--model", "llama-3.1-8b", "--context", "4096", "--gpus", "8", "--tp", "16", "--gpus-per-node", "8"],
+            "--tp 16 does not divide --gpus 8",
+        ),
+        (
+            ["--model", "llama-3.1-8b", "--context", "4096", "--gpus", "16", "--tp", "16"],
+            "TP 16 spans more than one node of 8 GPUs",
+        ),
+        (["--model", "smollm2-135m", "--context", "2", "--gpus", "16"], "no layout of 16 GPUs can serve 2 tokens"),
+        (["--model", "no-such-model", "--context", "8", "--gpus", "8"], "'no-such-model' is neither a preset"),
+        (
+            ["--model", "llama-3.1-8b", "--context", "8", "--gpus", "8", "--hardware", "tpu"],
+            "'tpu' is neither a preset",
+        ),
+    ],
+)
 def test_impossible_layouts_exit_2_naming_problem_and_fix(capsys, argv, message):
     rc, out, err = run_plan(capsys, *argv)
     assert rc == 2 and out == ""

@@ -23,8 +23,14 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 OVERRIDES = [
     YARN,
     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": TRAINED, "beta_fast": 16, "beta_slow": 2},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": TRAINED, "mscale": 0.707,
-     "mscale_all_dim": 1.0, "truncate": False},
+    {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": TRAINED,
+        "mscale": 0.707,
+        "mscale_all_dim": 1.0,
+        "truncate": False,
+    },
     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": TRAINED, "attention_factor": 1.3},
     {"rope_type": "linear", "factor": 4.0},
 ]
@@ -35,17 +41,35 @@ def hf_rope(scaling: dict, head_dim: int = 16, theta: float = 10000.0):
     import transformers as tf
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = tf.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=TRAINED * int(scaling["factor"]),
-                            rope_parameters={**scaling, "rope_theta": theta})
+    config = tf.LlamaConfig(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TRAINED * int(scaling["factor"]),
+        rope_parameters={**scaling, "rope_theta": theta},
+    )
     return LlamaRotaryEmbedding(config)
 
 
 def ours(scaling: dict, head_dim: int = 16, theta: float = 10000.0) -> ModelConfig:
-    base = ModelConfig(vocab_size=VOCAB, hidden_size=4 * head_dim, intermediate_size=8, num_layers=1, num_heads=4,
-                       num_kv_heads=2, head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=theta, rope_scaling=None,
-                       max_position_embeddings=TRAINED, tie_word_embeddings=False, attention_bias=False,
-                       bos_token_id=None, eos_token_ids=(), architecture="llama")
+    base = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=4 * head_dim,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        rms_norm_eps=1e-5,
+        rope_theta=theta,
+        rope_scaling=None,
+        max_position_embeddings=TRAINED,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        bos_token_id=None,
+        eos_token_ids=(),
+        architecture="llama",
+    )
     return with_rope_scaling(base, scaling)
 
 
@@ -69,12 +93,15 @@ def test_context_grows_by_the_factor_as_in_vllm():
     assert ours({"rope_type": "default"}).rope_scaling is None
 
 
-@pytest.mark.parametrize("scaling, message", [
-    ({"rope_type": "dynamic", "factor": 2}, "dynamic NTK rope scaling is not supported"),
-    ({"rope_type": "yarn", "factor": 0, "original_max_position_embeddings": 8}, "positive 'factor'"),
-    ({"rope_type": "yarn", "factor": 2, "beta": 3}, "unknown keys ['beta']"),
-    ({"rope_type": "su", "factor": 2}, "rope scaling type 'su' is not supported"),
-])
+@pytest.mark.parametrize(
+    "scaling, message",
+    [
+        ({"rope_type": "dynamic", "factor": 2}, "dynamic NTK rope scaling is not supported"),
+        ({"rope_type": "yarn", "factor": 0, "original_max_position_embeddings": 8}, "positive 'factor'"),
+        ({"rope_type": "yarn", "factor": 2, "beta": 3}, "unknown keys ['beta']"),
+        ({"rope_type": "su", "factor": 2}, "rope scaling type 'su' is not supported"),
+    ],
+)
 def test_bad_override_names_the_problem(scaling, message):
     with pytest.raises(ConfigError) as info:
         ours(scaling)
@@ -93,8 +120,12 @@ def tiny(tmp_path_factory):
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2").save_pretrained(path)
-    ref = tiny_hf_model("llama", seed=5, max_position_embeddings=4 * TRAINED,
-                        rope_parameters={**YARN, "rope_theta": base.config.rope_parameters["rope_theta"]})
+    ref = tiny_hf_model(
+        "llama",
+        seed=5,
+        max_position_embeddings=4 * TRAINED,
+        rope_parameters={**YARN, "rope_theta": base.config.rope_parameters["rope_theta"]},
+    )
     ref.load_state_dict(base.state_dict())
     return str(path), ref
 
@@ -122,26 +153,37 @@ def test_engine_sp2_with_yarn_equals_transformers(tiny):
     assert load_config(path).max_position_embeddings == TRAINED
     prompt = torch.randint(3, VOCAB, (3 * TRAINED,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=1, ignore_eos=True)
-    with LLM(model=path, sp_size=2, rope_scaling=YARN, block_size=4, shard_blocks=2, kv_cache_gb=2**-10,
-             max_num_batched_tokens=64) as llm:  # chunked prefill: later chunks attend over cached, scaled keys
+    with LLM(
+        model=path,
+        sp_size=2,
+        rope_scaling=YARN,
+        block_size=4,
+        shard_blocks=2,
+        kv_cache_gb=2**-10,
+        max_num_batched_tokens=64,
+    ) as llm:  # chunked prefill: later chunks attend over cached, scaled keys
         assert llm.engine.max_model_len == 4 * TRAINED  # the prompt (192 tokens) fits only thanks to the override
         out = llm.generate([prompt], params)[0]
     with torch.no_grad():
         lp = torch.log_softmax(ref(torch.tensor([prompt])).logits[0].float(), dim=-1)
         ref.generation_config.eos_token_id = None
         ids = torch.tensor([prompt])
-        greedy = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                              pad_token_id=0)[0, len(prompt):].tolist()
+        greedy = ref.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     expected = lp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
     got = torch.tensor([out.prompt_logprobs[t][prompt[t]].logprob for t in range(1, len(prompt))])
     assert (got - expected).abs().max().item() < 1e-4
     assert out.outputs[0].token_ids == greedy
 
 
-@pytest.mark.parametrize("value, message", [
-    ("{yarn", "--rope-scaling is not JSON"),
-    ('["yarn"]', "--rope-scaling must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("{yarn", "--rope-scaling is not JSON"),
+        ('["yarn"]', "--rope-scaling must be a JSON object"),
+    ],
+)
 def test_cli_flag_errors_in_one_line(capsys, value, message):
     from seqpar import cli
 
@@ -153,7 +195,8 @@ def test_cli_flag_errors_in_one_line(capsys, value, message):
 def test_cli_flag_reaches_the_engine_config():
     from seqpar import cli
 
-    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--no-shared-memory", "--rope-scaling",
-                                          json.dumps(YARN)])
+    args = cli.build_parser().parse_args(
+        ["generate", "--prompt", "hi", "--no-shared-memory", "--rope-scaling", json.dumps(YARN)]
+    )
     config = cli.engine_config(args)
     assert config.rope_scaling == YARN and config.shared_memory is False

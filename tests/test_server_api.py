@@ -29,8 +29,18 @@ def model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(model):
-    with Server("--model", model, "--sp", "2", "--kv-cache-gb", "0.01", "--max-model-len", str(MAX_MODEL_LEN),
-                "--served-model-name", "tiny") as s:
+    with Server(
+        "--model",
+        model,
+        "--sp",
+        "2",
+        "--kv-cache-gb",
+        "0.01",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--served-model-name",
+        "tiny",
+    ) as s:
         yield s
 
 
@@ -48,11 +58,21 @@ def test_ready_line_models_version(server, client):
 
 
 def test_chat_streaming_equals_non_streaming_with_usage(server, client):
-    messages = [{"role": "system", "content": "w10 w11"},
-                {"role": "user", "content": [{"type": "text", "text": "w12 "}, {"type": "text", "text": "w13"}]}]
+    messages = [
+        {"role": "system", "content": "w10 w11"},
+        {"role": "user", "content": [{"type": "text", "text": "w12 "}, {"type": "text", "text": "w13"}]},
+    ]
     full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, **GREEDY)
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == full.choices[0].message.content and streamed
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -78,15 +98,16 @@ def test_chat_logprobs_seed_and_stop(client):
     text = out.choices[0].message.content
     stop = " " + text.split()[2] + " "
     stopped = client.chat.completions.create(stop=[stop], **kw, **GREEDY).choices[0]
-    assert (stopped.finish_reason, stopped.message.content) == ("stop", text[:text.index(stop)])
+    assert (stopped.finish_reason, stopped.message.content) == ("stop", text[: text.index(stop)])
 
 
 def test_min_tokens_defers_stop_token_ids(client):
     kw = dict(model="tiny", prompt="w21", max_tokens=6, logprobs=0, **GREEDY)
     tokens = client.completions.create(**kw).choices[0].logprobs.tokens  # each token's own text, specials too
     stop = tokens[1]
-    got = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": [int(stop[1:])],
-                                                            "min_tokens": 3}}).choices[0]
+    got = client.completions.create(
+        **{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": [int(stop[1:])], "min_tokens": 3}}
+    ).choices[0]
     toks = got.logprobs.tokens
     # As in vLLM: before the 3rd token the stop id cannot be drawn (its logit is masked), so the
     # greedy path leaves the unconstrained one at the 2nd token; after it, the first occurrence of
@@ -100,12 +121,14 @@ def test_min_tokens_defers_stop_token_ids(client):
 
 def test_completions_echo_and_logprobs_agree_with_llm_generate(model, client):
     prompt = "w7 w8 w9 w10 w11"
-    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, echo=True, logprobs=2,
-                                    **GREEDY).choices[0]
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, echo=True, logprobs=2, **GREEDY).choices[
+        0
+    ]
     with LLM(model=model, sp_size=2, kv_cache_gb=0.01, max_model_len=MAX_MODEL_LEN) as llm:
         ids = llm.get_tokenizer().encode(prompt, add_special_tokens=False)
-        ref = llm.generate(ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2,
-                                               prompt_logprobs=2))[0]
+        ref = llm.generate(
+            ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+        )[0]
     comp = ref.outputs[0]
     assert got.text == prompt + comp.text and got.finish_reason == "length"
     lp = got.logprobs
@@ -122,12 +145,15 @@ def test_completions_echo_and_logprobs_agree_with_llm_generate(model, client):
 def test_completions_batch_of_token_id_prompts(client):
     out = client.completions.create(model="tiny", prompt=[[5, 6], [7, 8, 9]], max_tokens=3, **GREEDY)
     assert [c.index for c in out.choices] == [0, 1]
-    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=3, **GREEDY).choices[0].text
-             for p in ([5, 6], [7, 8, 9])]
+    alone = [
+        client.completions.create(model="tiny", prompt=p, max_tokens=3, **GREEDY).choices[0].text
+        for p in ([5, 6], [7, 8, 9])
+    ]
     assert [c.text for c in out.choices] == alone
     assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == 6
-    streamed = list(client.completions.create(model="tiny", prompt=[[5, 6], [7, 8, 9]], max_tokens=3, stream=True,
-                                              **GREEDY))
+    streamed = list(
+        client.completions.create(model="tiny", prompt=[[5, 6], [7, 8, 9]], max_tokens=3, stream=True, **GREEDY)
+    )
     for i in (0, 1):
         assert "".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i) == alone[i]
 
@@ -173,12 +199,24 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(server, client):
 def test_metrics_have_vllm_names_under_seqpar(server, client):
     client.completions.create(model="tiny", prompt="w5 w6", max_tokens=3, **GREEDY)
     text = server.get("/metrics").text
-    for name in ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
-                 "generation_tokens_total", "request_success_total", "num_preemptions_total", "engine_restarts_total",
-                 "sp_bytes_sent_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
-                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                 "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"]:
-        assert f'seqpar:{name}{{' in text and 'model_name="tiny"' in text, name
+    for name in [
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "request_success_total",
+        "num_preemptions_total",
+        "engine_restarts_total",
+        "sp_bytes_sent_total",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "time_to_first_token_seconds_bucket",
+        "inter_token_latency_seconds_bucket",
+        "e2e_request_latency_seconds_bucket",
+        "request_queue_time_seconds_bucket",
+    ]:
+        assert f"seqpar:{name}{{" in text and 'model_name="tiny"' in text, name
     m = server.metrics()
     kv_labels = {labels for (name, labels) in m if name == "seqpar:kv_cache_usage_perc"}
     assert kv_labels == {(), (("rank", "0"),), (("rank", "1"),)}

@@ -20,8 +20,18 @@ USER = [{"role": "user", "content": "w5 w6"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = save_tiny_chat_model(tmp_path_factory.mktemp("tiny"))
-    with Server("--model", model, "--sp", "2", "--kv-cache-gb", "0.01", "--max-model-len", str(MAX_MODEL_LEN),
-                "--served-model-name", "tiny") as s:
+    with Server(
+        "--model",
+        model,
+        "--sp",
+        "2",
+        "--kv-cache-gb",
+        "0.01",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--served-model-name",
+        "tiny",
+    ) as s:
         yield s
 
 
@@ -41,11 +51,24 @@ CASES = [
     ("missing-messages", "POST", CHAT, {"model": "tiny"}, 400, "messages", "required"),
     ("empty-messages", "POST", CHAT, chat(messages=[]), 400, "messages", "at least 1"),
     ("unknown-role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "w5"}]), 400, "messages[0].role", ""),
-    ("content-wrong-type", "POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content",
-     ""),
-    ("content-part-not-text", "POST", CHAT,
-     chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]), 400,
-     "messages[0].content", ""),
+    (
+        "content-wrong-type",
+        "POST",
+        CHAT,
+        chat(messages=[{"role": "user", "content": 5}]),
+        400,
+        "messages[0].content",
+        "",
+    ),
+    (
+        "content-part-not-text",
+        "POST",
+        CHAT,
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]),
+        400,
+        "messages[0].content",
+        "",
+    ),
     ("negative-max-tokens", "POST", CHAT, chat(max_tokens=-1), 400, "max_tokens", "greater than or equal to 1"),
     ("huge-max-tokens", "POST", CHAT, chat(max_tokens=10**12), 400, "max_tokens", f"{MAX_MODEL_LEN} tokens"),
     ("max-tokens-not-int", "POST", COMP, comp(max_tokens="ten"), 400, "max_tokens", ""),
@@ -101,15 +124,23 @@ def test_fuzz_openapi_schema_finds_no_server_error(server):
     for result in schema.get_all_operations():
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            @settings(max_examples=25, deadline=None, database=None, phases=[Phase.generate],
-                      suppress_health_check=list(HealthCheck))
+
+            @settings(
+                max_examples=25,
+                deadline=None,
+                database=None,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=op.as_strategy(generation_mode=mode))
             def check(case) -> None:
                 response = case.call(base_url=server.url, timeout=60)
                 if response.status_code >= 500:
                     # check() runs within this iteration, so op and mode are the current ones
-                    errors.append(f"{op.label} {mode.value}: {response.status_code} {response.text[:200]} "  # noqa: B023
-                                  f"for {case.body!r:.300}")
+                    errors.append(
+                        f"{op.label} {mode.value}: {response.status_code} {response.text[:200]} "  # noqa: B023
+                        f"for {case.body!r:.300}"
+                    )
 
             try:
                 check()

@@ -32,8 +32,17 @@ def exchange_files() -> set[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = save_tiny_chat_model(tmp_path_factory.mktemp("tiny"), context=4096)
-    with Server("--model", model, "--sp", "2", "--kv-cache-gb", "0.0005", "--served-model-name", "tiny",
-                env={"SEQPAR_API_KEY": KEY}) as s:
+    with Server(
+        "--model",
+        model,
+        "--sp",
+        "2",
+        "--kv-cache-gb",
+        "0.0005",
+        "--served-model-name",
+        "tiny",
+        env={"SEQPAR_API_KEY": KEY},
+    ) as s:
         yield s
 
 

@@ -48,12 +48,18 @@ async def consume(stream) -> int:
 def test_eight_long_streams_run_at_once_then_all_disconnect(server):
     async def run() -> float:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
-        streams = [await client.completions.create(prompt=f"w{10 + i} w{20 + i}", stream=True, **LONG)
-                   for i in range(8)]
+        streams = [
+            await client.completions.create(prompt=f"w{10 + i} w{20 + i}", stream=True, **LONG) for i in range(8)
+        ]
         readers = [asyncio.ensure_future(consume(s)) for s in streams]
         try:
-            await asyncio.to_thread(wait_until, lambda: server.metric("seqpar:num_requests_running") == 8, 30, 0.02,
-                                    "8 requests running at once")
+            await asyncio.to_thread(
+                wait_until,
+                lambda: server.metric("seqpar:num_requests_running") == 8,
+                30,
+                0.02,
+                "8 requests running at once",
+            )
             assert not any(r.done() for r in readers)
         finally:
             for r in readers:

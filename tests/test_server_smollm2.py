@@ -17,7 +17,8 @@ def test_smollm2_chat_at_sp2():
         messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
         out = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8, temperature=0)
         assert "Paris" in out.choices[0].message.content
-        chunks = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8,
-                                                temperature=0, stream=True)
+        chunks = client.chat.completions.create(
+            model="smollm2-135m", messages=messages, max_tokens=8, temperature=0, stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == out.choices[0].message.content
         assert server.metric("seqpar:prompt_tokens_total") == 2 * out.usage.prompt_tokens

@@ -18,9 +18,12 @@ ARGS = ("--sp", "2", "--kv-cache-gb", "0.01", "--served-model-name", "tiny")
 
 def complete(server: Server) -> list[str]:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
-    return [client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0,
-                                      extra_body={"ignore_eos": True}).choices[0].text
-            for p in ("w5 w6 w7", "w40")]
+    return [
+        client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        .choices[0]
+        .text
+        for p in ("w5 w6 w7", "w40")
+    ]
 
 
 def test_torchrun_serve_matches_local_and_stops_on_sigterm(tmp_path):

@@ -37,14 +37,15 @@ def make_qkv(seq_lens: list[int], hq: int, hkv: int, dtype: torch.dtype, seed: i
 def _sweep(rank: int, world: int, strategy: str, dtypes: tuple) -> int:
     degrees = [d for d in range(1, world + 1) if world % d == 0] if strategy == "usp" else [None]
     checked = 0
-    for (lens, (hq, hkv), scheme, causal, dtype, udeg) in itertools.product(
+    for lens, (hq, hkv), scheme, causal, dtype, udeg in itertools.product(
         BATCHES, HEADS, SCHEMES, (True, False), dtypes, degrees
     ):
         q, k, v = make_qkv(lens, hq, hkv, dtype, seed=len(lens) * 100 + hq + hkv)
         plan = ShardPlan(seq_lens=lens, world_size=world, scheme=scheme)
         idx = plan.local_indices(rank)
-        out = sp_attention(q[idx], k[idx], v[idx], plan=plan, group=None, strategy=strategy,
-                           causal=causal, ulysses_degree=udeg)
+        out = sp_attention(
+            q[idx], k[idx], v[idx], plan=plan, group=None, strategy=strategy, causal=causal, ulysses_degree=udeg
+        )
         ref, _ = reference_attention(q.float(), k.float(), v.float(), plan.global_layout, plan.global_layout, causal)
         err = (out.float() - ref[idx]).abs().max().item() if idx.numel() else 0.0
         assert out.shape == (idx.numel(), hq, D) and out.dtype == dtype
@@ -76,13 +77,18 @@ def _bytes(rank: int, world: int) -> dict:
         # K and V of the block held at steps 0 .. W-2
         "ring": sum(2 * t[(r - s) % w] * hkv * D for s in range(w - 1)) * 4,
         # Q blocks around the ring, then every foreign partial (out + lse) home
-        "pass_q": (sum(t[(r - s) % w] * hq * D for s in range(w - 1))
-                   + sum(t[j] * hq * (D + 1) for j in range(w) if j != r)) * 4,
+        "pass_q": (
+            sum(t[(r - s) % w] * hq * D for s in range(w - 1)) + sum(t[j] * hq * (D + 1) for j in range(w) if j != r)
+        )
+        * 4,
         # this rank's K/V, padded to the largest shard, to each of the W - 1 others
         "allgather": (w - 1) * max(t) * 2 * hkv * D * 4 if w > 1 else 0,
         # q/k/v head slices out, then output head slices back
-        "ulysses": (sum(t[r] * (hq_r + 2 * kv_r[j]) * D for j in range(w) if j != r)
-                    + sum(t[j] * hq_r * D for j in range(w) if j != r)) * 4,
+        "ulysses": (
+            sum(t[r] * (hq_r + 2 * kv_r[j]) * D for j in range(w) if j != r)
+            + sum(t[j] * hq_r * D for j in range(w) if j != r)
+        )
+        * 4,
     }
     measured = {}
     for strategy in expected:

@@ -19,10 +19,22 @@ from seqpar.comm.launch import free_port
 from test_model_helpers import VOCAB, tiny_hf_model
 
 # Blocks of 2 tokens, one block per shard unit: the 24-token prompt alternates between the two ranks.
-ENGINE = ["--sp", "2", "--block-size", "2", "--shard-blocks", "1", "--kv-cache-gb", "0.01", "--num-threads", "1",
-          "--no-shared-memory"]
-PROMPT = " ".join(f"w{i}" for i in (5, 17, 3, 99, 42, 8, 8, 23, 61, 7, 14, 30, 31, 32, 33, 90, 12, 77, 6, 4, 19, 50,
-                                    2, 11))
+ENGINE = [
+    "--sp",
+    "2",
+    "--block-size",
+    "2",
+    "--shard-blocks",
+    "1",
+    "--kv-cache-gb",
+    "0.01",
+    "--num-threads",
+    "1",
+    "--no-shared-memory",
+]
+PROMPT = " ".join(
+    f"w{i}" for i in (5, 17, 3, 99, 42, 8, 8, 23, 61, 7, 14, 30, 31, 32, 33, 90, 12, 77, 6, 4, 19, 50, 2, 11)
+)
 REQUEST = ["--prompt", PROMPT, "--json", "--max-tokens", "8", "--temperature", "0"]
 
 
@@ -41,9 +53,30 @@ def tiny(tmp_path_factory) -> str:
 
 def agent(model: str, port: int, run_id: str, log: Path) -> subprocess.Popen:
     """One torchrun agent = one node. Both name the same c10d endpoint; the first to bind it hosts the store."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
-           "--max-restarts", "0", "-m", "seqpar", "generate", "--model", model, *ENGINE, *REQUEST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        run_id,
+        "--max-restarts",
+        "0",
+        "-m",
+        "seqpar",
+        "generate",
+        "--model",
+        model,
+        *ENGINE,
+        *REQUEST,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     env.pop("RANK", None)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
@@ -58,8 +91,10 @@ def test_two_torchrun_nodes_equal_a_local_run(tiny, tmp_path, capsys):
     finally:
         for node in nodes:
             node.kill()  # a no-op once they have exited; no agent outlives the test
-    detail = "\n".join(f"--- node {i} (rc {n.returncode}) ---\n{log.read_text()[-2000:]}"
-                       for i, (n, log) in enumerate(zip(nodes, logs)))
+    detail = "\n".join(
+        f"--- node {i} (rc {n.returncode}) ---\n{log.read_text()[-2000:]}"
+        for i, (n, log) in enumerate(zip(nodes, logs))
+    )
     assert all(n.returncode == 0 for n in nodes), detail
     printed = [o for o in outs if o.strip()]
     assert len(printed) == 1, detail  # global rank 0 alone drives and prints, on whichever node it landed

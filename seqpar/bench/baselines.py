@@ -58,7 +58,13 @@ def equal_lengths(seq_lens: tuple[int, ...] | list[int], multiple: int, who: str
 
 
 def prepare_torch_ring(
-    rank: int, world: int, q: Tensor, k: Tensor, v: Tensor, seq_lens: tuple[int, ...], rotate: str = "allgather",
+    rank: int,
+    world: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_lens: tuple[int, ...],
+    rotate: str = "allgather",
     layout: str = "head-major",
 ) -> Prepared:
     """PyTorch's ring attention, head-tail balanced, causal.

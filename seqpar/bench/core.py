@@ -67,35 +67,64 @@ def prefix_reuse(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         eng.shutdown()
     t1, t2 = first.metrics["time_to_first_token_s"], second.metrics["time_to_first_token_s"]
-    return {"doc_tokens": len(doc), "first_ttft_s": t1, "second_ttft_s": t2, "ratio": t2 / t1,
-            "second_cached_tokens": second.num_cached_tokens, "target": 0.15, "met": t2 / t1 <= 0.15}
+    return {
+        "doc_tokens": len(doc),
+        "first_ttft_s": t1,
+        "second_ttft_s": t2,
+        "ratio": t2 / t1,
+        "second_cached_tokens": second.num_cached_tokens,
+        "target": 0.15,
+        "met": t2 / t1 <= 0.15,
+    }
 
 
 def chunked_prefill(args: argparse.Namespace) -> dict[str, Any]:
     runs = {}
     for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.chunk)):
-        eng = _engine(args, args.sp, enable_prefix_caching=False, max_num_batched_tokens=budget,
-                      long_prefill_token_threshold=budget)
+        eng = _engine(
+            args,
+            args.sp,
+            enable_prefix_caching=False,
+            max_num_batched_tokens=budget,
+            long_prefill_token_threshold=budget,
+        )
         try:
             prompt = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.long_tokens, "text", seed=2)
             out = _finish(eng, eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY)))
-            runs[name] = {"ttft_s": out.metrics["time_to_first_token_s"], "token": out.outputs[0].token_ids[0],
-                          "peak_rss_mib": _peak_rss_mib(eng)}
+            runs[name] = {
+                "ttft_s": out.metrics["time_to_first_token_s"],
+                "token": out.outputs[0].token_ids[0],
+                "peak_rss_mib": _peak_rss_mib(eng),
+            }
         finally:
             eng.shutdown()
     ratio = runs["chunked"]["ttft_s"] / runs["whole"]["ttft_s"]
-    return {"prompt_tokens": args.long_tokens, "chunk": args.chunk, **runs, "ratio": ratio, "target": 1.15,
-            "met": ratio <= 1.15, "same_token": runs["chunked"]["token"] == runs["whole"]["token"]}
+    return {
+        "prompt_tokens": args.long_tokens,
+        "chunk": args.chunk,
+        **runs,
+        "ratio": ratio,
+        "target": 1.15,
+        "met": ratio <= 1.15,
+        "same_token": runs["chunked"]["token"] == runs["whole"]["token"],
+    }
 
 
 def decode_during_prefill(args: argparse.Namespace) -> dict[str, Any]:
     runs = {}
     for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.chunk)):
-        eng = _engine(args, args.sp, enable_prefix_caching=False, max_num_batched_tokens=budget,
-                      long_prefill_token_threshold=budget)
+        eng = _engine(
+            args,
+            args.sp,
+            enable_prefix_caching=False,
+            max_num_batched_tokens=budget,
+            long_prefill_token_threshold=budget,
+        )
         try:
-            short = eng.add_request(make_prompt(eng.tokenizer, eng.model_config.vocab_size, 64, "text", seed=3),
-                                    SamplingParams(max_tokens=100_000, **GREEDY))
+            short = eng.add_request(
+                make_prompt(eng.tokenizer, eng.model_config.vocab_size, 64, "text", seed=3),
+                SamplingParams(max_tokens=100_000, **GREEDY),
+            )
             while not eng.requests[short].seq.output_token_ids:
                 eng.step()
             for _ in range(3):
@@ -113,11 +142,20 @@ def decode_during_prefill(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             eng.shutdown()
         gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-        runs[name] = {"gaps": len(gaps), "itl_p50_s": statistics.median(gaps),
-                      "itl_p99_s": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], "itl_max_s": gaps[-1],
-                      "max_step_s": max(steps), "prefill_steps": len(steps)}
-    return {"prompt_tokens": args.long_tokens, "chunk": args.chunk, **runs,
-            "met": runs["chunked"]["itl_p99_s"] <= runs["chunked"]["max_step_s"] * 1.05}
+        runs[name] = {
+            "gaps": len(gaps),
+            "itl_p50_s": statistics.median(gaps),
+            "itl_p99_s": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
+            "itl_max_s": gaps[-1],
+            "max_step_s": max(steps),
+            "prefill_steps": len(steps),
+        }
+    return {
+        "prompt_tokens": args.long_tokens,
+        "chunk": args.chunk,
+        **runs,
+        "met": runs["chunked"]["itl_p99_s"] <= runs["chunked"]["max_step_s"] * 1.05,
+    }
 
 
 def capacity(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,9 +176,12 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
     try:
         prompt = make_prompt(eng.tokenizer, mc.vocab_size, n, "text", seed=5)
         res = _finish(eng, eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY)))
-        out["served_at_sp2"] = {"prompt_tokens": n, "ttft_s": res.metrics["time_to_first_token_s"],
-                                "kv_bytes_per_rank": res.metrics["kv_cache_bytes_per_rank"],
-                                "peak_rss_mib": _peak_rss_mib(eng)}
+        out["served_at_sp2"] = {
+            "prompt_tokens": n,
+            "ttft_s": res.metrics["time_to_first_token_s"],
+            "kv_bytes_per_rank": res.metrics["kv_cache_bytes_per_rank"],
+            "peak_rss_mib": _peak_rss_mib(eng),
+        }
     finally:
         eng.shutdown()
     return out
@@ -162,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    parts = {"a": ("prefix_reuse", prefix_reuse), "b": ("chunked_prefill", chunked_prefill),
-             "c": ("decode_during_prefill", decode_during_prefill), "d": ("capacity", capacity)}
+    parts = {
+        "a": ("prefix_reuse", prefix_reuse),
+        "b": ("chunked_prefill", chunked_prefill),
+        "c": ("decode_during_prefill", decode_during_prefill),
+        "d": ("capacity", capacity),
+    }
     results: dict[str, Any] = {"args": vars(args)}
     for key in args.parts.split(","):
         name, fn = parts[key]

@@ -53,8 +53,14 @@ def _hf_worker(model: str, conn: Any) -> None:
                 times = []
                 for m in (1, n):
                     t0 = time.perf_counter()
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=m, min_new_tokens=m,
-                                do_sample=False, pad_token_id=0)
+                    hf.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=m,
+                        min_new_tokens=m,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
                     times.append(time.perf_counter() - t0)
                 conn.send((ids.shape[0] * (n - 1) / (times[1] - times[0]), None))
 
@@ -126,18 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     tokens: dict[str, dict[int, list[int]]] = {k: {} for k in runners}
     try:
         for r in range(args.repeats):
-            order = list(runners)[r % 3:] + list(runners)[: r % 3]
+            order = list(runners)[r % 3 :] + list(runners)[: r % 3]
             for c in contexts:
                 for key in order:
                     run = runners[key]
-                    t, toks = run("decode", [prompts[c]], args.tokens) if key == "hf" else \
-                        _seqpar_decode(run, prompts[c], args.tokens)
+                    t, toks = (
+                        run("decode", [prompts[c]], args.tokens)
+                        if key == "hf"
+                        else _seqpar_decode(run, prompts[c], args.tokens)
+                    )
                     ms[key][c].append(1000 * t)
                     tokens[key][c] = toks
             for key in order:
                 run = runners[key]
-                tps[key].append(run("batch", batch, args.tokens)[0] if key == "hf" else
-                                _seqpar_batch(run, batch, args.tokens))
+                tps[key].append(
+                    run("batch", batch, args.tokens)[0] if key == "hf" else _seqpar_batch(run, batch, args.tokens)
+                )
     finally:
         runners.pop("hf").close()
         for llm in runners.values():
@@ -147,19 +157,24 @@ def main(argv: list[str] | None = None) -> int:
         summary["ms_per_token"][key] = {c: statistics.median(v) for c, v in ms[key].items()}
         summary["batch_tokens_per_s"][key] = statistics.median(tps[key])
     for key in ("sp1", "sp2"):
-        summary["ratio_to_hf"][key] = {c: summary["ms_per_token"][key][c] / summary["ms_per_token"]["hf"][c]
-                                       for c in contexts}
+        summary["ratio_to_hf"][key] = {
+            c: summary["ms_per_token"][key][c] / summary["ms_per_token"]["hf"][c] for c in contexts
+        }
     exact = {c: tokens["sp1"][c] == tokens["sp2"][c] == tokens["hf"][c] for c in contexts}
     summary["exact"] = exact
     lines = ["| context | transformers ms/token | seqpar SP 1 | seqpar SP 2 |", "|---|---:|---:|---:|"]
     for c in contexts:
         m = summary["ms_per_token"]
-        lines.append(f"| {c:,} | {m['hf'][c]:.1f} | {m['sp1'][c]:.1f} ({m['sp1'][c] / m['hf'][c]:.2f}x) | "
-                     f"{m['sp2'][c]:.1f} ({m['sp2'][c] / m['hf'][c]:.2f}x) |")
+        lines.append(
+            f"| {c:,} | {m['hf'][c]:.1f} | {m['sp1'][c]:.1f} ({m['sp1'][c] / m['hf'][c]:.2f}x) | "
+            f"{m['sp2'][c]:.1f} ({m['sp2'][c] / m['hf'][c]:.2f}x) |"
+        )
     b = summary["batch_tokens_per_s"]
-    lines.append(f"\nBatch of {args.batch} x {args.batch_context} tokens, decode tokens/s: transformers "
-                 f"{b['hf']:.1f}, seqpar SP 1 {b['sp1']:.1f} ({b['sp1'] / b['hf']:.2f}x), "
-                 f"SP 2 {b['sp2']:.1f} ({b['sp2'] / b['hf']:.2f}x)")
+    lines.append(
+        f"\nBatch of {args.batch} x {args.batch_context} tokens, decode tokens/s: transformers "
+        f"{b['hf']:.1f}, seqpar SP 1 {b['sp1']:.1f} ({b['sp1'] / b['hf']:.2f}x), "
+        f"SP 2 {b['sp2']:.1f} ({b['sp2'] / b['hf']:.2f}x)"
+    )
     lines.append(f"greedy tokens equal (SP 1, SP 2, transformers): {exact}")
     print("\n".join(lines))
     if args.json:

@@ -60,8 +60,9 @@ class RunningServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{spec.name} exited with {self.proc.returncode} before it was ready; "
-                                   f"see {log_path}")
+                raise RuntimeError(
+                    f"{spec.name} exited with {self.proc.returncode} before it was ready; see {log_path}"
+                )
             try:
                 if httpx.get(self.url + spec.health, timeout=5).status_code == 200:
                     return
@@ -88,27 +89,79 @@ def server_specs(args: argparse.Namespace, port: int, eos_ids: list[int]) -> lis
     for name in args.servers.split(","):
         if name.startswith("sp"):
             sp = int(name[2:])
-            engine = ["--model", args.model, "--sp", str(sp), "--num-threads", str(max(1, args.cores // sp)),
-                      "--kv-cache-gb", str(args.kv_cache_gb / sp), "--no-enable-prefix-caching"]
-            cmd = [sys.executable, "-m", "seqpar", "serve", *engine, "--port", str(port),
-                   "--served-model-name", "bench"]
+            engine = [
+                "--model",
+                args.model,
+                "--sp",
+                str(sp),
+                "--num-threads",
+                str(max(1, args.cores // sp)),
+                "--kv-cache-gb",
+                str(args.kv_cache_gb / sp),
+                "--no-enable-prefix-caching",
+            ]
+            cmd = [
+                sys.executable,
+                "-m",
+                "seqpar",
+                "serve",
+                *engine,
+                "--port",
+                str(port),
+                "--served-model-name",
+                "bench",
+            ]
             specs.append(ServerSpec(name, cmd, "/health", {}, engine))
         elif name == LLAMA_CPP:
-            cmd = [str(Path(args.bench_venv) / "bin" / "python"), "-m", "llama_cpp.server", "--model", args.gguf,
-                   "--model_alias", "bench", "--n_threads", str(args.cores), "--n_threads_batch", str(args.cores),
-                   "--n_ctx", "8192", "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
+            cmd = [
+                str(Path(args.bench_venv) / "bin" / "python"),
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                args.gguf,
+                "--model_alias",
+                "bench",
+                "--n_threads",
+                str(args.cores),
+                "--n_threads_batch",
+                str(args.cores),
+                "--n_ctx",
+                "8192",
+                "--interrupt_requests",
+                "False",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
             specs.append(ServerSpec(name, cmd, "/v1/models", {"logit_bias": {str(t): -1000 for t in eos_ids}}))
         else:
             raise SystemExit(f"seqpar bench serve: unknown server {name!r} (sp1, sp2, ..., {LLAMA_CPP})")
     return specs
 
 
-def drive(args: argparse.Namespace, spec: ServerSpec, url: str, rows: list[dict[str, Any]], conc: int,
-          workdir: Path, tokenizer_dir: str) -> dict[str, Any]:
+def drive(
+    args: argparse.Namespace,
+    spec: ServerSpec,
+    url: str,
+    rows: list[dict[str, Any]],
+    conc: int,
+    workdir: Path,
+    tokenizer_dir: str,
+) -> dict[str, Any]:
     if args.driver == "guidellm":
-        return run_guidellm(str(Path(args.bench_venv) / "bin" / "guidellm"), url, "bench", rows, tokenizer_dir, conc,
-                            workdir, f"{spec.name}-c{conc}", spec.extras,
-                            health_route=None if spec.health == "/health" else spec.health.lstrip("/"))
+        return run_guidellm(
+            str(Path(args.bench_venv) / "bin" / "guidellm"),
+            url,
+            "bench",
+            rows,
+            tokenizer_dir,
+            conc,
+            workdir,
+            f"{spec.name}-c{conc}",
+            spec.extras,
+            health_route=None if spec.health == "/health" else spec.health.lstrip("/"),
+        )
     return run_openai(url + "/v1", "bench", rows, conc, spec.extras)
 
 
@@ -141,19 +194,34 @@ def one_token(args: argparse.Namespace, server: RunningServer, prompt: str) -> d
         for k in range(args.one_token_pairs):
             order = (http, generate) if k % 2 == 0 else (generate, http)
             res = {fn.__name__: fn() for fn in order}
-            pairs.append({"first": order[0].__name__, "http_s": res["http"][0], "generate_s": res["generate"][0],
-                          "same_text": res["http"][1] == res["generate"][1]})
+            pairs.append(
+                {
+                    "first": order[0].__name__,
+                    "http_s": res["http"][0],
+                    "generate_s": res["generate"][0],
+                    "same_text": res["http"][1] == res["generate"][1],
+                }
+            )
     finally:
         llm.shutdown()
     h = statistics.median(p["http_s"] for p in pairs)
     g = statistics.median(p["generate_s"] for p in pairs)
-    return {"server": server.spec.name, "pairs": pairs, "http_median_s": h, "generate_median_s": g,
-            "ratio": h / g, "ratio_per_pair_median": statistics.median(p["http_s"] / p["generate_s"] for p in pairs),
-            "target": 1.1, "met": h / g <= 1.1, "same_text": all(p["same_text"] for p in pairs)}
+    return {
+        "server": server.spec.name,
+        "pairs": pairs,
+        "http_median_s": h,
+        "generate_median_s": g,
+        "ratio": h / g,
+        "ratio_per_pair_median": statistics.median(p["http_s"] / p["generate_s"] for p in pairs),
+        "target": 1.1,
+        "met": h / g <= 1.1,
+        "same_text": all(p["same_text"] for p in pairs),
+    }
 
 
-def ttft_pairs(args: argparse.Namespace, eos_ids: list[int], workdir: Path, rows: list[dict[str, Any]],
-               warm: dict[str, Any]) -> dict[str, Any]:
+def ttft_pairs(
+    args: argparse.Namespace, eos_ids: list[int], workdir: Path, rows: list[dict[str, Any]], warm: dict[str, Any]
+) -> dict[str, Any]:
     """SP 1 and SP 2 up side by side, idle in turn: each row goes to one, then the other (the order
     alternating), as a 1-token request, so the time is the time to first token. Pairs taken close
     together see the same background load, which a whole level per server cannot promise."""
@@ -179,9 +247,15 @@ def ttft_pairs(args: argparse.Namespace, eos_ids: list[int], workdir: Path, rows
             server.stop()
     ok = [p for p in pairs if p["sp1"] and p["sp2"]]
     t1, t2 = (statistics.median(p[n] for p in ok) for n in ("sp1", "sp2"))
-    return {"pairs": pairs, "sp1_median_s": t1, "sp2_median_s": t2, "ratio": t2 / t1,
-            "ratio_per_pair_median": statistics.median(p["sp2"] / p["sp1"] for p in ok), "target": 0.55,
-            "met": t2 / t1 <= 0.55}
+    return {
+        "pairs": pairs,
+        "sp1_median_s": t1,
+        "sp2_median_s": t2,
+        "ratio": t2 / t1,
+        "ratio_per_pair_median": statistics.median(p["sp2"] / p["sp1"] for p in ok),
+        "target": 0.55,
+        "met": t2 / t1 <= 0.55,
+    }
 
 
 def code_version() -> str:
@@ -190,8 +264,9 @@ def code_version() -> str:
     try:
         git = ["git", "-C", str(root)]
         rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "seqpar"], capture_output=True, text=True,
-                               check=True)
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "seqpar"], capture_output=True, text=True, check=True
+        )
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("SEQPAR_COMMIT", "unknown")
@@ -201,8 +276,10 @@ def bench_versions(venv: str) -> dict[str, str]:
     py = Path(venv) / "bin" / "python"
     if not py.exists():
         return {}
-    code = ("import importlib.metadata as m, json\nv = {}\nfor p in ('guidellm', 'llama_cpp_python', 'torch'):\n"
-            "    try: v[p] = m.version(p)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(v))")
+    code = (
+        "import importlib.metadata as m, json\nv = {}\nfor p in ('guidellm', 'llama_cpp_python', 'torch'):\n"
+        "    try: v[p] = m.version(p)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(v))"
+    )
     try:
         return json.loads(subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True).stdout)
     except (OSError, subprocess.CalledProcessError, ValueError):
@@ -230,8 +307,11 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     """The load results as a markdown table."""
-    lines = ["| server | concurrency | ok | errors | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
-             "E2E p50 / p99 (s) | output tok/s | prompt tok |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| server | concurrency | ok | errors | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
+        "E2E p50 / p99 (s) | output tok/s | prompt tok |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, per in results["load"].items():
         for conc, r in sorted(per.items(), key=lambda kv: int(kv[0])):
             if "failed" in r:
@@ -240,9 +320,12 @@ def table(results: dict[str, Any]) -> str:
 
             def pq(key: str, fmt: str, r: dict[str, Any] = r) -> str:
                 return f"{r[key]['p50']:{fmt}} / {r[key]['p99']:{fmt}}" if key in r else "-"
-            lines.append(f"| {name} | {conc} | {r['requests']} | {r['errors']} | {pq('ttft_s', '.2f')} | "
-                         f"{pq('itl_ms', '.1f')} | {pq('e2e_s', '.2f')} | {r.get('output_tokens_per_s', 0):.2f} | "
-                         f"{r.get('prompt_tokens_p50', '-')} |")
+
+            lines.append(
+                f"| {name} | {conc} | {r['requests']} | {r['errors']} | {pq('ttft_s', '.2f')} | "
+                f"{pq('itl_ms', '.1f')} | {pq('e2e_s', '.2f')} | {r.get('output_tokens_per_s', 0):.2f} | "
+                f"{r.get('prompt_tokens_p50', '-')} |"
+            )
     return "\n".join(lines)
 
 
@@ -265,8 +348,10 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     a = results["args"]
-    fig.suptitle(f"{a['model']}: {a['prompt_tokens']}-token prompts, {a['output_tokens']} output tokens, "
-                 f"requests per level {a['requests']}, {a['cores']} cores")
+    fig.suptitle(
+        f"{a['model']}: {a['prompt_tokens']}-token prompts, {a['output_tokens']} output tokens, "
+        f"requests per level {a['requests']}, {a['cores']} cores"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -285,9 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", default=None, help="llama.cpp's model file (default: --model's GGUF)")
     p.add_argument("--servers", default=f"sp1,sp2,{LLAMA_CPP}", help="comma-separated: spN and/or llamacpp")
     p.add_argument("--concurrency", default="1,4,8", help="concurrent streams, comma-separated")
-    p.add_argument("--requests", default="4,4,8",
-                   help="requests per concurrency level: one number, or one per level (default: 4,4,8: four one "
-                        "after another at 1 stream, one burst of every stream at 4 and at 8)")
+    p.add_argument(
+        "--requests",
+        default="4,4,8",
+        help="requests per concurrency level: one number, or one per level (default: 4,4,8: four one "
+        "after another at 1 stream, one burst of every stream at 4 and at 8)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=4000)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--kv-cache-gb", type=float, default=2.0, help="seqpar's KV cache, GiB over all SP ranks")
@@ -296,14 +384,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-venv", default=".venv-bench", help="the virtualenv holding guidellm and llama-cpp-python")
     p.add_argument("--one-token-pairs", type=int, default=5, help="paired 1-token HTTP / LLM.generate runs (0: none)")
     p.add_argument("--one-token-server", default="sp2", help="which seqpar server the 1-token check uses")
-    p.add_argument("--ttft-pairs", type=int, default=4,
-                   help="paired 1-token requests to SP 1 and SP 2 up side by side (0: none; needs sp1 and sp2)")
+    p.add_argument(
+        "--ttft-pairs",
+        type=int,
+        default=4,
+        help="paired 1-token requests to SP 1 and SP 2 up side by side (0: none; needs sp1 and sp2)",
+    )
     p.add_argument("--workdir", default=None, help="keep logs, data and guidellm reports here (default: a temp dir)")
     p.add_argument("--json", default=None, help="results file (default: docs/serve-bench.json; '' for none)")
     p.add_argument("--plot", default=None, help="plot file (default: docs/serve-bench.png; '' for none)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke test: sp1 only, 2 requests at concurrency 1 and 2, 48-token prompts, 4 output "
-                        "tokens, the openai driver, one pair, no files unless asked")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: sp1 only, 2 requests at concurrency 1 and 2, 48-token prompts, 4 output "
+        "tokens, the openai driver, one pair, no files unless asked",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.servers, args.concurrency, args.requests, args.driver = "sp1", "1,2", "2", "openai"
@@ -330,12 +425,24 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)
     tokenizer_dir = str(workdir / "tokenizer")
     tokenizer.save_pretrained(tokenizer_dir)  # guidellm counts tokens with the same tokenizer
-    eos_ids = sorted({t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-                      if isinstance(t, int) and t != tokenizer.unk_token_id})
+    eos_ids = sorted(
+        {
+            t
+            for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+            if isinstance(t, int) and t != tokenizer.unk_token_id
+        }
+    )
     port = free_port()
-    results: dict[str, Any] = {"args": vars(args), "workdir": str(workdir), "load": {}, "one_token": None,
-                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(),
-                               "seqpar": code_version(), "bench_venv": bench_versions(args.bench_venv)}
+    results: dict[str, Any] = {
+        "args": vars(args),
+        "workdir": str(workdir),
+        "load": {},
+        "one_token": None,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_start": os.getloadavg(),
+        "seqpar": code_version(),
+        "bench_venv": bench_versions(args.bench_venv),
+    }
     # Request rows: each level its own documents (no row is sent twice to a server).
     levels, first = {}, 1
     for c, n in zip(concs, counts):
@@ -362,23 +469,41 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 r["loadavg_after"] = os.getloadavg()
                 r["server_exit"] = server.proc.poll()  # None: still up (an external kill shows here)
-                print(f"  {spec.name} concurrency {c}: " + json.dumps({k: r.get(k) for k in (
-                    "requests", "errors", "ttft_s", "itl_ms", "e2e_s", "output_tokens_per_s", "output_tokens_min")}),
-                    flush=True)
+                print(
+                    f"  {spec.name} concurrency {c}: "
+                    + json.dumps(
+                        {
+                            k: r.get(k)
+                            for k in (
+                                "requests",
+                                "errors",
+                                "ttft_s",
+                                "itl_ms",
+                                "e2e_s",
+                                "output_tokens_per_s",
+                                "output_tokens_min",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
                 save(results, args.json)
             if one and server.proc.poll() is None:
                 prompt = workload(tokenizer, 1, args.prompt_tokens, 1, first=first + args.ttft_pairs)[0]["prompt"]
                 results["one_token"] = one_token(args, server, prompt)
-                print("  one token: " + json.dumps({k: v for k, v in results["one_token"].items() if k != "pairs"}),
-                      flush=True)
+                print(
+                    "  one token: " + json.dumps({k: v for k, v in results["one_token"].items() if k != "pairs"}),
+                    flush=True,
+                )
         finally:
             server.stop()
         save(results, args.json)
     if args.ttft_pairs > 0 and {"sp1", "sp2"} <= set(args.servers.split(",")):
         rows = workload(tokenizer, args.ttft_pairs, args.prompt_tokens, 1, first=first)
         results["ttft_pairs"] = ttft_pairs(args, eos_ids, workdir, rows, warm)
-        print("  ttft pairs: " + json.dumps({k: v for k, v in results["ttft_pairs"].items() if k != "pairs"}),
-              flush=True)
+        print(
+            "  ttft pairs: " + json.dumps({k: v for k, v in results["ttft_pairs"].items() if k != "pairs"}), flush=True
+        )
     results["targets"] = targets(results)
     results["loadavg_end"] = os.getloadavg()
     print(table(results))

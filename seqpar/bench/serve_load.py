@@ -39,8 +39,9 @@ def percentile(values: list[float], p: float) -> float:
 
 def _render(tokenizer: Any, content: str) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
     return content
 
 
@@ -62,10 +63,15 @@ def workload(tokenizer: Any, n: int, prompt_tokens: int, output_tokens: int, fir
         doc = f"Archive record {i}.\n\n" + "\n\n".join(body * 2)  # twice: room for prompts past one copy
 
         overhead = len(tokenizer.encode(_ask(tokenizer, question, ""), add_special_tokens=False))
-        doc_ids = tokenizer.encode(doc, add_special_tokens=False)[:max(1, prompt_tokens - overhead)]
+        doc_ids = tokenizer.encode(doc, add_special_tokens=False)[: max(1, prompt_tokens - overhead)]
         text = _ask(tokenizer, question, tokenizer.decode(doc_ids))
-        rows.append({"prompt": text, "prompt_tokens_count": len(tokenizer.encode(text, add_special_tokens=False)),
-                     "output_tokens_count": output_tokens})
+        rows.append(
+            {
+                "prompt": text,
+                "prompt_tokens_count": len(tokenizer.encode(text, add_special_tokens=False)),
+                "output_tokens_count": output_tokens,
+            }
+        )
     return rows
 
 
@@ -86,27 +92,55 @@ def summarize(records: list[dict[str, Any]], errors: int, wall_s: float) -> dict
 
 
 # ---- guidellm --------------------------------------------------------------------------
-def run_guidellm(exe: str, target: str, model: str, rows: list[dict[str, Any]], tokenizer_dir: str,
-                 concurrency: int, workdir: Path, tag: str, extras: dict[str, Any] | None = None,
-                 health_route: str | None = None) -> dict[str, Any]:
+def run_guidellm(
+    exe: str,
+    target: str,
+    model: str,
+    rows: list[dict[str, Any]],
+    tokenizer_dir: str,
+    concurrency: int,
+    workdir: Path,
+    tag: str,
+    extras: dict[str, Any] | None = None,
+    health_route: str | None = None,
+) -> dict[str, Any]:
     data, scenario = workdir / f"{tag}.jsonl", workdir / f"{tag}.scenario.json"
     report = workdir / f"{tag}.guidellm.json"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    backend: dict[str, Any] = {"kind": "openai_http", "target": target, "model": model,
-                               "request_format": "/v1/completions", "http2": False, "timeout": 3600}
+    backend: dict[str, Any] = {
+        "kind": "openai_http",
+        "target": target,
+        "model": model,
+        "request_format": "/v1/completions",
+        "http2": False,
+        "timeout": 3600,
+    }
     if extras:
         backend["extras"] = {"body": extras}
     if health_route:  # llama.cpp's server has no /health: guidellm checks this route instead
         backend["api_routes"] = {"/health": health_route}
-    scenario.write_text(json.dumps({"spec": {
-        "backend": backend, "profile": {"kind": "concurrent", "streams": concurrency},
-        "data": [{"kind": "json_file", "path": str(data)}],
-        "tokenizer": {"kind": "huggingface_auto", "model": tokenizer_dir},
-        "constraints": [{"kind": "max_requests", "count": len(rows)}],
-        "outputs": [{"kind": "json", "path": str(report)}]}}, indent=1))
+    scenario.write_text(
+        json.dumps(
+            {
+                "spec": {
+                    "backend": backend,
+                    "profile": {"kind": "concurrent", "streams": concurrency},
+                    "data": [{"kind": "json_file", "path": str(data)}],
+                    "tokenizer": {"kind": "huggingface_auto", "model": tokenizer_dir},
+                    "constraints": [{"kind": "max_requests", "count": len(rows)}],
+                    "outputs": [{"kind": "json", "path": str(report)}],
+                }
+            },
+            indent=1,
+        )
+    )
     with open(workdir / f"{tag}.guidellm.log", "w") as log:
-        subprocess.run([exe, "run", "-c", str(scenario), "--disable-console-interactive"], check=True,
-                       stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(
+            [exe, "run", "-c", str(scenario), "--disable-console-interactive"],
+            check=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     return parse_guidellm(report)
 
 
@@ -117,14 +151,22 @@ def parse_guidellm(report: Path) -> dict[str, Any]:
     for r in bench["requests"]["successful"]:
         t, n_out = r["info"]["timings"], r["output_metrics"]["text_tokens"]
         first, last = t["first_token_iteration"], t["last_token_iteration"]
-        records.append({"ttft_s": first - t["request_start"], "e2e_s": t["request_end"] - t["request_start"],
-                        "itl_s": (last - first) / (n_out - 1) if n_out > 1 else None,
-                        "prompt_tokens": r["input_metrics"]["text_tokens"], "output_tokens": n_out})
+        records.append(
+            {
+                "ttft_s": first - t["request_start"],
+                "e2e_s": t["request_end"] - t["request_start"],
+                "itl_s": (last - first) / (n_out - 1) if n_out > 1 else None,
+                "prompt_tokens": r["input_metrics"]["text_tokens"],
+                "output_tokens": n_out,
+            }
+        )
     totals = bench["metrics"]["request_totals"]
     out = summarize(records, totals["errored"] + totals["incomplete"], bench["duration"])
     m = bench["metrics"]  # guidellm's own percentiles, kept to cross-check ours
-    out["guidellm"] = {k: {p: m[k]["successful"]["percentiles"][p] for p in ("p50", "p99")}
-                       for k in ("time_to_first_token_ms", "inter_token_latency_ms", "request_latency")}
+    out["guidellm"] = {
+        k: {p: m[k]["successful"]["percentiles"][p] for p in ("p50", "p99")}
+        for k in ("time_to_first_token_ms", "inter_token_latency_ms", "request_latency")
+    }
     out["errors_seen"] = [str(r["info"].get("error"))[:300] for r in bench["requests"]["errored"]][:3]
     return out
 
@@ -135,8 +177,13 @@ async def _one(client: Any, model: str, row: dict[str, Any], extras: dict[str, A
     first = last = None
     usage = None
     stream = await client.completions.create(
-        model=model, prompt=row["prompt"], max_tokens=row["output_tokens_count"], stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, **extras})
+        model=model,
+        prompt=row["prompt"],
+        max_tokens=row["output_tokens_count"],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, **extras},
+    )
     async for chunk in stream:
         now = time.perf_counter()
         if chunk.choices and chunk.choices[0].text:
@@ -148,18 +195,25 @@ async def _one(client: Any, model: str, row: dict[str, Any], extras: dict[str, A
     if usage is None or first is None:
         raise RuntimeError("the stream ended without tokens or usage")
     n_out = usage.completion_tokens
-    return {"ttft_s": first - t0, "e2e_s": end - t0, "itl_s": (last - first) / (n_out - 1) if n_out > 1 else None,
-            "prompt_tokens": usage.prompt_tokens, "output_tokens": n_out}
+    return {
+        "ttft_s": first - t0,
+        "e2e_s": end - t0,
+        "itl_s": (last - first) / (n_out - 1) if n_out > 1 else None,
+        "prompt_tokens": usage.prompt_tokens,
+        "output_tokens": n_out,
+    }
 
 
-async def _drive(base_url: str, model: str, rows: list[dict[str, Any]], concurrency: int,
-                 extras: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], float]:
+async def _drive(
+    base_url: str, model: str, rows: list[dict[str, Any]], concurrency: int, extras: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[str], float]:
     from openai import AsyncOpenAI
 
     queue = list(rows)
     records: list[dict[str, Any]] = []
     errors: list[str] = []
     async with AsyncOpenAI(base_url=base_url, api_key="unused", timeout=3600, max_retries=0) as client:
+
         async def stream() -> None:
             while queue:
                 row = queue.pop(0)
@@ -173,8 +227,9 @@ async def _drive(base_url: str, model: str, rows: list[dict[str, Any]], concurre
         return records, errors, time.perf_counter() - t0
 
 
-def run_openai(base_url: str, model: str, rows: list[dict[str, Any]], concurrency: int,
-               extras: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_openai(
+    base_url: str, model: str, rows: list[dict[str, Any]], concurrency: int, extras: dict[str, Any] | None = None
+) -> dict[str, Any]:
     records, errors, wall = asyncio.run(_drive(base_url, model, rows, concurrency, extras or {}))
     out = summarize(records, len(errors), wall)
     out["errors_seen"] = errors[:3]

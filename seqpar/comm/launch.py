@@ -62,15 +62,21 @@ def join_group(device: str = "cpu", local_rank: int = 0, timeout_s: float | None
     """
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} needs GPU {local_rank}, but this host shows "
-                               f"{torch.cuda.device_count()}: start at most one rank per GPU")
+            raise RuntimeError(
+                f"local rank {local_rank} needs GPU {local_rank}, but this host shows "
+                f"{torch.cuda.device_count()}: start at most one rank per GPU"
+            )
         torch.cuda.set_device(local_rank)
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     dist.init_process_group("nccl" if device == "cuda" else "gloo", **init, **timeout)
 
 
 def init_local_rank(
-    rank: int, world: int, port: int, threads: int | None = None, timeout_s: float | None = None,
+    rank: int,
+    world: int,
+    port: int,
+    threads: int | None = None,
+    timeout_s: float | None = None,
     device: str = "cpu",
 ) -> None:
     """In a started rank: `threads` threads (default cores / W), then join the group on 127.0.0.1:`port`."""

@@ -55,8 +55,9 @@ class ParallelMesh:
         sp_rank, tp_rank = divmod(local, tp_size)
         tp_layout = [[members[s * tp_size + t] for t in range(tp_size)] for s in range(sp_size)]
         sp_layout = [[members[s * tp_size + t] for s in range(sp_size)] for t in range(tp_size)]
-        return ParallelMesh(sp_size, tp_size, _member_groups(sp_layout, me), _member_groups(tp_layout, me),
-                            sp_rank, tp_rank)
+        return ParallelMesh(
+            sp_size, tp_size, _member_groups(sp_layout, me), _member_groups(tp_layout, me), sp_rank, tp_rank
+        )
 
 
 @dataclass(frozen=True)

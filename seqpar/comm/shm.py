@@ -100,8 +100,10 @@ class HostExchange:
     def all_gather(self, t: Tensor) -> Tensor:
         """Every rank's t (same shape and dtype everywhere) -> [W, *t.shape], a fresh tensor."""
         if not self.fits(t):
-            raise ValueError(f"HostExchange.all_gather: a {t.device.type} tensor of {nbytes(t)} bytes does not fit "
-                             f"the {self.capacity}-byte CPU buffer; use the process group for it")
+            raise ValueError(
+                f"HostExchange.all_gather: a {t.device.type} tensor of {nbytes(t)} bytes does not fit "
+                f"the {self.capacity}-byte CPU buffer; use the process group for it"
+            )
         n = nbytes(t)
         self._calls += 1
         slots = self._slots[self._calls % 2]  # [W, capacity]
@@ -139,8 +141,10 @@ class HostExchange:
             late = [r for r, c in enumerate(column.tolist()) if c < self._calls]
             dead = [r for r in late if not _alive(int(self._flags[r, 1]))]
             if dead:  # same host, so a peer's pid tells whether it still runs
-                raise RuntimeError(f"HostExchange: rank(s) {dead} of this host's group exited mid-step; "
-                                   "the whole group has to be restarted")
+                raise RuntimeError(
+                    f"HostExchange: rank(s) {dead} of this host's group exited mid-step; "
+                    "the whole group has to be restarted"
+                )
             if now - start > self._timeout_s:
                 raise RuntimeError(
                     f"HostExchange: rank(s) {late} of this host's group wrote nothing for "

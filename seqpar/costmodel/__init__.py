@@ -10,7 +10,22 @@ from seqpar.costmodel.models import preset_config, resolve_model_config
 from seqpar.costmodel.predict import Plan, Prediction, decode_s, max_context, plan, predict, prefill
 
 __all__ = [
-    "HARDWARE_PRESETS", "MODEL_PRESETS", "Hardware", "Layout", "Plan", "PlanError", "Prediction", "check_layout",
-    "decode_s", "enumerate_layouts", "max_context", "plan", "predict", "prefill", "preset_config",
-    "resolve_hardware", "resolve_model_config", "strategies_for",
+    "HARDWARE_PRESETS",
+    "MODEL_PRESETS",
+    "Hardware",
+    "Layout",
+    "Plan",
+    "PlanError",
+    "Prediction",
+    "check_layout",
+    "decode_s",
+    "enumerate_layouts",
+    "max_context",
+    "plan",
+    "predict",
+    "prefill",
+    "preset_config",
+    "resolve_hardware",
+    "resolve_model_config",
+    "strategies_for",
 ]

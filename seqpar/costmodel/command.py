@@ -1,7 +1,7 @@
 """`seqpar plan`: predicted prefill time, decode time and memory of every layout of a cluster.
 
-    seqpar plan --model llama-3.1-405b --context 1048576 --gpus 128 --gpus-per-node 8 --hardware h100
-    seqpar plan --model path/to/config.json --context 32768 --gpus 2 --hardware my-profile.json --json
+seqpar plan --model llama-3.1-405b --context 1048576 --gpus 128 --gpus-per-node 8 --hardware h100
+seqpar plan --model path/to/config.json --context 32768 --gpus 2 --hardware my-profile.json --json
 """
 
 from __future__ import annotations
@@ -20,17 +20,30 @@ SUMMARY_KEYS = ("layout", "strategy", "ttft_s", "decode_ms_per_token", "kv_bytes
 
 
 def add_plan_args(p: Any) -> None:
-    p.add_argument("--model", required=True, metavar="NAME_OR_CONFIG",
-                   help=f"a preset ({', '.join(MODELS)}), a HF config.json, or a directory holding one")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME_OR_CONFIG",
+        help=f"a preset ({', '.join(MODELS)}), a HF config.json, or a directory holding one",
+    )
     p.add_argument("--context", required=True, type=int, metavar="TOKENS", help="prompt length to prefill, tokens")
     p.add_argument("--gpus", required=True, type=int, metavar="N", help="devices in all")
     p.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="devices per node (default: 8)")
-    p.add_argument("--hardware", default="h100", metavar="NAME_OR_JSON",
-                   help=f"a preset ({', '.join(HARDWARE)}) or a JSON hardware profile (default: h100)")
-    p.add_argument("--tp", type=int, default=None, metavar="K",
-                   help="consider only this TP degree (default: every one)")
-    p.add_argument("--weight-dtype", default="bf16", choices=tuple(WEIGHT_BYTES),
-                   help="weight storage, for memory and decode reads (default: bf16)")
+    p.add_argument(
+        "--hardware",
+        default="h100",
+        metavar="NAME_OR_JSON",
+        help=f"a preset ({', '.join(HARDWARE)}) or a JSON hardware profile (default: h100)",
+    )
+    p.add_argument(
+        "--tp", type=int, default=None, metavar="K", help="consider only this TP degree (default: every one)"
+    )
+    p.add_argument(
+        "--weight-dtype",
+        default="bf16",
+        choices=tuple(WEIGHT_BYTES),
+        help="weight storage, for memory and decode reads (default: bf16)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object: chosen, layouts")
 
 
@@ -54,16 +67,22 @@ def _size(nbytes: float) -> str:
 
 
 def to_table(result: Plan, header: str) -> str:
-    lines = [header, f"{'':2}{'layout':<14}{'strategy':<11}{'TTFT s':>10}{'decode ms':>11}{'KV/rank':>11}"
-                     f"{'max context':>13}  fits"]
+    lines = [
+        header,
+        f"{'':2}{'layout':<14}{'strategy':<11}{'TTFT s':>10}{'decode ms':>11}{'KV/rank':>11}{'max context':>13}  fits",
+    ]
     for p in result.layouts:
         mark = "* " if p == result.chosen else "  "
-        lines.append(f"{mark}{p.layout:<14}{p.strategy:<11}{p.ttft_s:>10.3f}{p.decode_ms_per_token:>11.2f}"
-                     f"{_size(p.kv_bytes_per_rank):>11}{p.max_context_tokens:>13,}  {'yes' if p.fits else 'no'}")
+        lines.append(
+            f"{mark}{p.layout:<14}{p.strategy:<11}{p.ttft_s:>10.3f}{p.decode_ms_per_token:>11.2f}"
+            f"{_size(p.kv_bytes_per_rank):>11}{p.max_context_tokens:>13,}  {'yes' if p.fits else 'no'}"
+        )
     c = result.chosen
-    lines.append(f"chosen: {c.layout}, {c.strategy}: TTFT {c.ttft_s:.3f} s (linear {c.linear_s:.3f}, TP comm "
-                 f"{c.tp_comm_s:.3f}, attention {c.attention_s:.3f}, exposed CP comm {c.cp_comm_exposed_s:.3f}), "
-                 f"decode {c.decode_ms_per_token:.2f} ms/token")
+    lines.append(
+        f"chosen: {c.layout}, {c.strategy}: TTFT {c.ttft_s:.3f} s (linear {c.linear_s:.3f}, TP comm "
+        f"{c.tp_comm_s:.3f}, attention {c.attention_s:.3f}, exposed CP comm {c.cp_comm_exposed_s:.3f}), "
+        f"decode {c.decode_ms_per_token:.2f} ms/token"
+    )
     if result.note:
         lines.append(f"note: {result.note}")
     return "\n".join(lines)
@@ -77,6 +96,11 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(to_json(result)))
     else:
-        print(to_table(result, f"{args.model} at {args.context:,} tokens on {args.gpus} x {hw.name} "
-                               f"({args.gpus_per_node} per node), {args.weight_dtype} weights"))
+        print(
+            to_table(
+                result,
+                f"{args.model} at {args.context:,} tokens on {args.gpus} x {hw.name} "
+                f"({args.gpus_per_node} per node), {args.weight_dtype} weights",
+            )
+        )
     return 0

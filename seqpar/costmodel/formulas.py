@@ -19,8 +19,10 @@ LSE_BYTES = 4  # partial results carry an fp32 log-sum-exp per query and head, w
 # ---- compute ----------------------------------------------------------------------------------
 def linear_params_per_layer(mc: ModelConfig) -> int:
     """Weights of one decoder layer's matmuls: q, k, v, o and the SwiGLU MLP (gate, up, down)."""
-    attn = (mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
-            + mc.num_heads * mc.head_dim * mc.hidden_size)
+    attn = (
+        mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+        + mc.num_heads * mc.head_dim * mc.hidden_size
+    )
     return attn + 3 * mc.hidden_size * mc.intermediate_size
 
 
@@ -83,8 +85,9 @@ def ulysses_bytes(counts: Sequence[int], rank: int, hq_total: int, hkv_total: in
     fewer than the degree are replicated (`kv_heads_for`), which costs bytes."""
     w = len(counts)
     hq = hq_total // w
-    out = sum(counts[rank] * (hq + 2 * len(kv_heads_for(hq_total, hkv_total, w, j))) * d * b
-              for j in range(w) if j != rank)
+    out = sum(
+        counts[rank] * (hq + 2 * len(kv_heads_for(hq_total, hkv_total, w, j))) * d * b for j in range(w) if j != rank
+    )
     back = sum(counts[j] * hq * d * b for j in range(w) if j != rank)
     return out + back
 

@@ -53,7 +53,8 @@ class Hardware:
         for name in ("attention_efficiency", "gemm_efficiency", "memory_fraction"):
             if getattr(self, name) > 1:
                 raise ValueError(
-                    f"hardware {self.name!r}: {name} is a share of peak, at most 1, got {getattr(self, name)}")
+                    f"hardware {self.name!r}: {name} is a share of peak, at most 1, got {getattr(self, name)}"
+                )
 
     @classmethod
     def from_json(cls, path: str | Path) -> Hardware:
@@ -64,11 +65,16 @@ class Hardware:
             raise ValueError(f"cannot read hardware profile {str(path)!r}: {e}") from e
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - names) if isinstance(raw, dict) else []
-        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in raw) \
-            if isinstance(raw, dict) else []
+        missing = (
+            sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in raw)
+            if isinstance(raw, dict)
+            else []
+        )
         if not isinstance(raw, dict) or unknown or missing:
-            raise ValueError(f"hardware profile {str(path)!r} must be a JSON object with the fields {sorted(names)}; "
-                             f"unknown: {unknown}, missing: {missing}")
+            raise ValueError(
+                f"hardware profile {str(path)!r} must be a JSON object with the fields {sorted(names)}; "
+                f"unknown: {unknown}, missing: {missing}"
+            )
         return cls(**raw)
 
     def to_json(self) -> str:
@@ -79,12 +85,30 @@ class Hardware:
 # see calibrate.py; H200 has the same compute, so the same software share of peak is assumed.
 H100_GEMM_EFFICIENCY = 0.299
 
-H100 = Hardware(name="h100", peak_flops=989e12, attention_efficiency=0.75, gemm_efficiency=H100_GEMM_EFFICIENCY,
-                memory_bytes=80 * GB, memory_bandwidth=3.35e12, intra_bandwidth=450 * GB, intra_latency=2e-6,
-                inter_bandwidth=50 * GB, inter_latency=10e-6)
-H200 = Hardware(name="h200", peak_flops=989e12, attention_efficiency=0.75, gemm_efficiency=H100_GEMM_EFFICIENCY,
-                memory_bytes=141 * GB, memory_bandwidth=4.8e12, intra_bandwidth=450 * GB, intra_latency=2e-6,
-                inter_bandwidth=50 * GB, inter_latency=10e-6)
+H100 = Hardware(
+    name="h100",
+    peak_flops=989e12,
+    attention_efficiency=0.75,
+    gemm_efficiency=H100_GEMM_EFFICIENCY,
+    memory_bytes=80 * GB,
+    memory_bandwidth=3.35e12,
+    intra_bandwidth=450 * GB,
+    intra_latency=2e-6,
+    inter_bandwidth=50 * GB,
+    inter_latency=10e-6,
+)
+H200 = Hardware(
+    name="h200",
+    peak_flops=989e12,
+    attention_efficiency=0.75,
+    gemm_efficiency=H100_GEMM_EFFICIENCY,
+    memory_bytes=141 * GB,
+    memory_bandwidth=4.8e12,
+    intra_bandwidth=450 * GB,
+    intra_latency=2e-6,
+    inter_bandwidth=50 * GB,
+    inter_latency=10e-6,
+)
 PRESETS = {"h100": H100, "h200": H200}
 
 

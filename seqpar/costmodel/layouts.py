@@ -47,22 +47,31 @@ def _divisors(n: int) -> list[int]:
 def check_layout(mc: ModelConfig, layout: Layout, context: int) -> None:
     """Raise PlanError naming the problem and the fix when `layout` cannot serve `context` tokens."""
     if layout.tp > layout.gpus_per_node:
-        raise PlanError(f"TP {layout.tp} spans more than one node of {layout.gpus_per_node} GPUs: TP all-reduces "
-                        f"twice per layer and needs NVLink; use TP <= {layout.gpus_per_node} and CP across nodes")
+        raise PlanError(
+            f"TP {layout.tp} spans more than one node of {layout.gpus_per_node} GPUs: TP all-reduces "
+            f"twice per layer and needs NVLink; use TP <= {layout.gpus_per_node} and CP across nodes"
+        )
     if mc.num_heads % layout.tp != 0:
         ok = [d for d in _divisors(mc.num_heads) if d <= layout.gpus_per_node]
-        raise PlanError(f"{mc.num_heads} attention heads cannot split over TP {layout.tp}: use a TP degree "
-                        f"dividing {mc.num_heads} ({', '.join(map(str, ok))})")
+        raise PlanError(
+            f"{mc.num_heads} attention heads cannot split over TP {layout.tp}: use a TP degree "
+            f"dividing {mc.num_heads} ({', '.join(map(str, ok))})"
+        )
     if mc.num_kv_heads % layout.tp != 0 and layout.tp % mc.num_kv_heads != 0:
-        raise PlanError(f"{mc.num_kv_heads} KV heads neither split over nor replicate evenly across TP {layout.tp}: "
-                        f"use a TP degree that divides or is a multiple of {mc.num_kv_heads}")
+        raise PlanError(
+            f"{mc.num_kv_heads} KV heads neither split over nor replicate evenly across TP {layout.tp}: "
+            f"use a TP degree that divides or is a multiple of {mc.num_kv_heads}"
+        )
     if layout.cp > context:
-        raise PlanError(f"CP {layout.cp} ranks but only {context} tokens: some rank would hold none; "
-                        f"use at most {context} CP ranks (fewer GPUs, or more TP)")
+        raise PlanError(
+            f"CP {layout.cp} ranks but only {context} tokens: some rank would hold none; "
+            f"use at most {context} CP ranks (fewer GPUs, or more TP)"
+        )
 
 
-def enumerate_layouts(mc: ModelConfig, gpus: int, gpus_per_node: int, context: int,
-                      tp: int | None = None) -> list[Layout]:
+def enumerate_layouts(
+    mc: ModelConfig, gpus: int, gpus_per_node: int, context: int, tp: int | None = None
+) -> list[Layout]:
     """Every valid (TP, CP) with TP inside a node and TP x CP = gpus; with `tp` given, that one alone."""
     if gpus < 1 or gpus_per_node < 1:
         raise PlanError(f"--gpus and --gpus-per-node must be >= 1, got {gpus} and {gpus_per_node}")
@@ -70,13 +79,16 @@ def enumerate_layouts(mc: ModelConfig, gpus: int, gpus_per_node: int, context: i
         raise PlanError(f"--context must be >= 1 token, got {context}")
     if gpus > gpus_per_node and gpus % gpus_per_node != 0:
         lower, upper = gpus // gpus_per_node * gpus_per_node, -(-gpus // gpus_per_node) * gpus_per_node
-        raise PlanError(f"--gpus {gpus} is not a multiple of --gpus-per-node {gpus_per_node}: nodes must be whole; "
-                        f"use --gpus {lower} or {upper}, or a --gpus-per-node that divides {gpus}")
+        raise PlanError(
+            f"--gpus {gpus} is not a multiple of --gpus-per-node {gpus_per_node}: nodes must be whole; "
+            f"use --gpus {lower} or {upper}, or a --gpus-per-node that divides {gpus}"
+        )
     per_node = min(gpus, gpus_per_node)
     if tp is not None:
         if gpus % tp != 0:
             raise PlanError(
-                f"--tp {tp} does not divide --gpus {gpus}; use one of {', '.join(map(str, _divisors(gpus)))}")
+                f"--tp {tp} does not divide --gpus {gpus}; use one of {', '.join(map(str, _divisors(gpus)))}"
+            )
         layout = Layout(tp, gpus // tp, per_node)
         check_layout(mc, layout, context)
         return [layout]

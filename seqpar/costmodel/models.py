@@ -12,34 +12,85 @@ from seqpar.model.config import ModelConfig
 # Llama 3.1's RoPE (config.json of meta-llama/Llama-3.1-{8B,70B,405B}): theta 500000, llama3
 # scaling from the 8K pre-training context to 128K.
 _LLAMA31 = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, max_position_embeddings=131072,
-    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000,
-    eos_token_id=[128001, 128008, 128009], hidden_act="silu", attention_bias=False, mlp_bias=False,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=[128001, 128008, 128009],
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
     # meta-llama/Llama-3.1-8B config.json
-    "llama-3.1-8b": {**_LLAMA31, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128},
+    "llama-3.1-8b": {
+        **_LLAMA31,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    },
     # meta-llama/Llama-3.1-70B config.json
-    "llama-3.1-70b": {**_LLAMA31, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                      "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128},
+    "llama-3.1-70b": {
+        **_LLAMA31,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    },
     # meta-llama/Llama-3.1-405B config.json (Llama 3 405B has the same shapes)
-    "llama-3.1-405b": {**_LLAMA31, "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
-                       "num_attention_heads": 128, "num_key_value_heads": 8, "head_dim": 128},
+    "llama-3.1-405b": {
+        **_LLAMA31,
+        "hidden_size": 16384,
+        "intermediate_size": 53248,
+        "num_hidden_layers": 126,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    },
     # HuggingFaceTB/SmolLM2-135M-Instruct config.json: the model this project runs on CPU
-    "smollm2-135m": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 49152,
-                     "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
-                     "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2},
+    "smollm2-135m": {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
 ALIASES = {
-    "llama-3-405b": "llama-3.1-405b", "llama-3-70b": "llama-3.1-70b", "llama-3-8b": "llama-3.1-8b",
-    "meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/llama-3.1-70b": "llama-3.1-70b",
-    "meta-llama/llama-3.1-405b": "llama-3.1-405b", "smollm2-135m-instruct": "smollm2-135m",
+    "llama-3-405b": "llama-3.1-405b",
+    "llama-3-70b": "llama-3.1-70b",
+    "llama-3-8b": "llama-3.1-8b",
+    "meta-llama/llama-3.1-8b": "llama-3.1-8b",
+    "meta-llama/llama-3.1-70b": "llama-3.1-70b",
+    "meta-llama/llama-3.1-405b": "llama-3.1-405b",
+    "smollm2-135m-instruct": "smollm2-135m",
 }
 
 
@@ -65,5 +116,7 @@ def resolve_model_config(name_or_path: str) -> ModelConfig:
             raise ValueError(f"{path}: not a HF config.json (missing key {e})") from e
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
-    raise ValueError(f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a HF config.json "
-                     "file or a directory holding one")
+    raise ValueError(
+        f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a HF config.json "
+        "file or a directory holding one"
+    )

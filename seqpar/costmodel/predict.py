@@ -83,8 +83,12 @@ def prefill(mc: ModelConfig, hw: Hardware, layout: Layout, strategy: str, tokens
         layer = f.ulysses_bytes(counts, 0, hq, hkv, d, b) / bw + 2 * lat + attn_layer
     else:
         raise PlanError(f"unknown strategy {strategy!r}")
-    return {"linear_s": linear, "tp_comm_s": tp_comm, "attention_s": L * attn_layer,
-            "cp_comm_exposed_s": L * (layer - attn_layer)}
+    return {
+        "linear_s": linear,
+        "tp_comm_s": tp_comm,
+        "attention_s": L * attn_layer,
+        "cp_comm_exposed_s": L * (layer - attn_layer),
+    }
 
 
 def decode_s(mc: ModelConfig, hw: Hardware, layout: Layout, context: int, weight_dtype: str = "bf16") -> float:
@@ -109,15 +113,23 @@ def max_context(mc: ModelConfig, hw: Hardware, layout: Layout, weight_dtype: str
     return max(0, int(free // f.kv_bytes_per_token(mc, layout.tp, hw.dtype_bytes))) * layout.cp
 
 
-def predict(mc: ModelConfig, hw: Hardware, layout: Layout, strategy: str, context: int,
-            weight_dtype: str = "bf16") -> Prediction:
+def predict(
+    mc: ModelConfig, hw: Hardware, layout: Layout, strategy: str, context: int, weight_dtype: str = "bf16"
+) -> Prediction:
     parts = prefill(mc, hw, layout, strategy, context)
     longest = max_context(mc, hw, layout, weight_dtype)
     return Prediction(
-        layout=layout.name, tp=layout.tp, cp=layout.cp, strategy=strategy, ttft_s=sum(parts.values()),
+        layout=layout.name,
+        tp=layout.tp,
+        cp=layout.cp,
+        strategy=strategy,
+        ttft_s=sum(parts.values()),
         decode_ms_per_token=1e3 * decode_s(mc, hw, layout, context, weight_dtype),
         kv_bytes_per_rank=f.kv_bytes_per_token(mc, layout.tp, hw.dtype_bytes) * -(-context // layout.cp),
-        max_context_tokens=longest, fits=context <= longest, **parts)
+        max_context_tokens=longest,
+        fits=context <= longest,
+        **parts,
+    )
 
 
 @dataclass(frozen=True)
@@ -127,21 +139,35 @@ class Plan:
     note: str  # empty, or why the choice is a compromise
 
 
-def plan(mc: ModelConfig, hw: Hardware, context: int, gpus: int, gpus_per_node: int, tp: int | None = None,
-         weight_dtype: str = "bf16") -> Plan:
+def plan(
+    mc: ModelConfig,
+    hw: Hardware,
+    context: int,
+    gpus: int,
+    gpus_per_node: int,
+    tp: int | None = None,
+    weight_dtype: str = "bf16",
+) -> Plan:
     """Every layout x strategy; the chosen one has the lowest TTFT among those whose memory holds
     the context (then the lowest decode time); when none does, the one closest to holding it."""
     if weight_dtype not in WEIGHT_BYTES:
         raise PlanError(f"weight dtype {weight_dtype!r} is not known; choose one of {', '.join(WEIGHT_BYTES)}")
-    rows = [predict(mc, hw, layout, s, context, weight_dtype)
-            for layout in enumerate_layouts(mc, gpus, gpus_per_node, context, tp)
-            for s in strategies_for(mc, layout)]
+    rows = [
+        predict(mc, hw, layout, s, context, weight_dtype)
+        for layout in enumerate_layouts(mc, gpus, gpus_per_node, context, tp)
+        for s in strategies_for(mc, layout)
+    ]
     fitting = [p for p in rows if p.fits]
     if fitting:
         chosen = min(fitting, key=lambda p: (p.ttft_s, p.decode_ms_per_token))
     else:
         chosen = min(rows, key=lambda p: (-p.max_context_tokens, p.ttft_s, p.decode_ms_per_token))
-    note = "" if fitting else (
-        f"no layout holds {context} tokens in memory (the most: {max(p.max_context_tokens for p in rows)}); "
-        "add GPUs, use --weight-dtype fp8, or larger-memory hardware")
+    note = (
+        ""
+        if fitting
+        else (
+            f"no layout holds {context} tokens in memory (the most: {max(p.max_context_tokens for p in rows)}); "
+            "add GPUs, use --weight-dtype fp8, or larger-memory hardware"
+        )
+    )
     return Plan(chosen, rows, note)

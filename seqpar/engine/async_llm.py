@@ -123,8 +123,9 @@ class AsyncLLM:
     here) and calls `on_dead`.
     """
 
-    def __init__(self, engine_factory: Callable[[], Any], restart: bool = True,
-                 on_dead: Callable[[], None] | None = None):
+    def __init__(
+        self, engine_factory: Callable[[], Any], restart: bool = True, on_dead: Callable[[], None] | None = None
+    ):
         self._factory, self._restart, self._on_dead = engine_factory, restart, on_dead
         self._cond = threading.Condition()
         self._commands: deque[_Add | _Abort] = deque()
@@ -217,9 +218,13 @@ class AsyncLLM:
             except Exception as e:
                 self.last_error = f"{type(e).__name__}: {e}"
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                self._fail(engine, EngineDownError(
-                    f"the engine failed while serving this request ({type(e).__name__}: {first_line}); "
-                    + ("it is restarting, send the request again" if self._restart else "it cannot restart")))
+                self._fail(
+                    engine,
+                    EngineDownError(
+                        f"the engine failed while serving this request ({type(e).__name__}: {first_line}); "
+                        + ("it is restarting, send the request again" if self._restart else "it cannot restart")
+                    ),
+                )
                 traceback.print_exc()
                 if not self._restart:
                     if self._on_dead is not None:
@@ -278,14 +283,24 @@ class AsyncLLM:
                 continue
             out = engine.output(rid)
             comp = out.outputs[0]
-            new_ids = comp.token_ids[st.num_tokens:]
-            new_lps = comp.logprobs[st.num_tokens:] if comp.logprobs is not None else None
+            new_ids = comp.token_ids[st.num_tokens :]
+            new_lps = comp.logprobs[st.num_tokens :] if comp.logprobs is not None else None
             first = st.num_tokens == 0
             st.num_tokens = len(comp.token_ids)
             if first:
                 queue_time = out.metrics.get("queue_time_s", start - st.arrival)
-            st.push(RequestUpdate(engine.pop_delta(rid), new_ids, new_lps, out, out.finished, now, st.arrival,
-                                  queue_time if first else None))
+            st.push(
+                RequestUpdate(
+                    engine.pop_delta(rid),
+                    new_ids,
+                    new_lps,
+                    out,
+                    out.finished,
+                    now,
+                    st.arrival,
+                    queue_time if first else None,
+                )
+            )
             if out.finished:
                 del self._streams[rid]
                 engine.forget(rid)
@@ -293,18 +308,27 @@ class AsyncLLM:
     def _snapshot(self, engine: Any) -> None:
         s, b = engine.stats(), self._base
         self._stats = replace(
-            s, num_preemptions=b.num_preemptions + s.num_preemptions,
+            s,
+            num_preemptions=b.num_preemptions + s.num_preemptions,
             prefix_cache_queries=b.prefix_cache_queries + s.prefix_cache_queries,
             prefix_cache_hits=b.prefix_cache_hits + s.prefix_cache_hits,
-            sp_bytes_sent=_add(b.sp_bytes_sent, s.sp_bytes_sent))
+            sp_bytes_sent=_add(b.sp_bytes_sent, s.sp_bytes_sent),
+        )
 
     def _fail(self, engine: Any, error: EngineDownError) -> None:
         """Fail every request in flight or queued, keep the counters, stop the engine."""
         self.healthy = False
         self.status = "stopped" if self._stopping else "restarting" if self._restart else "dead"
         s = self._stats
-        self._base = self._stats = EngineStats(0, 0, [0.0] * len(s.kv_cache_usage), s.num_preemptions,
-                                               s.prefix_cache_queries, s.prefix_cache_hits, list(s.sp_bytes_sent))
+        self._base = self._stats = EngineStats(
+            0,
+            0,
+            [0.0] * len(s.kv_cache_usage),
+            s.num_preemptions,
+            s.prefix_cache_queries,
+            s.prefix_cache_hits,
+            list(s.sp_bytes_sent),
+        )
         for st in self._streams.values():
             st.push(error)
         self._streams.clear()

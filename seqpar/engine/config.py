@@ -59,7 +59,8 @@ class EngineConfig:
             raise ValueError(
                 f"strategy={self.strategy!r} attends whole prompts; the engine prefills in chunks over the "
                 f"sharded KV cache (prefix caching, chunked prefill), where {', '.join(PREFILL_STRATEGIES)} apply. "
-                f"Use one of those, or seqpar.sp_attention(..., strategy={self.strategy!r}) on whole sequences")
+                f"Use one of those, or seqpar.sp_attention(..., strategy={self.strategy!r}) on whole sequences"
+            )
         choice("strategy", self.strategy, PREFILL_STRATEGIES)
         choice("decode_merge", self.decode_merge, DECODE_MERGES)
         choice("scheme", self.scheme, SHARD_SCHEMES)
@@ -69,7 +70,8 @@ class EngineConfig:
             raise ValueError(
                 "device='cuda' but torch.cuda.is_available() is False here (a CPU-only torch build, or no GPU "
                 "visible); use device='cpu' (gloo, the tested path), or run on a machine with a GPU and a CUDA "
-                "build of torch")
+                "build of torch"
+            )
         for name in ("sp_size", "tp_size", "block_size", "shard_blocks", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -79,7 +81,8 @@ class EngineConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(
-                f"rope_scaling must be a dict like {{'rope_type': 'yarn', 'factor': 4}}, got {self.rope_scaling!r}")
+                f"rope_scaling must be a dict like {{'rope_type': 'yarn', 'factor': 4}}, got {self.rope_scaling!r}"
+            )
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
 

@@ -76,7 +76,7 @@ class IncrementalDetokenizer:
             self._num_seen += 1
             self._step(output_token_ids[: self._num_seen])
         keep = len(self.text) if self.finished else max(self._num_emitted, len(self.text) - self._stop_hold)
-        delta = self.text[self._num_emitted:keep]
+        delta = self.text[self._num_emitted : keep]
         self._num_emitted = max(self._num_emitted, keep)
         return delta
 
@@ -107,9 +107,9 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:
             return ""
         skip = self.params.skip_special_tokens
-        window = self.tokenizer.decode(list(ids[self._prefix:]), skip_special_tokens=skip)
-        before = self.tokenizer.decode(list(ids[self._prefix:self._read]), skip_special_tokens=skip)
-        new = window[len(before):]
+        window = self.tokenizer.decode(list(ids[self._prefix :]), skip_special_tokens=skip)
+        before = self.tokenizer.decode(list(ids[self._prefix : self._read]), skip_special_tokens=skip)
+        new = window[len(before) :]
         if self.finished:
             return self._committed + new
         if new and not new.endswith(_INCOMPLETE_CHAR):
@@ -119,13 +119,21 @@ class IncrementalDetokenizer:
         return self._committed + new.rstrip(_INCOMPLETE_CHAR)
 
     def output(
-        self, token_ids: list[int], cumulative_logprob: float | None = None,
-        logprobs: list[LogprobDict] | None = None, index: int = 0,
+        self,
+        token_ids: list[int],
+        cumulative_logprob: float | None = None,
+        logprobs: list[LogprobDict] | None = None,
+        index: int = 0,
     ) -> CompletionOutput:
         """The completion so far, vLLM-shaped."""
         return CompletionOutput(
-            index=index, text=self.text, token_ids=list(token_ids), cumulative_logprob=cumulative_logprob,
-            logprobs=logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+            index=index,
+            text=self.text,
+            token_ids=list(token_ids),
+            cumulative_logprob=cumulative_logprob,
+            logprobs=logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
         )
 
 

@@ -90,8 +90,9 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(1.0)
 
 
-def _rank_main(rank: int, world: int, port: int, config: EngineConfig, num_blocks: int, conn: Any, progress: Any,
-               parent: int) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, config: EngineConfig, num_blocks: int, conn: Any, progress: Any, parent: int
+) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     init_local_rank(rank, world, port, config.threads_per_rank, config.step_timeout_s, config.device)
     worker, error = _init_worker(config, num_blocks, progress)
@@ -110,8 +111,11 @@ class LocalExecutor:
         self._conn, child = ctx.Pipe()
         self._progress = ctx.Queue()
         parent = os.getpid()
-        self._procs = start_ranks(_rank_main, config.world_size, lambda r: (
-            config, num_blocks, child if r == 0 else None, self._progress if r == 0 else None, parent))
+        self._procs = start_ranks(
+            _rank_main,
+            config.world_size,
+            lambda r: (config, num_blocks, child if r == 0 else None, self._progress if r == 0 else None, parent),
+        )
         self.closed = False
         self._wait(None, timeout=600.0)  # ranks load the model; errors come back here
 
@@ -135,8 +139,10 @@ class LocalExecutor:
             dead = [(p.name, p.exitcode) for p in self._procs if p.exitcode is not None]
             if dead:
                 self.shutdown()
-                raise EngineDeadError(f"rank process(es) exited unexpectedly {dead}; requests in flight failed "
-                                      "and the engine is stopped (see the rank's output above for why)")
+                raise EngineDeadError(
+                    f"rank process(es) exited unexpectedly {dead}; requests in flight failed "
+                    "and the engine is stopped (see the rank's output above for why)"
+                )
             if time.monotonic() > deadline:
                 self.shutdown()
                 raise EngineDeadError(f"no answer from the ranks within {timeout:.0f}s; the engine is stopped")

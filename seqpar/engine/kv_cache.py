@@ -42,14 +42,23 @@ def block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.
     return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
 
-def size_cache(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, memory_bytes: int,
-               block_size: int, what: str = "memory_bytes") -> int:
+def size_cache(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    memory_bytes: int,
+    block_size: int,
+    what: str = "memory_bytes",
+) -> int:
     """How many blocks fit in `memory_bytes`; `what` names the setting in the error."""
     per_block = block_bytes(num_layers, num_kv_heads, head_dim, dtype, block_size)
     num_blocks = memory_bytes // per_block
     if num_blocks < 1:
-        raise ValueError(f"{what} gives {memory_bytes} bytes, less than one KV block ({per_block} bytes at "
-                         f"block_size={block_size}); give the cache more memory or use a smaller block_size")
+        raise ValueError(
+            f"{what} gives {memory_bytes} bytes, less than one KV block ({per_block} bytes at "
+            f"block_size={block_size}); give the cache more memory or use a smaller block_size"
+        )
     return num_blocks
 
 
@@ -64,8 +73,10 @@ class Placement:
 
     def __post_init__(self) -> None:
         if self.scheme not in SHARD_SCHEMES:
-            raise ValueError(f"scheme={self.scheme!r}: the engine shards prompts in whole KV blocks, "
-                             f"zigzag or striped over units; choose one of {', '.join(SHARD_SCHEMES)}")
+            raise ValueError(
+                f"scheme={self.scheme!r}: the engine shards prompts in whole KV blocks, "
+                f"zigzag or striped over units; choose one of {', '.join(SHARD_SCHEMES)}"
+            )
 
     @property
     def unit_tokens(self) -> int:
@@ -128,10 +139,23 @@ class Placement:
 class KVCache:
     """K/V storage `[num_layers, Hkv, num_blocks * block_size, D]` of one rank; written where the driver says."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        for name, val in [("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
-                          ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)]:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, val in [
+            ("num_layers", num_layers),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ]:
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"KVCache: {name} must be a positive int, got {val!r}")
         if not dtype.is_floating_point:

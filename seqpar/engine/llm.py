@@ -23,17 +23,28 @@ class LLM:
     ...     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8))
     """
 
-    def __init__(self, model: str = "smollm2-135m", sp_size: int = 1, tp_size: int = 1, strategy: str = "ring",
-                 *, torchrun: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        sp_size: int = 1,
+        tp_size: int = 1,
+        strategy: str = "ring",
+        *,
+        torchrun: bool = False,
+        **kwargs: Any,
+    ):
         config = EngineConfig(model=model, sp_size=sp_size, tp_size=tp_size, strategy=strategy, **kwargs)
         self.engine = LLMEngine(config, torchrun=torchrun)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | list[Prompt],
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (strings or token-id lists); outputs in prompt order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt
@@ -61,8 +72,9 @@ class LLM:
             for r in rids:
                 self.engine.forget(r)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               on_progress: ProgressFn | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, on_progress: ProgressFn | None = None
+    ) -> Iterator[str]:
         """Yield text as it is generated for one prompt; `on_progress(layer, layers)` during prefill.
         The finished RequestOutput is in `self.last_output` afterwards."""
         rid = self.engine.add_request(prompt, params or SamplingParams())
@@ -77,8 +89,12 @@ class LLM:
         finally:
             self.engine.forget(rid)
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
-             sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.chat_prompt(c) for c in conversations]

@@ -41,8 +41,15 @@ def kv_blocks_per_rank(config: EngineConfig, mc: ModelConfig, local: bool = True
     Every rank (and the driver, for its books) must agree on this number.
     """
     check_parallelism(config, mc, local=local)
-    return size_cache(mc.num_layers, mc.num_kv_heads // config.tp_size, mc.head_dim, config.torch_dtype,
-                      int(config.kv_cache_gb * 2**30), config.block_size, what=f"kv_cache_gb={config.kv_cache_gb}")
+    return size_cache(
+        mc.num_layers,
+        mc.num_kv_heads // config.tp_size,
+        mc.head_dim,
+        config.torch_dtype,
+        int(config.kv_cache_gb * 2**30),
+        config.block_size,
+        what=f"kv_cache_gb={config.kv_cache_gb}",
+    )
 
 
 @dataclass
@@ -72,14 +79,22 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or context, self.capacity)
         if self.max_model_len < 2:
             raise ValueError(
-                f"kv_cache_gb={config.kv_cache_gb} holds {self.capacity} tokens per sequence; give it more")
+                f"kv_cache_gb={config.kv_cache_gb} holds {self.capacity} tokens per sequence; give it more"
+            )
         self.blocks = BlockManager(placement, self.num_blocks, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens
-        self.scheduler = Scheduler(SchedulerConfig(
-            config.max_num_seqs, budget, config.long_prefill_token_threshold or max(1, budget // 2),
-            self.max_model_len), self.blocks)
-        self.block_bytes = block_bytes(mc.num_layers, mc.num_kv_heads // config.tp_size, mc.head_dim,
-                                       config.torch_dtype, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs,
+                budget,
+                config.long_prefill_token_threshold or max(1, budget // 2),
+                self.max_model_len,
+            ),
+            self.blocks,
+        )
+        self.block_bytes = block_bytes(
+            mc.num_layers, mc.num_kv_heads // config.tp_size, mc.head_dim, config.torch_dtype, config.block_size
+        )
         self._gone: list[int] = []
         self.requests: dict[int, Request] = {}
         self._next_id = 0
@@ -116,7 +131,8 @@ class LLMEngine:
                 f"prompt of {len(ids)} tokens leaves no room to generate: this engine holds at most "
                 f"{self.max_model_len} tokens per sequence (model context {self.model_config.max_position_embeddings}, "
                 f"KV cache {self.num_blocks} blocks x {self.config.block_size} tokens on each of "
-                f"{self.config.sp_size} SP ranks); shorten the prompt, or raise kv_cache_gb / sp_size")
+                f"{self.config.sp_size} SP ranks); shorten the prompt, or raise kv_cache_gb / sp_size"
+            )
         rid = self._next_id
         self._next_id += 1
         seq = Sequence(rid, ids, params, prompt=text)
@@ -170,11 +186,19 @@ class LLMEngine:
         tokens = seq.all_token_ids
         k = seq.params.prompt_logprobs
         wants_plp = k is not None and s.start < seq.num_prompt_tokens - 1
-        return SeqStep(seq.seq_id, tokens[s.start:end], s.start, list(seq.blocks), s.decode, s.wants_logits,
-                       seq.num_prompt_tokens, k if wants_plp else None,
-                       tokens[end] if wants_plp and end < len(tokens) else None,
-                       seq.params if s.wants_logits else None,
-                       self._banned(self.requests[seq.seq_id]) if s.wants_logits else [])
+        return SeqStep(
+            seq.seq_id,
+            tokens[s.start : end],
+            s.start,
+            list(seq.blocks),
+            s.decode,
+            s.wants_logits,
+            seq.num_prompt_tokens,
+            k if wants_plp else None,
+            tokens[end] if wants_plp and end < len(tokens) else None,
+            seq.params if s.wants_logits else None,
+            self._banned(self.requests[seq.seq_id]) if s.wants_logits else [],
+        )
 
     def _strategy(self, scheduled: list[ScheduledSeq]) -> str:
         """The prefill strategy for this step; `auto` applies Meta's pass-KV / pass-Q rule."""
@@ -225,8 +249,11 @@ class LLMEngine:
     def output(self, rid: int) -> RequestOutput:
         req = self.requests[rid]
         seq = req.seq
-        completion = req.detok.output(seq.output_token_ids, seq.cumulative_logprob,
-                                      seq.output_logprobs if seq.params.logprobs is not None else None)
+        completion = req.detok.output(
+            seq.output_token_ids,
+            seq.cumulative_logprob,
+            seq.output_logprobs if seq.params.logprobs is not None else None,
+        )
         prompt_logprobs = None
         if seq.params.prompt_logprobs is not None:
             prompt_logprobs = [None] + [req.prompt_logprobs.get(t) for t in range(1, seq.num_prompt_tokens)]
@@ -237,13 +264,22 @@ class LLMEngine:
             "time_to_first_token_s": m.get("first_token", m["arrival"]) - m["arrival"],
             "queue_time_s": m.get("scheduled", m["arrival"]) - m["arrival"],
             "decode_tokens_per_s": (n - 1) / (m["last_token"] - m["first_token"])
-            if n > 1 and m["last_token"] > m["first_token"] else None,
+            if n > 1 and m["last_token"] > m["first_token"]
+            else None,
             "kv_cache_bytes_per_rank": m.get("kv_bytes_per_rank"),
             "prompt_tokens": seq.num_prompt_tokens,
             "output_tokens": n,
         }
-        return RequestOutput(str(rid), seq.prompt, list(seq.prompt_token_ids), prompt_logprobs,
-                             [completion], req.detok.finished, metrics, seq.num_cached_tokens or 0)
+        return RequestOutput(
+            str(rid),
+            seq.prompt,
+            list(seq.prompt_token_ids),
+            prompt_logprobs,
+            [completion],
+            req.detok.finished,
+            metrics,
+            seq.num_cached_tokens or 0,
+        )
 
     def pop_delta(self, rid: int) -> str:
         req = self.requests[rid]
@@ -264,9 +300,12 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """Counts for metrics, from the driver's own books (no call to the ranks)."""
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.blocks.usage(), num_preemptions=self.scheduler.num_preemptions,
-            prefix_cache_queries=self.blocks.prefix_queries, prefix_cache_hits=self.blocks.prefix_hits,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.blocks.usage(),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.blocks.prefix_queries,
+            prefix_cache_hits=self.blocks.prefix_hits,
             sp_bytes_sent=list(self._bytes_sent),
         )
 

@@ -45,8 +45,9 @@ class SamplingParams:
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (off) or a positive int, got {self.top_k!r}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive int or None (until the context is full), "
-                             f"got {self.max_tokens!r}")
+            raise ValueError(
+                f"max_tokens must be a positive int or None (until the context is full), got {self.max_tokens!r}"
+            )
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -122,7 +122,8 @@ class Scheduler:
             raise RequestTooLongError(
                 f"request {seq.seq_id}: prompt of {seq.num_prompt_tokens} tokens leaves no room to generate: "
                 f"this engine holds at most {limit} tokens per sequence (min of model context and KV cache); "
-                "shorten the prompt, or give the cache more memory or more SP ranks")
+                "shorten the prompt, or give the cache more memory or more SP ranks"
+            )
         if seq.status is not SequenceStatus.WAITING:
             raise ValueError(f"request {seq.seq_id} is {seq.status.value}; only new sequences can be added")
         self.waiting.append(seq)

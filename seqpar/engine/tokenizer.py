@@ -46,5 +46,6 @@ class LazyTokenizer:
         if tokenizer is None:
             raise TokenizerUnavailableError(
                 f"{need} needs the model's tokenizer, which is unavailable: {self._error}; send prompts as "
-                "token-id lists, or add tokenizer.json/tokenizer_config.json to the model directory")
+                "token-id lists, or add tokenizer.json/tokenizer_config.json to the model directory"
+            )
         return tokenizer

@@ -28,7 +28,8 @@ def check_parallelism(config: EngineConfig, mc: ModelConfig, local: bool = True)
         raise ValueError(
             f"device='cuda' runs one rank per GPU (NCCL cannot share one between ranks): sp_size x tp_size = "
             f"{config.world_size} ranks, but {gpus} GPU(s) are visible here; use at most {gpus} ranks, or "
-            "launch across machines with torchrun")
+            "launch across machines with torchrun"
+        )
     if mc.num_heads % tp or mc.num_kv_heads % tp:
         raise ValueError(
             f"tp_size={tp} must divide the model's {mc.num_heads} q heads and {mc.num_kv_heads} kv heads; "

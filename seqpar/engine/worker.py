@@ -47,8 +47,12 @@ _RESULT_BYTES = 1 << 20
 def _append(runs: list[Run], run: Run) -> None:
     """Add a run, joining it to the last one when rows and positions both continue."""
     last = runs[-1] if runs else None
-    if last is not None and last.seq == run.seq and last.start + last.length == run.start \
-            and last.pos + last.length == run.pos:
+    if (
+        last is not None
+        and last.seq == run.seq
+        and last.start + last.length == run.start
+        and last.pos + last.length == run.pos
+    ):
         runs[-1] = Run(last.start, last.length + run.length, run.seq, last.pos, 1)
     else:
         runs.append(run)
@@ -150,7 +154,8 @@ class StepPlan:
         """Move what indexes the model's inputs and the cache to `device`. Layouts stay on the host:
         the kernels read only their runs (ints); prefill_rows' positions pick output rows there."""
         self.positions, self.write_rows, self.write_slots, self.short_slots = (
-            t.to(device) for t in (self.positions, self.write_rows, self.write_slots, self.short_slots))
+            t.to(device) for t in (self.positions, self.write_rows, self.write_slots, self.short_slots)
+        )
         if self.prefill:
             self.keys = replace(self.keys, slots=self.keys.slots.to(device))
 
@@ -169,15 +174,25 @@ class Worker:
         # HostExchange copies CPU tensors through host memory; on cuda everything stays on the GPUs, over NCCL.
         if config.shared_memory and config.device == "cpu":
             self.exchange = HostExchange.create(self.mesh.sp_group, largest, config.step_timeout_s)
-            self.world_exchange = (self.exchange if config.tp_size == 1
-                                   else HostExchange.create(None, _RESULT_BYTES, config.step_timeout_s))
+            self.world_exchange = (
+                self.exchange
+                if config.tp_size == 1
+                else HostExchange.create(None, _RESULT_BYTES, config.step_timeout_s)
+            )
         self.sharded = ShardedModel(config, self.mesh, self.exchange)
         self.model = self.sharded.model
         self.placement = config.placement()
-        self.cache = KVCache(mc.num_layers, num_blocks, config.block_size, self.sharded.num_kv_heads_cached,
-                             mc.head_dim, config.torch_dtype, config.device)
+        self.cache = KVCache(
+            mc.num_layers,
+            num_blocks,
+            config.block_size,
+            self.sharded.num_kv_heads_cached,
+            mc.head_dim,
+            config.torch_dtype,
+            config.device,
+        )
         self.device = torch.device(config.device)
-        self.scale = mc.head_dim ** -0.5
+        self.scale = mc.head_dim**-0.5
         self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
         # Rank 0 samples (as vLLM's workers do): only token ids and asked-for log-probs go to the
         # driver, never [B, V] logits. Seeded requests keep their own generator here.
@@ -209,8 +224,9 @@ class Worker:
                     out = gather_heads(out, q.shape[1], mesh.sp_group, self.exchange)
                 outs.append(out.to(q.dtype))
             if plan.prefill:
-                out = attention_over_cache(q[nd:], plan.q_layouts, kh, vh, plan.keys, mesh.sp_group, msg.strategy,
-                                           self.scale)
+                out = attention_over_cache(
+                    q[nd:], plan.q_layouts, kh, vh, plan.keys, mesh.sp_group, msg.strategy, self.scale
+                )
                 outs.append(out.to(q.dtype))
                 if self.progress is not None:
                     self.progress.put((layer + 1, num_layers))
@@ -248,9 +264,17 @@ class Worker:
         out, lse = new_accumulators(q)
         attend_into_head_major(out, lse, q, kh, vh, plan.decode_q, plan.decode_keys, False, self.scale)
         if len(plan.short_slots):
-            attend_into_head_major(out, lse, q, kh.index_select(1, plan.short_slots),
-                                   vh.index_select(1, plan.short_slots), plan.decode_q, plan.short_keys, False,
-                                   self.scale)
+            attend_into_head_major(
+                out,
+                lse,
+                q,
+                kh.index_select(1, plan.short_slots),
+                vh.index_select(1, plan.short_slots),
+                plan.decode_q,
+                plan.short_keys,
+                False,
+                self.scale,
+            )
         return out, lse
 
     def _sample(self, msg: Step, result: StepResult) -> None:
@@ -263,10 +287,12 @@ class Worker:
             if s.seq_id not in self.generators:
                 self.generators[s.seq_id] = make_generator(s.sampling.seed)
         logits = torch.stack([result.logits[s.seq_id] for s in rows])  # [B, V]
-        out = self.sampler(logits, [s.sampling for s in rows], [self.generators[s.seq_id] for s in rows],
-                           [s.banned for s in rows])
-        result.sampled = {s.seq_id: Sampled(out.token_ids[i], out.logprobs[i], out.top_logprobs[i])
-                          for i, s in enumerate(rows)}
+        out = self.sampler(
+            logits, [s.sampling for s in rows], [self.generators[s.seq_id] for s in rows], [s.banned for s in rows]
+        )
+        result.sampled = {
+            s.seq_id: Sampled(out.token_ids[i], out.logprobs[i], out.top_logprobs[i]) for i, s in enumerate(rows)
+        }
         result.logits = {}
 
     def _prefill_outputs(self, plan: StepPlan, hidden: Tensor, result: StepResult) -> None:
@@ -282,8 +308,9 @@ class Worker:
                 keep = (pos < s.num_prompt_tokens - 1).nonzero().flatten()  # row at p predicts token p + 1
                 nxt = s.token_ids[1:] + [s.next_token if s.next_token is not None else -1]
                 targets = [nxt[p - s.start] for p in pos[keep].tolist()]
-                entries = prompt_logprobs_rows(lambda x: self.model.compute_logits(x), h[keep.to(h.device)], targets,
-                                               s.prompt_logprobs)
+                entries = prompt_logprobs_rows(
+                    lambda x: self.model.compute_logits(x), h[keep.to(h.device)], targets, s.prompt_logprobs
+                )
                 result.prompt_logprobs[s.seq_id] = {p + 1: e for p, e in zip(pos[keep].tolist(), entries)}
 
     def _gather(self, result: StepResult) -> StepResult:

@@ -76,18 +76,15 @@ def _cuda_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tu
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     if q.dtype in (torch.float16, torch.bfloat16):
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale
-        )
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     else:
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale
-        )
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
     return res[0], res[1]
 
 
-def reference_block(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                    mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def reference_block(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Plain-torch block in fp32; mask [Lq, Lk] bool (True = visible) overrides `causal`."""
     group = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)  # [Lk, Hq, D]
@@ -104,8 +101,15 @@ def reference_block(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
 
 
 def _attend_pair(
-    acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
-    qr: Run, kr: Run, causal: bool, scale: float,
+    acc_out: Tensor,
+    acc_lse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qr: Run,
+    kr: Run,
+    causal: bool,
+    scale: float,
 ) -> None:
     """Merge attention of query run `qr` over key run `kr` (k, v head-major) into the accumulators."""
     qs, ks = qr.start, kr.start
@@ -142,8 +146,9 @@ def _attend_pair(
         merge_into(acc_out[rows], acc_lse[rows], o, l)
 
 
-def _attend_masked(acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, qr: Run, kr: Run,
-                   scale: float) -> None:
+def _attend_masked(
+    acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, qr: Run, kr: Run, scale: float
+) -> None:
     """Runs of different strides (rare: mixed layouts): explicit mask, plain torch."""
     qpos = qr.pos + qr.stride * torch.arange(qr.length)
     kpos = kr.pos + kr.stride * torch.arange(kr.length)
@@ -162,8 +167,15 @@ def new_accumulators(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def attend_into(
-    acc_out: Tensor, acc_lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
-    q_layout: TokenLayout, k_layout: TokenLayout, causal: bool = True, scale: float | None = None,
+    acc_out: Tensor,
+    acc_lse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_layout: TokenLayout,
+    k_layout: TokenLayout,
+    causal: bool = True,
+    scale: float | None = None,
     fresh: bool = False,
 ) -> None:
     """Merge attention of q over one block of keys into running (out, lse) accumulators.
@@ -174,13 +186,30 @@ def attend_into(
     _check_shapes(q, k, v, q_layout, k_layout)
     # The CPU flash kernel runs 3-6% faster on head-major contiguous K/V than on views of
     # token-major memory; one copy per block pays for itself many times over.
-    attend_into_head_major(acc_out, acc_lse, q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(),
-                           q_layout, k_layout, causal, scale, fresh)
+    attend_into_head_major(
+        acc_out,
+        acc_lse,
+        q,
+        k.transpose(0, 1).contiguous(),
+        v.transpose(0, 1).contiguous(),
+        q_layout,
+        k_layout,
+        causal,
+        scale,
+        fresh,
+    )
 
 
 def attend_into_head_major(
-    acc_out: Tensor, acc_lse: Tensor, q: Tensor, kh: Tensor, vh: Tensor,
-    q_layout: TokenLayout, k_layout: TokenLayout, causal: bool = True, scale: float | None = None,
+    acc_out: Tensor,
+    acc_lse: Tensor,
+    q: Tensor,
+    kh: Tensor,
+    vh: Tensor,
+    q_layout: TokenLayout,
+    k_layout: TokenLayout,
+    causal: bool = True,
+    scale: float | None = None,
     fresh: bool = False,
 ) -> None:
     """`attend_into` with K/V already head-major: kh, vh [Hkv, Tk, D] (as the ring ships them)."""
@@ -205,8 +234,13 @@ def attend_into_head_major(
 
 
 def attention_with_lse(
-    q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
-    causal: bool = True, scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_layout: TokenLayout,
+    k_layout: TokenLayout,
+    causal: bool = True,
+    scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention of each query over the keys of its own sequence.
 
@@ -220,20 +254,27 @@ def attention_with_lse(
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
         raise ValueError(
-            f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+            f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
             f"q has {q.shape[1]} heads of dim {q.shape[-1]} and k has {k.shape[1]} heads of dim {k.shape[-1]}: "
             "head dims must match and q heads must be a multiple of kv heads (GQA)"
         )
     if len(q_layout) != q.shape[0] or len(k_layout) != k.shape[0]:
-        raise ValueError(f"layouts describe {len(q_layout)} queries / {len(k_layout)} keys; "
-                         f"tensors hold {q.shape[0]} / {k.shape[0]}")
+        raise ValueError(
+            f"layouts describe {len(q_layout)} queries / {len(k_layout)} keys; tensors hold {q.shape[0]} / {k.shape[0]}"
+        )
 
 
 def reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
-    causal: bool = True, scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_layout: TokenLayout,
+    k_layout: TokenLayout,
+    causal: bool = True,
+    scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The plain-torch definition every path is tested against: one dense masked softmax."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -65,8 +65,9 @@ class TokenLayout:
     by_seq: dict[int, tuple[Run, ...]] = field(repr=False)
 
     @staticmethod
-    def build(seq_ids: Tensor | list[int], positions: Tensor | list[int],
-              rows: Tensor | list[int] | None = None) -> TokenLayout:
+    def build(
+        seq_ids: Tensor | list[int], positions: Tensor | list[int], rows: Tensor | list[int] | None = None
+    ) -> TokenLayout:
         seq_t = torch.as_tensor(seq_ids, dtype=torch.long).reshape(-1)
         pos_t = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         if seq_t.numel() != pos_t.numel() or (rows is not None and len(rows) != seq_t.numel()):
@@ -103,9 +104,15 @@ class TokenLayout:
     def shifted(self, offset: int) -> TokenLayout:
         """The same tokens, their rows moved by `offset` (a part placed after others in a concatenation)."""
         runs = [Run(r.start + offset, r.length, r.seq, r.pos, r.stride) for r in self.runs]
-        return TokenLayout(self.seq_ids, self.positions, tuple(runs),
-                           {s: tuple(Run(r.start + offset, r.length, r.seq, r.pos, r.stride) for r in rs)
-                            for s, rs in self.by_seq.items()})
+        return TokenLayout(
+            self.seq_ids,
+            self.positions,
+            tuple(runs),
+            {
+                s: tuple(Run(r.start + offset, r.length, r.seq, r.pos, r.stride) for r in rs)
+                for s, rs in self.by_seq.items()
+            },
+        )
 
     @staticmethod
     def concat(layouts: list[TokenLayout]) -> TokenLayout:

@@ -20,8 +20,16 @@ SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 # divisor tensor (`rope_freqs.weight`) instead of the four llama3 numbers.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "freq_factors")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
-              "mscale", "mscale_all_dim", "truncate")
+_YARN_KEYS = (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "attention_factor",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+)
 
 
 class ConfigError(ValueError):
@@ -51,15 +59,24 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.rope_scaling is not None:  # own copy: the caller's dict must not alias a frozen config
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads != 0:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                f"({self.num_kv_heads}) for grouped-query attention")
+                f"({self.num_kv_heads}) for grouped-query attention"
+            )
         if self.head_dim % 2 != 0:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
@@ -67,8 +84,9 @@ class ModelConfig:
         if not (self.rope_theta > 1 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"rope_theta must be a finite float > 1, got {self.rope_theta!r}")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(f"architecture {self.architecture!r} is not supported; "
-                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ConfigError(
+                f"architecture {self.architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         if not isinstance(self.eos_token_ids, tuple):
             raise ConfigError(f"eos_token_ids must be a tuple, got {type(self.eos_token_ids).__name__}")
         for tok in (*self.eos_token_ids, *([] if self.bos_token_id is None else [self.bos_token_id])):
@@ -79,8 +97,7 @@ class ModelConfig:
     def __hash__(self) -> int:
         # Kept as a plain dict (picklable, JSON-like), so hash rope_scaling by its items.
         scaling = None if self.rope_scaling is None else tuple(sorted(self.rope_scaling.items()))
-        return hash(tuple(scaling if f.name == "rope_scaling" else getattr(self, f.name)
-                          for f in fields(self)))
+        return hash(tuple(scaling if f.name == "rope_scaling" else getattr(self, f.name) for f in fields(self)))
 
     @property
     def group_size(self) -> int:
@@ -101,7 +118,8 @@ class ModelConfig:
             # Full attention past the window would silently give different tokens.
             raise ConfigError(
                 f"sliding-window attention (sliding_window={window} < max_position_embeddings="
-                f"{hf['max_position_embeddings']}) is not supported; use a checkpoint without a window")
+                f"{hf['max_position_embeddings']}) is not supported; use a checkpoint without a window"
+            )
         # transformers 5 folds rope_theta into `rope_parameters`; 4.x has rope_theta + rope_scaling.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -132,8 +150,12 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]],
-                  rope_freqs: Sequence[float] | None = None) -> ModelConfig:
+    def from_gguf(
+        cls,
+        metadata: Mapping[str, Any],
+        tensor_shapes: Mapping[str, tuple[int, ...]],
+        rope_freqs: Sequence[float] | None = None,
+    ) -> ModelConfig:
         """From GGUF key/values and tensor shapes (torch order, e.g. token_embd [vocab, hidden]).
 
         The shapes are needed because llama.cpp encodes facts as tensors: tied embeddings by a
@@ -142,8 +164,9 @@ class ModelConfig:
         """
         arch = metadata.get("general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-            raise ConfigError(f"GGUF architecture {arch!r} is not supported; "
-                              f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}")
+            raise ConfigError(
+                f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+            )
 
         def get(key: str, default: Any = None) -> Any:
             full = f"{arch}.{key}"
@@ -164,8 +187,9 @@ class ModelConfig:
         elif scaling_type == "linear":
             rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
         elif scaling_type not in ("none", ""):
-            raise ConfigError(f"GGUF rope scaling {scaling_type!r} is not supported; "
-                              "supported: none, linear, llama3 (rope_freqs)")
+            raise ConfigError(
+                f"GGUF rope scaling {scaling_type!r} is not supported; supported: none, linear, llama3 (rope_freqs)"
+            )
         eos = [metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
         return cls(
             vocab_size=vocab,
@@ -205,9 +229,11 @@ def with_rope_scaling(config: ModelConfig, scaling: Mapping[str, Any] | None) ->
     if kind == "default":
         return replace(config, rope_scaling=None)
     if kind == "dynamic":
-        raise ConfigError("dynamic NTK rope scaling is not supported: transformers recomputes its frequencies "
-                          "from the longest sequence seen so far, so a cached key's angle depends on what ran "
-                          "before it; use 'yarn' or 'linear' (exact at every position)")
+        raise ConfigError(
+            "dynamic NTK rope scaling is not supported: transformers recomputes its frequencies "
+            "from the longest sequence seen so far, so a cached key's angle depends on what ran "
+            "before it; use 'yarn' or 'linear' (exact at every position)"
+        )
     if kind in ("linear", "yarn", "llama3"):
         scaling.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     context = config.max_position_embeddings
@@ -225,8 +251,9 @@ def _hf_architecture(hf: Mapping[str, Any]) -> str:
         if cls_name in _HF_CLASS_TO_ARCH:
             return _HF_CLASS_TO_ARCH[cls_name]
     named = model_type or (hf.get("architectures") or ["<none>"])[0]
-    raise ConfigError(f"architecture {named!r} is not supported; supported: "
-                      f"{', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM2 is llama)")
+    raise ConfigError(
+        f"architecture {named!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM2 is llama)"
+    )
 
 
 def _as_id_tuple(value: int | list[int] | None) -> tuple[int, ...]:
@@ -242,8 +269,9 @@ def _validate_rope_scaling(scaling: dict[str, Any] | None, head_dim: int) -> Non
         return
     kind = scaling.get("rope_type")
     if kind not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(f"rope scaling type {kind!r} is not supported; "
-                          f"supported: {', '.join(SUPPORTED_ROPE_TYPES)} (or None)")
+        raise ConfigError(
+            f"rope scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)} (or None)"
+        )
     if kind in ("linear", "llama3", "yarn") and not scaling.get("factor", 0) > 0:
         raise ConfigError(f"{kind} rope scaling needs a positive 'factor', got {scaling.get('factor')!r}")
     if kind == "llama3":
@@ -251,17 +279,24 @@ def _validate_rope_scaling(scaling: dict[str, Any] | None, head_dim: int) -> Non
         if missing:
             raise ConfigError(f"llama3 rope scaling lacks {missing}; it needs {list(_LLAMA3_KEYS)}")
         if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
-            raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
-                              f"{scaling['high_freq_factor']} <= {scaling['low_freq_factor']}")
+            raise ConfigError(
+                "llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                f"{scaling['high_freq_factor']} <= {scaling['low_freq_factor']}"
+            )
     if kind == "yarn":
         unknown = sorted(set(scaling) - {"rope_type", *_YARN_KEYS})
         if unknown or "original_max_position_embeddings" not in scaling:
-            raise ConfigError(f"yarn rope scaling needs 'factor' and 'original_max_position_embeddings' and takes "
-                              f"only {list(_YARN_KEYS)}; got unknown keys {unknown}" if unknown else
-                              "yarn rope scaling needs 'original_max_position_embeddings' (the trained context)")
+            raise ConfigError(
+                f"yarn rope scaling needs 'factor' and 'original_max_position_embeddings' and takes "
+                f"only {list(_YARN_KEYS)}; got unknown keys {unknown}"
+                if unknown
+                else "yarn rope scaling needs 'original_max_position_embeddings' (the trained context)"
+            )
     if kind == "freq_factors":
         factors = scaling.get("factors")
         if factors is None or len(factors) != head_dim // 2:
-            raise ConfigError(f"rope freq_factors needs 'factors' with head_dim // 2 entries, got "
-                              f"{None if factors is None else len(factors)}, expected "
-                              f"head_dim // 2 = {head_dim // 2}")
+            raise ConfigError(
+                f"rope freq_factors needs 'factors' with head_dim // 2 entries, got "
+                f"{None if factors is None else len(factors)}, expected "
+                f"head_dim // 2 = {head_dim // 2}"
+            )

@@ -86,8 +86,9 @@ def gguf_tensors(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         config = _config_from_json(json.loads((folder / _CONFIG).read_text()))
         return config, load_file(str(folder / _WEIGHTS))
     except Exception as e:  # a damaged cache entry must not look like a damaged model
-        raise ModelLoadError(f"{folder}: damaged cache entry for {path}; delete the folder "
-                             f"to convert again ({e})") from e
+        raise ModelLoadError(
+            f"{folder}: damaged cache entry for {path}; delete the folder to convert again ({e})"
+        ) from e
 
 
 def gguf_config(path: Path) -> ModelConfig:
@@ -104,11 +105,9 @@ def gguf_tokenizer(path: Path) -> Any:
     folder = cache_dir(path).with_name(cache_dir(path).name + "-" + _TOKENIZER)
     if not folder.is_dir():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                      local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
         except Exception as e:  # transformers raises KeyError etc. when the vocab is absent
-            raise ModelLoadError(f"{path}: no usable tokenizer in this GGUF "
-                                 f"({type(e).__name__}: {e})") from e
+            raise ModelLoadError(f"{path}: no usable tokenizer in this GGUF ({type(e).__name__}: {e})") from e
         if not _publish(folder, lambda tmp: tokenizer.save_pretrained(str(tmp))):
             return tokenizer  # cache not writable: use it unsaved
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

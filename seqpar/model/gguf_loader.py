@@ -31,8 +31,12 @@ _BLOCK_NAMES = {
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tokenizer arrays hold ~50k-150k entries each and the config needs none of their values.
-_SKIPPED_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                   "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+_SKIPPED_FIELDS = (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.scores",
+)
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
@@ -65,8 +69,7 @@ def _open(path: Path) -> tuple[Any, ModelConfig, dict[str, Any]]:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on truncated files
         raise ModelLoadError(f"{path}: cannot parse GGUF file (truncated or corrupt?): {e}") from e
-    metadata: dict[str, Any] = {k: f.contents() for k, f in reader.fields.items()
-                                if k not in _SKIPPED_FIELDS}
+    metadata: dict[str, Any] = {k: f.contents() for k, f in reader.fields.items() if k not in _SKIPPED_FIELDS}
     by_name = {t.name: t for t in reader.tensors}
     # GGUF shapes list the fastest-varying dimension first; torch's order is the reverse.
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
@@ -107,5 +110,4 @@ def _dequantize(gguf: Any, t: Any, path: Path) -> Tensor:
         # np.array copies: unquantized tensors are views of the reader's read-only memmap.
         return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
     except Exception as e:
-        raise ModelLoadError(f"{path}: cannot read tensor {t.name} ({t.tensor_type.name}, "
-                             f"shape {shape}): {e}") from e
+        raise ModelLoadError(f"{path}: cannot read tensor {t.name} ({t.tensor_type.name}, shape {shape}): {e}") from e

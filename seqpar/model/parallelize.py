@@ -24,7 +24,8 @@ def parallelize_tp(model: LlamaForCausalLM, group: dist.ProcessGroup) -> LlamaFo
         raise ValueError(
             f"tensor parallelism over {world} ranks needs num_heads ({cfg.num_heads}) and "
             f"num_kv_heads ({cfg.num_kv_heads}) divisible by {world}; use a world size dividing "
-            f"{cfg.num_kv_heads}, or parallelize_head_sharded, which replicates kv heads")
+            f"{cfg.num_kv_heads}, or parallelize_head_sharded, which replicates kv heads"
+        )
     return _apply(model, group)
 
 
@@ -55,8 +56,9 @@ def _apply(model: LlamaForCausalLM, group: dist.ProcessGroup) -> LlamaForCausalL
     return model
 
 
-def _shard_attention(attn: LlamaAttention, q_ids: list[int], kv_ids: list[int],
-                     num_kv_heads: int, group: dist.ProcessGroup) -> None:
+def _shard_attention(
+    attn: LlamaAttention, q_ids: list[int], kv_ids: list[int], num_kv_heads: int, group: dist.ProcessGroup
+) -> None:
     d = attn.head_dim
     q_rows = head_rows(q_ids, d)
     attn.q_proj = ColumnParallelLinear(_linear(attn.q_proj), q_rows)

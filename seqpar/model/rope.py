@@ -21,7 +21,7 @@ def rope_inv_freq(config: ModelConfig) -> Tensor:
     dim = config.head_dim
     # Explicit device: this may run under a `torch.device("meta")` context while loading.
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
-    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq

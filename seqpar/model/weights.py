@@ -26,8 +26,9 @@ def _names(items: list[str]) -> str:
     return ", ".join(items[:_SHOW]) + more
 
 
-def build_model(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: torch.dtype,
-                source: str) -> LlamaForCausalLM:
+def build_model(
+    config: ModelConfig, tensors: Mapping[str, Tensor], dtype: torch.dtype, source: str
+) -> LlamaForCausalLM:
     """A LlamaForCausalLM holding exactly `tensors` (HF names), cast to `dtype`."""
     if not dtype.is_floating_point:
         raise ModelLoadError(f"dtype must be a floating type, got {dtype}")
@@ -47,17 +48,21 @@ def build_model(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: torch
         problems.append(f"missing keys: {_names(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_names(unexpected)}")
-    bad_shape = [f"{k} {tuple(given[k].shape)} (expected {tuple(expected[k].shape)})"
-                 for k in sorted(set(given) & set(expected)) if given[k].shape != expected[k].shape]
+    bad_shape = [
+        f"{k} {tuple(given[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in sorted(set(given) & set(expected))
+        if given[k].shape != expected[k].shape
+    ]
     if bad_shape:
         problems.append(f"wrong shapes: {_names(bad_shape)}")
     bad_dtype = [f"{k} {v.dtype}" for k, v in sorted(given.items()) if not v.dtype.is_floating_point]
     if bad_dtype:
         problems.append(f"non-float tensors: {_names(bad_dtype)}")
     if problems:
-        raise ModelLoadError(f"{source}: weights do not match the {config.architecture} config "
-                             f"({config.num_layers} layers, hidden {config.hidden_size}): "
-                             + "; ".join(problems))
+        raise ModelLoadError(
+            f"{source}: weights do not match the {config.architecture} config "
+            f"({config.num_layers} layers, hidden {config.hidden_size}): " + "; ".join(problems)
+        )
     model.load_state_dict({k: v.to(dtype) for k, v in given.items()}, strict=True, assign=True)
     return model.requires_grad_(False).eval()
 
@@ -87,8 +92,7 @@ def read_safetensors_dir(directory: Path) -> dict[str, Tensor]:
             if name in tensors:
                 raise ModelLoadError(f"tensor {name} appears in both {origin[name]} and {file}")
             tensors[name], origin[name] = tensor, file
-    wrong_file = [f"{n} (index: {f})" for n, f in expected_in.items()
-                  if n not in origin or origin[n].name != f]
+    wrong_file = [f"{n} (index: {f})" for n, f in expected_in.items() if n not in origin or origin[n].name != f]
     if wrong_file:
         raise ModelLoadError(f"{directory}: tensors not in the file the index names: {_names(wrong_file)}")
     return tensors

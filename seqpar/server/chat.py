@@ -36,12 +36,21 @@ def chat_logprobs(entries: list[LogprobDict], token_ids: list[int], k: int) -> l
     for tid, entry in zip(token_ids, entries):
         chosen = entry[tid]
         top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:k]
-        content.append({
-            "token": chosen.decoded_token or "", "logprob": _lp(chosen.logprob),
-            "bytes": list((chosen.decoded_token or "").encode()),
-            "top_logprobs": [{"token": lp.decoded_token or "", "logprob": _lp(lp.logprob),
-                              "bytes": list((lp.decoded_token or "").encode())} for _, lp in top],
-        })
+        content.append(
+            {
+                "token": chosen.decoded_token or "",
+                "logprob": _lp(chosen.logprob),
+                "bytes": list((chosen.decoded_token or "").encode()),
+                "top_logprobs": [
+                    {
+                        "token": lp.decoded_token or "",
+                        "logprob": _lp(lp.logprob),
+                        "bytes": list((lp.decoded_token or "").encode()),
+                    }
+                    for _, lp in top
+                ],
+            }
+        )
     return content
 
 
@@ -56,8 +65,11 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     rid, created = request_id("chatcmpl")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(state, stream, rid, created, include_usage, body.logprobs, k),
-                                 media_type="text/event-stream", background=BackgroundTask(stream.abort))
+        return StreamingResponse(
+            _stream(state, stream, rid, created, include_usage, body.logprobs, k),
+            media_type="text/event-stream",
+            background=BackgroundTask(stream.abort),
+        )
     return await unless_disconnected(request, _complete(state, stream, rid, created, body.logprobs, k))
 
 
@@ -69,35 +81,60 @@ async def _complete(state: ServerState, stream: RequestStream, rid: str, created
         raise APIError(503, str(e)) from e
     out = last.output
     comp = out.outputs[0]
-    choice = {"index": 0, "message": {"role": "assistant", "content": comp.text},
-              "logprobs": {"content": chat_logprobs(comp.logprobs or [], comp.token_ids, k)} if logprobs else None,
-              "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
-                         "choices": [choice], "usage": usage(out)})
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": comp.text},
+        "logprobs": {"content": chat_logprobs(comp.logprobs or [], comp.token_ids, k)} if logprobs else None,
+        "finish_reason": comp.finish_reason,
+        "stop_reason": comp.stop_reason,
+    }
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": state.model_name,
+            "choices": [choice],
+            "usage": usage(out),
+        }
+    )
 
 
-async def _stream(state: ServerState, stream: RequestStream, rid: str, created: int, include_usage: bool,
-                  logprobs: bool, k: int) -> AsyncIterator[str]:
+async def _stream(
+    state: ServerState, stream: RequestStream, rid: str, created: int, include_usage: bool, logprobs: bool, k: int
+) -> AsyncIterator[str]:
     def chunk(choices: list[dict], **extra: Any) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                "choices": choices, **extra}
+        body = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": state.model_name,
+            "choices": choices,
+            **extra,
+        }
         if include_usage:
             body.setdefault("usage", None)
         return sse(body)
 
     try:
-        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
+        yield chunk(
+            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        )
         async for u in tracked(state, stream):
             comp = u.output.outputs[0]
             if not (u.text or u.finished or (logprobs and u.token_ids)):
                 continue
-            yield chunk([{
-                "index": 0, "delta": {"content": u.text} if u.text else {},
-                "logprobs": {"content": chat_logprobs(u.logprobs or [], u.token_ids, k)} if logprobs else None,
-                "finish_reason": comp.finish_reason if u.finished else None,
-                **({"stop_reason": comp.stop_reason} if u.finished else {}),
-            }])
+            yield chunk(
+                [
+                    {
+                        "index": 0,
+                        "delta": {"content": u.text} if u.text else {},
+                        "logprobs": {"content": chat_logprobs(u.logprobs or [], u.token_ids, k)} if logprobs else None,
+                        "finish_reason": comp.finish_reason if u.finished else None,
+                        **({"stop_reason": comp.stop_reason} if u.finished else {}),
+                    }
+                ]
+            )
             if u.finished and include_usage:
                 yield chunk([], usage=usage(u.output))
     except (EngineDownError, APIError) as e:

@@ -41,8 +41,9 @@ class LegacyLogprobs:
             token = token or ""
             out["tokens"].append(token)
             out["token_logprobs"].append(max(entry[tid].logprob, -9999.0) if entry else None)
-            out["top_logprobs"].append({(lp.decoded_token or ""): max(lp.logprob, -9999.0)
-                                        for lp in entry.values()} if entry else None)
+            out["top_logprobs"].append(
+                {(lp.decoded_token or ""): max(lp.logprob, -9999.0) for lp in entry.values()} if entry else None
+            )
             out["text_offset"].append(self.offset)
             self.offset += len(token)
         return out
@@ -88,8 +89,9 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     job = _Job(state, streams, ids, texts, body.echo, want, rid, created)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(job.stream(include_usage), media_type="text/event-stream",
-                                 background=BackgroundTask(abort_all))
+        return StreamingResponse(
+            job.stream(include_usage), media_type="text/event-stream", background=BackgroundTask(abort_all)
+        )
     try:
         return await unless_disconnected(request, job.complete())
     finally:
@@ -97,8 +99,17 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
 
 
 class _Job:
-    def __init__(self, state: ServerState, streams: list[RequestStream], ids: list[list[int]], texts: list[str],
-                 echo: bool, logprobs: int | None, rid: str, created: int):
+    def __init__(
+        self,
+        state: ServerState,
+        streams: list[RequestStream],
+        ids: list[list[int]],
+        texts: list[str],
+        echo: bool,
+        logprobs: int | None,
+        rid: str,
+        created: int,
+    ):
         self.state, self.streams, self.ids, self.texts = state, streams, ids, texts
         self.echo, self.logprobs, self.rid, self.created = echo, logprobs, rid, created
         self.lps = [LegacyLogprobs() for _ in streams]
@@ -116,8 +127,13 @@ class _Job:
         return self.lps[i].add(u.token_ids, list(u.logprobs or []), self.state.decode)
 
     def _body(self, choices: list[dict], obj_usage: dict | None = None, chunk: bool = False) -> dict:
-        body = {"id": self.rid, "object": "text_completion", "created": self.created,
-                "model": self.state.model_name, "choices": choices}
+        body = {
+            "id": self.rid,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+        }
         if obj_usage is not None or not chunk:
             body["usage"] = obj_usage
         return body
@@ -147,9 +163,16 @@ class _Job:
         except EngineDownError as e:
             raise APIError(503, str(e)) from e
         done = [f for f in finals if f is not None]
-        choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if self.logprobs is not None else None,
-                    "finish_reason": f.output.outputs[0].finish_reason, "stop_reason": f.output.outputs[0].stop_reason}
-                   for i, f in enumerate(done)]
+        choices = [
+            {
+                "index": i,
+                "text": texts[i],
+                "logprobs": lps[i] if self.logprobs is not None else None,
+                "finish_reason": f.output.outputs[0].finish_reason,
+                "stop_reason": f.output.outputs[0].stop_reason,
+            }
+            for i, f in enumerate(done)
+        ]
         return JSONResponse(self._body(choices, self._usage(done)))
 
     async def stream(self, include_usage: bool) -> AsyncIterator[str]:
@@ -169,9 +192,20 @@ class _Job:
                 if not (text or u.finished or lp):
                     continue
                 comp = u.output.outputs[0]
-                yield sse(self._body([{"index": i, "text": text, "logprobs": lp,
-                                       "finish_reason": comp.finish_reason if u.finished else None,
-                                       **({"stop_reason": comp.stop_reason} if u.finished else {})}], chunk=True))
+                yield sse(
+                    self._body(
+                        [
+                            {
+                                "index": i,
+                                "text": text,
+                                "logprobs": lp,
+                                "finish_reason": comp.finish_reason if u.finished else None,
+                                **({"stop_reason": comp.stop_reason} if u.finished else {}),
+                            }
+                        ],
+                        chunk=True,
+                    )
+                )
                 if u.finished:
                     finals.append(u)
             if include_usage:

@@ -18,13 +18,17 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
 
 def add_serve_args(group: Any) -> None:
-    group.add_argument("--served-model-name", default=None, metavar="NAME",
-                       help="the model's name in the API (default: --model)")
+    group.add_argument(
+        "--served-model-name", default=None, metavar="NAME", help="the model's name in the API (default: --model)"
+    )
     group.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
     group.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)")
-    group.add_argument("--api-key", default=None, metavar="KEY",
-                       help="require 'Authorization: Bearer KEY' on /v1/* and tokenize routes "
-                            "(default: $SEQPAR_API_KEY; none = open)")
+    group.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* and tokenize routes (default: $SEQPAR_API_KEY; none = open)",
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -65,10 +69,12 @@ def run_server(args: argparse.Namespace, config: Any, factory: Callable[[], Any]
     name = args.served_model_name or args.model
     tokenizer = LazyTokenizer(config.model)
     tokenizer.get_or_none()  # now, not in the first request; a model without one serves token ids
-    state = ServerState(engine, tokenizer, name, ServerMetrics(engine, name),
-                        args.api_key or os.environ.get("SEQPAR_API_KEY") or None)
-    uv_config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning",
-                               timeout_graceful_shutdown=5)
+    state = ServerState(
+        engine, tokenizer, name, ServerMetrics(engine, name), args.api_key or os.environ.get("SEQPAR_API_KEY") or None
+    )
+    uv_config = uvicorn.Config(
+        build_app(state), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
+    )
     server = holder["server"] = Server(uv_config, engine, name)
     try:
         server.run()

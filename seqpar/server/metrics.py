@@ -20,8 +20,30 @@ from seqpar.engine.async_llm import RequestUpdate
 disable_created_metrics()  # no `_created` series beside every counter (vLLM turns them off too)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # vLLM's buckets: seconds, from 1 ms to minutes (long prompts on CPUs take that long).
-_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-            20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_LATENCY = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
 _ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
@@ -45,21 +67,26 @@ class _EngineCollector(Collector):
         yield gauge("seqpar:num_requests_running", "Requests in the running batch.", s.num_running)
         yield gauge("seqpar:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
         # One family: the fullest SP rank (what admission is bound by), plus one series per rank.
-        kv = GaugeMetricFamily("seqpar:kv_cache_usage_perc", "KV-cache usage, fraction 0-1: the fullest SP "
-                               "rank, and per rank (label rank).")
+        kv = GaugeMetricFamily(
+            "seqpar:kv_cache_usage_perc",
+            "KV-cache usage, fraction 0-1: the fullest SP rank, and per rank (label rank).",
+        )
         usage = list(s.kv_cache_usage)
         kv.add_sample("seqpar:kv_cache_usage_perc", {"model_name": name}, max(usage, default=0.0))
         for rank, u in enumerate(usage):
             kv.add_sample("seqpar:kv_cache_usage_perc", {"model_name": name, "rank": str(rank)}, u)
         yield kv
         yield counter("seqpar:num_preemptions", "Requests preempted by the scheduler.", s.num_preemptions)
-        yield counter("seqpar:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      s.prefix_cache_queries)
+        yield counter(
+            "seqpar:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries
+        )
         yield counter("seqpar:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
-        yield counter("seqpar:engine_restarts", "Times the engine rebuilt itself after a failure.",
-                      self.engine.num_restarts)
-        sent = CounterMetricFamily("seqpar:sp_bytes_sent", "Bytes each SP rank sent to the others.",
-                                   labels=["model_name", "rank"])
+        yield counter(
+            "seqpar:engine_restarts", "Times the engine rebuilt itself after a failure.", self.engine.num_restarts
+        )
+        sent = CounterMetricFamily(
+            "seqpar:sp_bytes_sent", "Bytes each SP rank sent to the others.", labels=["model_name", "rank"]
+        )
         for rank, b in enumerate(s.sp_bytes_sent):
             sent.add_metric([name, str(rank)], b)
         yield sent
@@ -71,20 +98,38 @@ class ServerMetrics:
         self.registry.register(_EngineCollector(engine, model_name))
         labels, reg = ["model_name"], self.registry
         self.name = model_name
-        self.prompt_tokens = Counter("seqpar:prompt_tokens", "Prompt tokens of requests that started.", labels,
-                                     registry=reg).labels(model_name)
-        self.generation_tokens = Counter("seqpar:generation_tokens", "Tokens generated.", labels,
-                                         registry=reg).labels(model_name)
-        self.success = Counter("seqpar:request_success", "Requests that ended, by finish reason.",
-                               labels + ["finished_reason"], registry=reg)
-        self.ttft = Histogram("seqpar:time_to_first_token_seconds", "Arrival to first token.", labels,
-                              buckets=_LATENCY, registry=reg).labels(model_name)
-        self.itl = Histogram("seqpar:inter_token_latency_seconds", "Time between consecutive output tokens.",
-                             labels, buckets=_ITL, registry=reg).labels(model_name)
-        self.e2e = Histogram("seqpar:e2e_request_latency_seconds", "Arrival to last token.", labels,
-                             buckets=_LATENCY, registry=reg).labels(model_name)
-        self.queue = Histogram("seqpar:request_queue_time_seconds", "Arrival to the start of the request's "
-                               "first step.", labels, buckets=_LATENCY, registry=reg).labels(model_name)
+        self.prompt_tokens = Counter(
+            "seqpar:prompt_tokens", "Prompt tokens of requests that started.", labels, registry=reg
+        ).labels(model_name)
+        self.generation_tokens = Counter("seqpar:generation_tokens", "Tokens generated.", labels, registry=reg).labels(
+            model_name
+        )
+        self.success = Counter(
+            "seqpar:request_success",
+            "Requests that ended, by finish reason.",
+            labels + ["finished_reason"],
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "seqpar:time_to_first_token_seconds", "Arrival to first token.", labels, buckets=_LATENCY, registry=reg
+        ).labels(model_name)
+        self.itl = Histogram(
+            "seqpar:inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            labels,
+            buckets=_ITL,
+            registry=reg,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            "seqpar:e2e_request_latency_seconds", "Arrival to last token.", labels, buckets=_LATENCY, registry=reg
+        ).labels(model_name)
+        self.queue = Histogram(
+            "seqpar:request_queue_time_seconds",
+            "Arrival to the start of the request's first step.",
+            labels,
+            buckets=_LATENCY,
+            registry=reg,
+        ).labels(model_name)
 
     def tracker(self) -> RequestTracker:
         return RequestTracker(self)

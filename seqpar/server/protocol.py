@@ -21,16 +21,28 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 class APIError(Exception):
     """An error for the client, sent as {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        405: "invalid_request_error",
+        413: "invalid_request_error",
+        503: "service_unavailable_error",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.status}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.status,
+            }
+        }
 
 
 class _Body(BaseModel):
@@ -64,8 +76,10 @@ class SamplingFields(_Body):
     @classmethod
     def _one_choice(cls, n: int) -> int:
         if n != 1:
-            raise ValueError(f"n={n} is not supported: seqpar returns one choice per prompt; use n=1 "
-                             "(or send the request several times with different seeds)")
+            raise ValueError(
+                f"n={n} is not supported: seqpar returns one choice per prompt; use n=1 "
+                "(or send the request several times with different seeds)"
+            )
         return n
 
     @field_validator("stop")

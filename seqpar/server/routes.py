@@ -24,8 +24,10 @@ from seqpar.server.serving import ServerState
 
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "invalid request (OpenAI error shape)"}, 401: {"description": "missing or wrong API key"},
-    404: {"description": "unknown model"}, 503: {"description": "the engine is down or restarting"},
+    400: {"description": "invalid request (OpenAI error shape)"},
+    401: {"description": "missing or wrong API key"},
+    404: {"description": "unknown model"},
+    503: {"description": "the engine is down or restarting"},
 }
 _STARTED = int(time.time())
 
@@ -54,8 +56,19 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
     s = _state(request)
-    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": _STARTED,
-                                        "owned_by": "seqpar", "root": s.model_name, "max_model_len": s.max_model_len}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": s.model_name,
+                "object": "model",
+                "created": _STARTED,
+                "owned_by": "seqpar",
+                "root": s.model_name,
+                "max_model_len": s.max_model_len,
+            }
+        ],
+    }
 
 
 @router.get("/health", responses={503: _ERRORS[503]})

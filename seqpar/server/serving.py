@@ -61,8 +61,9 @@ class ServerState:
             raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt", "messages")
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
         try:
-            ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                tokenize=True)
+            ids = tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
         except Exception as e:  # the template itself may refuse a conversation (jinja raise_exception)
             raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from e
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -75,33 +76,53 @@ class ServerState:
         if any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"prompt token ids must lie in [0, {vocab}) for this model", param)
         if len(ids) >= limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens, and the prompt has "
-                           f"{len(ids)} tokens, which leaves no room to generate; shorten the prompt", param)
+            raise APIError(
+                400,
+                f"this model's maximum context length is {limit} tokens, and the prompt has "
+                f"{len(ids)} tokens, which leaves no room to generate; shorten the prompt",
+                param,
+            )
         if max_tokens is not None and len(ids) + max_tokens > limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens; you requested "
-                           f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in the "
-                           "completion); reduce the prompt or max_tokens", "max_tokens")
+            raise APIError(
+                400,
+                f"this model's maximum context length is {limit} tokens; you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in the "
+                "completion); reduce the prompt or max_tokens",
+                "max_tokens",
+            )
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}", "min_tokens")
     try:
         return SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=-1 if req.top_k is None else req.top_k,
-            seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
-            stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs)
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=-1 if req.top_k is None else req.top_k,
+            seed=req.seed,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
     except ValueError as e:
         raise APIError(400, str(e)) from e
 
 
 def usage(out: RequestOutput) -> dict:
     prompt, completion = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
+    }
 
 
 def request_id(prefix: str) -> tuple[str, int]:

@@ -25,8 +25,13 @@ def gather_kv_packed(k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessG
 
 
 def allgather_attention(
-    q: Tensor, k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None,
-    causal: bool = True, scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: ShardPlan,
+    group: dist.ProcessGroup | None,
+    causal: bool = True,
+    scale: float | None = None,
 ) -> Tensor:
     k_full, v_full = gather_kv_packed(k, v, plan, group)
     out, _ = attention_with_lse(q, k_full, v_full, plan.layout(group_rank(group)), plan.global_layout, causal, scale)

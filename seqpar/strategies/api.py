@@ -31,16 +31,25 @@ STRATEGIES: dict[str, Callable[..., Tensor]] = {
 
 
 def sp_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, plan: ShardPlan, group: dist.ProcessGroup | None,
-    strategy: str = "ring", causal: bool = True, scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    plan: ShardPlan,
+    group: dist.ProcessGroup | None,
+    strategy: str = "ring",
+    causal: bool = True,
+    scale: float | None = None,
     ulysses_degree: int | None = None,
 ) -> Tensor:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     world = group_size(group)
     if plan.world_size != world:
-        raise ValueError(f"the plan shards over {plan.world_size} ranks but the group has {world}; "
-                         f"build the plan with world_size={world}")
+        raise ValueError(
+            f"the plan shards over {plan.world_size} ranks but the group has {world}; "
+            f"build the plan with world_size={world}"
+        )
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     if q.shape[0] != plan.local_counts[rank] or k.shape[0] != q.shape[0] or v.shape != k.shape:
         raise ValueError(

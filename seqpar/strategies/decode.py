@@ -32,8 +32,9 @@ from seqpar.kernels.merge import merge_many
 MERGES = ("allgather", "alltoall", "tree")
 
 
-def local_partial(q: Tensor, kh: Tensor, vh: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
-                  scale: float | None) -> tuple[Tensor, Tensor]:
+def local_partial(
+    q: Tensor, kh: Tensor, vh: Tensor, q_layout: TokenLayout, k_layout: TokenLayout, scale: float | None
+) -> tuple[Tensor, Tensor]:
     """This rank's (out, lse) of q [B, Hq, D] over head-major K/V [Hkv, rows, D]: a packed
     shard, or a paged cache's storage with a layout over its slots (read in place)."""
     out, lse = new_accumulators(q)
@@ -59,9 +60,11 @@ def gather_heads(x: Tensor, hq: int, group: dist.ProcessGroup | None, exchange: 
     slices = head_slices(hq, group_size(group))
     own = slices[group_rank(group)]
     if x.shape[1] != own.stop - own.start:
-        raise ValueError(f"gather_heads: this rank holds {x.shape[1]} heads, but its slice of {hq} q heads over "
-                         f"{len(slices)} ranks is {own.stop - own.start} (heads {own.start}..{own.stop - 1}); "
-                         "pass the total head count as num_q_heads")
+        raise ValueError(
+            f"gather_heads: this rank holds {x.shape[1]} heads, but its slice of {hq} q heads over "
+            f"{len(slices)} ranks is {own.stop - own.start} (heads {own.start}..{own.stop - 1}); "
+            "pass the total head count as num_q_heads"
+        )
     width = max(sl.stop - sl.start for sl in slices)
     padded = x.new_zeros((x.shape[0], width, *x.shape[2:]))
     padded[:, : x.shape[1]] = x
@@ -69,8 +72,9 @@ def gather_heads(x: Tensor, hq: int, group: dist.ProcessGroup | None, exchange: 
     return torch.cat([parts[r, :, : sl.stop - sl.start] for r, sl in enumerate(slices)], dim=1)
 
 
-def merge_partials(out: Tensor, lse: Tensor, group: dist.ProcessGroup | None, merge: str,
-                   exchange: HostExchange | None = None) -> Tensor:
+def merge_partials(
+    out: Tensor, lse: Tensor, group: dist.ProcessGroup | None, merge: str, exchange: HostExchange | None = None
+) -> Tensor:
     """out [B, Hq, D] fp32, lse [B, Hq] -> merged [B, Hq, D] (alltoall: [B, H_r, D], this rank's
     heads `head_slices(Hq, W)[r]`)."""
     if merge not in MERGES:
@@ -99,6 +103,7 @@ def merge_partials(out: Tensor, lse: Tensor, group: dist.ProcessGroup | None, me
 
     def reduce(x: Tensor, op: str) -> Tensor:
         return all_reduce(x.clone(), group, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+
     return _tree_combine(out, lse, reduce)
 
 
@@ -118,9 +123,17 @@ def _tree_combine(out: Tensor, lse: Tensor, reduce) -> Tensor:
 
 
 def decode_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, k_layout: TokenLayout,
-    group: dist.ProcessGroup | None, merge: str = "allgather", scale: float | None = None,
-    q_head_sharded: bool = False, exchange: HostExchange | None = None, num_q_heads: int | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_layout: TokenLayout,
+    k_layout: TokenLayout,
+    group: dist.ProcessGroup | None,
+    merge: str = "allgather",
+    scale: float | None = None,
+    q_head_sharded: bool = False,
+    exchange: HostExchange | None = None,
+    num_q_heads: int | None = None,
 ) -> Tensor:
     """Exact attention of q [B, Hq, D] over K/V sharded by sequence (k, v [L_local, Hkv, D] here).
 

@@ -25,8 +25,15 @@ KV_MODES = ("ring", "allgather")
 
 
 def head_sharded_attention(
-    q_heads: Tensor, k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None,
-    causal: bool = True, scale: float | None = None, kv_mode: str = "ring", kv_head_ids: list[int] | None = None,
+    q_heads: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: ShardPlan,
+    group: dist.ProcessGroup | None,
+    causal: bool = True,
+    scale: float | None = None,
+    kv_mode: str = "ring",
+    kv_head_ids: list[int] | None = None,
 ) -> Tensor:
     """q_heads [T, Hq_local, D] in packed order; k, v [T_local, Hkv, D] as the plan shards them."""
     if q_heads.shape[0] != plan.total_tokens:

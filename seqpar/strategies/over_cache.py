@@ -64,8 +64,14 @@ def _pack(kh: Tensor, vh: Tensor, slots: Tensor) -> Tensor:
 
 
 def attention_over_cache(
-    q: Tensor, q_layouts: list[TokenLayout], kh: Tensor, vh: Tensor, keys: CachedKeys,
-    group: dist.ProcessGroup | None, strategy: str, scale: float | None,
+    q: Tensor,
+    q_layouts: list[TokenLayout],
+    kh: Tensor,
+    vh: Tensor,
+    keys: CachedKeys,
+    group: dist.ProcessGroup | None,
+    strategy: str,
+    scale: float | None,
 ) -> Tensor:
     """Exact causal attention of this rank's new-token queries over every rank's cache.
 
@@ -85,7 +91,8 @@ def attention_over_cache(
         offsets = torch.cumsum(torch.tensor([0] + [len(lay) for lay in keys.packed]), 0).tolist()
         runs = [run for lay, off in zip(keys.packed, offsets) for run in lay.shifted(off).runs]
         out, lse = new_accumulators(q)
-        attend_into_head_major(out, lse, q, full[:hkv], full[hkv:], q_layouts[rank], TokenLayout.from_runs(runs),
-                               True, scale)
+        attend_into_head_major(
+            out, lse, q, full[:hkv], full[hkv:], q_layouts[rank], TokenLayout.from_runs(runs), True, scale
+        )
         return out
     raise ValueError(f"unknown strategy {strategy!r} over a KV cache; choose one of {', '.join(CACHE_STRATEGIES)}")

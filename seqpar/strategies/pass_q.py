@@ -21,8 +21,13 @@ from seqpar.sharding.plan import ShardPlan
 
 
 def pass_q_attention(
-    q: Tensor, k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None,
-    causal: bool = True, scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: ShardPlan,
+    group: dist.ProcessGroup | None,
+    causal: bool = True,
+    scale: float | None = None,
 ) -> Tensor:
     world, rank = group_size(group), group_rank(group)
     layouts = [plan.layout(r) for r in range(world)]
@@ -31,8 +36,14 @@ def pass_q_attention(
 
 
 def pass_q_core(
-    q: Tensor, kh: Tensor, vh: Tensor, q_layouts: list[TokenLayout], k_layout: TokenLayout,
-    group: dist.ProcessGroup | None, causal: bool, scale: float | None,
+    q: Tensor,
+    kh: Tensor,
+    vh: Tensor,
+    q_layouts: list[TokenLayout],
+    k_layout: TokenLayout,
+    group: dist.ProcessGroup | None,
+    causal: bool,
+    scale: float | None,
 ) -> Tensor:
     """This rank's queries q [T_local, Hq, D] over the K/V of every rank; returns fp32 out.
 

@@ -22,8 +22,15 @@ from seqpar.sharding.plan import ShardPlan
 
 
 def ring_core(
-    q: Tensor, k: Tensor, v: Tensor, q_layout: TokenLayout, kv_layouts: list[TokenLayout],
-    group: dist.ProcessGroup | None, causal: bool, scale: float | None, kv_heads: list[int] | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_layout: TokenLayout,
+    kv_layouts: list[TokenLayout],
+    group: dist.ProcessGroup | None,
+    causal: bool,
+    scale: float | None,
+    kv_heads: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q [Tq, Hq, D] against the K/V of every ring member; kv_layouts[r] describes member r's block.
 
@@ -38,8 +45,14 @@ def ring_core(
 
 
 def ring_core_packed(
-    q: Tensor, kv: Tensor, q_layout: TokenLayout, kv_layouts: list[TokenLayout],
-    group: dist.ProcessGroup | None, causal: bool, scale: float | None, kv_heads: list[int] | None = None,
+    q: Tensor,
+    kv: Tensor,
+    q_layout: TokenLayout,
+    kv_layouts: list[TokenLayout],
+    group: dist.ProcessGroup | None,
+    causal: bool,
+    scale: float | None,
+    kv_heads: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`ring_core` with this rank's K/V already packed as one message kv [2, Hkv, T_local, D]."""
     world, rank = group_size(group), group_rank(group)
@@ -53,8 +66,9 @@ def ring_core_packed(
             nxt = (rank - step - 1) % world
             recv = ring.send_recv(kv, (2, hkv, len(kv_layouts[nxt]), d))
         k_blk, v_blk = (kv[0], kv[1]) if kv_heads is None else (kv[0][kv_heads], kv[1][kv_heads])
-        attend_into_head_major(acc_out, acc_lse, q, k_blk, v_blk, q_layout, kv_layouts[src], causal, scale,
-                               fresh=step == 0)
+        attend_into_head_major(
+            acc_out, acc_lse, q, k_blk, v_blk, q_layout, kv_layouts[src], causal, scale, fresh=step == 0
+        )
         if recv is not None:
             ring.wait()
             kv = recv
@@ -62,8 +76,13 @@ def ring_core_packed(
 
 
 def ring_attention(
-    q: Tensor, k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None,
-    causal: bool = True, scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: ShardPlan,
+    group: dist.ProcessGroup | None,
+    causal: bool = True,
+    scale: float | None = None,
 ) -> Tensor:
     rank = group_rank(group)
     layouts = [plan.layout(r) for r in range(plan.world_size)]

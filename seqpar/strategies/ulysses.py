@@ -38,8 +38,9 @@ def kv_heads_for(num_q_heads: int, num_kv_heads: int, degree: int, j: int) -> li
     return per_q
 
 
-def seq_to_head(q: Tensor, k: Tensor, v: Tensor, counts: list[int],
-                group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
+def seq_to_head(
+    q: Tensor, k: Tensor, v: Tensor, counts: list[int], group: dist.ProcessGroup | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """q [T_r, Hq, D], k/v [T_r, Hkv, D] -> q [T, hq, D], k/v [T, hkv, D]: all members' tokens in member order."""
     world, rank = group_size(group), group_rank(group)
     hq_total, hkv_total, d = q.shape[1], k.shape[1], q.shape[2]
@@ -65,8 +66,13 @@ def head_to_seq(out: Tensor, counts: list[int], group: dist.ProcessGroup | None)
 
 
 def ulysses_attention(
-    q: Tensor, k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None,
-    causal: bool = True, scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: ShardPlan,
+    group: dist.ProcessGroup | None,
+    causal: bool = True,
+    scale: float | None = None,
 ) -> Tensor:
     counts = list(plan.local_counts)
     q_h, k_h, v_h = seq_to_head(q, k, v, counts, group)

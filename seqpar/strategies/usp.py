@@ -20,8 +20,14 @@ from seqpar.strategies.ulysses import head_to_seq, seq_to_head
 
 
 def usp_attention(
-    q: Tensor, k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None,
-    causal: bool = True, scale: float | None = None, ulysses_degree: int | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: ShardPlan,
+    group: dist.ProcessGroup | None,
+    causal: bool = True,
+    scale: float | None = None,
+    ulysses_degree: int | None = None,
     mesh: UlyssesRingMesh | None = None,
 ) -> Tensor:
     world = group_size(group)

@@ -17,7 +17,6 @@ Results go to rank 0 and from there to the driver.
 from __future__ import annotations
 
 import pickle
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -27,137 +26,19 @@ from seqpar.comm.collectives import STATS
 from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
-from seqpar.engine.kv_cache import KVCache, Placement
-from seqpar.engine.messages import Sampled, SeqStep, Step, StepResult
+from seqpar.engine.kv_cache import KVCache
+from seqpar.engine.messages import Sampled, Step, StepResult
 from seqpar.engine.parallel import ShardedModel
 from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
+from seqpar.engine.step_plan import StepPlan
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
-from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.model import load_config
 from seqpar.strategies.decode import gather_heads, merge_partials
-from seqpar.strategies.over_cache import CachedKeys, attention_over_cache
+from seqpar.strategies.over_cache import attention_over_cache
 
-# Decode key runs shorter than this are gathered into one buffer instead of read in place.
-_IN_PLACE_MIN = 128
 # Step results up to this size (pickled) reach rank 0 through shared memory; larger ones
 # (big batches, prompt logprobs) through the process group.
 _RESULT_BYTES = 1 << 20
-
-
-def _append(runs: list[Run], run: Run) -> None:
-    """Add a run, joining it to the last one when rows and positions both continue."""
-    last = runs[-1] if runs else None
-    if (
-        last is not None
-        and last.seq == run.seq
-        and last.start + last.length == run.start
-        and last.pos + last.length == run.pos
-    ):
-        runs[-1] = Run(last.start, last.length + run.length, run.seq, last.pos, 1)
-    else:
-        runs.append(run)
-
-
-def _slots(runs: list[Run]) -> Tensor:
-    if not runs:
-        return torch.empty(0, dtype=torch.long)
-    return torch.cat([torch.arange(r.start, r.start + r.length) for r in runs])
-
-
-class StepPlan:
-    """Where this step's rows and keys are, on every rank (built from the message alone)."""
-
-    def __init__(self, msg: Step, placement: Placement, me: int) -> None:
-        world, bs = placement.sp_size, placement.block_size
-        self.decode = [s for s in msg.seqs if s.decode]
-        self.prefill = [s for s in msg.seqs if not s.decode]
-        # Decode rows: queries replicated; keys are every cached position of the sequence, all
-        # visible to its one query, so runs need only contiguous slots (attention is non-causal).
-        self.decode_q = TokenLayout.from_runs([Run(j, 1, j, s.start, 1) for j, s in enumerate(self.decode)])
-        # Long runs are read in place; short ones (blocks taken one at a time while decoding sit
-        # scattered in storage) are gathered into one buffer per step, so a long generation
-        # costs one kernel call per sequence, not one per block.
-        dec_keys: list[Run] = []
-        short: list[Run] = []
-        write_rows, write_slots = [], []
-        for j, s in enumerate(self.decode):
-            runs: list[Run] = []
-            for run in placement.key_runs(s.blocks, s.start + 1, j)[me]:
-                last = runs[-1] if runs else None
-                if last is not None and last.start + last.length == run.start:
-                    runs[-1] = Run(last.start, last.length + run.length, j, last.pos, 1)
-                else:
-                    runs.append(run)
-            for run in runs:
-                (dec_keys if run.length >= _IN_PLACE_MIN else short).append(run)
-            if placement.owner(s.start // bs) == me:
-                write_rows.append(j)
-                write_slots.append(s.blocks[s.start // bs] * bs + s.start % bs)
-        self.decode_keys = TokenLayout.from_runs(dec_keys)
-        self.short_slots = _slots(short)
-        gathered: list[Run] = []
-        row = 0
-        for run in short:
-            if gathered and gathered[-1].seq == run.seq:
-                last = gathered[-1]
-                gathered[-1] = Run(last.start, last.length + run.length, run.seq, last.pos, 1)
-            else:
-                gathered.append(Run(row, run.length, run.seq, run.pos, 1))
-            row += run.length
-        self.short_keys = TokenLayout.from_runs(gathered)
-        # Prefill rows: rank r computes the new positions it owns (rows in sequence order).
-        q_runs: list[list[Run]] = [[] for _ in range(world)]
-        k_runs: list[list[Run]] = [[] for _ in range(world)]
-        rows = [0] * world
-        self.ids: list[int] = [s.token_ids[0] for s in self.decode]
-        positions = [torch.tensor([s.start for s in self.decode], dtype=torch.long)]
-        self.prefill_rows: list[tuple[SeqStep, Tensor]] = []  # (seq, its local rows' positions)
-        local_rows = len(self.decode)
-        for j, s in enumerate(self.prefill):
-            end = s.start + len(s.token_ids)
-            local = []
-            for r, stretches in enumerate(placement.token_runs(s.start, end)):
-                for p, n in stretches:
-                    _append(q_runs[r], Run(rows[r], n, j, p, 1))
-                    rows[r] += n
-                    if r == me:
-                        local.append(torch.arange(p, p + n))
-                        self.ids += s.token_ids[p - s.start : p - s.start + n]
-            for r, runs in enumerate(placement.key_runs(s.blocks, end, j)):
-                k_runs[r].extend(runs)
-            pos = torch.cat(local) if local else torch.empty(0, dtype=torch.long)
-            positions.append(pos)
-            self.prefill_rows.append((s, pos))
-            table = torch.tensor(s.blocks, dtype=torch.long)
-            write_rows += range(local_rows, local_rows + len(pos))
-            local_rows += len(pos)
-            write_slots += (table[pos // bs] * bs + pos % bs).tolist()
-        self.positions = torch.cat(positions)
-        self.write_rows = torch.tensor(write_rows, dtype=torch.long)
-        self.write_slots = torch.tensor(write_slots, dtype=torch.long)
-        if not self.prefill:  # a decode-only step needs none of the prefill layouts
-            return
-        self.q_layouts = [TokenLayout.from_runs(r) for r in q_runs]
-        packed = []
-        for runs in k_runs:
-            # Packed rows are consecutive, so blocks scattered in storage join into one run per
-            # stretch of consecutive positions.
-            joined: list[Run] = []
-            row = 0
-            for r in runs:
-                _append(joined, Run(row, r.length, r.seq, r.pos, 1))
-                row += r.length
-            packed.append(TokenLayout.from_runs(joined))
-        self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, _slots(k_runs[me]))
-
-    def to(self, device: torch.device) -> None:
-        """Move what indexes the model's inputs and the cache to `device`. Layouts stay on the host:
-        the kernels read only their runs (ints); prefill_rows' positions pick output rows there."""
-        self.positions, self.write_rows, self.write_slots, self.short_slots = (
-            t.to(device) for t in (self.positions, self.write_rows, self.write_slots, self.short_slots)
-        )
-        if self.prefill:
-            self.keys = replace(self.keys, slots=self.keys.slots.to(device))
 
 
 class Worker:

@@ -156,8 +156,9 @@ class Sampler:
         if banned is not None and any(banned):
             logits = logits.clone()
             for i, ids in enumerate(banned):
+                ids = [t for t in ids if 0 <= t < logits.shape[1]]  # stop ids past the vocabulary never occur
                 if ids:
-                    logits[i, list(ids)] = float("-inf")
+                    logits[i, ids] = float("-inf")
         # torch.argmax returns the first maximum, i.e. the lowest token id on ties.
         tokens = torch.argmax(logits, dim=-1)  # [B]
         rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -78,16 +78,17 @@ def prefix_reuse(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _budget_engine(args: argparse.Namespace, budget: int) -> LLMEngine:
+    """No prefix caching, and every prompt's chunk as large as the step budget (none capped)."""
+    return _engine(
+        args, args.sp, enable_prefix_caching=False, max_num_batched_tokens=budget, long_prefill_token_threshold=budget
+    )
+
+
 def chunked_prefill(args: argparse.Namespace) -> dict[str, Any]:
     runs = {}
     for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.chunk)):
-        eng = _engine(
-            args,
-            args.sp,
-            enable_prefix_caching=False,
-            max_num_batched_tokens=budget,
-            long_prefill_token_threshold=budget,
-        )
+        eng = _budget_engine(args, budget)
         try:
             prompt = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.long_tokens, "text", seed=2)
             out = _finish(eng, eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY)))
@@ -113,13 +114,7 @@ def chunked_prefill(args: argparse.Namespace) -> dict[str, Any]:
 def decode_during_prefill(args: argparse.Namespace) -> dict[str, Any]:
     runs = {}
     for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.chunk)):
-        eng = _engine(
-            args,
-            args.sp,
-            enable_prefix_caching=False,
-            max_num_batched_tokens=budget,
-            long_prefill_token_threshold=budget,
-        )
+        eng = _budget_engine(args, budget)
         try:
             short = eng.add_request(
                 make_prompt(eng.tokenizer, eng.model_config.vocab_size, 64, "text", seed=3),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,6 +68,31 @@ def test_long_causal_block_uses_fused_kernel_exactly() -> None:
         is_causal=True,
     ).transpose(0, 1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 1), (6, 6)])
+def test_chunk_over_prefix_runs_coalesce_exactly(hq: int, hkv: int) -> None:
+    """A chunk's queries over a prefix cut into many runs (zigzag units) that sit next to each
+    other in K/V: one unmasked kernel call over all of them (GQA groups folded into rows), then
+    the chunk's own causal square; equal to the dense reference."""
+    unit, units, chunk = 16, 7, 40
+    n = units * unit + chunk
+    gen = torch.Generator().manual_seed(hq)
+    q, k, v = (
+        torch.randn(n, hq, 32, generator=gen),
+        torch.randn(n, hkv, 32, generator=gen),
+        torch.randn(n, hkv, 32, generator=gen),
+    )
+    # Keys: the prefix's units in a shuffled-by-unit order (as one rank's cache holds them), then the chunk.
+    order = [u * unit + i for u in (0, 2, 4, 6, 1, 3, 5) for i in range(unit)] + list(range(units * unit, n))
+    ki = torch.tensor(order)
+    qi = torch.arange(units * unit, n)
+    ql = TokenLayout.build([0] * chunk, qi.tolist())
+    kl = TokenLayout.build([0] * n, order)
+    out, lse = attention_with_lse(q[qi], k[ki], v[ki], ql, kl, causal=True)
+    ref_out, ref_lse = reference_attention(q[qi], k[ki], v[ki], ql, kl, True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
 
 
 finite = st.floats(-30, 30)

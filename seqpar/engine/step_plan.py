@@ -9,8 +9,6 @@ owns; their keys are every rank's cached positions of the sequence, as runs over
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
@@ -127,7 +125,13 @@ class StepPlan:
                 _append(joined, Run(row, r.length, r.seq, r.pos, 1))
                 row += r.length
             packed.append(TokenLayout.from_runs(joined))
-        self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, _slots(k_runs[me]))
+        ranges: list[tuple[int, int]] = []  # this rank's key slots, adjacent storage joined
+        for r in k_runs[me]:
+            if ranges and ranges[-1][1] == r.start:
+                ranges[-1] = (ranges[-1][0], r.start + r.length)
+            else:
+                ranges.append((r.start, r.start + r.length))
+        self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, ranges)
 
     def to(self, device: torch.device) -> None:
         """Move what indexes the model's inputs and the cache to `device`. Layouts stay on the host:
@@ -135,5 +139,3 @@ class StepPlan:
         self.positions, self.write_rows, self.write_slots, self.short_slots = (
             t.to(device) for t in (self.positions, self.write_rows, self.write_slots, self.short_slots)
         )
-        if self.prefill:
-            self.keys = replace(self.keys, slots=self.keys.slots.to(device))

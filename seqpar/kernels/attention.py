@@ -36,6 +36,13 @@ def _fused_lse(q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float) ->
         return _few_queries_lse(q, kh, vh, scale)
     qb = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
     kb, vb = kh.unsqueeze(0), vh.unsqueeze(0)  # [1, Hkv, Lk, D]
+    lq, hq, hkv = q.shape[0], q.shape[1], kh.shape[0]
+    if not causal and hq > hkv and q.device.type == "cpu":
+        # No mask: the g query heads of one KV head are g times the rows against the same keys.
+        # The kernel tiles rows more coarsely with more of them (~13% faster at 256 rows).
+        qf = qb.reshape(1, hkv, (hq // hkv) * lq, q.shape[-1])
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, kb, vb, 0.0, scale=scale)
+        return out.reshape(hq, lq, -1).transpose(0, 1), lse.reshape(hq, -1)[:, :lq].transpose(0, 1).float()
     if q.device.type == "cpu":
         # The CPU flash kernel takes GQA natively and returns the LSE; ~10x a matmul+softmax.
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -228,9 +235,49 @@ def attend_into_head_major(
             else:
                 merge_into(acc_out[a:b], acc_lse[a:b], o, l)
             continue
-        for kr in k_layout.by_seq.get(seq, ()):
-            for qr in q_runs:
-                _attend_pair(acc_out, acc_lse, q, kh, vh, qr, kr, causal, scale)
+        k_runs = k_layout.by_seq.get(seq, ())
+        for qr in q_runs:
+            _attend_run(acc_out, acc_lse, q, kh, vh, qr, k_runs, causal, scale)
+
+
+def _attend_run(
+    acc_out: Tensor,
+    acc_lse: Tensor,
+    q: Tensor,
+    kh: Tensor,
+    vh: Tensor,
+    qr: Run,
+    k_runs: list[Run],
+    causal: bool,
+    scale: float,
+) -> None:
+    """Merge attention of query run `qr` over `k_runs` into the accumulators.
+
+    Key runs that lie next to each other in K/V and that every query of the run sees whole (all
+    of them when not causal; else those ending at or before the run's first position) go to the
+    kernel as one block: a chunk over a long prefix, or a ring block of many zigzag units, is one
+    call per query run instead of one per pair of runs.
+    """
+    i, n = 0, len(k_runs)
+    while i < n:
+        j = i
+        while j < n and (not causal or _last_pos(k_runs[j]) <= qr.pos):
+            if j > i and k_runs[j].start != k_runs[j - 1].start + k_runs[j - 1].length:
+                break
+            j += 1
+        if j - i >= 2:
+            a, b = k_runs[i].start, k_runs[j - 1].start + k_runs[j - 1].length
+            rows = slice(qr.start, qr.start + qr.length)
+            o, l = _fused_lse(q[rows], kh[:, a:b], vh[:, a:b], False, scale)
+            merge_into(acc_out[rows], acc_lse[rows], o, l)
+            i = j
+        else:
+            _attend_pair(acc_out, acc_lse, q, kh, vh, qr, k_runs[i], causal, scale)
+            i += 1
+
+
+def _last_pos(r: Run) -> int:
+    return r.pos + (r.length - 1) * r.stride
 
 
 def attention_with_lse(

@@ -199,6 +199,9 @@ class Worker:
         result.comm_bytes = [STATS.total]
         mine = result if self.reports else None
         world, me = dist.get_world_size(), dist.get_rank()
+        if world == 1:  # nothing to collect
+            STATS.reset()
+            return result
         blobs = None
         if self.world_exchange is not None:
             blobs = self.world_exchange.all_gather_bytes(pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL))

@@ -3,7 +3,8 @@
     seqpar generate --sp 2 --prompt "The capital of France is" --max-tokens 16
     seqpar serve --sp 2 --port 8000 [--api-key KEY]    # an OpenAI-compatible server
     torchrun --nproc-per-node 2 -m seqpar generate --sp 2 --prompt ...   # one rank per process
-    seqpar bench attention [...]      seqpar bench engine [...]
+    seqpar bench attention [...]      seqpar bench engine [...]      seqpar bench auto [...]
+    seqpar tune                       # measure this machine for --strategy auto
     seqpar demo [--sp 2]
 
 `generate` streams the answer to stdout and a summary to stderr; with `--json` it
@@ -27,7 +28,7 @@ from seqpar.engine.executor import EngineDeadError
 from seqpar.engine.kv_cache import SHARD_SCHEMES
 from seqpar.engine.sampling import SamplingParams
 
-BENCHES = ("attention", "engine", "core", "decode", "serve")
+BENCHES = ("attention", "engine", "core", "decode", "serve", "auto")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 # EngineConfig field -> the flag that sets it, so an engine error names what the user typed.
 ENGINE_FLAGS = {
@@ -60,7 +61,7 @@ class CLIError(ValueError):
 # ---- arguments --------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqpar", description="Exact sequence-parallel long-context LLM inference.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench,demo,plan}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench,demo,plan,tune}")
 
     gen = sub.add_parser(
         "generate",
@@ -132,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
             description="Predicted TTFT, decode ms/token, KV bytes per rank and longest context "
             "of every layout (TP inside a node x CP across nodes) and strategy; "
             "marks the chosen one.",
+        )
+    )
+    from seqpar.costmodel.tune import add_tune_args
+
+    add_tune_args(
+        sub.add_parser(
+            "tune",
+            help="measure this machine's rates for strategy=auto",
+            description="Measure GEMM and attention-kernel FLOP/s and the latency and bandwidth of gloo and "
+            "shared-memory collectives (under 2 minutes); write the machine profile that strategy=auto "
+            "predicts each step's time from.",
         )
     )
     return parser
@@ -482,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
             from seqpar.costmodel.command import run_plan
 
             return run_plan(args)
+        if args.command == "tune":
+            from seqpar.costmodel.tune import run_tune
+
+            return run_tune(args)
         if args.command == "serve":
             from seqpar.server.launch import serve
 

@@ -12,7 +12,8 @@ from seqpar.engine.kv_cache import SHARD_SCHEMES, Placement
 from seqpar.strategies.decode import MERGES as DECODE_MERGES
 from seqpar.strategies.over_cache import CACHE_STRATEGIES
 
-# ring = pass-KV; auto = pass-Q or pass-KV per step by Meta's rule (new vs cached tokens).
+# ring = pass-KV; auto = per step the cheapest of them by the cost model over this machine's profile
+# (seqpar.engine.auto_strategy; `seqpar tune` measures the profile).
 PREFILL_STRATEGIES = (*CACHE_STRATEGIES, "auto")
 # In the attention library (seqpar.sp_attention) only: they attend whole prompts, not chunks over a cache.
 LIBRARY_ONLY = ("ulysses", "usp", "head_sharded")

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from seqpar.costmodel.profile import load_profile
+from seqpar.engine.auto_strategy import AutoStrategy
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.detokenize import IncrementalDetokenizer, decode_logprobs
@@ -28,7 +30,6 @@ from seqpar.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Se
 from seqpar.engine.tokenizer import LazyTokenizer
 from seqpar.engine.validate import check_parallelism
 from seqpar.model import ModelConfig, load_config
-from seqpar.strategies.over_cache import pass_kv_for_meta
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class LLMEngine:
         self._next_id = 0
         self.observers: list[StepObserver] = []  # called after every step (benchmarks, metrics)
         self.strategy_counts: Counter[str] = Counter()
+        # auto: the cost model over this machine's profile (`seqpar tune`; a damaged file fails here)
+        self.auto = AutoStrategy(config, mc, load_profile()) if config.strategy == "auto" else None
         self._bytes_sent = [0] * config.sp_size
         executor = TorchrunExecutor if torchrun else LocalExecutor
         self.executor = executor(config, self.num_blocks)
@@ -201,15 +204,8 @@ class LLMEngine:
         )
 
     def _strategy(self, scheduled: list[ScheduledSeq]) -> str:
-        """The prefill strategy for this step; `auto` applies Meta's pass-KV / pass-Q rule."""
-        strategy = self.config.strategy
-        if strategy == "auto":
-            prefill = [s for s in scheduled if not s.decode]
-            new = sum(s.num_new for s in prefill)
-            cached = sum(s.start for s in prefill)
-            mc = self.model_config
-            strategy = "ring" if pass_kv_for_meta(new, cached, mc.num_heads, mc.num_kv_heads) else "pass_q"
-            log.debug("auto strategy: %s for %d new tokens over %d cached", strategy, new, cached)
+        """The prefill strategy for this step; `auto`: the cheapest by the cost model (it logs why)."""
+        strategy = self.config.strategy if self.auto is None else self.auto.choose(scheduled)
         self.strategy_counts[strategy] += 1
         return strategy
 

@@ -1,0 +1,160 @@
+"""Predicted time of one engine step under each prefill strategy, from a machine profile.
+
+A step's prefill work is, per sequence, the new positions each SP rank owns (its queries) and the
+positions [0, end) each rank holds in its cache (its keys, cached and new alike: a rank writes its
+new K/V before attending). Per layer (every layer is the same), with Hq, Hkv, D the heads and head
+dim, b the K/V element bytes and F = 4 D Hq FLOPs per visible query-key pair (QK^T and PV):
+
+- ring (pass-KV): W steps; at step s rank r attends its queries over rank (r - s)'s keys while the
+  block it holds, 2 Hkv D b bytes per key, travels on (steps 0 .. W-2). The ranks move in lockstep,
+  so a step costs the larger of the slowest rank's compute and the slowest transfer.
+- pass_q: W steps; at step s rank r attends rank (r - s)'s queries over its own keys while that
+  query block (Hq D b bytes per query) travels on; then one all-to-all returns the partials
+  (Hq (D + 1) fp32 per query) home and each rank merges its W partials.
+- allgather: one all-gather of every rank's packed K/V (padded to the largest part), then each
+  rank attends its queries over all keys.
+
+Compute of a (query run, key run) pair of one sequence: the pairs whose key precedes the query
+run's first position are a dense block at the unmasked kernel's rate for that many query rows; the
+square on the diagonal (positions both runs share) at the causal kernel's rate for its side. The
+linear layers and everything else outside attention (`linear`, measured as the model's layers with
+attention stubbed out) cost the same under every strategy; they set the absolute time, not the
+choice. Byte counts are exactly those the counted collectives record (`formulas`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from seqpar.costmodel import formulas as f
+from seqpar.costmodel.profile import MachineProfile
+from seqpar.model.config import ModelConfig
+
+STRATEGIES = ("ring", "pass_q", "allgather")
+Runs = tuple[tuple[int, int], ...]  # (first position, length), ascending, disjoint
+
+
+@dataclass(frozen=True)
+class SeqWork:
+    """One prefill sequence of a step: per SP rank, the new positions it owns and the keys it holds."""
+
+    queries: tuple[Runs, ...]
+    keys: tuple[Runs, ...]
+
+
+@dataclass(frozen=True)
+class StepWork:
+    world: int
+    prefill: tuple[SeqWork, ...]
+    decode_rows: int = 0  # decode rows ride in the same step, on every rank alike
+    dtype_bytes: int = 4
+
+    def query_counts(self) -> list[int]:
+        return [sum(n for s in self.prefill for _, n in s.queries[r]) for r in range(self.world)]
+
+    def key_counts(self) -> list[int]:
+        return [sum(n for s in self.prefill for _, n in s.keys[r]) for r in range(self.world)]
+
+
+def step_bytes(strategy: str, work: StepWork, mc: ModelConfig, rank: int) -> int:
+    """Bytes `rank` sends in this step's prefill attention, all layers (the formulas' counts)."""
+    counts = work.query_counts() if strategy == "pass_q" else work.key_counts()
+    per_layer = f.attention_bytes(strategy, counts, rank, mc.num_heads, mc.num_kv_heads, mc.head_dim, work.dtype_bytes)
+    return mc.num_layers * per_layer
+
+
+def _pair_seconds(q: tuple[int, int], k: tuple[int, int], profile: MachineProfile, threads: int, flop: int) -> float:
+    """Kernel time of query run q over key run k of one sequence (causal by position)."""
+    a, n = q
+    b, m = k
+    if b > a + n - 1:  # every key after every query
+        return 0.0
+    # rows p in [a, a + n) see keys [b, min(b + m, p + 1)): the keys before the run are seen by
+    # every row; the positions both runs hold form the causal square; rows past the square's end
+    # see all of it.
+    before = max(0, min(b + m, a) - b)
+    lo = max(a, b)
+    side = max(0, min(a + n, b + m) - lo)
+    full = n * before + (side * (a + n - lo - side) if side else 0)
+    seconds = 0.0
+    if full:
+        seconds += full * flop / profile.rate("attention_full", n, threads)
+    if side:
+        seconds += side * (side + 1) // 2 * flop / profile.rate("attention_causal", side, threads)
+    return seconds
+
+
+def _attention_seconds(
+    seqs: Sequence[SeqWork], q_rank: int, k_rank: int, profile: MachineProfile, threads: int, flop: int
+) -> float:
+    """One layer's kernel time of rank q_rank's queries over rank k_rank's keys, plus merging each
+    partial into the fp32 accumulators (a few passes over [rows, Hq, D + 1])."""
+    total = 0.0
+    for s in seqs:
+        for q in s.queries[q_rank]:
+            for k in s.keys[k_rank]:
+                total += _pair_seconds(q, k, profile, threads, flop)
+    return total
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Predicted seconds of a step under each strategy, and its parts."""
+
+    seconds: dict[str, float]  # strategy -> the whole step
+    linear_s: float  # the same under every strategy
+    attention_s: dict[str, float]  # strategy -> attention incl. communication, all layers
+
+    def best(self) -> str:
+        # ties (W = 1, an empty step) go to the first in STRATEGIES order: deterministic
+        return min(STRATEGIES, key=lambda s: (self.seconds[s], STRATEGIES.index(s)))
+
+
+def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threads: int) -> StepCost:
+    w, hq, hkv, d, b, layers = work.world, mc.num_heads, mc.num_kv_heads, mc.head_dim, work.dtype_bytes, mc.num_layers
+    flop = 4 * d * hq
+    rate = profile.rate
+    qc, kc = work.query_counts(), work.key_counts()
+    links = profile.links
+    p2p, a2a, ag = links["p2p"], links["all_to_all"], links["all_gather"]
+
+    def copy_s(nbytes: float) -> float:
+        return nbytes / rate("copy", max(nbytes, 1.0), threads) if nbytes else 0.0
+
+    # comp[r][j]: rank r's queries over rank j's keys, one layer
+    comp = [[_attention_seconds(work.prefill, r, j, profile, threads, flop) for j in range(w)] for r in range(w)]
+    partial = hq * (d + 1) * 4  # bytes of one query's (out, lse) partial
+    layer: dict[str, float] = {}
+    # ring: pack this rank's keys into one message, then W lockstep steps
+    ring = max(copy_s(2 * hkv * d * b * kc[r]) for r in range(w))
+    for s in range(w):
+        compute = max(comp[r][(r - s) % w] for r in range(w))
+        move = max(p2p.seconds(2 * hkv * d * b * kc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
+        ring += max(compute, move) + max(copy_s(partial * qc[r]) for r in range(w))
+    layer["ring"] = ring
+    # pass_q: W lockstep steps of visiting queries over local keys, then the partials go home
+    pq = 0.0
+    for s in range(w):
+        compute = max(comp[(r - s) % w][r] + copy_s(partial * qc[(r - s) % w]) for r in range(w))
+        move = max(p2p.seconds(hq * d * b * qc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
+        pq += max(compute, move)
+    if w > 1:
+        back = max(sum(qc[j] for j in range(w) if j != r) * partial for r in range(w))
+        pq += a2a.seconds(back) + max(copy_s(2 * w * partial * qc[r]) for r in range(w))  # stack + merge
+    layer["pass_q"] = pq
+    # allgather: pack, pad, gather, lay out; then one pass over every key
+    total_keys = sum(kc)
+    gather = ag.seconds(f.allgather_bytes(kc, hkv, d, b)) if w > 1 else 0.0
+    layer["allgather"] = (
+        max(copy_s(2 * hkv * d * b * kc[r]) for r in range(w))
+        + gather
+        + copy_s(3 * 2 * hkv * d * b * total_keys)  # pad, cat, transpose to head-major
+        + max(sum(comp[r]) + copy_s(partial * qc[r]) for r in range(w))
+    )
+    rows = [qc[r] + work.decode_rows for r in range(w)]
+    linear = max(f.linear_flops(mc, n) / rate("linear", n, threads) if n else 0.0 for n in rows)
+    logits = f.linear_flops(mc, 0, logit_rows=len(work.prefill) + work.decode_rows) / w
+    linear += logits / rate("gemm", max(1, len(work.prefill) + work.decode_rows), threads)
+    attention = {s: layers * layer[s] for s in STRATEGIES}
+    return StepCost({s: linear + attention[s] for s in STRATEGIES}, linear, attention)

@@ -1,0 +1,74 @@
+"""`strategy="auto"`: each step's prefill strategy, the cheapest by the measured cost model.
+
+The driver knows every rank's share of a step from the scheduled sequences and the placement
+alone, so it predicts each strategy's step time (`seqpar.costmodel.step_cost`) from the machine
+profile (`seqpar tune`, or the built-in one) and picks the cheapest. The same profile and the
+same step always give the same choice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from seqpar.costmodel.profile import MachineProfile
+from seqpar.costmodel.step_cost import SeqWork, StepCost, StepWork, predict_step
+from seqpar.engine.config import EngineConfig
+from seqpar.engine.kv_cache import Placement
+from seqpar.engine.scheduler import ScheduledSeq
+from seqpar.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def _joined(stretches: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Adjacent stretches as one run: the kernels take consecutive positions in one call."""
+    runs: list[tuple[int, int]] = []
+    for p, n in stretches:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        else:
+            runs.append((p, n))
+    return tuple(runs)
+
+
+def step_work(placement: Placement, spans: list[tuple[int, int]], decode_rows: int, dtype_bytes: int) -> StepWork:
+    """The work of a step whose prefill sequences compute positions [start, end) each."""
+    seqs = tuple(
+        SeqWork(
+            tuple(_joined(r) for r in placement.token_runs(start, end)),
+            tuple(_joined(r) for r in placement.token_runs(0, end)),
+        )
+        for start, end in spans
+    )
+    return StepWork(placement.sp_size, seqs, decode_rows, dtype_bytes)
+
+
+class AutoStrategy:
+    def __init__(self, config: EngineConfig, mc: ModelConfig, profile: MachineProfile) -> None:
+        self.placement = config.placement()
+        self.mc = mc
+        self.profile = profile
+        self.threads = config.threads_per_rank
+        self.dtype_bytes = config.torch_dtype.itemsize
+
+    def predict(self, spans: list[tuple[int, int]], decode_rows: int = 0) -> StepCost:
+        work = step_work(self.placement, spans, decode_rows, self.dtype_bytes)
+        return predict_step(work, self.mc, self.profile, self.threads)
+
+    def choose(self, scheduled: list[ScheduledSeq]) -> str:
+        spans = [(s.start, s.start + s.num_new) for s in scheduled if not s.decode]
+        if not spans:
+            return "ring"  # a decode-only step runs no prefill strategy
+        cost = self.predict(spans, sum(1 for s in scheduled if s.decode))
+        choice = cost.best()
+        if log.isEnabledFor(logging.DEBUG):
+            new = sum(b - a for a, b in spans)
+            times = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in cost.seconds.items())
+            log.debug(
+                "auto strategy: %s for %d new tokens over %d cached (predicted %s)",
+                choice,
+                new,
+                sum(a for a, _ in spans),
+                times,
+            )
+        return choice

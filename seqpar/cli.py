@@ -162,7 +162,13 @@ def add_engine_args(eng: Any) -> None:
         help="sequence-parallel ranks (default: 1; under torchrun WORLD_SIZE / tp)",
     )
     eng.add_argument("--tp", type=int, default=1, metavar="K", help="tensor-parallel ranks per SP rank (default: 1)")
-    eng.add_argument("--strategy", default="ring", choices=PREFILL_STRATEGIES, help="prefill attention across SP ranks")
+    eng.add_argument(
+        "--strategy",
+        default="auto",
+        choices=PREFILL_STRATEGIES,
+        help="prefill attention across SP ranks; auto: each step the cheapest by the cost model over this "
+        "machine's profile (seqpar tune) (default: auto)",
+    )
     eng.add_argument(
         "--decode-merge", default="allgather", choices=DECODE_MERGES, help="how decode merges partial attention"
     )

@@ -1,7 +1,7 @@
 """Does `strategy="auto"` pick a fast strategy? And does the cost model predict prefill time?
 
     seqpar bench auto [--model smollm2-135m] [--sp 2] [--new 16,128,512,2048] [--cached 0,512,2048,6000]
-                      [--repeats 3] [--prefill 2048,4096,8192] [--parts grid,prefill] [--json out.json]
+                      [--repeats 3] [--prefill 2048,4096,8000] [--parts grid,prefill] [--json out.json]
     seqpar bench auto --quick          # tiny sizes, a smoke test
 
 grid: one engine at `--sp` runs every strategy (ring, pass_q, allgather, and auto's own choice)
@@ -95,6 +95,7 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
         mc, vocab = auto.mc, auto.mc.vocab_size
         times: dict[tuple[int, int], dict[str, list[float]]] = {}
         picks: dict[tuple[int, int], list[str]] = {}
+        predicted: dict[tuple[int, int], dict[str, float]] = {}  # what auto predicted, blocks and all
         for c in cacheds:
             prefix = make_prompt(None, vocab, c, "random", seed=1000 + c)
             if c:
@@ -113,18 +114,19 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
                         point[s].append(seconds)
                         if s == "auto":
                             picks.setdefault((c, n), []).append(used)
+                            assert auto.last is not None
+                            predicted.setdefault((c, n), auto.last.seconds)
         rows = []
         for (c, n), point in sorted(times.items()):
             med = {s: statistics.median(v) for s, v in point.items()}
             fastest = min(STRATEGIES[:3], key=lambda s: med[s])
             pick = statistics.mode(picks[(c, n)])
-            cost = auto.predict([(c, c + n)])
             rows.append(
                 {
                     "new": n,
                     "cached": c,
                     "measured_s": {s: med[s] for s in STRATEGIES},
-                    "predicted_s": {s: cost.seconds[s] for s in STRATEGIES[:3]},
+                    "predicted_s": predicted[(c, n)],
                     "fastest": fastest,
                     "auto_pick": pick,
                     "auto_picks": picks[(c, n)],
@@ -153,7 +155,8 @@ def prefill(args: argparse.Namespace) -> dict[str, Any]:
             for n in lengths:
                 prompt = make_prompt(None, auto.mc.vocab_size, n, "random", seed=n)
                 used, seconds, _ = t.prefill(prompt)
-                cost = auto.predict([(0, n)])
+                cost = auto.last
+                assert cost is not None
                 rows.append(
                     {
                         "sp": sp,
@@ -208,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", default="16,128,512,2048", help="new tokens per step, comma-separated")
     p.add_argument("--cached", default="0,512,2048,6000", help="cached tokens before them (block multiples)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prefill", default="2048,4096,8192", help="whole-prompt lengths for the prediction check")
-    p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--prefill", default="2048,4096,8000", help="whole-prompt lengths for the prediction check")
+    p.add_argument("--kv-cache-gb", type=float, default=2.0)
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block; cached lengths are multiples")
     p.add_argument("--parts", default="grid,prefill", help="grid, prefill or both")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")

@@ -6,10 +6,13 @@ What `seqpar tune` measures and the engine's `strategy="auto"` reads:
   what the layers cost besides attention, as FLOP/s of their linear FLOPs);
   the CPU flash-attention kernel's FLOP/s by query-block rows, causal (square, a diagonal
   block) and unmasked (a block of queries over earlier keys, GQA folded into rows as the
-  engine calls it); memory-copy bytes/s (packing K/V, cat/stack of partials);
+  engine calls it); the fixed cost of one kernel call; memory-copy bytes/s (packing K/V,
+  cat/stack of partials);
 - links, each t(bytes) = latency + bytes / bandwidth, bytes = what one rank sends (as
   `seqpar.comm.collectives.STATS` counts them): gloo point-to-point (the ring's paired
-  isend/irecv), all-to-all, all-gather, and the shared-memory exchange (`HostExchange`).
+  isend/irecv), all-to-all, all-gather, and the shared-memory exchange (`HostExchange`);
+- overlap: how much of a ring transfer hides behind the attention running meanwhile. On a CPU
+  whose every core runs a rank, gloo's transfer has no core of its own and hides only partly.
 
 Rates between measured row counts are interpolated log-log; past the ends they stay flat. A
 thread count that was not measured scales the nearest measured one below it linearly.
@@ -78,6 +81,11 @@ class MachineProfile:
     source: str  # who measured it, where and when
     compute: dict[int, Rates]  # threads per rank -> rates
     links: dict[str, Link] = field(default_factory=dict)  # LINK_KEYS
+    # The share of the shorter of (compute, transfer) that running them at once saves: 1 = the
+    # transfer hides fully behind compute; 0 = they take turns (no core free for the transfer);
+    # below 0 = together they are slower than one after the other.
+    overlap: float = 1.0
+    call_s: float = 0.0  # fixed cost of one attention kernel call (dispatch, setup, merging its partial)
 
     def __post_init__(self) -> None:
         if not self.compute:
@@ -92,6 +100,10 @@ class MachineProfile:
         missing = [k for k in LINK_KEYS if k not in self.links]
         if missing:
             raise ValueError(f"a machine profile needs the links {', '.join(LINK_KEYS)}; missing: {missing}")
+        if not self.call_s >= 0:
+            raise ValueError(f"call_s must be >= 0, got {self.call_s}")
+        if not -1.0 <= self.overlap <= 1.0:
+            raise ValueError(f"overlap must lie in [-1, 1], got {self.overlap}")
         for name, link in self.links.items():
             if not (link.latency_s >= 0 and link.bandwidth > 0):
                 raise ValueError(f"link {name}: latency must be >= 0 and bandwidth > 0, got {link}")
@@ -113,6 +125,8 @@ class MachineProfile:
                 str(t): {k: [list(p) for p in getattr(r, k)] for k in COMPUTE_KEYS} for t, r in self.compute.items()
             },
             "links": {name: asdict(link) for name, link in self.links.items()},
+            "overlap": self.overlap,
+            "call_s": self.call_s,
         }
 
     @classmethod
@@ -125,7 +139,7 @@ class MachineProfile:
                 for t, r in raw["compute"].items()
             }
             links = {name: Link(float(v["latency_s"]), float(v["bandwidth"])) for name, v in raw["links"].items()}
-            return cls(str(raw.get("source", "")), compute, links)
+            return cls(str(raw.get("source", "")), compute, links, float(raw["overlap"]), float(raw["call_s"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"machine profile is incomplete or malformed: {type(e).__name__}: {e}") from e
 
@@ -154,33 +168,36 @@ def load_profile(path: str | Path | None = None) -> MachineProfile:
     return MachineProfile.load(path) if path.exists() else DEFAULT
 
 
-# Measured on the machine this project is developed on (2 cores, x86-64, fp32, PyTorch's CPU
-# flash kernel, SmolLM2-135M's shapes) by `seqpar tune`: the built-in profile when none is saved.
+# Measured on the machine this project is developed on (2 cores, x86-64, fp32, torch 2.13 CPU,
+# SmolLM2-135M's shapes) by `seqpar tune` on 2026-11-30, the profile the validation in
+# docs/benchmarks.md ("Choosing the strategy") ran with: the built-in profile when none is saved.
 DEFAULT = MachineProfile.from_dict(
     {
         "format": FORMAT,
-        "source": "built-in: seqpar tune on the 2-core development machine",
+        "source": "built-in: seqpar tune on the 2-core development machine (2026-11-30)",
         "compute": {
             "1": {
-                "gemm": [[1, 5.0e9], [16, 60e9], [64, 110e9], [256, 135e9], [1024, 145e9], [4096, 150e9]],
-                "linear": [[1, 4.0e9], [16, 50e9], [64, 90e9], [256, 110e9], [1024, 120e9], [4096, 125e9]],
-                "attention_causal": [[64, 25e9], [256, 60e9], [1024, 90e9], [2048, 100e9]],
-                "attention_full": [[16, 40e9], [64, 80e9], [256, 110e9], [1024, 115e9]],
-                "copy": [[65536, 8e9], [4194304, 5e9]],
+                "gemm": [[1, 8.21e9], [16, 59.4e9], [64, 110e9], [256, 129e9], [1024, 145e9], [4096, 137e9]],
+                "linear": [[1, 4.49e9], [16, 34.5e9], [64, 65.0e9], [256, 87.6e9], [1024, 98.1e9], [4096, 98.4e9]],
+                "attention_causal": [[64, 29.4e9], [256, 48.3e9], [1024, 76.3e9], [2048, 92.2e9]],
+                "attention_full": [[1, 18.6e9], [16, 89.0e9], [64, 103e9], [256, 115e9], [1024, 116e9]],
+                "copy": [[65536, 33.9e9], [4194304, 13.0e9], [33554432, 6.74e9]],
             },
             "2": {
-                "gemm": [[1, 6.0e9], [16, 90e9], [64, 190e9], [256, 250e9], [1024, 280e9], [4096, 290e9]],
-                "linear": [[1, 5.0e9], [16, 75e9], [64, 160e9], [256, 210e9], [1024, 230e9], [4096, 240e9]],
-                "attention_causal": [[64, 40e9], [256, 110e9], [1024, 170e9], [2048, 190e9]],
-                "attention_full": [[16, 60e9], [64, 140e9], [256, 200e9], [1024, 220e9]],
-                "copy": [[65536, 10e9], [4194304, 7e9]],
+                "gemm": [[1, 15.0e9], [16, 100e9], [64, 193e9], [256, 261e9], [1024, 295e9], [4096, 265e9]],
+                "linear": [[1, 7.32e9], [16, 60.9e9], [64, 121e9], [256, 160e9], [1024, 172e9], [4096, 161e9]],
+                "attention_causal": [[64, 41.1e9], [256, 80.8e9], [1024, 131e9], [2048, 156e9]],
+                "attention_full": [[1, 19.1e9], [16, 130e9], [64, 151e9], [256, 190e9], [1024, 204e9]],
+                "copy": [[65536, 34.8e9], [4194304, 23.3e9], [33554432, 13.8e9]],
             },
         },
         "links": {
-            "p2p": {"latency_s": 150e-6, "bandwidth": 2.0e9},
-            "all_to_all": {"latency_s": 200e-6, "bandwidth": 2.0e9},
-            "all_gather": {"latency_s": 200e-6, "bandwidth": 2.0e9},
-            "shm": {"latency_s": 20e-6, "bandwidth": 5.0e9},
+            "p2p": {"latency_s": 205e-6, "bandwidth": 1.32e9},
+            "all_to_all": {"latency_s": 242e-6, "bandwidth": 1.08e9},
+            "all_gather": {"latency_s": 379e-6, "bandwidth": 0.619e9},
+            "shm": {"latency_s": 39.2e-6, "bandwidth": 3.37e9},
         },
+        "overlap": -0.08,
+        "call_s": 110e-6,
     }
 )

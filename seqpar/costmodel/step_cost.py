@@ -7,7 +7,8 @@ dim, b the K/V element bytes and F = 4 D Hq FLOPs per visible query-key pair (QK
 
 - ring (pass-KV): W steps; at step s rank r attends its queries over rank (r - s)'s keys while the
   block it holds, 2 Hkv D b bytes per key, travels on (steps 0 .. W-2). The ranks move in lockstep,
-  so a step costs the larger of the slowest rank's compute and the slowest transfer.
+  so a step costs the larger of the slowest rank's compute and the slowest transfer when the
+  transfer hides fully; the profile's measured `overlap` says how much of it does.
 - pass_q: W steps; at step s rank r attends rank (r - s)'s queries over its own keys while that
   query block (Hq D b bytes per query) travels on; then one all-to-all returns the partials
   (Hq (D + 1) fp32 per query) home and each rank merges its W partials.
@@ -37,10 +38,15 @@ Runs = tuple[tuple[int, int], ...]  # (first position, length), ascending, disjo
 
 @dataclass(frozen=True)
 class SeqWork:
-    """One prefill sequence of a step: per SP rank, the new positions it owns and the keys it holds."""
+    """One prefill sequence of a step: per SP rank, the new positions it owns and the keys it holds.
+
+    stored: the keys again, cut where consecutive positions sit apart in the paged storage (pass-Q
+    reads them in place, one kernel call per stretch; the others pack them first). None: unbroken.
+    """
 
     queries: tuple[Runs, ...]
     keys: tuple[Runs, ...]
+    stored: tuple[Runs, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,18 +88,25 @@ def _pair_seconds(q: tuple[int, int], k: tuple[int, int], profile: MachineProfil
         seconds += full * flop / profile.rate("attention_full", n, threads)
     if side:
         seconds += side * (side + 1) // 2 * flop / profile.rate("attention_causal", side, threads)
-    return seconds
+    return seconds + profile.call_s if seconds else 0.0
 
 
 def _attention_seconds(
-    seqs: Sequence[SeqWork], q_rank: int, k_rank: int, profile: MachineProfile, threads: int, flop: int
+    seqs: Sequence[SeqWork],
+    q_rank: int,
+    k_rank: int,
+    profile: MachineProfile,
+    threads: int,
+    flop: int,
+    in_place: bool = False,
 ) -> float:
-    """One layer's kernel time of rank q_rank's queries over rank k_rank's keys, plus merging each
-    partial into the fp32 accumulators (a few passes over [rows, Hq, D + 1])."""
+    """One layer's kernel time of rank q_rank's queries over rank k_rank's keys (in_place: read
+    from the paged storage, stretch by stretch)."""
     total = 0.0
     for s in seqs:
+        keys = s.stored if in_place and s.stored is not None else s.keys
         for q in s.queries[q_rank]:
-            for k in s.keys[k_rank]:
+            for k in keys[k_rank]:
                 total += _pair_seconds(q, k, profile, threads, flop)
     return total
 
@@ -119,11 +132,19 @@ def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threa
     links = profile.links
     p2p, a2a, ag = links["p2p"], links["all_to_all"], links["all_gather"]
 
+    def overlapped(compute: float, move: float) -> float:
+        # 1: the larger of the two; 0: one after the other (the profile measured which)
+        return compute + move - profile.overlap * min(compute, move)
+
     def copy_s(nbytes: float) -> float:
         return nbytes / rate("copy", max(nbytes, 1.0), threads) if nbytes else 0.0
 
     # comp[r][j]: rank r's queries over rank j's keys, one layer
     comp = [[_attention_seconds(work.prefill, r, j, profile, threads, flop) for j in range(w)] for r in range(w)]
+    # pass-Q: visiting queries over this rank's keys where they lie in storage
+    comp_q = [
+        [_attention_seconds(work.prefill, r, j, profile, threads, flop, True) for j in range(w)] for r in range(w)
+    ]
     partial = hq * (d + 1) * 4  # bytes of one query's (out, lse) partial
     layer: dict[str, float] = {}
     # ring: pack this rank's keys into one message, then W lockstep steps
@@ -131,14 +152,14 @@ def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threa
     for s in range(w):
         compute = max(comp[r][(r - s) % w] for r in range(w))
         move = max(p2p.seconds(2 * hkv * d * b * kc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
-        ring += max(compute, move) + max(copy_s(partial * qc[r]) for r in range(w))
+        ring += overlapped(compute, move) + max(copy_s(partial * qc[r]) for r in range(w))
     layer["ring"] = ring
     # pass_q: W lockstep steps of visiting queries over local keys, then the partials go home
     pq = 0.0
     for s in range(w):
-        compute = max(comp[(r - s) % w][r] + copy_s(partial * qc[(r - s) % w]) for r in range(w))
+        compute = max(comp_q[(r - s) % w][r] + copy_s(partial * qc[(r - s) % w]) for r in range(w))
         move = max(p2p.seconds(hq * d * b * qc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
-        pq += max(compute, move)
+        pq += overlapped(compute, move)
     if w > 1:
         back = max(sum(qc[j] for j in range(w) if j != r) * partial for r in range(w))
         pq += a2a.seconds(back) + max(copy_s(2 * w * partial * qc[r]) for r in range(w))  # stack + merge

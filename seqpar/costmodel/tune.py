@@ -37,7 +37,7 @@ FULL = dict(
     copy_bytes=(1 << 16, 1 << 22, 1 << 25),
     link_bytes=(256, 1 << 16, 1 << 20, 1 << 23),
     shm_bytes=(256, 1 << 16, 1 << 20, 1 << 22),
-    reps=3,
+    reps=5,
 )
 QUICK = dict(
     gemm_rows=(1, 16, 64),
@@ -67,7 +67,7 @@ def measure_compute(mc: ModelConfig, sizes: dict[str, Any]) -> dict[str, list[li
     from seqpar.model.llama import LlamaForCausalLM
 
     reps, hq, hkv, d = sizes["reps"], mc.num_heads, mc.num_kv_heads, mc.head_dim
-    out: dict[str, list[list[float]]] = {k: [] for k in COMPUTE_KEYS}
+    out: dict[str, Any] = {k: [] for k in COMPUTE_KEYS}
     with torch.inference_mode():
         weights = [
             torch.randn(o, i)
@@ -107,6 +107,17 @@ def measure_compute(mc: ModelConfig, sizes: dict[str, Any]) -> dict[str, list[li
             q = torch.randn(1, hkv, (hq // hkv) * n, d)
             s = _seconds(reps, sdpa, q, k, v, 0.0, scale=d**-0.5)
             out["attention_full"].append([n, flop * n * m / s])
+        # One kernel call on a tiny block, through the engine's entry (accumulators, merge): its cost
+        # is almost all fixed; pass-Q pays it per stretch of storage its keys lie in.
+        from seqpar.kernels.attention import attend_into_head_major, new_accumulators
+        from seqpar.kernels.layout import Run, TokenLayout
+
+        qs, ks = torch.randn(16, hq, d), torch.randn(hkv, 16, d)
+        lay_q = TokenLayout.from_runs([Run(0, 16, 0, 16, 1)])
+        lay_k = TokenLayout.from_runs([Run(0, 16, 0, 0, 1)])
+        acc = new_accumulators(qs)
+        s = _seconds(max(reps, 20), attend_into_head_major, *acc, qs, ks, ks, lay_q, lay_k, True, d**-0.5)
+        out["call_s"] = [[1, s]]
         for nbytes in sizes["copy_bytes"]:
             src, dst = torch.randn(nbytes // 4), torch.empty(nbytes // 4)
             s = _seconds(max(reps, 5), dst.copy_, src)
@@ -160,7 +171,36 @@ def _links(rank: int, world: int, sizes: dict[str, Any]) -> dict[str, dict[str, 
             res["shm"].append((nbytes, timed(dist.all_gather, [torch.empty_like(t) for _ in range(world)], t)))
         else:
             res["shm"].append((nbytes, timed(exchange.all_gather, t)))
-    return {name: _fit(points) for name, points in res.items()}
+    links: dict[str, Any] = {name: _fit(points) for name, points in res.items()}
+    links["overlap"] = _overlap(sizes, reps)
+    return links
+
+
+def _overlap(sizes: dict[str, Any], reps: int) -> float:
+    """(A + B - C) / min(A, B): A an attention block alone, B a ring transfer alone, C the transfer
+    posted before the block and waited on after it, as the ring runs them."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    nxt, prev = (rank + 1) % world, (rank - 1) % world
+    m, n = sizes["full_keys"], max(sizes["full_rows"])
+    q, k, v = torch.randn(1, 3, 3 * n, 64), torch.randn(1, 3, m, 64), torch.randn(1, 3, m, 64)
+    nbytes = max(sizes["link_bytes"])
+    send, recv = torch.zeros(nbytes // 4), torch.empty(nbytes // 4)
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def both() -> None:
+        ops = [dist.P2POp(dist.isend, send, nxt), dist.P2POp(dist.irecv, recv, prev)]
+        reqs = dist.batch_isend_irecv(ops)
+        sdpa(q, k, v, 0.0)
+        for req in reqs:
+            req.wait()
+
+    dist.barrier()
+    a = _seconds(reps, sdpa, q, k, v, 0.0)
+    dist.barrier()
+    b = _seconds(reps, _p2p, send, recv, nxt, prev)
+    dist.barrier()
+    c = _seconds(reps, both)
+    return max(-1.0, min(1.0, (a + b - c) / min(a, b)))
 
 
 def _rank(rank: int, world: int, mc: ModelConfig, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -190,13 +230,16 @@ def tune(model: str = "smollm2-135m", quick: bool = False) -> MachineProfile:
             compute[cores] = measure_compute(mc, sizes)
         finally:
             torch.set_num_threads(before)
-    links = {name: Link(**v) for name, v in ranks[0]["links"].items()}
+    measured = dict(ranks[0]["links"])
+    overlap = (measured.pop("overlap") + ranks[1]["links"]["overlap"]) / 2
+    links = {name: Link(**v) for name, v in measured.items()}
     source = (
         f"seqpar tune{' --quick' if quick else ''} --model {model} on {platform.node()} "
         f"({cores} cores, torch {torch.__version__}) at {time.strftime('%Y-%m-%d %H:%M')}"
     )
     rates = {t: Rates(**{k: tuple((x, y) for x, y in c[k]) for k in COMPUTE_KEYS}) for t, c in compute.items()}
-    return MachineProfile(source, rates, links)
+    call_s = (ranks[0]["compute"]["call_s"][0][1] + ranks[1]["compute"]["call_s"][0][1]) / 2
+    return MachineProfile(source, rates, links, overlap, call_s)
 
 
 def describe(profile: MachineProfile) -> str:
@@ -206,6 +249,8 @@ def describe(profile: MachineProfile) -> str:
             unit = "GB/s" if k == "copy" else "GFLOP/s"
             pts = ", ".join(f"{int(x)}: {y / 1e9:.1f}" for x, y in getattr(r, k))
             lines.append(f"  {t} thread(s) {k:<17} {unit:<8} {pts}")
+    lines.append(f"  overlap of a ring transfer with attention: {profile.overlap:.2f}")
+    lines.append(f"  one attention kernel call: {profile.call_s * 1e6:.1f} us")
     for name, link in profile.links.items():
         lines.append(
             f"  link {name:<11} latency {link.latency_s * 1e6:8.1f} us   bandwidth {link.bandwidth / 1e9:6.2f} GB/s"

@@ -31,16 +31,29 @@ def _joined(stretches: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple(runs)
 
 
-def step_work(placement: Placement, spans: list[tuple[int, int]], decode_rows: int, dtype_bytes: int) -> StepWork:
-    """The work of a step whose prefill sequences compute positions [start, end) each."""
-    seqs = tuple(
-        SeqWork(
-            tuple(_joined(r) for r in placement.token_runs(start, end)),
-            tuple(_joined(r) for r in placement.token_runs(0, end)),
+def step_work(
+    placement: Placement,
+    spans: list[tuple[int, int]],
+    decode_rows: int,
+    dtype_bytes: int,
+    blocks: list[list[int]] | None = None,
+) -> StepWork:
+    """The work of a step whose prefill sequences compute positions [start, end) each; `blocks`:
+    their block tables, which say where the keys lie in each rank's storage."""
+    seqs = []
+    for j, (start, end) in enumerate(spans):
+        stored = None
+        if blocks is not None:
+            runs = placement.key_runs(blocks[j], end, j)
+            stored = tuple(tuple((r.pos, r.length) for r in rank_runs) for rank_runs in runs)
+        seqs.append(
+            SeqWork(
+                tuple(_joined(r) for r in placement.token_runs(start, end)),
+                tuple(_joined(r) for r in placement.token_runs(0, end)),
+                stored,
+            )
         )
-        for start, end in spans
-    )
-    return StepWork(placement.sp_size, seqs, decode_rows, dtype_bytes)
+    return StepWork(placement.sp_size, tuple(seqs), decode_rows, dtype_bytes)
 
 
 class AutoStrategy:
@@ -50,17 +63,22 @@ class AutoStrategy:
         self.profile = profile
         self.threads = config.threads_per_rank
         self.dtype_bytes = config.torch_dtype.itemsize
+        self.last: StepCost | None = None  # the last prefill step's prediction (benchmarks read it)
 
-    def predict(self, spans: list[tuple[int, int]], decode_rows: int = 0) -> StepCost:
-        work = step_work(self.placement, spans, decode_rows, self.dtype_bytes)
+    def predict(
+        self, spans: list[tuple[int, int]], decode_rows: int = 0, blocks: list[list[int]] | None = None
+    ) -> StepCost:
+        work = step_work(self.placement, spans, decode_rows, self.dtype_bytes, blocks)
         return predict_step(work, self.mc, self.profile, self.threads)
 
     def choose(self, scheduled: list[ScheduledSeq]) -> str:
-        spans = [(s.start, s.start + s.num_new) for s in scheduled if not s.decode]
-        if not spans:
+        prefill = [s for s in scheduled if not s.decode]
+        if not prefill:
             return "ring"  # a decode-only step runs no prefill strategy
-        cost = self.predict(spans, sum(1 for s in scheduled if s.decode))
+        spans = [(s.start, s.start + s.num_new) for s in prefill]
+        cost = self.predict(spans, len(scheduled) - len(prefill), [s.seq.blocks for s in prefill])
         choice = cost.best()
+        self.last = cost
         if log.isEnabledFor(logging.DEBUG):
             new = sum(b - a for a, b in spans)
             times = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in cost.seconds.items())

@@ -28,7 +28,9 @@ class EngineConfig:
     model: str = "smollm2-135m"
     sp_size: int = 1
     tp_size: int = 1
-    strategy: str = "ring"  # prefill attention across SP ranks (over their KV caches)
+    # prefill attention across SP ranks (over their KV caches); auto: per step the cheapest by the cost
+    # model (it picked within 10% of the fastest at 94% of the validation grid, docs/benchmarks.md)
+    strategy: str = "auto"
     decode_merge: str = "allgather"  # how partial decode attention is merged across SP ranks
     scheme: str = "zigzag"  # how positions are sharded across SP ranks: zigzag or striped over shard units
     shard_blocks: int = 16  # KV blocks per shard unit: consecutive positions one SP rank holds

@@ -28,7 +28,7 @@ class LLM:
         model: str = "smollm2-135m",
         sp_size: int = 1,
         tp_size: int = 1,
-        strategy: str = "ring",
+        strategy: str = "auto",
         *,
         torchrun: bool = False,
         **kwargs: Any,

@@ -193,7 +193,8 @@ def test_profile_round_trip_and_default(tmp_path, monkeypatch) -> None:
     "text, says",
     [
         ("{not json", "Expecting property name"),
-        ('{"format": 1, "compute": {}, "links": {}}', "at least one thread count"),
+        ('{"format": 1, "compute": {}, "links": {}, "overlap": 0, "call_s": 0}', "at least one thread count"),
+        ('{"format": 1, "compute": {}, "links": {}}', "incomplete or malformed: KeyError"),
         ('{"format": 7}', "format-1"),
     ],
 )

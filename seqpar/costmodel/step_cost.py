@@ -17,7 +17,10 @@ dim, b the K/V element bytes and F = 4 D Hq FLOPs per visible query-key pair (QK
 
 Compute of a (query run, key run) pair of one sequence: the pairs whose key precedes the query
 run's first position are a dense block at the unmasked kernel's rate for that many query rows; the
-square on the diagonal (positions both runs share) at the causal kernel's rate for its side. The
+square on the diagonal (positions both runs share) at the causal kernel's rate for its side; each
+pair is one kernel call, which costs the profile's `call_s` besides. Pass-Q reads its keys in place,
+one call per stretch of adjacent blocks in storage (`SeqWork.stored`), so a scattered cache costs
+it many small calls where the others pack the keys first. The
 linear layers and everything else outside attention (`linear`, measured as the model's layers with
 attention stubbed out) cost the same under every strategy; they set the absolute time, not the
 choice. Byte counts are exactly those the counted collectives record (`formulas`).

@@ -33,4 +33,6 @@ class SwiGLUMLP(nn.Module):
         self.down_proj: nn.Module = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = self.gate_proj(x)  # [T, I]: activation and product in place, no [T, I] temporaries
+        F.silu(h, inplace=True)
+        return self.down_proj(h.mul_(self.up_proj(x)))

@@ -106,6 +106,11 @@ def attention_over_cache(
         out, _ = ring_core_packed(q, _pack(kh, vh, keys), q_layouts[rank], keys.packed, group, True, scale)
         return out
     if strategy == "pass_q":
+        if len(keys.slot_ranges) > _SLICE_PACK_MAX:
+            # Blocks scattered over storage (a cache that served other requests): one kernel call
+            # per short stretch would cost more than packing them once for all W query blocks.
+            kv = _pack(kh, vh, keys)
+            return pass_q_core(q, kv[0], kv[1], q_layouts, keys.packed[rank], group, True, scale)
         return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale)
     if strategy == "allgather":
         hkv, d = kh.shape[0], kh.shape[2]

@@ -19,8 +19,8 @@ Compute of a (query run, key run) pair of one sequence: the pairs whose key prec
 run's first position are a dense block at the unmasked kernel's rate for that many query rows; the
 square on the diagonal (positions both runs share) at the causal kernel's rate for its side; each
 pair is one kernel call, which costs the profile's `call_s` besides. Pass-Q reads its keys in place,
-one call per stretch of adjacent blocks in storage (`SeqWork.stored`), so a scattered cache costs
-it many small calls where the others pack the keys first. The
+one call per stretch of adjacent blocks in storage (`SeqWork.stored`); past `SLICE_PACK_MAX`
+stretches on a rank it packs them first, as the others do (`StepWork.pass_q_packs`). The
 linear layers and everything else outside attention (`linear`, measured as the model's layers with
 attention stubbed out) cost the same under every strategy; they set the absolute time, not the
 choice. Byte counts are exactly those the counted collectives record (`formulas`).
@@ -58,6 +58,7 @@ class StepWork:
     prefill: tuple[SeqWork, ...]
     decode_rows: int = 0  # decode rows ride in the same step, on every rank alike
     dtype_bytes: int = 4
+    pass_q_packs: bool = False  # keys too scattered in storage: pass-Q packs them first, as ring does
 
     def query_counts(self) -> list[int]:
         return [sum(n for s in self.prefill for _, n in s.queries[r]) for r in range(self.world)]
@@ -146,7 +147,8 @@ def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threa
     comp = [[_attention_seconds(work.prefill, r, j, profile, threads, flop) for j in range(w)] for r in range(w)]
     # pass-Q: visiting queries over this rank's keys where they lie in storage
     comp_q = [
-        [_attention_seconds(work.prefill, r, j, profile, threads, flop, True) for j in range(w)] for r in range(w)
+        [_attention_seconds(work.prefill, r, j, profile, threads, flop, not work.pass_q_packs) for j in range(w)]
+        for r in range(w)
     ]
     partial = hq * (d + 1) * 4  # bytes of one query's (out, lse) partial
     layer: dict[str, float] = {}
@@ -158,7 +160,7 @@ def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threa
         ring += overlapped(compute, move) + max(copy_s(partial * qc[r]) for r in range(w))
     layer["ring"] = ring
     # pass_q: W lockstep steps of visiting queries over local keys, then the partials go home
-    pq = 0.0
+    pq = max(copy_s(2 * hkv * d * b * kc[r]) for r in range(w)) if work.pass_q_packs else 0.0
     for s in range(w):
         compute = max(comp_q[(r - s) % w][r] + copy_s(partial * qc[(r - s) % w]) for r in range(w))
         move = max(p2p.seconds(hq * d * b * qc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0

@@ -16,6 +16,7 @@ from seqpar.engine.config import EngineConfig
 from seqpar.engine.kv_cache import Placement
 from seqpar.engine.scheduler import ScheduledSeq
 from seqpar.model.config import ModelConfig
+from seqpar.strategies.over_cache import SLICE_PACK_MAX
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,17 @@ def step_work(
     """The work of a step whose prefill sequences compute positions [start, end) each; `blocks`:
     their block tables, which say where the keys lie in each rank's storage."""
     seqs = []
+    ranges = [0] * placement.sp_size  # per rank: stretches of adjacent storage (over_cache's slot ranges)
     for j, (start, end) in enumerate(spans):
         stored = None
         if blocks is not None:
             runs = placement.key_runs(blocks[j], end, j)
             stored = tuple(tuple((r.pos, r.length) for r in rank_runs) for rank_runs in runs)
+            for r, rank_runs in enumerate(runs):
+                end_slot = None
+                for run in rank_runs:
+                    ranges[r] += run.start != end_slot
+                    end_slot = run.start + run.length
         seqs.append(
             SeqWork(
                 tuple(_joined(r) for r in placement.token_runs(start, end)),
@@ -53,7 +60,7 @@ def step_work(
                 stored,
             )
         )
-    return StepWork(placement.sp_size, tuple(seqs), decode_rows, dtype_bytes)
+    return StepWork(placement.sp_size, tuple(seqs), decode_rows, dtype_bytes, max(ranges) > SLICE_PACK_MAX)
 
 
 class AutoStrategy:

@@ -63,7 +63,7 @@ def pass_kv_for_meta(num_new: int, num_cached: int, num_q_heads: int, num_kv_hea
 
 
 # Above this many ranges one gather beats slice copies (blocks scattered over storage).
-_SLICE_PACK_MAX = 64
+SLICE_PACK_MAX = 64
 
 
 def _pack(kh: Tensor, vh: Tensor, keys: CachedKeys) -> Tensor:
@@ -74,7 +74,7 @@ def _pack(kh: Tensor, vh: Tensor, keys: CachedKeys) -> Tensor:
     """
     ranges = keys.slot_ranges
     out = kh.new_empty(2, kh.shape[0], keys.num_local, kh.shape[2])
-    if len(ranges) > _SLICE_PACK_MAX:
+    if len(ranges) > SLICE_PACK_MAX:
         idx = torch.cat([torch.arange(a, b) for a, b in ranges]).to(kh.device)
         torch.index_select(kh, 1, idx, out=out[0])
         torch.index_select(vh, 1, idx, out=out[1])
@@ -106,7 +106,7 @@ def attention_over_cache(
         out, _ = ring_core_packed(q, _pack(kh, vh, keys), q_layouts[rank], keys.packed, group, True, scale)
         return out
     if strategy == "pass_q":
-        if len(keys.slot_ranges) > _SLICE_PACK_MAX:
+        if len(keys.slot_ranges) > SLICE_PACK_MAX:
             # Blocks scattered over storage (a cache that served other requests): one kernel call
             # per short stretch would cost more than packing them once for all W query blocks.
             kv = _pack(kh, vh, keys)

@@ -272,3 +272,14 @@ def test_chunk_over_a_scattered_cache_is_exact(strategy):
     k, v = kh[:, slots].transpose(0, 1), vh[:, slots].transpose(0, 1)
     ref, _ = reference_attention(q, k, v, q_layout, TokenLayout.build([0] * n, list(range(n))), True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_huge_temperature_samples_and_infinite_is_refused():
+    """A temperature past fp32's range (a fuzzed request) once made every probability nan and took
+    the rank down; it samples (near-uniformly) now, and an infinite one is a clear error."""
+    out = Sampler()(
+        torch.randn(2, 50), [SamplingParams(temperature=1e39), SamplingParams(temperature=1e300)], None, [[3], []]
+    )
+    assert all(0 <= t < 50 and t != 3 for t in out.token_ids[:1]) and 0 <= out.token_ids[1] < 50
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=float("inf"))

@@ -38,8 +38,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; use 1.0 to turn it off")
         if not isinstance(self.top_k, int) or self.top_k < -1:
@@ -105,13 +105,18 @@ def _logprob_dict(row_logprobs: Tensor, token: int, k: int) -> LogprobDict:
     return out
 
 
+_MAX_TEMPERATURE = 1e4
+
+
 def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """Temperature, then top-k, then top-p (vLLM's order) on fp32 logits [B, V]; removed entries -> -inf.
 
     top_k [B] (<= 0 = off), top_p [B]. Top-p keeps the smallest set of most likely tokens
     whose mass reaches p: a token stays if the mass strictly before it is < p.
     """
-    logits = logits / temperature.unsqueeze(1)
+    # Past fp32's range a temperature would turn logits into 0 / nan (-inf / inf); at 1e4 the
+    # distribution is already uniform to fp32 rounding for any logits a model produces.
+    logits = logits / temperature.clamp(max=_MAX_TEMPERATURE).unsqueeze(1)
     B, V = logits.shape
     if bool((top_k <= 0).all()) and bool((top_p >= 1.0).all()):
         return logits

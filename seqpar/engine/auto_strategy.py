@@ -15,8 +15,9 @@ from seqpar.costmodel.step_cost import SeqWork, StepCost, StepWork, predict_step
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.kv_cache import Placement
 from seqpar.engine.scheduler import ScheduledSeq
+from seqpar.kernels.layout import Run
 from seqpar.model.config import ModelConfig
-from seqpar.strategies.over_cache import SLICE_PACK_MAX
+from seqpar.strategies.over_cache import SLICE_PACK_MAX, slot_ranges
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,14 @@ def step_work(
     """The work of a step whose prefill sequences compute positions [start, end) each; `blocks`:
     their block tables, which say where the keys lie in each rank's storage."""
     seqs = []
-    ranges = [0] * placement.sp_size  # per rank: stretches of adjacent storage (over_cache's slot ranges)
+    stored_runs: list[list[Run]] = [[] for _ in range(placement.sp_size)]  # each rank's, as StepPlan lists them
     for j, (start, end) in enumerate(spans):
         stored = None
         if blocks is not None:
             runs = placement.key_runs(blocks[j], end, j)
             stored = tuple(tuple((r.pos, r.length) for r in rank_runs) for rank_runs in runs)
             for r, rank_runs in enumerate(runs):
-                end_slot = None
-                for run in rank_runs:
-                    ranges[r] += run.start != end_slot
-                    end_slot = run.start + run.length
+                stored_runs[r].extend(rank_runs)
         seqs.append(
             SeqWork(
                 tuple(_joined(r) for r in placement.token_runs(start, end)),
@@ -60,7 +58,8 @@ def step_work(
                 stored,
             )
         )
-    return StepWork(placement.sp_size, tuple(seqs), decode_rows, dtype_bytes, max(ranges) > SLICE_PACK_MAX)
+    packs = max(len(slot_ranges(r)) for r in stored_runs) > SLICE_PACK_MAX  # as attention_over_cache decides
+    return StepWork(placement.sp_size, tuple(seqs), decode_rows, dtype_bytes, packs)
 
 
 class AutoStrategy:

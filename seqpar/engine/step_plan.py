@@ -15,7 +15,7 @@ from torch import Tensor
 from seqpar.engine.kv_cache import Placement
 from seqpar.engine.messages import SeqStep, Step
 from seqpar.kernels.layout import Run, TokenLayout
-from seqpar.strategies.over_cache import CachedKeys
+from seqpar.strategies.over_cache import CachedKeys, slot_ranges
 
 # Decode key runs shorter than this are gathered into one buffer instead of read in place.
 _IN_PLACE_MIN = 128
@@ -125,13 +125,7 @@ class StepPlan:
                 _append(joined, Run(row, r.length, r.seq, r.pos, 1))
                 row += r.length
             packed.append(TokenLayout.from_runs(joined))
-        ranges: list[tuple[int, int]] = []  # this rank's key slots, adjacent storage joined
-        for r in k_runs[me]:
-            if ranges and ranges[-1][1] == r.start:
-                ranges[-1] = (ranges[-1][0], r.start + r.length)
-            else:
-                ranges.append((r.start, r.start + r.length))
-        self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, ranges)
+        self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, slot_ranges(k_runs[me]))
 
     def to(self, device: torch.device) -> None:
         """Move what indexes the model's inputs and the cache to `device`. Layouts stay on the host:

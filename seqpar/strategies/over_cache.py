@@ -31,7 +31,7 @@ from torch import Tensor
 
 from seqpar.comm.collectives import all_gather_uneven, group_rank
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
-from seqpar.kernels.layout import TokenLayout
+from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.strategies.pass_q import pass_q_core
 from seqpar.strategies.ring import ring_core_packed
 
@@ -60,6 +60,17 @@ def pass_kv_for_meta(num_new: int, num_cached: int, num_q_heads: int, num_kv_hea
     """Meta's rule (arXiv 2411.01783): pass-KV unless the new tokens are few next to the cached."""
     total = num_new + num_cached
     return total == 0 or num_new / total > 2 * num_kv_heads / num_q_heads
+
+
+def slot_ranges(runs: list[Run]) -> list[tuple[int, int]]:
+    """Storage runs as [start, end) slot ranges in their order, runs adjacent in storage joined."""
+    ranges: list[tuple[int, int]] = []
+    for r in runs:
+        if ranges and ranges[-1][1] == r.start:
+            ranges[-1] = (ranges[-1][0], r.start + r.length)
+        else:
+            ranges.append((r.start, r.start + r.length))
+    return ranges
 
 
 # Above this many ranges one gather beats slice copies (blocks scattered over storage).

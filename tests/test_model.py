@@ -36,8 +36,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("row_tile", [None, 5], ids=["untiled", "tiled"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers_on_shuffled_packed_batch(tmp_path: Path, case: str) -> None:
+def test_logits_match_transformers_on_shuffled_packed_batch(
+    tmp_path: Path, case: str, row_tile: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if row_tile is not None:  # a long step's tile-by-tile layer, in tiles that cut sequences anywhere
+        monkeypatch.setattr("seqpar.model.llama.ROW_TILE", row_tile)
     kind, overrides = CASES[case]
     hf, path = save_tiny(tmp_path, kind, **overrides)
     model, config = load_model(path)

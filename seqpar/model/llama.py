@@ -44,19 +44,27 @@ class LlamaAttention(nn.Module):
         self.v_proj: nn.Module = nn.Linear(hidden, config.num_kv_heads * d, bias=bias)
         self.o_proj: nn.Module = nn.Linear(config.num_heads * d, hidden, bias=config.o_proj_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, hidden] -> rotated q [T, Hq, D], rotated k and v [T, Hkv, D]."""
         t, d = x.shape[0], self.head_dim
-        q = self.q_proj(x).view(t, self.num_heads, d)  # [T, Hq, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, d)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, d)  # [T, Hkv, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = self.q_proj(x).view(t, self.num_heads, d)
+        k = self.k_proj(x).view(t, self.num_kv_heads, d)
+        v = self.v_proj(x).view(t, self.num_kv_heads, d)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attention: AttentionFn) -> Tensor:
         out = attention(self.layer_idx, q, k, v)
         if out.shape != q.shape:
             raise RuntimeError(
                 f"layer {self.layer_idx}: attention returned shape {tuple(out.shape)}, "
                 f"expected {tuple(q.shape)} ([T, Hq_local, D])"
             )
-        return self.o_proj(out.reshape(t, self.num_heads * d))  # [T, Hq*D] -> [T, hidden]
+        return out
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
+        q, k, v = self.project(x, cos, sin)
+        out = self.attend(q, k, v, attention)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))  # [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -68,8 +76,34 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if x.shape[0] <= ROW_TILE:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        # Many tokens: everything but attention runs tile by tile, so each tile's activations
+        # (the MLP's [rows, intermediate] above all) stay in cache between the ops that use them.
+        attn, t = self.self_attn, x.shape[0]
+        q = x.new_empty(t, attn.num_heads, attn.head_dim)
+        k = x.new_empty(t, attn.num_kv_heads, attn.head_dim)
+        v = torch.empty_like(k)
+        for a, b in _tiles(t):
+            q[a:b], k[a:b], v[a:b] = attn.project(self.input_layernorm(x[a:b]), cos[a:b], sin[a:b])
+        out = attn.attend(q, k, v, attention).reshape(t, -1)
+        y = torch.empty_like(x)
+        for a, b in _tiles(t):
+            h = x[a:b] + attn.o_proj(out[a:b])
+            y[a:b] = h + self.mlp(self.post_attention_layernorm(h))
+        return y
+
+
+# Rows per tile of the per-token work (projections, norms, RoPE, MLP) in a long step: a tile's
+# activations (the MLP's [rows, intermediate] above all) stay in cache between the ops that use
+# them. Measured on SmolLM2's layer (2-core machine, interleaved rounds): 4,096 rows on one
+# thread 9% faster than untiled, 8,192 rows on two threads 16%; 512-row tiles gain less.
+ROW_TILE = 1024
+
+
+def _tiles(t: int) -> list[tuple[int, int]]:
+    return [(a, min(a + ROW_TILE, t)) for a in range(0, t, ROW_TILE)]
 
 
 class LlamaModel(nn.Module):

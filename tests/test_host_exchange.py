@@ -122,3 +122,46 @@ def _dead_peer(rank: int, world: int) -> str:
 
 def test_host_exchange_raises_when_a_peer_stops() -> None:
     assert run_ranks(_dead_peer, 2, timeout=60) == ["raised", "left"]
+
+
+def _ring_over_cache(rank: int, world: int) -> int:
+    """Pass-KV over a cached prefix through shared memory: the very sums of the process group's
+    ring (same blocks, same order), for ragged shares; parts of uneven sizes read in place."""
+    from seqpar.engine.kv_cache import Placement
+    from seqpar.engine.messages import SeqStep, Step
+    from seqpar.engine.step_plan import StepPlan
+    from seqpar.strategies.over_cache import attention_over_cache, kv_message_shapes
+
+    ex = HostExchange.create(None, capacity=1 << 16, timeout_s=60)
+    bs, hq, hkv, d = 4, 6, 2, 8
+    placement = Placement(world, bs, 1, "zigzag")
+    n = 0
+    for cached, new in ((0, 3), (5, 2), (13, 11), (40, 1)):  # fewer new tokens than ranks, too
+        end = cached + new
+        used, blocks = [0] * world, []
+        for i in range(-(-end // bs)):
+            blocks.append(used[placement.owner(i)])
+            used[placement.owner(i)] += 1
+        plan = StepPlan(
+            Step([SeqStep(0, list(range(cached, end)), cached, blocks, False, False, end)], "ring"), placement, rank
+        )
+        gen = torch.Generator().manual_seed(end)
+        kh, vh = torch.randn(hkv, max(used) * bs, d, generator=gen), torch.randn(hkv, max(used) * bs, d, generator=gen)
+        q = torch.randn(len(plan.q_layouts[rank]), hq, d, generator=gen)
+        assert ex.fits_parts(kv_message_shapes(plan.keys, hkv, d), torch.float32, q.device)
+        STATS.reset()
+        shm = attention_over_cache(q, plan.q_layouts, kh, vh, plan.keys, None, "ring", None, ex)
+        assert STATS.total == 2 * hkv * d * 4 * len(plan.keys.packed[rank])  # written once, read in place
+        gloo = attention_over_cache(q, plan.q_layouts, kh, vh, plan.keys, None, "ring", None)
+        assert torch.equal(shm, gloo), (cached, new)
+        n += 1
+    shapes = [(3 + r, 2) for r in range(world)]  # uneven parts
+    views = ex.all_gather_views(torch.full(shapes[rank], float(rank)), shapes)
+    assert all(torch.equal(v, torch.full(shapes[r], float(r))) for r, v in enumerate(views))
+    assert not ex.fits_parts([(1 << 15,)] * world, torch.float32, torch.device("cpu"))
+    return n
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_pass_kv_through_shared_memory_equals_the_ring(world: int) -> None:
+    assert run_ranks(_ring_over_cache, world, timeout=240) == [4] * world

@@ -24,6 +24,7 @@ every rank has mapped it, it is unlinked, so nothing is left behind.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -105,13 +106,30 @@ class HostExchange:
                 f"the {self.capacity}-byte CPU buffer; use the process group for it"
             )
         n = nbytes(t)
-        self._calls += 1
-        slots = self._slots[self._calls % 2]  # [W, capacity]
-        slots[self.rank, :n].view(t.dtype).view(t.shape).copy_(t)
-        self._flags[self.rank, 0] = self._calls  # published after the data (see the module note)
-        STATS.add("host_all_gather", n)  # written once; every peer reads it
-        self._wait_for_peers()
-        return slots[:, :n].clone().view(t.dtype).view(self.world, *t.shape)
+        return self._publish(t)[:, :n].clone().view(t.dtype).view(self.world, *t.shape)
+
+    def fits_parts(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether every rank's part (`shapes`, known alike on every rank) fits: the same answer everywhere."""
+        return device.type == "cpu" and max(math.prod(s) for s in shapes) * dtype.itemsize <= self.capacity
+
+    def all_gather_views(self, t: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
+        """Every rank's tensor (rank r's of `shapes[r]`, t's dtype; `t` is this rank's) read in
+        place: views of the shared slots, no copy out. They stay valid until this rank's next
+        call (no peer can write the slot again before this rank has published that call)."""
+        if not self.fits_parts(shapes, t.dtype, t.device):
+            raise ValueError(
+                f"HostExchange.all_gather_views: parts of up to "
+                f"{max(math.prod(s) for s in shapes) * t.element_size()} bytes do not fit the "
+                f"{self.capacity}-byte CPU buffer; use the process group for them"
+            )
+        if tuple(t.shape) != tuple(shapes[self.rank]):
+            raise ValueError(
+                f"this rank's part has shape {tuple(t.shape)}, but shapes[{self.rank}] is {shapes[self.rank]}"
+            )
+        slots = self._publish(t)
+        return [
+            slots[r, : math.prod(shape) * t.element_size()].view(t.dtype).view(shape) for r, shape in enumerate(shapes)
+        ]
 
     def all_gather_bytes(self, data: bytes) -> list[bytes] | None:
         """Every rank's bytes (any lengths), in rank order; None on every rank alike when the
@@ -124,6 +142,17 @@ class HostExchange:
             buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         parts = self.all_gather(buf)
         return [parts[r, :n].numpy().tobytes() for r, n in enumerate(sizes)]
+
+    def _publish(self, t: Tensor) -> Tensor:
+        """Write t into this call's slot, raise the flag, wait for every peer's: the slots [W, capacity]."""
+        n = nbytes(t)
+        self._calls += 1
+        slots = self._slots[self._calls % 2]
+        slots[self.rank, :n].view(t.dtype).view(t.shape).copy_(t)
+        self._flags[self.rank, 0] = self._calls  # published after the data (see the module note)
+        STATS.add("host_all_gather", n)  # written once; every peer reads it
+        self._wait_for_peers()
+        return slots
 
     def _wait_for_peers(self) -> None:
         column = self._flags[:, 0]

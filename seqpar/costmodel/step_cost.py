@@ -8,7 +8,9 @@ dim, b the K/V element bytes and F = 4 D Hq FLOPs per visible query-key pair (QK
 - ring (pass-KV): W steps; at step s rank r attends its queries over rank (r - s)'s keys while the
   block it holds, 2 Hkv D b bytes per key, travels on (steps 0 .. W-2). The ranks move in lockstep,
   so a step costs the larger of the slowest rank's compute and the slowest transfer when the
-  transfer hides fully; the profile's measured `overlap` says how much of it does.
+  transfer hides fully; the profile's measured `overlap` says how much of it does. Ranks on one
+  host publish their block once in shared memory instead (`kv_exchange_bytes`, the `shm` link)
+  and each then attends over all W blocks at its own pace.
 - pass_q: W steps; at step s rank r attends rank (r - s)'s queries over its own keys while that
   query block (Hq D b bytes per query) travels on; then one all-to-all returns the partials
   (Hq (D + 1) fp32 per query) home and each rank merges its W partials.
@@ -59,6 +61,7 @@ class StepWork:
     decode_rows: int = 0  # decode rows ride in the same step, on every rank alike
     dtype_bytes: int = 4
     pass_q_packs: bool = False  # keys too scattered in storage: pass-Q packs them first, as ring does
+    kv_exchange_bytes: int = 0  # pass-KV messages up to this size go through shared memory (0: none)
 
     def query_counts(self) -> list[int]:
         return [sum(n for s in self.prefill for _, n in s.queries[r]) for r in range(self.world)]
@@ -153,11 +156,18 @@ def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threa
     partial = hq * (d + 1) * 4  # bytes of one query's (out, lse) partial
     layer: dict[str, float] = {}
     # ring: pack this rank's keys into one message, then W lockstep steps
-    ring = max(copy_s(2 * hkv * d * b * kc[r]) for r in range(w))
-    for s in range(w):
-        compute = max(comp[r][(r - s) % w] for r in range(w))
-        move = max(p2p.seconds(2 * hkv * d * b * kc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
-        ring += overlapped(compute, move) + max(copy_s(partial * qc[r]) for r in range(w))
+    message = [2 * hkv * d * b * kc[r] for r in range(w)]
+    ring = max(copy_s(m) for m in message)
+    if w > 1 and 0 < max(message) <= work.kv_exchange_bytes:
+        # through shared memory: every rank publishes its message once, then attends over all W
+        # in place, each rank at its own pace (no lockstep, nothing in flight)
+        ring += links["shm"].seconds(max(message))
+        ring += max(sum(comp[r]) + w * copy_s(partial * qc[r]) for r in range(w))
+    else:
+        for s in range(w):
+            compute = max(comp[r][(r - s) % w] for r in range(w))
+            move = max(p2p.seconds(message[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
+            ring += overlapped(compute, move) + max(copy_s(partial * qc[r]) for r in range(w))
     layer["ring"] = ring
     # pass_q: W lockstep steps of visiting queries over local keys, then the partials go home
     pq = max(copy_s(2 * hkv * d * b * kc[r]) for r in range(w)) if work.pass_q_packs else 0.0

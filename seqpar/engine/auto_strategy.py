@@ -17,7 +17,7 @@ from seqpar.engine.kv_cache import Placement
 from seqpar.engine.scheduler import ScheduledSeq
 from seqpar.kernels.layout import Run
 from seqpar.model.config import ModelConfig
-from seqpar.strategies.over_cache import SLICE_PACK_MAX, slot_ranges
+from seqpar.strategies.over_cache import SLICE_PACK_MAX, kv_exchange_bytes, slot_ranges
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def step_work(
     decode_rows: int,
     dtype_bytes: int,
     blocks: list[list[int]] | None = None,
+    kv_exchange_bytes: int = 0,
 ) -> StepWork:
     """The work of a step whose prefill sequences compute positions [start, end) each; `blocks`:
     their block tables, which say where the keys lie in each rank's storage."""
@@ -59,22 +60,29 @@ def step_work(
             )
         )
     packs = max(len(slot_ranges(r)) for r in stored_runs) > SLICE_PACK_MAX  # as attention_over_cache decides
-    return StepWork(placement.sp_size, tuple(seqs), decode_rows, dtype_bytes, packs)
+    return StepWork(placement.sp_size, tuple(seqs), decode_rows, dtype_bytes, packs, kv_exchange_bytes)
 
 
 class AutoStrategy:
-    def __init__(self, config: EngineConfig, mc: ModelConfig, profile: MachineProfile) -> None:
+    def __init__(self, config: EngineConfig, mc: ModelConfig, profile: MachineProfile, num_blocks: int) -> None:
         self.placement = config.placement()
         self.mc = mc
         self.profile = profile
         self.threads = config.threads_per_rank
         self.dtype_bytes = config.torch_dtype.itemsize
+        # The ranks' shared-memory buffer for pass-KV, as the workers size it (ranks that turn out
+        # to span hosts use the process group instead: then the prediction is optimistic).
+        self.kv_exchange_bytes = 0
+        if config.shared_memory and config.device == "cpu" and config.sp_size > 1:
+            kv_heads = max(1, mc.num_kv_heads // config.tp_size)
+            cache_tokens = num_blocks * config.block_size
+            self.kv_exchange_bytes = kv_exchange_bytes(cache_tokens, kv_heads, mc.head_dim, self.dtype_bytes)
         self.last: StepCost | None = None  # the last prefill step's prediction (benchmarks read it)
 
     def predict(
         self, spans: list[tuple[int, int]], decode_rows: int = 0, blocks: list[list[int]] | None = None
     ) -> StepCost:
-        work = step_work(self.placement, spans, decode_rows, self.dtype_bytes, blocks)
+        work = step_work(self.placement, spans, decode_rows, self.dtype_bytes, blocks, self.kv_exchange_bytes)
         return predict_step(work, self.mc, self.profile, self.threads)
 
     def choose(self, scheduled: list[ScheduledSeq]) -> str:

@@ -102,7 +102,7 @@ class LLMEngine:
         self.observers: list[StepObserver] = []  # called after every step (benchmarks, metrics)
         self.strategy_counts: Counter[str] = Counter()
         # auto: the cost model over this machine's profile (`seqpar tune`; a damaged file fails here)
-        self.auto = AutoStrategy(config, mc, load_profile()) if config.strategy == "auto" else None
+        self.auto = AutoStrategy(config, mc, load_profile(), self.num_blocks) if config.strategy == "auto" else None
         self._bytes_sent = [0] * config.sp_size
         executor = TorchrunExecutor if torchrun else LocalExecutor
         self.executor = executor(config, self.num_blocks)

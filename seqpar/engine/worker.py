@@ -34,7 +34,7 @@ from seqpar.engine.step_plan import StepPlan
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.model import load_config
 from seqpar.strategies.decode import gather_heads, merge_partials
-from seqpar.strategies.over_cache import attention_over_cache
+from seqpar.strategies.over_cache import attention_over_cache, kv_exchange_bytes
 
 # Step results up to this size (pickled) reach rank 0 through shared memory; larger ones
 # (big batches, prompt logprobs) through the process group.
@@ -74,6 +74,13 @@ class Worker:
         )
         self.device = torch.device(config.device)
         self.scale = mc.head_dim**-0.5
+        # Pass-KV messages (a rank's cached K/V of a step, per layer) through shared memory too.
+        self.kv_exchange = None
+        if self.exchange is not None:
+            kv_bytes = kv_exchange_bytes(
+                num_blocks * config.block_size, self.cache.num_kv_heads, mc.head_dim, config.torch_dtype.itemsize
+            )
+            self.kv_exchange = HostExchange.create(self.mesh.sp_group, kv_bytes, config.step_timeout_s)
         self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
         # Rank 0 samples (as vLLM's workers do): only token ids and asked-for log-probs go to the
         # driver, never [B, V] logits. Seeded requests keep their own generator here.
@@ -106,7 +113,7 @@ class Worker:
                 outs.append(out.to(q.dtype))
             if plan.prefill:
                 out = attention_over_cache(
-                    q[nd:], plan.q_layouts, kh, vh, plan.keys, mesh.sp_group, msg.strategy, self.scale
+                    q[nd:], plan.q_layouts, kh, vh, plan.keys, mesh.sp_group, msg.strategy, self.scale, self.kv_exchange
                 )
                 outs.append(out.to(q.dtype))
                 if self.progress is not None:

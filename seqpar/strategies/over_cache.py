@@ -7,7 +7,9 @@ queries only for the new tokens it owns, and keys for everything it caches. Then
 
 - pass-KV (`ring`): each rank packs its cached K/V of the step's sequences into one
   message and the messages travel the ring, overlapped with compute. Sends
-  (W - 1) * 2 * Hkv * D values per cached token per rank.
+  (W - 1) * 2 * Hkv * D values per cached token per rank. Ranks on one host instead
+  publish their message once in shared memory (`HostExchange`) and read the peers'
+  in place, in the ring's order: no transfer to overlap, one copy per rank.
 - pass-Q (`pass_q`): queries travel the ring, cached K/V stay in place (read
   straight from the paged storage), and partial outputs return by one all-to-all
   to be merged by LSE. Sends (W - 1) * Hq * D per new token plus the partials:
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.comm.collectives import all_gather_uneven, group_rank
+from seqpar.comm.shm import HostExchange
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.strategies.pass_q import pass_q_core
@@ -75,6 +78,19 @@ def slot_ranges(runs: list[Run]) -> list[tuple[int, int]]:
 
 # Above this many ranges one gather beats slice copies (blocks scattered over storage).
 SLICE_PACK_MAX = 64
+# Pass-KV through shared memory takes messages up to this many bytes per rank (larger: the
+# process group); its buffer holds 2 x W of them.
+KV_EXCHANGE_MAX = 32 << 20
+
+
+def kv_exchange_bytes(cache_tokens: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """The shared-memory buffer pass-KV needs per rank: one layer of its whole cache, capped."""
+    return min(2 * kv_heads * head_dim * itemsize * cache_tokens, KV_EXCHANGE_MAX)
+
+
+def kv_message_shapes(keys: CachedKeys, kv_heads: int, head_dim: int) -> list[tuple[int, ...]]:
+    """Every rank's pass-KV message [2, Hkv, n_r, D] of this step (known alike on every rank)."""
+    return [(2, kv_heads, len(lay), head_dim) for lay in keys.packed]
 
 
 def _pack(kh: Tensor, vh: Tensor, keys: CachedKeys) -> Tensor:
@@ -107,14 +123,28 @@ def attention_over_cache(
     group: dist.ProcessGroup | None,
     strategy: str,
     scale: float | None,
+    exchange: HostExchange | None = None,
 ) -> Tensor:
     """Exact causal attention of this rank's new-token queries over every rank's cache.
 
     q_layouts[r]: rank r's queries (rows 0..T_r-1; true positions). Returns out [T_local, Hq, D] fp32.
+    `exchange`: the group's shared-memory exchange for pass-KV messages, when its ranks share a host.
     """
     rank = group_rank(group)
     if strategy == "ring":
-        out, _ = ring_core_packed(q, _pack(kh, vh, keys), q_layouts[rank], keys.packed, group, True, scale)
+        kv = _pack(kh, vh, keys)
+        shapes = kv_message_shapes(keys, kh.shape[0], kh.shape[2])
+        if exchange is None or not exchange.fits_parts(shapes, kv.dtype, kv.device):
+            out, _ = ring_core_packed(q, kv, q_layouts[rank], keys.packed, group, True, scale)
+            return out
+        parts = exchange.all_gather_views(kv, shapes)
+        out, lse = new_accumulators(q)
+        for step in range(len(parts)):  # the ring's order: the same sums as over the process group
+            src = (rank - step) % len(parts)
+            blk = kv if src == rank else parts[src]
+            attend_into_head_major(
+                out, lse, q, blk[0], blk[1], q_layouts[rank], keys.packed[src], True, scale, fresh=step == 0
+            )
         return out
     if strategy == "pass_q":
         if len(keys.slot_ranges) > SLICE_PACK_MAX:

@@ -217,7 +217,7 @@ def add_engine_args(eng: Any) -> None:
         "--decode-split",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="decode-only steps split the linear layers over the SP ranks (default: on)",
+        help="decode-only steps split the MLP over the SP ranks (default: on)",
     )
     eng.add_argument(
         "--shared-memory",

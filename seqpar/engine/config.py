@@ -45,8 +45,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     step_timeout_s: float = 1800.0  # a step that takes longer means a wedged worker
-    decode_split: bool = True  # decode-only steps split the linear layers over the SP ranks (tp_size 1)
-    shared_memory: bool = True  # decode merges and step results through shared memory between ranks on one host
+    decode_split: bool = True  # decode-only steps split the MLP over the SP ranks (tp_size 1)
+    shared_memory: bool = True  # decode merges, pass-KV and step results through shared memory on one host
     # Replaces the model's RoPE scaling (HF's rope_scaling dict, as vLLM's --rope-scaling), e.g.
     # {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 8192}; the context grows by the factor.
     rope_scaling: dict[str, Any] | None = None

@@ -120,21 +120,11 @@ class Worker:
                     self.progress.put((layer + 1, num_layers))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-        def split_attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            # q [B, H_r, D]: this rank's heads; k, v [B, Hkv, D]: all kv heads (see parallel.py)
-            self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
-            kh, vh = self.cache.storage(layer)
-            q_all = gather_heads(q, num_heads, mesh.sp_group, self.exchange)  # [B, Hq, D]
-            out, lse = self._decode_partial(q_all, kh, vh, plan)
-            return merge_partials(out, lse, mesh.sp_group, "alltoall", self.exchange).to(q.dtype)  # [B, H_r, D]
-
-        num_heads = self.model.config.num_heads
-        model, attend = self.model, attention
-        if not plan.prefill and self.sharded.decode_model is not None:
-            model, attend = self.sharded.decode_model, split_attention
+        # Decode-only steps with the MLP split over the SP ranks (parallel.py); attention as ever.
+        model = self.sharded.decode_model if not plan.prefill and self.sharded.decode_model is not None else self.model
         result = StepResult()
         with torch.inference_mode():
-            hidden = model(torch.tensor(plan.ids, dtype=torch.long, device=self.device), plan.positions, attend)
+            hidden = model(torch.tensor(plan.ids, dtype=torch.long, device=self.device), plan.positions, attention)
             if self.reports:
                 if nd:  # this rank's vocabulary slice, for every decode row
                     # on the host (a no-op on CPU): rank 0 samples there, and results are pickled

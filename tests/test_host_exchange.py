@@ -125,8 +125,8 @@ def test_host_exchange_raises_when_a_peer_stops() -> None:
 
 
 def _ring_over_cache(rank: int, world: int) -> int:
-    """Pass-KV over a cached prefix through shared memory: the very sums of the process group's
-    ring (same blocks, same order), for ragged shares; parts of uneven sizes read in place."""
+    """Pass-KV and pass-Q over a cached prefix through shared memory: the very sums of the process
+    group's ring (same blocks, same order), for ragged shares; parts of uneven sizes read in place."""
     from seqpar.engine.kv_cache import Placement
     from seqpar.engine.messages import SeqStep, Step
     from seqpar.engine.step_plan import StepPlan
@@ -154,6 +154,14 @@ def _ring_over_cache(rank: int, world: int) -> int:
         assert STATS.total == 2 * hkv * d * 4 * len(plan.keys.packed[rank])  # written once, read in place
         gloo = attention_over_cache(q, plan.q_layouts, kh, vh, plan.keys, None, "ring", None)
         assert torch.equal(shm, gloo), (cached, new)
+        # pass-Q: queries published once, then every rank's partials for every rank
+        STATS.reset()
+        shm = attention_over_cache(q, plan.q_layouts, kh, vh, plan.keys, None, "pass_q", None, ex)
+        rows = sum(len(lay) for lay in plan.q_layouts)
+        mine = len(plan.q_layouts[rank])
+        assert STATS.total == 4 * (mine * hq * d + (rows - mine) * hq * (d + 1))
+        gloo = attention_over_cache(q, plan.q_layouts, kh, vh, plan.keys, None, "pass_q", None)
+        assert torch.equal(shm, gloo), ("pass_q", cached, new)
         n += 1
     shapes = [(3 + r, 2) for r in range(world)]  # uneven parts
     views = ex.all_gather_views(torch.full(shapes[rank], float(rank)), shapes)
@@ -163,5 +171,5 @@ def _ring_over_cache(rank: int, world: int) -> int:
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_pass_kv_through_shared_memory_equals_the_ring(world: int) -> None:
+def test_pass_kv_and_pass_q_through_shared_memory_equal_the_ring(world: int) -> None:
     assert run_ranks(_ring_over_cache, world, timeout=240) == [4] * world

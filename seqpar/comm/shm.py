@@ -112,10 +112,11 @@ class HostExchange:
         """Whether every rank's part (`shapes`, known alike on every rank) fits: the same answer everywhere."""
         return device.type == "cpu" and max(math.prod(s) for s in shapes) * dtype.itemsize <= self.capacity
 
-    def all_gather_views(self, t: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
+    def all_gather_views(self, t: Tensor, shapes: list[tuple[int, ...]], counted: int | None = None) -> list[Tensor]:
         """Every rank's tensor (rank r's of `shapes[r]`, t's dtype; `t` is this rank's) read in
         place: views of the shared slots, no copy out. They stay valid until this rank's next
-        call (no peer can write the slot again before this rank has published that call)."""
+        call (no peer can write the slot again before this rank has published that call).
+        `counted`: the bytes of t that peers read, when not all of it (the meter counts those)."""
         if not self.fits_parts(shapes, t.dtype, t.device):
             raise ValueError(
                 f"HostExchange.all_gather_views: parts of up to "
@@ -126,7 +127,7 @@ class HostExchange:
             raise ValueError(
                 f"this rank's part has shape {tuple(t.shape)}, but shapes[{self.rank}] is {shapes[self.rank]}"
             )
-        slots = self._publish(t)
+        slots = self._publish(t, counted)
         return [
             slots[r, : math.prod(shape) * t.element_size()].view(t.dtype).view(shape) for r, shape in enumerate(shapes)
         ]
@@ -143,14 +144,14 @@ class HostExchange:
         parts = self.all_gather(buf)
         return [parts[r, :n].numpy().tobytes() for r, n in enumerate(sizes)]
 
-    def _publish(self, t: Tensor) -> Tensor:
+    def _publish(self, t: Tensor, counted: int | None = None) -> Tensor:
         """Write t into this call's slot, raise the flag, wait for every peer's: the slots [W, capacity]."""
         n = nbytes(t)
         self._calls += 1
         slots = self._slots[self._calls % 2]
         slots[self.rank, :n].view(t.dtype).view(t.shape).copy_(t)
         self._flags[self.rank, 0] = self._calls  # published after the data (see the module note)
-        STATS.add("host_all_gather", n)  # written once; every peer reads it
+        STATS.add("host_all_gather", n if counted is None else counted)  # written once; peers read it
         self._wait_for_peers()
         return slots
 

@@ -10,7 +10,8 @@ dim, b the K/V element bytes and F = 4 D Hq FLOPs per visible query-key pair (QK
   so a step costs the larger of the slowest rank's compute and the slowest transfer when the
   transfer hides fully; the profile's measured `overlap` says how much of it does. Ranks on one
   host publish their block once in shared memory instead (`kv_exchange_bytes`, the `shm` link)
-  and each then attends over all W blocks at its own pace.
+  and each then attends over all W blocks at its own pace; pass-Q likewise publishes its queries
+  once and its partials once.
 - pass_q: W steps; at step s rank r attends rank (r - s)'s queries over its own keys while that
   query block (Hq D b bytes per query) travels on; then one all-to-all returns the partials
   (Hq (D + 1) fp32 per query) home and each rank merges its W partials.
@@ -171,13 +172,21 @@ def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threa
     layer["ring"] = ring
     # pass_q: W lockstep steps of visiting queries over local keys, then the partials go home
     pq = max(copy_s(2 * hkv * d * b * kc[r]) for r in range(w)) if work.pass_q_packs else 0.0
-    for s in range(w):
-        compute = max(comp_q[(r - s) % w][r] + copy_s(partial * qc[(r - s) % w]) for r in range(w))
-        move = max(p2p.seconds(hq * d * b * qc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
-        pq += overlapped(compute, move)
-    if w > 1:
-        back = max(sum(qc[j] for j in range(w) if j != r) * partial for r in range(w))
-        pq += a2a.seconds(back) + max(copy_s(2 * w * partial * qc[r]) for r in range(w))  # stack + merge
+    if w > 1 and partial * sum(qc) <= work.kv_exchange_bytes:
+        # through shared memory: queries published once, each rank at its own pace, then every
+        # rank's partials for every rank published at once
+        shm = links["shm"]
+        pq += shm.seconds(hq * d * b * max(qc))
+        pq += max(sum(comp_q[j][r] + copy_s(partial * qc[j]) for j in range(w)) for r in range(w))
+        pq += shm.seconds(partial * sum(qc)) + max(copy_s(2 * w * partial * qc[r]) for r in range(w))
+    else:
+        for s in range(w):
+            compute = max(comp_q[(r - s) % w][r] + copy_s(partial * qc[(r - s) % w]) for r in range(w))
+            move = max(p2p.seconds(hq * d * b * qc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
+            pq += overlapped(compute, move)
+        if w > 1:
+            back = max(sum(qc[j] for j in range(w) if j != r) * partial for r in range(w))
+            pq += a2a.seconds(back) + max(copy_s(2 * w * partial * qc[r]) for r in range(w))  # stack + merge
     layer["pass_q"] = pq
     # allgather: pack, pad, gather, lay out; then one pass over every key
     total_keys = sum(kc)

@@ -9,7 +9,8 @@ queries only for the new tokens it owns, and keys for everything it caches. Then
   message and the messages travel the ring, overlapped with compute. Sends
   (W - 1) * 2 * Hkv * D values per cached token per rank. Ranks on one host instead
   publish their message once in shared memory (`HostExchange`) and read the peers'
-  in place, in the ring's order: no transfer to overlap, one copy per rank.
+  in place, in the ring's order: no transfer to overlap, one copy per rank. (Pass-Q
+  does the same with its queries and partial outputs.)
 - pass-Q (`pass_q`): queries travel the ring, cached K/V stay in place (read
   straight from the paged storage), and partial outputs return by one all-to-all
   to be merged by LSE. Sends (W - 1) * Hq * D per new token plus the partials:
@@ -128,7 +129,7 @@ def attention_over_cache(
     """Exact causal attention of this rank's new-token queries over every rank's cache.
 
     q_layouts[r]: rank r's queries (rows 0..T_r-1; true positions). Returns out [T_local, Hq, D] fp32.
-    `exchange`: the group's shared-memory exchange for pass-KV messages, when its ranks share a host.
+    `exchange`: the group's shared-memory exchange for pass-KV and pass-Q messages, when its ranks share a host.
     """
     rank = group_rank(group)
     if strategy == "ring":
@@ -151,8 +152,8 @@ def attention_over_cache(
             # Blocks scattered over storage (a cache that served other requests): one kernel call
             # per short stretch would cost more than packing them once for all W query blocks.
             kv = _pack(kh, vh, keys)
-            return pass_q_core(q, kv[0], kv[1], q_layouts, keys.packed[rank], group, True, scale)
-        return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale)
+            return pass_q_core(q, kv[0], kv[1], q_layouts, keys.packed[rank], group, True, scale, exchange)
+        return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale, exchange)
     if strategy == "allgather":
         hkv, d = kh.shape[0], kh.shape[2]
         mine = _pack(kh, vh, keys).permute(2, 0, 1, 3).reshape(keys.num_local, 2 * hkv, d)  # [n, 2 Hkv, D]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from seqpar.comm.collectives import all_to_all, group_rank, group_size
 from seqpar.comm.ring import RingExchanger
+from seqpar.comm.shm import HostExchange
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import TokenLayout
 from seqpar.kernels.merge import merge_many
@@ -44,16 +45,21 @@ def pass_q_core(
     group: dist.ProcessGroup | None,
     causal: bool,
     scale: float | None,
+    exchange: HostExchange | None = None,
 ) -> Tensor:
     """This rank's queries q [T_local, Hq, D] over the K/V of every rank; returns fp32 out.
 
     q_layouts[r] describes rank r's queries (they visit every rank); kh, vh [Hkv, rows, D] are
     this rank's keys, which never move: a packed shard, or a paged cache read in place through
-    `k_layout`'s slot runs.
+    `k_layout`'s slot runs. `exchange`: the group's shared memory, when its ranks share a host.
     """
     world, rank = group_size(group), group_rank(group)
     counts = [len(lay) for lay in q_layouts]
     hq, d = q.shape[1], q.shape[2]
+    if exchange is not None and world > 1:
+        # every rank's partials for every rank in one message: the larger of the two exchanges
+        if exchange.fits_parts([(sum(counts), hq, d + 1)], torch.float32, q.device):
+            return _through_shared_memory(q, kh, vh, q_layouts, k_layout, exchange, causal, scale)
     partials: list[Tensor] = [q.new_empty(0)] * world  # partials[j]: [T_j, Hq, D + 1] fp32 for rank j
     ring = RingExchanger(group) if world > 1 else None
     q_block = q
@@ -70,5 +76,41 @@ def pass_q_core(
             q_block = recv
     mine = all_to_all(partials, [(counts[rank], hq, d + 1)] * world, group)
     stacked = torch.stack(mine)  # [W, T_local, Hq, D + 1]
+    out, _ = merge_many(stacked[..., :d], stacked[..., d])
+    return out
+
+
+def _through_shared_memory(
+    q: Tensor,
+    kh: Tensor,
+    vh: Tensor,
+    q_layouts: list[TokenLayout],
+    k_layout: TokenLayout,
+    exchange: HostExchange,
+    causal: bool,
+    scale: float | None,
+) -> Tensor:
+    """pass_q_core on one host: every rank publishes its queries once and reads the others' in
+    place; then publishes its partials for every rank at once and reads its own rows of the
+    others'. The same blocks and the same merge order as the ring: the same sums."""
+    world, rank = exchange.world, exchange.rank
+    counts = [len(lay) for lay in q_layouts]
+    hq, d = q.shape[1], q.shape[2]
+    blocks = exchange.all_gather_views(q.contiguous(), [(c, hq, d) for c in counts])
+    partials = q.new_empty(sum(counts), hq, d + 1, dtype=torch.float32)  # rows in rank order
+    starts = [sum(counts[:j]) for j in range(world)]
+    for step in range(world):  # the ring's order
+        owner = (rank - step) % world
+        block = q if owner == rank else blocks[owner]
+        out, lse = new_accumulators(block)
+        attend_into_head_major(out, lse, block, kh, vh, q_layouts[owner], k_layout, causal, scale, fresh=True)
+        rows = partials[starts[owner] : starts[owner] + counts[owner]]
+        rows[..., :d].copy_(out)
+        rows[..., d].copy_(lse)
+    # peers read only their rows: the meter counts what the ring would send back
+    others = (sum(counts) - counts[rank]) * hq * (d + 1) * partials.element_size()
+    views = exchange.all_gather_views(partials, [tuple(partials.shape)] * world, counted=others)
+    mine = slice(starts[rank], starts[rank] + counts[rank])
+    stacked = torch.stack([views[j][mine] for j in range(world)])  # [W, T_local, Hq, D + 1]
     out, _ = merge_many(stacked[..., :d], stacked[..., d])
     return out

@@ -79,13 +79,14 @@ def slot_ranges(runs: list[Run]) -> list[tuple[int, int]]:
 
 # Above this many ranges one gather beats slice copies (blocks scattered over storage).
 SLICE_PACK_MAX = 64
-# Pass-KV through shared memory takes messages up to this many bytes per rank (larger: the
-# process group); its buffer holds 2 x W of them.
+# Pass-KV and pass-Q through shared memory take messages up to this many bytes per rank (larger:
+# the process group); the buffer holds 2 x W of them.
 KV_EXCHANGE_MAX = 32 << 20
 
 
 def kv_exchange_bytes(cache_tokens: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
-    """The shared-memory buffer pass-KV needs per rank: one layer of its whole cache, capped."""
+    """The shared-memory buffer per rank for pass-KV (one layer of its whole cache, capped), which
+    pass-Q's queries and partials use too."""
     return min(2 * kv_heads * head_dim * itemsize * cache_tokens, KV_EXCHANGE_MAX)
 
 

@@ -223,7 +223,7 @@ def add_engine_args(eng: Any) -> None:
         "--shared-memory",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="decode merges between ranks on one host through shared memory (default: on; "
+        help="decode merges, pass-KV and pass-Q between ranks on one host through shared memory (default: on; "
         "--no-shared-memory sends everything over the process group, as between hosts)",
     )
     eng.add_argument(

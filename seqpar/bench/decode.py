@@ -5,7 +5,7 @@
 
 Configurations, fp32, greedy, defaults otherwise (as a new user would run them):
 - `sp1`: LLM(model, sp_size=1) (2 threads on this machine);
-- `sp2`: LLM(model, sp_size=2) (2 ranks x 1 thread; decode steps split the linear layers);
+- `sp2`: LLM(model, sp_size=2) (2 ranks x 1 thread; decode steps split the MLP);
 - `hf`: transformers' CausalLM with the same weights, `torch.set_num_threads(2)`, KV cache,
   one token per forward, in its own process.
 ms/token = decode time of `--tokens` tokens after the first / their number. Batch: `--batch`

@@ -95,7 +95,7 @@ def check_against_hf(model, path: str, **engine) -> None:
 
 
 # Each prefill strategy at several SP sizes, whole or chunked (max_num_batched_tokens smaller
-# than a block, than a shard, than the prompt); decode steps split the linear layers over the
+# than a block, than a shard, than the prompt); decode steps split the MLP over the
 # SP ranks (decode_split) or run them whole on each rank with the decode merges rotating;
 # a few run with shared_memory=False, so the process-group paths run end to end.
 CASES = [

@@ -1,7 +1,8 @@
 """Does `strategy="auto"` pick a fast strategy? And does the cost model predict prefill time?
 
     seqpar bench auto [--model smollm2-135m] [--sp 2] [--new 16,128,512,2048] [--cached 0,512,2048,6000]
-                      [--repeats 3] [--prefill 2048,4096,8000] [--parts grid,prefill] [--json out.json]
+                      [--repeats 3] [--prefill 2048,4096,8000] [--parts grid,prefill] [--rope-scaling JSON]
+                      [--json out.json]
     seqpar bench auto --quick          # tiny sizes, a smoke test
 
 grid: one engine at `--sp` runs every strategy (ring, pass_q, allgather, and auto's own choice)
@@ -82,6 +83,7 @@ def _config(args: argparse.Namespace, sp: int, strategy: str, budget: int, **ove
         long_prefill_token_threshold=budget,
         kv_cache_gb=args.kv_cache_gb,
         block_size=args.block_size,
+        rope_scaling=args.rope_scaling,
         **over,
     )
 
@@ -214,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", default="2048,4096,8000", help="whole-prompt lengths for the prediction check")
     p.add_argument("--kv-cache-gb", type=float, default=2.0)
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block; cached lengths are multiples")
+    p.add_argument(
+        "--rope-scaling",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="RoPE scaling override, for steps past the model's context, "
+        'e.g. \'{"rope_type":"yarn","factor":4,"original_max_position_embeddings":8192}\'',
+    )
     p.add_argument("--parts", default="grid,prefill", help="grid, prefill or both")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--json", default=None, help="write the results here")

@@ -2,7 +2,7 @@
 
     seqpar bench auto [--model smollm2-135m] [--sp 2] [--new 16,128,512,2048] [--cached 0,512,2048,6000]
                       [--repeats 3] [--prefill 2048,4096,8000] [--parts grid,prefill] [--rope-scaling JSON]
-                      [--json out.json]
+                      [--num-threads T] [--json out.json]
     seqpar bench auto --quick          # tiny sizes, a smoke test
 
 grid: one engine at `--sp` runs every strategy (ring, pass_q, allgather, and auto's own choice)
@@ -84,6 +84,7 @@ def _config(args: argparse.Namespace, sp: int, strategy: str, budget: int, **ove
         kv_cache_gb=args.kv_cache_gb,
         block_size=args.block_size,
         rope_scaling=args.rope_scaling,
+        num_threads=args.num_threads,
         **over,
     )
 
@@ -223,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSON",
         help="RoPE scaling override, for steps past the model's context, "
         'e.g. \'{"rope_type":"yarn","factor":4,"original_max_position_embeddings":8192}\'',
+    )
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="threads per rank (default: cores / ranks); 1 on a many-core machine runs SP > 2 at the "
+        "per-thread rates `seqpar tune` measures",
     )
     p.add_argument("--parts", default="grid,prefill", help="grid, prefill or both")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")

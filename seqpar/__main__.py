@@ -2,6 +2,6 @@
 
 import sys
 
-from seqpar.cli import main
+from seqpar.cli.main import main
 
 sys.exit(main())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from seqpar.engine.block_manager import BlockManager
-from seqpar.engine.scheduler import Sequence
+from seqpar.engine.sequence import Sequence
 
 
 def check_books(bm: BlockManager, live: list[Sequence]) -> None:

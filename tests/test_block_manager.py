@@ -11,7 +11,8 @@ from engine_util import check_books
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.kv_cache import SHARD_SCHEMES, KVCache, Placement, blocks_needed, size_cache
 from seqpar.engine.sampling import SamplingParams
-from seqpar.engine.scheduler import RequestTooLongError, Scheduler, SchedulerConfig, Sequence, SequenceStatus
+from seqpar.engine.scheduler import RequestTooLongError, Scheduler, SchedulerConfig
+from seqpar.engine.sequence import Sequence, SequenceStatus
 
 
 # ---------------------------------------------------------------- placement

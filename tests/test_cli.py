@@ -11,7 +11,8 @@ import types
 
 import pytest
 
-from seqpar import cli
+from seqpar.cli import errors as cli_errors
+from seqpar.cli import main as cli
 
 PROMPT = "The capital of France is"
 GREEDY = ["--max-tokens", "6", "--temperature", "0"]
@@ -61,7 +62,7 @@ def test_failed_rank_is_reported_in_one_line(capsys):
     error = (
         "a rank failed; the engine is stopped:\nrank 1:\nTraceback (most recent call last):\n  ...\nValueError: boom\n"
     )
-    assert cli.fail(error) == 2
+    assert cli_errors.fail(error) == 2
     assert capsys.readouterr().err == "seqpar: error: a rank failed; the engine is stopped: ValueError: boom\n"
 
 
@@ -126,7 +127,7 @@ def test_torchrun_matches_local_sp2(capsys):
 
 
 def test_demo_document():
-    from seqpar import demo
+    from seqpar.cli import demo
     from seqpar.model import load_tokenizer
 
     doc, where, paragraphs = demo.document()

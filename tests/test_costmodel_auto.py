@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from seqpar import LLM, SamplingParams
-from seqpar.cli import main as cli_main
+from seqpar.cli.main import main as cli_main
 from seqpar.comm.collectives import STATS
 from seqpar.comm.launch import run_ranks
 from seqpar.costmodel.profile import DEFAULT, FILE_NAME, Link, MachineProfile, load_profile, profile_path

@@ -104,7 +104,7 @@ def test_token_ids_generate_as_transformers(bare, sp):
 
 
 def test_generate_cli_text_prompt_is_one_error_line(bare, capsys):
-    from seqpar import cli
+    from seqpar.cli import main as cli
 
     path, _ = bare
     assert cli.main(["generate", "--model", path, "--prompt", "hello", "--kv-cache-gb", "0.01"]) == 2

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from seqpar import cli
+from seqpar.cli import main as cli
 from seqpar.costmodel import PlanError, plan, preset_config
 from seqpar.costmodel.hardware import H100, H200
 

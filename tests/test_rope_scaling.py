@@ -185,7 +185,7 @@ def test_engine_sp2_with_yarn_equals_transformers(tiny):
     ],
 )
 def test_cli_flag_errors_in_one_line(capsys, value, message):
-    from seqpar import cli
+    from seqpar.cli import main as cli
 
     rc = cli.main(["generate", "--prompt", "hi", "--rope-scaling", value])
     err = capsys.readouterr().err
@@ -193,10 +193,11 @@ def test_cli_flag_errors_in_one_line(capsys, value, message):
 
 
 def test_cli_flag_reaches_the_engine_config():
-    from seqpar import cli
+    from seqpar.cli import main as cli
+    from seqpar.engine.args import engine_config
 
     args = cli.build_parser().parse_args(
         ["generate", "--prompt", "hi", "--no-shared-memory", "--rope-scaling", json.dumps(YARN)]
     )
-    config = cli.engine_config(args)
+    config = engine_config(args)
     assert config.rope_scaling == YARN and config.shared_memory is False

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from seqpar import cli
+from seqpar.cli import main as cli
 from seqpar.comm.launch import free_port
 from test_model_helpers import VOCAB, tiny_hf_model
 

@@ -1,6 +1,6 @@
 """Does `strategy="auto"` pick a fast strategy? And does the cost model predict prefill time?
 
-    seqpar bench auto [--model smollm2-135m] [--sp 2] [--new 16,128,512,2048] [--cached 0,512,2048,6000]
+    seqpar bench auto [engine flags] [--new 16,128,512,2048] [--cached 0,512,2048,6000]
                       [--repeats 3] [--prefill 2048,4096,8000] [--parts grid,prefill] [--rope-scaling JSON]
                       [--num-threads T] [--json out.json]
     seqpar bench auto --quick          # tiny sizes, a smoke test
@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 from seqpar.bench.prompts import make_prompt
+from seqpar.engine.args import add_engine_args, engine_config
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.llm_engine import LLMEngine
 from seqpar.engine.sampling import SamplingParams
@@ -75,24 +76,15 @@ class Timed:
 
 
 def _config(args: argparse.Namespace, sp: int, strategy: str, budget: int, **over: Any) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        sp_size=sp,
-        strategy=strategy,
-        max_num_batched_tokens=budget,
-        long_prefill_token_threshold=budget,
-        kv_cache_gb=args.kv_cache_gb,
-        block_size=args.block_size,
-        rope_scaling=args.rope_scaling,
-        num_threads=args.num_threads,
-        **over,
+    return engine_config(
+        args, sp_size=sp, strategy=strategy, max_num_batched_tokens=budget, long_prefill_token_threshold=budget, **over
     )
 
 
 def grid(args: argparse.Namespace) -> dict[str, Any]:
     news, cacheds = _ints(args.new), _ints(args.cached)
     budget = max(news + cacheds) + 64
-    t = Timed(_config(args, args.sp, "auto", budget))
+    t = Timed(_config(args, args.sp_size, "auto", budget))
     try:
         auto = t.auto
         mc, vocab = auto.mc, auto.mc.vocab_size
@@ -144,13 +136,13 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
         t.engine.shutdown()
     share = sum(r["auto_within_10pct"] for r in rows) / len(rows)
     pick_share = sum(r["pick_within_10pct"] for r in rows) / len(rows)
-    return {"sp": args.sp, "repeats": args.repeats, "rows": rows, "auto_share": share, "pick_share": pick_share}
+    return {"sp": args.sp_size, "repeats": args.repeats, "rows": rows, "auto_share": share, "pick_share": pick_share}
 
 
 def prefill(args: argparse.Namespace) -> dict[str, Any]:
     lengths = _ints(args.prefill)
     rows = []
-    for sp in sorted({1, args.sp}):
+    for sp in sorted({1, args.sp_size}):
         budget = max(lengths) + 64
         t = Timed(_config(args, sp, "auto", budget, enable_prefix_caching=False))
         try:
@@ -209,29 +201,17 @@ def report(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="seqpar bench auto", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--sp", type=int, default=2)
+    add_engine_args(
+        p.add_argument_group(
+            "engine (--num-threads 1 on a many-core machine runs SP > 2 at the per-thread rates "
+            "`seqpar tune` measures; --rope-scaling for steps past the model's context)"
+        ),
+        defaults={"sp_size": 2, "kv_cache_gb": 2.0},
+    )
     p.add_argument("--new", default="16,128,512,2048", help="new tokens per step, comma-separated")
     p.add_argument("--cached", default="0,512,2048,6000", help="cached tokens before them (block multiples)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill", default="2048,4096,8000", help="whole-prompt lengths for the prediction check")
-    p.add_argument("--kv-cache-gb", type=float, default=2.0)
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block; cached lengths are multiples")
-    p.add_argument(
-        "--rope-scaling",
-        type=json.loads,
-        default=None,
-        metavar="JSON",
-        help="RoPE scaling override, for steps past the model's context, "
-        'e.g. \'{"rope_type":"yarn","factor":4,"original_max_position_embeddings":8192}\'',
-    )
-    p.add_argument(
-        "--num-threads",
-        type=int,
-        default=None,
-        help="threads per rank (default: cores / ranks); 1 on a many-core machine runs SP > 2 at the "
-        "per-thread rates `seqpar tune` measures",
-    )
     p.add_argument("--parts", default="grid,prefill", help="grid, prefill or both")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--json", default=None, help="write the results here")

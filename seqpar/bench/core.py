@@ -1,6 +1,6 @@
 """Engine-core benchmark: prefix reuse, chunked prefill, latency of running decodes, capacity.
 
-    seqpar bench core [--model smollm2-135m] [--sp 2] [--strategy auto] [--doc-tokens 4096] [--long-tokens 8000]
+    seqpar bench core [engine flags] [--strategy auto] [--doc-tokens 4096] [--long-tokens 8000]
                       [--chunk 512] [--kv-cache-gb 0.1] [--repeats 1] [--json out.json]
     python -m seqpar.bench.core --quick           # tiny sizes, a smoke test
 
@@ -27,16 +27,16 @@ import time
 from typing import Any
 
 from seqpar.bench.prompts import make_prompt
-from seqpar.engine.config import EngineConfig
+from seqpar.engine.args import add_engine_args, engine_config
 from seqpar.engine.llm_engine import LLMEngine
 from seqpar.engine.sampling import SamplingParams
 
-QUICK = dict(doc_tokens=200, long_tokens=400, chunk=64, kv_cache_gb=0.005)
+QUICK = dict(doc_tokens=200, long_tokens=400, chunk=64, capacity_kv_cache_gb=0.005)
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def _engine(args: argparse.Namespace, sp: int, **over: Any) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=args.model, sp_size=sp, strategy=args.strategy, **over))
+    return LLMEngine(engine_config(args, sp_size=sp, **over))
 
 
 def _finish(eng: LLMEngine, rid: int) -> Any:
@@ -57,7 +57,7 @@ def _peak_rss_mib(eng: LLMEngine) -> list[float]:
 
 
 def prefix_reuse(args: argparse.Namespace) -> dict[str, Any]:
-    eng = _engine(args, args.sp)
+    eng = _engine(args, args.sp_size)
     try:
         doc = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.doc_tokens, "text", seed=1)
         q1 = eng.tokenizer.encode(" Question: which record mentions Oslo?", add_special_tokens=False)
@@ -81,7 +81,11 @@ def prefix_reuse(args: argparse.Namespace) -> dict[str, Any]:
 def _budget_engine(args: argparse.Namespace, budget: int) -> LLMEngine:
     """No prefix caching, and every prompt's chunk as large as the step budget (none capped)."""
     return _engine(
-        args, args.sp, enable_prefix_caching=False, max_num_batched_tokens=budget, long_prefill_token_threshold=budget
+        args,
+        args.sp_size,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=budget,
+        long_prefill_token_threshold=budget,
     )
 
 
@@ -166,16 +170,16 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
     from seqpar.model import load_config
 
     mc = load_config(args.model)
-    out: dict[str, Any] = {"kv_cache_gb": args.kv_cache_gb, "tokens": {}}
+    out: dict[str, Any] = {"kv_cache_gb": args.capacity_kv_cache_gb, "tokens": {}}
     for sp in (1, 2, 3, 4):
-        config = EngineConfig(model=args.model, sp_size=sp, kv_cache_gb=args.kv_cache_gb)
+        config = engine_config(args, sp_size=sp, kv_cache_gb=args.capacity_kv_cache_gb)
         out["tokens"][sp] = config.placement().max_tokens(kv_blocks_per_rank(config, mc))
     one = out["tokens"][1]
     out["growth"] = {sp: n / one for sp, n in out["tokens"].items()}
     out["met"] = all(out["growth"][sp] >= 0.95 * sp for sp in (1, 2, 3, 4))
     # A prompt SP 1 refuses, served at SP 2.
     n = min(int(one * 1.5), mc.max_position_embeddings - 2)
-    eng = _engine(args, 2, kv_cache_gb=args.kv_cache_gb)
+    eng = _engine(args, 2, kv_cache_gb=args.capacity_kv_cache_gb)
     try:
         prompt = make_prompt(eng.tokenizer, mc.vocab_size, n, "text", seed=5)
         res = _finish(eng, eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY)))
@@ -192,14 +196,12 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="seqpar bench core", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--sp", type=int, default=2)
+    add_engine_args(p.add_argument_group("engine"), defaults={"sp_size": 2})
     p.add_argument("--doc-tokens", type=int, default=4096)
     p.add_argument("--long-tokens", type=int, default=8000)
     p.add_argument("--chunk", type=int, default=512)
-    p.add_argument("--kv-cache-gb", type=float, default=0.1)
+    p.add_argument("--capacity-kv-cache-gb", type=float, default=0.1, help="(d): KV cache per rank, GiB")
     p.add_argument("--parts", default="a,b,c,d", help="which of a,b,c,d to run")
-    p.add_argument("--strategy", default="auto", help="prefill attention over the caches (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="(b): rounds, alternating which engine goes first; medians")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--json", default=None, help="write the results here")

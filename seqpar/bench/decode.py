@@ -1,6 +1,6 @@
 """Decode benchmark: seqpar against transformers, ms/token at several contexts and a batch of 16.
 
-    seqpar bench decode [--model smollm2-135m] [--contexts 1024,4096,8000] [--tokens 32]
+    seqpar bench decode [engine flags] [--contexts 1024,4096,8000] [--tokens 32]
                         [--batch 16] [--batch-context 1024] [--repeats 3] [--json out.json]
 
 Configurations, fp32, greedy, defaults otherwise (as a new user would run them):
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from seqpar.bench.prompts import make_prompt
+from seqpar.engine.args import ENGINE_FIELDS, add_engine_args, engine_config
 from seqpar.model import hf_model_from
 
 QUICK = dict(contexts="64,160", tokens=4, batch=2, batch_context=32, repeats=1)
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.model import load_tokenizer
 
     p = argparse.ArgumentParser(prog="seqpar bench decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
+    add_engine_args(
+        p.add_argument_group("engine (SP 1 and SP 2 both run)"),
+        defaults={"enable_prefix_caching": False},
+        only=[f for f in ENGINE_FIELDS if f != "sp_size"],
+    )
     p.add_argument("--contexts", default="1024,4096,8000")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=16)
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = [make_prompt(tok, vocab, args.batch_context, "random", seed=100 + i) for i in range(args.batch)]
     runners: dict[str, Any] = {"hf": HF(args.model)}
     for sp in (1, 2):
-        runners[f"sp{sp}"] = LLM(args.model, sp_size=sp, enable_prefix_caching=False)
+        runners[f"sp{sp}"] = LLM(engine_config(args, sp_size=sp))
     ms: dict[str, dict[int, list[float]]] = {k: {c: [] for c in contexts} for k in runners}
     tps: dict[str, list[float]] = {k: [] for k in runners}
     tokens: dict[str, dict[int, list[int]]] = {k: {} for k in runners}

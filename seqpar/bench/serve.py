@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from seqpar.bench.serve_load import run_guidellm, run_openai, workload
+from seqpar.model.loader import DEFAULT_MODEL
 
 LLAMA_CPP = "llamacpp"
 
@@ -169,12 +170,13 @@ def one_token(args: argparse.Namespace, server: RunningServer, prompt: str) -> d
     """A 1-token request through HTTP vs LLM.generate on the same prompt, paired, alternating order."""
     import httpx
 
-    from seqpar.cli import build_parser, engine_config
+    from seqpar.engine.args import add_engine_args, engine_config
     from seqpar.engine.llm import LLM
     from seqpar.engine.sampling import SamplingParams
 
-    config = engine_config(build_parser().parse_args(["serve", *server.spec.engine_args]))
-    llm = LLM(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    flags = argparse.ArgumentParser()
+    add_engine_args(flags)
+    llm = LLM(engine_config(flags.parse_args(server.spec.engine_args)))  # the served engine's own flags
     body = {"model": "bench", "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
 
     def http() -> tuple[float, str]:
@@ -366,7 +368,7 @@ def save(results: dict[str, Any], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="seqpar bench serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="seqpar's model (llama.cpp gets --gguf)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="seqpar's model (llama.cpp gets --gguf)")
     p.add_argument("--gguf", default=None, help="llama.cpp's model file (default: --model's GGUF)")
     p.add_argument("--servers", default=f"sp1,sp2,{LLAMA_CPP}", help="comma-separated: spN and/or llamacpp")
     p.add_argument("--concurrency", default="1,4,8", help="concurrent streams, comma-separated")

@@ -125,3 +125,11 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0, thre
     finally:
         stop_ranks(procs)
     return [results[r] for r in range(world)]
+
+
+def agree_on_errors(error: str | None) -> list[str]:
+    """Every rank says whether its part failed (`error`) and learns every rank's failures, so a rank
+    whose peer failed stops instead of waiting forever in a later collective."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return [e for e in errors if e]

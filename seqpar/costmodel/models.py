@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from seqpar.model.config import ModelConfig
+from seqpar.model.loader import DEFAULT_MODEL
 
 # Llama 3.1's RoPE (config.json of meta-llama/Llama-3.1-{8B,70B,405B}): theta 500000, llama3
 # scaling from the 8K pre-training context to 128K.
@@ -65,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "head_dim": 128,
     },
     # HuggingFaceTB/SmolLM2-135M-Instruct config.json: the model this project runs on CPU
-    "smollm2-135m": {
+    DEFAULT_MODEL: {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": 49152,
@@ -90,7 +91,7 @@ ALIASES = {
     "meta-llama/llama-3.1-8b": "llama-3.1-8b",
     "meta-llama/llama-3.1-70b": "llama-3.1-70b",
     "meta-llama/llama-3.1-405b": "llama-3.1-405b",
-    "smollm2-135m-instruct": "smollm2-135m",
+    "smollm2-135m-instruct": DEFAULT_MODEL,
 }
 
 

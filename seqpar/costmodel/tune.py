@@ -28,6 +28,7 @@ import torch.distributed as dist
 from seqpar.costmodel import formulas as f
 from seqpar.costmodel.profile import COMPUTE_KEYS, Link, MachineProfile, Rates, profile_path
 from seqpar.model.config import ModelConfig
+from seqpar.model.loader import DEFAULT_MODEL
 
 FULL = dict(
     gemm_rows=(1, 16, 64, 256, 1024, 4096),
@@ -209,7 +210,7 @@ def _rank(rank: int, world: int, mc: ModelConfig, sizes: dict[str, Any]) -> dict
     return {"compute": compute, "links": _links(rank, world, sizes)}
 
 
-def tune(model: str = "smollm2-135m", quick: bool = False) -> MachineProfile:
+def tune(model: str = DEFAULT_MODEL, quick: bool = False) -> MachineProfile:
     from seqpar.comm.launch import run_ranks
     from seqpar.model import load_config
 
@@ -259,7 +260,7 @@ def describe(profile: MachineProfile) -> str:
 
 
 def add_tune_args(p: Any) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="whose layer shapes to measure (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="whose layer shapes to measure (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (a smoke test; rough numbers)")
     p.add_argument("--output", default=None, metavar="PATH", help=f"where to write (default: {profile_path()})")
 

@@ -18,12 +18,9 @@ import hashlib
 import heapq
 from array import array
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 from seqpar.engine.kv_cache import Placement, blocks_needed
-
-if TYPE_CHECKING:
-    from seqpar.engine.scheduler import Sequence
+from seqpar.engine.sequence import Sequence
 
 
 def chain_hash(prev: bytes | None, tokens: list[int]) -> bytes:

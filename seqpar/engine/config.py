@@ -1,7 +1,13 @@
-"""Engine configuration: one frozen object, validated once, shared by the driver and every rank."""
+"""Engine configuration: one frozen object, validated once, shared by the driver and every rank.
+
+Every option is declared once, here: its default, its help text and its choices ride on the
+field (`opt(...)`), and `seqpar.engine.args` generates the command-line flags of every
+command and benchmark from these fields.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +15,7 @@ from typing import Any
 import torch
 
 from seqpar.engine.kv_cache import SHARD_SCHEMES, Placement
+from seqpar.model.loader import DEFAULT_MODEL
 from seqpar.strategies.decode import MERGES as DECODE_MERGES
 from seqpar.strategies.over_cache import CACHE_STRATEGIES
 
@@ -18,57 +25,90 @@ PREFILL_STRATEGIES = (*CACHE_STRATEGIES, "auto")
 # In the attention library (seqpar.sp_attention) only: they attend whole prompts, not chunks over a cache.
 LIBRARY_ONLY = ("ulysses", "usp", "head_sharded")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# cpu: gloo, every path tested. cuda: NCCL, one GPU per rank; written but not yet run on a GPU
-# (scripts/gpu_check.sh is the check that would say it works).
+# cpu: gloo, every path tested. cuda: NCCL, one GPU per rank; tests/test_gpu.py passed on one GPU.
 DEVICES = ("cpu", "cuda")
+
+
+def opt(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, choices: Any = None) -> Any:
+    """A config field with what its command-line flag needs: help text ("%(default)s" allowed),
+    the flag's name when it is not `--field-name`, a metavar, and the allowed values."""
+    meta = {"help": help, "flag": flag, "metavar": metavar, "choices": choices}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = "smollm2-135m"
-    sp_size: int = 1
-    tp_size: int = 1
-    # prefill attention across SP ranks (over their KV caches); auto: per step the cheapest by the cost
-    # model (it picked within 10% of the fastest at 94% of the validation grid, docs/benchmarks.md)
-    strategy: str = "auto"
-    decode_merge: str = "allgather"  # how partial decode attention is merged across SP ranks
-    scheme: str = "zigzag"  # how positions are sharded across SP ranks: zigzag or striped over shard units
-    shard_blocks: int = 16  # KV blocks per shard unit: consecutive positions one SP rank holds
-    num_threads: int | None = None  # per rank; default: cores split evenly over ranks
-    dtype: str = "float32"
-    block_size: int = 16
-    kv_cache_gb: float = 1.0  # per rank
-    max_model_len: int | None = None  # default: the model's context
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048  # tokens per step across the SP group (chunked prefill)
-    long_prefill_token_threshold: int | None = None  # a prefill chunk's cap while others wait; default half the budget
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    step_timeout_s: float = 1800.0  # a step that takes longer means a wedged worker
-    decode_split: bool = True  # decode-only steps split the MLP over the SP ranks (tp_size 1)
-    shared_memory: bool = True  # decode merges, pass-KV and step results through shared memory on one host
-    # Replaces the model's RoPE scaling (HF's rope_scaling dict, as vLLM's --rope-scaling), e.g.
-    # {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 8192}; the context grows by the factor.
-    rope_scaling: dict[str, Any] | None = None
-    # Where every rank keeps its model and KV cache; cuda: NCCL, rank i on GPU i of its host, no shared memory.
-    device: str = "cpu"
+    model: str = opt(DEFAULT_MODEL, "known model name, GGUF file or HF directory (default: %(default)s)")
+    sp_size: int = opt(1, "sequence-parallel ranks (default: 1; under torchrun WORLD_SIZE / tp)", flag="--sp")
+    tp_size: int = opt(1, "tensor-parallel ranks per SP rank (default: %(default)s)", flag="--tp")
+    # auto picked within 10% of the fastest at 94% of the validation grid (docs/benchmarks.md)
+    strategy: str = opt(
+        "auto",
+        "prefill attention across SP ranks, over their KV caches; auto: each step the cheapest by the cost "
+        "model over this machine's profile (seqpar tune) (default: %(default)s)",
+        choices=PREFILL_STRATEGIES,
+    )
+    decode_merge: str = opt(
+        "allgather", "how decode merges partial attention across SP ranks (default: %(default)s)", choices=DECODE_MERGES
+    )
+    scheme: str = opt(
+        "zigzag",
+        "how positions are spread over SP ranks, in units of --shard-blocks KV blocks (default: %(default)s)",
+        choices=SHARD_SCHEMES,
+    )
+    shard_blocks: int = opt(16, "KV blocks per shard unit: consecutive positions one SP rank holds (default: 16)")
+    num_threads: int | None = opt(None, "threads per rank (default: cores / ranks)", metavar="T")
+    dtype: str = opt("float32", "weights and activations (default: %(default)s)", choices=tuple(DTYPES))
+    block_size: int = opt(16, "tokens per KV block (default: %(default)s)")
+    kv_cache_gb: float = opt(1.0, "KV cache per rank, GiB (default: %(default)s)", metavar="G")
+    max_model_len: int | None = opt(
+        None, "tokens per sequence at most, prompt + output (default: the model's context)", metavar="L"
+    )
+    max_num_seqs: int = opt(64, "requests in one batch at most (default: %(default)s)")
+    max_num_batched_tokens: int = opt(
+        2048, "tokens per step across the SP group; longer prompts prefill in chunks (default: %(default)s)"
+    )
+    long_prefill_token_threshold: int | None = opt(
+        None, "a prefill chunk's cap while other requests wait (default: half of --max-num-batched-tokens)"
+    )
+    enable_prefix_caching: bool = opt(True, "reuse the KV of cached prompt prefixes (default: on)")
+    seed: int = opt(0, "the engine's sampling seed for requests without their own (default: %(default)s)")
+    step_timeout_s: float = opt(
+        1800.0, "seconds a step may take before its rank counts as wedged (default: 1800)", metavar="S"
+    )
+    decode_split: bool = opt(True, "decode-only steps split the MLP over the SP ranks (tp 1) (default: on)")
+    shared_memory: bool = opt(
+        True,
+        "decode merges, pass-KV and pass-Q between ranks on one host through shared memory (default: on; "
+        "--no-shared-memory sends everything over the process group, as between hosts)",
+    )
+    # HF's rope_scaling dict, as vLLM's --rope-scaling; the context grows by the factor.
+    rope_scaling: dict[str, Any] | None = opt(
+        None,
+        'replace the model\'s RoPE scaling, e.g. \'{"rope_type":"yarn","factor":4,'
+        '"original_max_position_embeddings":8192}\' (the context grows by the factor)',
+        metavar="JSON",
+    )
+    device: str = opt(
+        "cpu",
+        "where ranks keep the model and KV cache: cpu (gloo) or cuda (NCCL, rank i on GPU i of its host; "
+        "tested on one GPU) (default: %(default)s)",
+        choices=DEVICES,
+    )
 
     def __post_init__(self) -> None:
-        def choice(name: str, value: str, options: tuple[str, ...]) -> None:
-            if value not in options:
-                raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(options)}")
-
         if self.strategy in LIBRARY_ONLY:
             raise ValueError(
                 f"strategy={self.strategy!r} attends whole prompts; the engine prefills in chunks over the "
                 f"sharded KV cache (prefix caching, chunked prefill), where {', '.join(PREFILL_STRATEGIES)} apply. "
                 f"Use one of those, or seqpar.sp_attention(..., strategy={self.strategy!r}) on whole sequences"
             )
-        choice("strategy", self.strategy, PREFILL_STRATEGIES)
-        choice("decode_merge", self.decode_merge, DECODE_MERGES)
-        choice("scheme", self.scheme, SHARD_SCHEMES)
-        choice("dtype", self.dtype, tuple(DTYPES))
-        choice("device", self.device, DEVICES)
+        for f in dataclasses.fields(self):
+            options = f.metadata.get("choices")
+            if options is not None and getattr(self, f.name) not in options:
+                raise ValueError(
+                    f"{f.name}={getattr(self, f.name)!r} is not supported; choose one of {', '.join(options)}"
+                )
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 "device='cuda' but torch.cuda.is_available() is False here (a CPU-only torch build, or no GPU "
@@ -78,16 +118,17 @@ class EngineConfig:
         for name in ("sp_size", "tp_size", "block_size", "shard_blocks", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
-            raise ValueError(f"long_prefill_token_threshold must be >= 1, got {self.long_prefill_token_threshold}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        for name in ("long_prefill_token_threshold", "num_threads", "max_model_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(
                 f"rope_scaling must be a dict like {{'rope_type': 'yarn', 'factor': 4}}, got {self.rope_scaling!r}"
             )
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
 
     def placement(self) -> Placement:
         return Placement(self.sp_size, self.block_size, self.shard_blocks, self.scheme)

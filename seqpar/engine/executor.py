@@ -20,7 +20,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from seqpar.comm.launch import init_local_rank, start_ranks, stop_ranks
+from seqpar.comm.launch import agree_on_errors, init_local_rank, start_ranks, stop_ranks
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.messages import StepResult
 from seqpar.engine.worker import Worker
@@ -39,9 +39,7 @@ def _init_worker(config: EngineConfig, num_blocks: int, progress: Any) -> tuple[
         worker = Worker(config, num_blocks, progress)
     except Exception:
         error = f"rank {dist.get_rank()}:\n{traceback.format_exc()}"
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    failed = [e for e in errors if e]
+    failed = agree_on_errors(error)
     return worker, "\n".join(failed) if failed else None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +13,7 @@ from seqpar.engine.executor import ProgressFn
 from seqpar.engine.llm_engine import LLMEngine
 from seqpar.engine.outputs import RequestOutput
 from seqpar.engine.sampling import SamplingParams
+from seqpar.model.loader import DEFAULT_MODEL
 
 Prompt = str | list[int]
 
@@ -25,15 +27,23 @@ class LLM:
 
     def __init__(
         self,
-        model: str = "smollm2-135m",
+        model: str | EngineConfig = DEFAULT_MODEL,
         sp_size: int = 1,
         tp_size: int = 1,
         strategy: str = "auto",
         *,
         torchrun: bool = False,
-        **kwargs: Any,
+        **options: Any,
     ):
-        config = EngineConfig(model=model, sp_size=sp_size, tp_size=tp_size, strategy=strategy, **kwargs)
+        """`model` and any `EngineConfig` field by name (`kv_cache_gb=2`, ...), or a whole `EngineConfig`."""
+        if isinstance(model, EngineConfig):
+            config = model
+        else:
+            unknown = sorted(set(options) - {f.name for f in dataclasses.fields(EngineConfig)})
+            if unknown:
+                known = ", ".join(f.name for f in dataclasses.fields(EngineConfig))
+                raise TypeError(f"LLM() got unknown option(s) {', '.join(unknown)}; the engine's options are {known}")
+            config = EngineConfig(model=model, sp_size=sp_size, tp_size=tp_size, strategy=strategy, **options)
         self.engine = LLMEngine(config, torchrun=torchrun)
 
     def get_tokenizer(self) -> Any:

@@ -26,7 +26,8 @@ from seqpar.engine.kv_cache import block_bytes, size_cache
 from seqpar.engine.messages import SeqStep, Step, StepResult
 from seqpar.engine.outputs import EngineStats, RequestOutput
 from seqpar.engine.sampling import SamplingParams
-from seqpar.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
+from seqpar.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from seqpar.engine.sequence import Sequence
 from seqpar.engine.tokenizer import LazyTokenizer
 from seqpar.engine.validate import check_parallelism
 from seqpar.model import ModelConfig, load_config

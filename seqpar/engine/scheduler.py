@@ -19,63 +19,15 @@ recomputed exactly from its prompt and the tokens it had generated.
 
 from __future__ import annotations
 
-import enum
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from seqpar.engine.block_manager import BlockManager
-from seqpar.engine.outputs import LogprobDict
-from seqpar.engine.sampling import SamplingParams
-
-
-class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
+from seqpar.engine.sequence import Sequence, SequenceStatus
 
 
 class RequestTooLongError(ValueError):
     """The request could never be scheduled, however long it waited."""
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request's tokens, progress and KV blocks; `seq_id` is the request's one id everywhere."""
-
-    seq_id: int
-    prompt_token_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    prompt: str | None = None
-    output_token_ids: list[int] = field(default_factory=list)
-    status: SequenceStatus = SequenceStatus.WAITING
-    arrival_time: float = field(default_factory=time.monotonic)
-    cumulative_logprob: float = 0.0
-    output_logprobs: list[LogprobDict] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)  # physical block of each logical block, on its owner rank
-    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    num_cached_tokens: int | None = None  # prompt tokens reused from the prefix cache at first admission
-
-    def __post_init__(self) -> None:
-        if not self.prompt_token_ids:
-            raise ValueError(f"request {self.seq_id}: the prompt has no tokens; send at least one")
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prompt_tokens + self.num_output_tokens
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
 
 @dataclass(frozen=True)

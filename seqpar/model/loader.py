@@ -37,9 +37,11 @@ def _smollm2_gguf() -> Path:
     return path
 
 
+# The model every command and `LLM` use unless told otherwise.
+DEFAULT_MODEL = "smollm2-135m"
 # Short names (lower-case) -> where the weights are.
 KNOWN_MODELS: dict[str, Callable[[], Path]] = {
-    "smollm2-135m": _smollm2_gguf,
+    DEFAULT_MODEL: _smollm2_gguf,
     "smollm2-135m-instruct": _smollm2_gguf,
 }
 

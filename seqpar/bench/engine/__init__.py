@@ -1,6 +1,6 @@
 """Engine benchmark: the whole engine, end to end, at SP 1 and SP 2 against HF transformers.
 
-    seqpar bench engine [--model smollm2-135m] [--prompt-tokens 8192] [--decode-contexts 1024,8192]
+    seqpar bench engine [engine flags] [--prompt-tokens 8192] [--decode-contexts 1024,8192]
                         [--decode-tokens 32] [--repeats 3] [--json out.json]
     python -m seqpar.bench.engine --quick            # tiny sizes, a smoke test
 
@@ -53,9 +53,10 @@ import torch
 from seqpar.bench.engine.report import format_report, summarize
 from seqpar.bench.engine.rows import build_configs
 from seqpar.bench.engine.runner import log, run_benchmark
+from seqpar.engine.args import ENGINE_FIELDS, add_engine_args, engine_kwargs
 from seqpar.strategies.decode import MERGES as DECODE_MERGES
 
-QUICK = dict(prompt_tokens=192, decode_contexts="64,160", decode_tokens=4, repeats=1, shard_blocks=2)
+QUICK = dict(prompt_tokens=192, decode_contexts="64,160", decode_tokens=4, repeats=1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,8 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model", default="smollm2-135m", help="known model name, GGUF file or HF directory (default: %(default)s)"
+    add_engine_args(
+        p.add_argument_group(
+            "engine (every configuration; each sets its own SP size, threads, decode merge, KV cache)"
+        ),
+        defaults={"strategy": "ring", "enable_prefix_caching": False},
+        only=[f for f in ENGINE_FIELDS if f not in ("sp_size", "num_threads", "decode_merge", "kv_cache_gb")],
     )
     p.add_argument(
         "--prompt-tokens",
@@ -97,34 +102,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="token ids from the tokenizer on generated text, or pseudo-random ids (default: %(default)s)",
     )
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    p.add_argument(
-        "--rope-scaling",
-        type=json.loads,
-        default=None,
-        metavar="JSON",
-        help="RoPE scaling override for seqpar and transformers alike, to run past the model's context, "
-        'e.g. \'{"rope_type":"yarn","factor":4,"original_max_position_embeddings":8192}\'',
-    )
-    p.add_argument(
-        "--shard-blocks",
-        type=int,
-        default=None,
-        metavar="B",
-        help="KV blocks per SP shard unit (default: the engine's 16)",
-    )
     p.add_argument("--decode-only", action="store_true", help="time decode only (no TTFT rounds, no transformers)")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny sizes (a smoke test): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+        help="tiny sizes (a smoke test): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + ", shard_blocks=2",
     )
     p.add_argument("--json", metavar="PATH", help="write every sample and the summary as JSON")
     args = p.parse_args(argv)
+    try:
+        args.engine = engine_kwargs(args)  # the seqpar side; transformers gets the same model and RoPE scaling
+    except ValueError as e:
+        p.error(str(e))
     defaults = (
-        QUICK
-        if args.quick
-        else dict(prompt_tokens=8192, decode_contexts="1024,8192", decode_tokens=32, repeats=3, shard_blocks=16)
+        QUICK if args.quick else dict(prompt_tokens=8192, decode_contexts="1024,8192", decode_tokens=32, repeats=3)
     )
+    if args.quick:
+        args.engine["shard_blocks"] = 2
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -195,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_hf = True
     info = machine()
     header = (
-        f"seqpar engine benchmark: model {args.model}, fp32, greedy; {args.repeats} round(s); "
+        f"seqpar engine benchmark: model {args.model}, {args.dtype}, greedy; {args.repeats} round(s); "
         f"{info['cpus']} CPUs ({info.get('cpu') or platform.machine()}), torch {info['torch']}"
         + (f", commit {info['commit']}" if info.get("commit") else "")
     )

@@ -29,24 +29,18 @@ class Call:
 class Engine:
     """One LLM kept up for the whole run; every step is recorded through the engine's observer hook."""
 
-    def __init__(
-        self, config: Config, model: str, kv_cache_gb: float, rope_scaling: dict | None = None, shard_blocks: int = 16
-    ):
+    def __init__(self, config: Config, engine: dict[str, Any], kv_cache_gb: float):
+        """`engine`: the EngineConfig fields every configuration shares (prefix caching off by default:
+        every round must prefill the same prompt from scratch)."""
         from seqpar.engine.llm import LLM
 
         self.config = config
-        # No prefix caching: every round must prefill the same prompt from scratch.
         self.llm = LLM(
-            model,
+            **engine,
             sp_size=config.sp,
-            strategy="ring",
-            scheme="zigzag",
             decode_merge=config.decode_merge,
             num_threads=config.threads,
             kv_cache_gb=kv_cache_gb,
-            enable_prefix_caching=False,
-            rope_scaling=rope_scaling,
-            shard_blocks=shard_blocks,
         )
         self.calls: list[Call] = []
 
@@ -193,7 +187,8 @@ def log(msg: str) -> None:
 def run_benchmark(args: argparse.Namespace, configs: list[Config]) -> Results:
     from seqpar.model import load_config, load_tokenizer
 
-    mc = load_config(args.model, args.rope_scaling)
+    rope_scaling = args.engine["rope_scaling"]
+    mc = load_config(args.model, rope_scaling)
     tokenizer = load_tokenizer(args.model)
     context = mc.max_position_embeddings
     res = Results()
@@ -212,9 +207,7 @@ def run_benchmark(args: argparse.Namespace, configs: list[Config]) -> Results:
         for c in configs:
             t0 = time.perf_counter()
             try:
-                engines[c.key] = Engine(
-                    c, args.model, kv_cache_gb_for(mc, c.sp, longest), args.rope_scaling, args.shard_blocks
-                )
+                engines[c.key] = Engine(c, args.engine, kv_cache_gb_for(mc, c.sp, longest))
             except ValueError as e:  # e.g. a decode merge this model's head count rules out
                 if c.ttft:
                     raise
@@ -226,7 +219,7 @@ def run_benchmark(args: argparse.Namespace, configs: list[Config]) -> Results:
         if not args.no_hf:
             try:
                 t0 = time.perf_counter()
-                hf = HFBaseline(args.model, 2, args.rope_scaling)
+                hf = HFBaseline(args.model, 2, rope_scaling)
                 hf.run(warm)
                 log(f"hf-2t: up in {time.perf_counter() - t0:.1f}s")
             except Exception as e:  # reported, the rest still runs

@@ -14,10 +14,25 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from seqpar.cli.errors import CLIError
+from seqpar.cli.torchrun import run_under_torchrun, under_torchrun
+from seqpar.engine.args import add_engine_args, engine_config
+from seqpar.engine.config import EngineConfig
+
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
 
-def add_serve_args(group: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server",
+        description=(
+            "Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...). "
+            "Under torchrun, rank 0 serves HTTP: torchrun --nproc-per-node N -m seqpar serve --sp N ..."
+        ),
+    )
+    add_engine_args(serve.add_argument_group("engine"), torchrun=True)
+    group = serve.add_argument_group("server")
     group.add_argument(
         "--served-model-name", default=None, metavar="NAME", help="the model's name in the API (default: --model)"
     )
@@ -31,24 +46,26 @@ def add_serve_args(group: Any) -> None:
     )
 
 
-def serve(args: argparse.Namespace) -> int:
-    from seqpar.cli import CLIError, engine_config, under_torchrun
-
+def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port {args.port} is not a TCP port (0-65535)")
     if under_torchrun():
-        return serve_torchrun(args)
-    config = engine_config(args)
+        # the tokenizer is optional: a model without one serves token ids
+        return run_under_torchrun(args, lambda config, _: _serve(args, config, torchrun=True))
+    return _serve(args, engine_config(args), torchrun=False)
 
+
+def _serve(args: argparse.Namespace, config: EngineConfig, torchrun: bool) -> int:
     def factory() -> Any:
         from seqpar.engine.llm_engine import LLMEngine
 
-        return LLMEngine(config)
+        return LLMEngine(config, torchrun=torchrun)
 
-    return run_server(args, config, factory, restart=True)
+    # Locally a failed engine is rebuilt; under torchrun it cannot be from rank 0 alone.
+    return run_server(args, config, factory, restart=not torchrun)
 
 
-def run_server(args: argparse.Namespace, config: Any, factory: Callable[[], Any], restart: bool) -> int:
+def run_server(args: argparse.Namespace, config: EngineConfig, factory: Callable[[], Any], restart: bool) -> int:
     import uvicorn
 
     from seqpar.engine.async_llm import AsyncLLM
@@ -66,7 +83,7 @@ def run_server(args: argparse.Namespace, config: Any, factory: Callable[[], Any]
             holder["dead"] = True
 
     engine = AsyncLLM(factory, restart=restart, on_dead=on_dead).start()  # raises ValueError on a bad model
-    name = args.served_model_name or args.model
+    name = args.served_model_name or config.model
     tokenizer = LazyTokenizer(config.model)
     tokenizer.get_or_none()  # now, not in the first request; a model without one serves token ids
     state = ServerState(
@@ -84,47 +101,3 @@ def run_server(args: argparse.Namespace, config: Any, factory: Callable[[], Any]
         print(f"seqpar: error: the engine failed and cannot restart here: {engine.last_error}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
-
-
-def serve_torchrun(args: argparse.Namespace) -> int:
-    """One torchrun process: rank 0 serves HTTP and drives the engine, the others serve steps."""
-    import torch
-    import torch.distributed as dist
-
-    from seqpar.cli import engine_config, fail, num_blocks
-    from seqpar.comm.launch import join_group
-    from seqpar.engine.executor import serve_rank
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    try:
-        config = engine_config(args, world)
-    except ValueError as e:
-        return fail(e) if rank == 0 else 2
-    torch.set_num_threads(config.threads_per_rank)
-    join_group(config.device, int(os.environ.get("LOCAL_RANK", 0)), config.step_timeout_s)  # gloo, or NCCL
-    try:
-        # Agree on what may differ between machines (model files) before any rank loads.
-        error, blocks = None, 0
-        try:
-            blocks = num_blocks(config)  # the tokenizer is optional: a model without one serves token ids
-        except ValueError as e:
-            error = f"rank {rank}: {e}" if rank else str(e)
-        errors: list[str | None] = [None] * world
-        dist.all_gather_object(errors, error)
-        failed = [e for e in errors if e]
-        if failed:
-            return fail(failed[0]) if rank == 0 else 2
-        if rank != 0:
-            try:
-                return 0 if serve_rank(config, blocks) else 2
-            except Exception as e:
-                return fail(f"rank {rank}: {type(e).__name__}: {e}")
-
-        def factory() -> Any:
-            from seqpar.engine.llm_engine import LLMEngine
-
-            return LLMEngine(config, torchrun=True)
-
-        return run_server(args, config, factory, restart=False)
-    finally:
-        dist.destroy_process_group()

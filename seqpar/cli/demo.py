@@ -1,4 +1,4 @@
-"""`make demo` / `seqpar demo`: a needle in a ~4K-token haystack, answered with the prompt
+"""`seqpar demo` (`make demo`): a needle in a ~4K-token haystack, answered with the prompt
 sharded over SP ranks.
 
 SmolLM2-135M-Instruct reads seqpar/data/harrowmere.txt (fictional prose) with one
@@ -10,13 +10,14 @@ differ only by fp32 rounding. The demo checks both and prints what it found.
 
 from __future__ import annotations
 
-import sys
+import argparse
 from importlib import resources
 from typing import Any
 
-from seqpar.cli import PrefillBar, summary
+from seqpar.cli.generate import PrefillBar, summary
 from seqpar.engine.llm import LLM
 from seqpar.engine.sampling import SamplingParams
+from seqpar.model.loader import DEFAULT_MODEL
 
 CODE = "BLUE-7"
 NEEDLE = f"The secret code for the lighthouse vault is {CODE}."
@@ -24,6 +25,18 @@ NEEDLE = f"The secret code for the lighthouse vault is {CODE}."
 # found the needle at every depth and code tried (asked only after, it missed some).
 QUESTION = "What is the secret code for the lighthouse vault? Answer with the code only."
 MAX_TOKENS = 32
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="find a needle in a ~4K-token document at SP 2",
+        description=(
+            "SmolLM2-135M-Instruct answers a question whose answer is hidden mid-way through a ~4K-token document, "
+            "with the prompt sharded over --sp ranks; prints the answer and the figures."
+        ),
+    )
+    demo.add_argument("--sp", type=int, default=2, metavar="N", help="sequence-parallel ranks (default: 2)")
 
 
 def document() -> tuple[str, int, int]:
@@ -49,7 +62,7 @@ def answer(llm: LLM, prompt: list[int]) -> Any:
     return llm.last_output
 
 
-def main(sp_size: int = 2, model: str = "smollm2-135m") -> int:
+def main(sp_size: int = 2, model: str = DEFAULT_MODEL) -> int:
     doc, where, paragraphs = document()
     print(f"seqpar demo: a needle in a haystack, {model}, {sp_size} SP rank(s), greedy decoding")
     with LLM(model, sp_size=sp_size) as llm:
@@ -102,7 +115,3 @@ def exactness(out: Any, ref: Any, sp_size: int) -> tuple[bool, str]:
         f"exact: SP {sp_size} gave the same {len(got.token_ids)} tokens as 1 rank, their log-probs within "
         f"{diff:.1e} (fp32 rounding; sequence-parallel attention is exact, not an approximation)\n{kv}"
     )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

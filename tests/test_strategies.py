@@ -17,6 +17,7 @@ from seqpar import ShardPlan, reference_attention, sp_attention
 from seqpar.comm.collectives import STATS
 from seqpar.comm.launch import run_ranks
 from seqpar.sharding.plan import SCHEMES
+from seqpar.strategies.registry import whole_prompt_names
 
 BATCHES = ([1, 7, 2, 13], [3], [20, 5])  # ragged, lengths 1, shorter than the world
 HEADS = ((12, 12), (12, 4), (12, 1))  # GQA ratios 1, 3 and MQA
@@ -57,7 +58,7 @@ def _sweep(rank: int, world: int, strategy: str, dtypes: tuple) -> int:
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("strategy", ["ring", "pass_q", "allgather", "ulysses", "usp"])
+@pytest.mark.parametrize("strategy", whole_prompt_names())  # every registered strategy, a new one too
 def test_strategy_matches_reference(strategy: str, world: int) -> None:
     counts = run_ranks(_sweep, world, strategy, (torch.float32, torch.bfloat16))
     assert all(c == counts[0] and c > 0 for c in counts)

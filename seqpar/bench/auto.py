@@ -31,8 +31,9 @@ from seqpar.engine.config import EngineConfig
 from seqpar.engine.llm_engine import LLMEngine
 from seqpar.engine.sampling import SamplingParams
 from seqpar.strategies.over_cache import pass_kv_for_meta
+from seqpar.strategies.registry import over_cache_names
 
-STRATEGIES = ("ring", "pass_q", "allgather", "auto")
+STRATEGIES = (*over_cache_names(), "auto")  # every engine strategy, then auto's pick
 ONE = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 QUICK = dict(new="4,32", cached="0,64", repeats=1, prefill="64")
 TOLERANCE = 1.10
@@ -114,7 +115,7 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
         rows = []
         for (c, n), point in sorted(times.items()):
             med = {s: statistics.median(v) for s, v in point.items()}
-            fastest = min(STRATEGIES[:3], key=lambda s: med[s])
+            fastest = min(STRATEGIES[:-1], key=lambda s: med[s])
             pick = statistics.mode(picks[(c, n)])
             rows.append(
                 {
@@ -173,12 +174,12 @@ def report(results: dict[str, Any]) -> str:
         g = results["grid"]
         out.append(f"SP {g['sp']}, median of {g['repeats']} steps; times in ms (predicted in brackets)")
         out.append(
-            "| new | cached | ring | pass_q | allgather | auto | fastest | auto picks | Meta's rule | auto within 10% |"
+            f"| new | cached | {' | '.join(STRATEGIES)} | fastest | auto picks | Meta's rule | auto within 10% |"
         )
-        out.append("|---:|---:|---:|---:|---:|---:|---|---|---|---|")
+        out.append("|---:|---:|" + "---:|" * len(STRATEGIES) + "---|---|---|---|")
         for r in g["rows"]:
             m, p = r["measured_s"], r["predicted_s"]
-            cells = [f"{m[s] * 1e3:.0f} ({p[s] * 1e3:.0f})" for s in STRATEGIES[:3]]
+            cells = [f"{m[s] * 1e3:.0f} ({p[s] * 1e3:.0f})" for s in STRATEGIES[:-1]]
             out.append(
                 f"| {r['new']} | {r['cached']} | {' | '.join(cells)} | {m['auto'] * 1e3:.0f} | {r['fastest']} | "
                 f"{r['auto_pick']} | {r['meta_rule']} | {'yes' if r['auto_within_10pct'] else 'no'} |"

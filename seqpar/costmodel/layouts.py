@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from seqpar.model.config import ModelConfig
-from seqpar.strategies.over_cache import CACHE_STRATEGIES
+from seqpar.strategies.registry import over_cache_names
 
 # What the cost model prices: the engine's strategies over a cache, and Ulysses (heads for sequence).
-CP_STRATEGIES = (*CACHE_STRATEGIES, "ulysses")
+CP_STRATEGIES = (*over_cache_names(), "ulysses")
 
 
 class PlanError(ValueError):

@@ -17,13 +17,12 @@ import torch
 from seqpar.engine.kv_cache import SHARD_SCHEMES, Placement
 from seqpar.model.loader import DEFAULT_MODEL
 from seqpar.strategies.decode import MERGES as DECODE_MERGES
-from seqpar.strategies.over_cache import CACHE_STRATEGIES
+from seqpar.strategies.registry import over_cache_names, strategies, where_it_runs
 
-# ring = pass-KV; auto = per step the cheapest of them by the cost model over this machine's profile
+# The registered strategies that run over the sharded cache (ring = pass-KV, pass_q, allgather), and
+# auto: per step the cheapest of them by the cost model over this machine's profile
 # (seqpar.engine.auto_strategy; `seqpar tune` measures the profile).
-PREFILL_STRATEGIES = (*CACHE_STRATEGIES, "auto")
-# In the attention library (seqpar.sp_attention) only: they attend whole prompts, not chunks over a cache.
-LIBRARY_ONLY = ("ulysses", "usp", "head_sharded")
+PREFILL_STRATEGIES = (*over_cache_names(), "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # cpu: gloo, every path tested. cuda: NCCL, one GPU per rank; tests/test_gpu.py passed on one GPU.
 DEVICES = ("cpu", "cuda")
@@ -97,11 +96,11 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.strategy in LIBRARY_ONLY:
+        if self.strategy in strategies() and self.strategy not in PREFILL_STRATEGIES:
             raise ValueError(
                 f"strategy={self.strategy!r} attends whole prompts; the engine prefills in chunks over the "
                 f"sharded KV cache (prefix caching, chunked prefill), where {', '.join(PREFILL_STRATEGIES)} apply. "
-                f"Use one of those, or seqpar.sp_attention(..., strategy={self.strategy!r}) on whole sequences"
+                f"Use one of those, or {where_it_runs(self.strategy)}"
             )
         for f in dataclasses.fields(self):
             options = f.metadata.get("choices")

@@ -11,8 +11,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.comm.collectives import all_gather_uneven, group_rank
-from seqpar.kernels.attention import attention_with_lse
+from seqpar.comm.shm import HostExchange
+from seqpar.kernels.attention import attend_into_head_major, attention_with_lse, new_accumulators
+from seqpar.kernels.layout import TokenLayout
 from seqpar.sharding.plan import ShardPlan
+from seqpar.strategies.over_cache import CachedKeys, pack
+from seqpar.strategies.registry import Strategy, register
 
 
 def gather_kv_packed(k: Tensor, v: Tensor, plan: ShardPlan, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
@@ -36,3 +40,38 @@ def allgather_attention(
     k_full, v_full = gather_kv_packed(k, v, plan, group)
     out, _ = attention_with_lse(q, k_full, v_full, plan.layout(group_rank(group)), plan.global_layout, causal, scale)
     return out
+
+
+def allgather_over_cache(
+    q: Tensor,
+    q_layouts: list[TokenLayout],
+    kh: Tensor,
+    vh: Tensor,
+    keys: CachedKeys,
+    group: dist.ProcessGroup | None,
+    scale: float | None,
+    exchange: HostExchange | None = None,
+) -> Tensor:
+    """All-gather over the cache: every rank gathers every rank's packed K/V, then attends locally."""
+    rank = group_rank(group)
+    hkv, d = kh.shape[0], kh.shape[2]
+    mine = pack(kh, vh, keys).permute(2, 0, 1, 3).reshape(keys.num_local, 2 * hkv, d)  # [n, 2 Hkv, D]
+    parts = all_gather_uneven(mine.contiguous(), [len(lay) for lay in keys.packed], group)
+    full = torch.cat(parts).transpose(0, 1).contiguous()  # [2 Hkv, sum n, D]
+    offsets = torch.cumsum(torch.tensor([0] + [len(lay) for lay in keys.packed]), 0).tolist()
+    runs = [run for lay, off in zip(keys.packed, offsets) for run in lay.shifted(off).runs]
+    out, lse = new_accumulators(q)
+    attend_into_head_major(
+        out, lse, q, full[:hkv], full[hkv:], q_layouts[rank], TokenLayout.from_runs(runs), True, scale
+    )
+    return out
+
+
+register(
+    Strategy(
+        "allgather",
+        "all-gather KV: every rank gathers all K/V, then attends (no overlap)",
+        whole=allgather_attention,
+        over_cache=allgather_over_cache,
+    )
+)

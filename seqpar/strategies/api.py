@@ -8,26 +8,15 @@ their whole sequences.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.comm.collectives import group_size
 from seqpar.sharding.plan import ShardPlan
-from seqpar.strategies.allgather import allgather_attention
-from seqpar.strategies.pass_q import pass_q_attention
-from seqpar.strategies.ring import ring_attention
-from seqpar.strategies.ulysses import ulysses_attention
-from seqpar.strategies.usp import usp_attention
+from seqpar.strategies.registry import get, strategies, whole_prompt_names
 
-STRATEGIES: dict[str, Callable[..., Tensor]] = {
-    "ring": ring_attention,
-    "pass_q": pass_q_attention,
-    "allgather": allgather_attention,
-    "ulysses": ulysses_attention,
-    "usp": usp_attention,
-}
+# The strategies sp_attention runs, from the registry (each declared in its own module).
+STRATEGIES: tuple[str, ...] = whole_prompt_names()
 
 
 def sp_attention(
@@ -42,8 +31,7 @@ def sp_attention(
     scale: float | None = None,
     ulysses_degree: int | None = None,
 ) -> Tensor:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    chosen = get(strategy)  # ValueError naming the choices
     world = group_size(group)
     if plan.world_size != world:
         raise ValueError(
@@ -58,8 +46,9 @@ def sp_attention(
         )
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
-    if strategy == "usp":
-        return usp_attention(q, k, v, plan, group, causal, scale, ulysses_degree=ulysses_degree)
-    if ulysses_degree is not None:
-        raise ValueError(f"ulysses_degree is only used by strategy='usp' (got strategy={strategy!r})")
-    return STRATEGIES[strategy](q, k, v, plan, group, causal, scale)
+    options = {"ulysses_degree": ulysses_degree} if ulysses_degree is not None else {}
+    unused = sorted(set(options) - set(chosen.options))
+    if unused:
+        users = [n for n, s in strategies().items() if unused[0] in s.options]
+        raise ValueError(f"{unused[0]} is only used by strategy={'/'.join(users)} (got strategy={strategy!r})")
+    return chosen.whole(q, k, v, plan, group, causal, scale, **options)

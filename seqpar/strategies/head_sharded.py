@@ -19,6 +19,7 @@ from torch import Tensor
 from seqpar.kernels.attention import attention_with_lse
 from seqpar.sharding.plan import ShardPlan
 from seqpar.strategies.allgather import gather_kv_packed
+from seqpar.strategies.registry import Strategy, register
 from seqpar.strategies.ring import ring_core
 
 KV_MODES = ("ring", "allgather")
@@ -51,3 +52,12 @@ def head_sharded_attention(
         out, _ = attention_with_lse(q_heads, k_full, v_full, plan.global_layout, plan.global_layout, causal, scale)
         return out
     raise ValueError(f"unknown kv_mode {kv_mode!r}; choose one of {', '.join(KV_MODES)}")
+
+
+register(
+    Strategy(
+        "head_sharded",
+        "SGLang PR #1436's layout: Q by heads over all tokens, K/V by sequence around a ring",
+        entry_point="seqpar.head_sharded_attention(q_heads, k, v, plan, group) (Q by heads, not sequence shards)",
+    )
+)

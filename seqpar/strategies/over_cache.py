@@ -32,14 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqpar.comm.collectives import all_gather_uneven, group_rank
 from seqpar.comm.shm import HostExchange
-from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import Run, TokenLayout
-from seqpar.strategies.pass_q import pass_q_core
-from seqpar.strategies.ring import ring_core_packed
-
-CACHE_STRATEGIES = ("ring", "pass_q", "allgather")
+from seqpar.strategies.registry import get
 
 
 @dataclass(frozen=True)
@@ -95,7 +90,7 @@ def kv_message_shapes(keys: CachedKeys, kv_heads: int, head_dim: int) -> list[tu
     return [(2, kv_heads, len(lay), head_dim) for lay in keys.packed]
 
 
-def _pack(kh: Tensor, vh: Tensor, keys: CachedKeys) -> Tensor:
+def pack(kh: Tensor, vh: Tensor, keys: CachedKeys) -> Tensor:
     """This rank's cached K/V as one message [2, Hkv, n, D], in packed order.
 
     A sequence's blocks mostly sit in long stretches of storage: copying those slices is a
@@ -127,44 +122,10 @@ def attention_over_cache(
     scale: float | None,
     exchange: HostExchange | None = None,
 ) -> Tensor:
-    """Exact causal attention of this rank's new-token queries over every rank's cache.
+    """Exact causal attention of this rank's new-token queries over every rank's cache, by the
+    registered strategy's `over_cache` (ring.py, pass_q.py, allgather.py).
 
     q_layouts[r]: rank r's queries (rows 0..T_r-1; true positions). Returns out [T_local, Hq, D] fp32.
     `exchange`: the group's shared-memory exchange for pass-KV and pass-Q messages, when its ranks share a host.
     """
-    rank = group_rank(group)
-    if strategy == "ring":
-        kv = _pack(kh, vh, keys)
-        shapes = kv_message_shapes(keys, kh.shape[0], kh.shape[2])
-        if exchange is None or not exchange.fits_parts(shapes, kv.dtype, kv.device):
-            out, _ = ring_core_packed(q, kv, q_layouts[rank], keys.packed, group, True, scale)
-            return out
-        parts = exchange.all_gather_views(kv, shapes)
-        out, lse = new_accumulators(q)
-        for step in range(len(parts)):  # the ring's order: the same sums as over the process group
-            src = (rank - step) % len(parts)
-            blk = kv if src == rank else parts[src]
-            attend_into_head_major(
-                out, lse, q, blk[0], blk[1], q_layouts[rank], keys.packed[src], True, scale, fresh=step == 0
-            )
-        return out
-    if strategy == "pass_q":
-        if len(keys.slot_ranges) > SLICE_PACK_MAX:
-            # Blocks scattered over storage (a cache that served other requests): one kernel call
-            # per short stretch would cost more than packing them once for all W query blocks.
-            kv = _pack(kh, vh, keys)
-            return pass_q_core(q, kv[0], kv[1], q_layouts, keys.packed[rank], group, True, scale, exchange)
-        return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale, exchange)
-    if strategy == "allgather":
-        hkv, d = kh.shape[0], kh.shape[2]
-        mine = _pack(kh, vh, keys).permute(2, 0, 1, 3).reshape(keys.num_local, 2 * hkv, d)  # [n, 2 Hkv, D]
-        parts = all_gather_uneven(mine.contiguous(), [len(lay) for lay in keys.packed], group)
-        full = torch.cat(parts).transpose(0, 1).contiguous()  # [2 Hkv, sum n, D]
-        offsets = torch.cumsum(torch.tensor([0] + [len(lay) for lay in keys.packed]), 0).tolist()
-        runs = [run for lay, off in zip(keys.packed, offsets) for run in lay.shifted(off).runs]
-        out, lse = new_accumulators(q)
-        attend_into_head_major(
-            out, lse, q, full[:hkv], full[hkv:], q_layouts[rank], TokenLayout.from_runs(runs), True, scale
-        )
-        return out
-    raise ValueError(f"unknown strategy {strategy!r} over a KV cache; choose one of {', '.join(CACHE_STRATEGIES)}")
+    return get(strategy, over_cache=True).over_cache(q, q_layouts, kh, vh, keys, group, scale, exchange)

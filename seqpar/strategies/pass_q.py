@@ -19,6 +19,8 @@ from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import TokenLayout
 from seqpar.kernels.merge import merge_many
 from seqpar.sharding.plan import ShardPlan
+from seqpar.strategies.over_cache import SLICE_PACK_MAX, CachedKeys, pack
+from seqpar.strategies.registry import Strategy, register
 
 
 def pass_q_attention(
@@ -114,3 +116,33 @@ def _through_shared_memory(
     stacked = torch.stack([views[j][mine] for j in range(world)])  # [W, T_local, Hq, D + 1]
     out, _ = merge_many(stacked[..., :d], stacked[..., d])
     return out
+
+
+def pass_q_over_cache(
+    q: Tensor,
+    q_layouts: list[TokenLayout],
+    kh: Tensor,
+    vh: Tensor,
+    keys: CachedKeys,
+    group: dist.ProcessGroup | None,
+    scale: float | None,
+    exchange: HostExchange | None = None,
+) -> Tensor:
+    """Pass-Q over the cache: queries travel, cached K/V are read in place in the paged storage."""
+    rank = group_rank(group)
+    if len(keys.slot_ranges) > SLICE_PACK_MAX:
+        # Blocks scattered over storage (a cache that served other requests): one kernel call
+        # per short stretch would cost more than packing them once for all W query blocks.
+        kv = pack(kh, vh, keys)
+        return pass_q_core(q, kv[0], kv[1], q_layouts, keys.packed[rank], group, True, scale, exchange)
+    return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale, exchange)
+
+
+register(
+    Strategy(
+        "pass_q",
+        "pass-Q: queries travel a ring, partial outputs return by all-to-all, merged by LSE",
+        whole=pass_q_attention,
+        over_cache=pass_q_over_cache,
+    )
+)

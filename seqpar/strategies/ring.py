@@ -16,9 +16,12 @@ from torch import Tensor
 
 from seqpar.comm.collectives import group_rank, group_size
 from seqpar.comm.ring import RingExchanger
+from seqpar.comm.shm import HostExchange
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import TokenLayout
 from seqpar.sharding.plan import ShardPlan
+from seqpar.strategies.over_cache import CachedKeys, kv_message_shapes, pack
+from seqpar.strategies.registry import Strategy, register
 
 
 def ring_core(
@@ -88,3 +91,43 @@ def ring_attention(
     layouts = [plan.layout(r) for r in range(plan.world_size)]
     out, _ = ring_core(q, k, v, layouts[rank], layouts, group, causal, scale)
     return out.to(q.dtype)
+
+
+def ring_over_cache(
+    q: Tensor,
+    q_layouts: list[TokenLayout],
+    kh: Tensor,
+    vh: Tensor,
+    keys: CachedKeys,
+    group: dist.ProcessGroup | None,
+    scale: float | None,
+    exchange: HostExchange | None = None,
+) -> Tensor:
+    """Pass-KV over the cache: each rank packs its cached K/V of the step once and the messages
+    travel the ring; ranks on one host publish them once in shared memory and read in place, in
+    the ring's order (the same sums)."""
+    rank = group_rank(group)
+    kv = pack(kh, vh, keys)
+    shapes = kv_message_shapes(keys, kh.shape[0], kh.shape[2])
+    if exchange is None or not exchange.fits_parts(shapes, kv.dtype, kv.device):
+        out, _ = ring_core_packed(q, kv, q_layouts[rank], keys.packed, group, True, scale)
+        return out
+    parts = exchange.all_gather_views(kv, shapes)
+    out, lse = new_accumulators(q)
+    for step in range(len(parts)):  # the ring's order: the same sums as over the process group
+        src = (rank - step) % len(parts)
+        blk = kv if src == rank else parts[src]
+        attend_into_head_major(
+            out, lse, q, blk[0], blk[1], q_layouts[rank], keys.packed[src], True, scale, fresh=step == 0
+        )
+    return out
+
+
+register(
+    Strategy(
+        "ring",
+        "pass-KV: K/V blocks travel a ring, overlapped with compute",
+        whole=ring_attention,
+        over_cache=ring_over_cache,
+    )
+)

@@ -15,6 +15,7 @@ from torch import Tensor
 from seqpar.comm.collectives import all_to_all, group_rank, group_size
 from seqpar.kernels.attention import attention_with_lse
 from seqpar.sharding.plan import ShardPlan
+from seqpar.strategies.registry import Strategy, register
 
 
 def kv_heads_for(num_q_heads: int, num_kv_heads: int, degree: int, j: int) -> list[int]:
@@ -80,3 +81,13 @@ def ulysses_attention(
     inv = plan.inverse_rank_order.to(q.device)
     out, _ = attention_with_lse(q_h[inv], k_h[inv], v_h[inv], plan.global_layout, plan.global_layout, causal, scale)
     return head_to_seq(out[plan.rank_order.to(q.device)], counts, group)
+
+
+register(
+    Strategy(
+        "ulysses",
+        "Ulysses: all-to-all swaps sequence shards for head shards, local attention, all-to-all back",
+        whole=ulysses_attention,
+        heads_divide_degree=True,
+    )
+)

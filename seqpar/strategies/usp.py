@@ -15,6 +15,7 @@ from torch import Tensor
 from seqpar.comm.collectives import group_rank, group_size
 from seqpar.comm.mesh import UlyssesRingMesh
 from seqpar.sharding.plan import ShardPlan
+from seqpar.strategies.registry import Strategy, register
 from seqpar.strategies.ring import ring_core
 from seqpar.strategies.ulysses import head_to_seq, seq_to_head
 
@@ -43,3 +44,14 @@ def usp_attention(
     layouts = [plan.group_layout(tuple(range(r * u, (r + 1) * u))) for r in range(mesh.ring_degree)]
     out, _ = ring_core(q_h, k_h, v_h, layouts[ring_idx], layouts, mesh.ring_group, causal, scale)
     return head_to_seq(out.to(q.dtype), counts, mesh.ulysses_group)
+
+
+register(
+    Strategy(
+        "usp",
+        "USP: Ulysses inside groups of ulysses_degree ranks, a ring across them",
+        whole=usp_attention,
+        options=("ulysses_degree",),
+        heads_divide_degree=True,
+    )
+)

@@ -46,8 +46,8 @@ def comp(**kw):
 # (id, method, path, json body or raw bytes, status, param or None, words the message must contain)
 CASES = [
     ("bad-json", "POST", CHAT, b'{"messages": [', 400, None, "not valid JSON"),
-    ("body-is-a-list", "POST", CHAT, [], 400, None, "dictionary"),
-    ("empty-body", "POST", COMP, b"", 400, None, ""),
+    ("body-is-a-list", "POST", CHAT, [], 400, None, "object"),
+    ("empty-body", "POST", COMP, b"", 400, "prompt", "required"),
     ("missing-messages", "POST", CHAT, {"model": "tiny"}, 400, "messages", "required"),
     ("empty-messages", "POST", CHAT, chat(messages=[]), 400, "messages", "at least 1"),
     ("unknown-role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "w5"}]), 400, "messages[0].role", ""),
@@ -78,6 +78,9 @@ CASES = [
     ("top-p-0", "POST", COMP, comp(top_p=0), 400, "top_p", "greater than 0"),
     ("max-tokens-0", "POST", COMP, comp(max_tokens=0), 400, "max_tokens", "greater than or equal to 1"),
     ("penalty-above-2", "POST", COMP, comp(frequency_penalty=2.5), 400, "frequency_penalty", "less than or equal"),
+    ("top-logprobs-without-logprobs", "POST", CHAT, chat(top_logprobs=2), 400, "top_logprobs", "logprobs: true"),
+    ("too-many-stop-strings", "POST", COMP, comp(stop=["x"] * 65), 400, "stop", "at most 64"),
+    ("too-many-stop-token-ids", "POST", COMP, comp(stop_token_ids=[3] * 102), 400, "stop_token_ids", "101"),
     ("nan-temperature", "POST", COMP, b'{"prompt": "w5", "temperature": NaN}', 400, "temperature", ""),
     ("top-p-above-1", "POST", CHAT, chat(top_p=1.5), 400, "top_p", ""),
     ("top-k-below-minus-1", "POST", COMP, comp(top_k=-5), 400, "top_k", ""),

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from seqpar.comm.launch import free_port
@@ -36,6 +36,30 @@ def save_tiny_chat_model(path: Path, context: int = 256) -> str:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2")
     hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_bytelevel_model(path: Path, context: int = 256) -> str:
+    """The tiny Llama with a byte-level BPE tokenizer of single bytes (GPT-2's byte symbols, no
+    merges) and one special token: every character is at least one token, as with real models."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {sym: i for i, sym in enumerate(sorted(alphabet))} | {"<|end|>": len(alphabet)}
+    tiny_hf_model(
+        "llama",
+        seed=3,
+        vocab_size=len(vocab),
+        eos_token_id=len(alphabet),
+        hidden_size=96,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+    ).save_pretrained(path)
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>")
+    hf_tok.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
     hf_tok.save_pretrained(path)
     return str(path)
 

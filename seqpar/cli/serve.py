@@ -44,11 +44,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' on /v1/* and tokenize routes (default: $SEQPAR_API_KEY; none = open)",
     )
+    group.add_argument(
+        "--max-request-body-mb",
+        type=float,
+        default=None,
+        metavar="MIB",
+        help="refuse request bodies larger than this many MiB with 413 (default: 16 bytes per token of the "
+        "context, at least 16 MiB)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port {args.port} is not a TCP port (0-65535)")
+    if args.max_request_body_mb is not None and not args.max_request_body_mb > 0:
+        raise CLIError(f"--max-request-body-mb {args.max_request_body_mb} must be a positive number of MiB")
     if under_torchrun():
         # the tokenizer is optional: a model without one serves token ids
         return run_under_torchrun(args, lambda config, _: _serve(args, config, torchrun=True))
@@ -86,8 +96,14 @@ def run_server(args: argparse.Namespace, config: EngineConfig, factory: Callable
     name = args.served_model_name or config.model
     tokenizer = LazyTokenizer(config.model)
     tokenizer.get_or_none()  # now, not in the first request; a model without one serves token ids
+    body_mb = args.max_request_body_mb
     state = ServerState(
-        engine, tokenizer, name, ServerMetrics(engine, name), args.api_key or os.environ.get("SEQPAR_API_KEY") or None
+        engine,
+        tokenizer,
+        name,
+        ServerMetrics(engine, name),
+        args.api_key or os.environ.get("SEQPAR_API_KEY") or None,
+        max_body_bytes=None if body_mb is None else int(body_mb * 2**20),
     )
     uv_config = uvicorn.Config(
         build_app(state), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5

@@ -19,38 +19,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from seqpar.server.body import error_response, validation_error
 from seqpar.server.protocol import APIError
-from seqpar.server.routes import error_response, router, version
+from seqpar.server.routes import router, version
 from seqpar.server.serving import ServerState
 
 log = logging.getLogger("seqpar.server")
 # With a key set, these need it; /health, /metrics, /version and the docs stay open.
 _PROTECTED = ("/v1/", "/tokenize", "/detokenize")
-
-
-def _param(loc: tuple[Any, ...]) -> str | None:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'; pydantic's union tags dropped."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier() and part not in ("str", "int", "list", "dict"):
-            out += f".{part}" if out else part
-    return out or None
-
-
-def _validation_error(errors: list[dict[str, Any]]) -> APIError:
-    if not errors:
-        return APIError(400, "invalid request body")
-    if errors[0].get("type") == "json_invalid":
-        return APIError(400, f"the body is not valid JSON ({errors[0].get('ctx', {}).get('error', 'decode error')})")
-    parts = []
-    for err in errors[:3]:
-        param = _param(tuple(err.get("loc", ())))
-        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        parts.append(f"{param}: {msg}" if param else msg)
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return APIError(400, "; ".join(parts) + more, _param(tuple(errors[0].get("loc", ()))))
 
 
 class APIKeyMiddleware:
@@ -81,7 +57,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(list(e.errors())))
+        return error_response(validation_error(list(e.errors())))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:

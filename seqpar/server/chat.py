@@ -56,9 +56,17 @@ def chat_logprobs(entries: list[LogprobDict], token_ids: list[int], k: int) -> l
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Any:
     state.check_model(body.model)
-    ids = state.chat_ids(body.messages)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    state.check_prompt(ids, max_tokens, "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")  # as vLLM says
+    state.check_stops(body)
+    max_tokens = body.max_completion_tokens or body.max_tokens  # None: until the context is full, as vLLM
+
+    def prompt_ids() -> list[int]:
+        ids = state.chat_ids(body.messages)
+        state.check_prompt(ids, max_tokens, "messages")
+        return ids
+
+    ids = await state.off_loop(prompt_ids)
     k = body.top_logprobs or 0
     params = sampling_params(body, max_tokens, k if body.logprobs else None)
     stream = await submit(state, ids, params)

@@ -59,14 +59,18 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     prompts = body.prompts()
     if not prompts:
         raise APIError(400, "prompt is an empty list; send a string, a list of strings or token ids", "prompt")
-    ids = [state.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    for one in ids:
-        state.check_prompt(one, body.max_tokens, "prompt")
+    for p in prompts:
+        if isinstance(p, str):
+            state.check_text(p, "prompt")
+    state.check_stops(body)
+    ids = await state.off_loop(lambda: [state.prompt_ids(p, body.max_tokens) for p in prompts])
     want = body.logprobs
     # Said before anything is queued: these need the tokenizer, which a model may lack.
     texts = [""] * len(prompts)
     if body.echo:
-        texts = [p if isinstance(p, str) else state.decode(p, "echo of a token-id prompt", "echo") for p in prompts]
+        texts = await state.off_loop(
+            lambda: [p if isinstance(p, str) else state.decode(p, "echo of a token-id prompt", "echo") for p in prompts]
+        )
     if want is not None:
         state.need_tokenizer("logprobs (their tokens are text)", "logprobs")
     if body.stop:

@@ -8,8 +8,9 @@ from importlib import metadata
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
+from seqpar.server.body import BodyRoute
 from seqpar.server.chat import create_chat_completion
 from seqpar.server.completions import create_completion
 from seqpar.server.metrics import CONTENT_TYPE
@@ -22,7 +23,7 @@ from seqpar.server.protocol import (
 )
 from seqpar.server.serving import ServerState
 
-router = APIRouter()
+router = APIRouter(route_class=BodyRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid request (OpenAI error shape)"},
     401: {"description": "missing or wrong API key"},
@@ -92,9 +93,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of prompt (text) or messages (a conversation)", "prompt")
     if body.messages is not None:
-        ids = s.chat_ids(body.messages, body.add_generation_prompt)
+        ids = await s.off_loop(s.chat_ids, body.messages, body.add_generation_prompt)
     else:
-        ids = s.encode(body.prompt or "", body.add_special_tokens)
+        s.check_text(body.prompt or "", "prompt")
+        ids = await s.off_loop(s.encode, body.prompt or "", body.add_special_tokens)
     return {"count": len(ids), "max_model_len": s.max_model_len, "tokens": ids}
 
 
@@ -102,15 +104,15 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     s = _state(request)
     s.check_model(body.model)
-    if any(t >= s.vocab_size for t in body.tokens):
-        raise APIError(400, f"token ids must lie in [0, {s.vocab_size}) for this model", "tokens")
-    return {"prompt": s.decode(body.tokens, "/detokenize", "tokens")}
+
+    def detokenize() -> str:
+        if any(t >= s.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must lie in [0, {s.vocab_size}) for this model", "tokens")
+        return s.decode(body.tokens, "/detokenize", "tokens")
+
+    return {"prompt": await s.off_loop(detokenize)}
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)

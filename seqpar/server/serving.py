@@ -1,24 +1,38 @@
 """What both completion endpoints share: the server's state, prompt checks, sampling
-params, usage, server-sent events and the client-disconnect watch."""
+params, usage, server-sent events and the client-disconnect watch.
+
+Text is bounded before it is tokenized: a text longer than `max_text_chars` has more tokens
+than the context holds (seqpar/engine/token_bounds.py), so it is refused by its length. The
+tokenizer's work (encoding, chat templates, decoding whole lists) runs in one worker thread,
+never on the event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from seqpar.engine.async_llm import AsyncLLM, EngineDownError, RequestStream, RequestUpdate
 from seqpar.engine.outputs import RequestOutput
 from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.token_bounds import TokenBound, token_bound
 from seqpar.engine.tokenizer import LazyTokenizer, TokenizerUnavailableError
+from seqpar.server.body import default_max_body_bytes
 from seqpar.server.metrics import ServerMetrics
 from seqpar.server.protocol import APIError, ChatMessage, SamplingFields
+
+T = TypeVar("T")
+# OpenAI takes up to 4 stop strings, vLLM any number; every one is searched for at every step.
+MAX_STOP_STRINGS = 64
 
 
 @dataclass
@@ -28,6 +42,20 @@ class ServerState:
     model_name: str
     metrics: ServerMetrics
     api_key: str | None = None
+    max_body_bytes: int | None = None  # None: default_max_body_bytes(max_model_len)
+    token_bound: TokenBound | None = field(init=False, default=None)  # None: the tokenizer has none
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes is None:
+            self.max_body_bytes = default_max_body_bytes(self.max_model_len)
+        tokenizer = self.tokenizer.get_or_none()
+        self.token_bound = token_bound(tokenizer) if tokenizer is not None else None
+        # One thread, as vLLM has: a fast tokenizer is not safe to use from several at once.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="seqpar-tokenizer")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the tokenizer's thread, so the event loop keeps answering meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(fn, *args))
 
     @property
     def max_model_len(self) -> int:
@@ -54,26 +82,70 @@ class ServerState:
     def decode(self, ids: list[int], need: str = "decoding tokens", param: str | None = None) -> str:
         return self.need_tokenizer(need, param).decode(ids)
 
+    @property
+    def max_text_chars(self) -> int | None:
+        """No text of more (counted) characters fits the context; None: no such bound."""
+        return None if self.token_bound is None else self.max_model_len * self.token_bound.chars
+
+    def check_text(self, text: str, param: str, counted: bool = True) -> None:
+        """Refuse a text with more characters than any text that fits the context (`counted`:
+        not counting those the tokenizer turns into no token)."""
+        bound, limit = self.token_bound, self.max_text_chars
+        if bound is None or limit is None or len(text) <= limit:
+            return
+        if (bound.counted(text, limit) if counted else len(text)) > limit:
+            raise APIError(
+                400,
+                f"{param} has {len(text)} characters, more than the {limit} that can fit this model's maximum "
+                f"context length of {self.max_model_len} tokens (no token of its tokenizer stands for more than "
+                f"{bound.chars} characters); shorten it",
+                param,
+            )
+
+    def check_stops(self, req: SamplingFields) -> None:
+        """Bounds on what the engine checks at every step of the request."""
+        stop = req.stop
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise APIError(400, f"{len(stops)} stop strings; send at most {MAX_STOP_STRINGS}", "stop")
+        for i, s in enumerate(stops):  # longer than any text the model can generate: it could never match
+            self.check_text(s, "stop" if isinstance(stop, str) else f"stop[{i}]", counted=False)
+        if req.stop_token_ids and len(req.stop_token_ids) > self.vocab_size:
+            raise APIError(
+                400,
+                f"{len(req.stop_token_ids)} stop_token_ids, more than the vocabulary's {self.vocab_size} ids",
+                "stop_token_ids",
+            )
+
     def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """The conversation through the model's chat template, as `LLM.chat_prompt` renders it."""
+        """The conversation through the model's chat template, as `LLM.chat_prompt` renders it
+        (render, then encode without special tokens), bounded after rendering: the messages' own
+        lengths bound nothing, as a template may trim or leave out what they say."""
         tokenizer = self.need_tokenizer("a chat conversation", "messages")
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt", "messages")
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
         try:
-            ids = tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=True
+            text = tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False
             )
         except Exception as e:  # the template itself may refuse a conversation (jinja raise_exception)
             raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from e
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        self.check_text(text, "messages")
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt_ids(self, prompt: str | list[int], max_tokens: int | None, param: str = "prompt") -> list[int]:
+        """A prompt's token ids, checked; for the worker thread (linear in the prompt)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(ids, max_tokens, param)
+        return ids
 
     def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> None:
         """What the engine would refuse, said before anything is queued (a batch is all or nothing)."""
         limit, vocab = self.max_model_len, self.vocab_size
         if not ids:
             raise APIError(400, "the prompt is empty; send at least one token", param)
-        if any(not 0 <= t < vocab for t in ids):
+        if len(ids) < limit and any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"prompt token ids must lie in [0, {vocab}) for this model", param)
         if len(ids) >= limit:
             raise APIError(

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from seqpar.engine.llm_engine import LLMEngine
 from seqpar.engine.outputs import EngineStats, LogprobDict, RequestOutput
 from seqpar.engine.sampling import SamplingParams
 
@@ -124,7 +125,7 @@ class AsyncLLM:
     """
 
     def __init__(
-        self, engine_factory: Callable[[], Any], restart: bool = True, on_dead: Callable[[], None] | None = None
+        self, engine_factory: Callable[[], LLMEngine], restart: bool = True, on_dead: Callable[[], None] | None = None
     ):
         self._factory, self._restart, self._on_dead = engine_factory, restart, on_dead
         self._cond = threading.Condition()
@@ -133,7 +134,9 @@ class AsyncLLM:
         self._stopping = False
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
-        self._base = EngineStats(0, 0, [])  # cumulative counters of engines that died
+        self._base = EngineStats(
+            num_running=0, num_waiting=0, kv_cache_usage=[]
+        )  # cumulative counters of engines that died
         self._stats = self._base
         self.healthy = False
         self.status = "starting"
@@ -234,7 +237,7 @@ class AsyncLLM:
             self._fail(engine, EngineDownError("the server is shutting down"))
             return
 
-    def _serve(self, engine: Any) -> None:
+    def _serve(self, engine: LLMEngine) -> None:
         while True:
             with self._cond:
                 if not self._commands and not self._stopping and not engine.has_unfinished():
@@ -305,7 +308,7 @@ class AsyncLLM:
                 del self._streams[rid]
                 engine.forget(rid)
 
-    def _snapshot(self, engine: Any) -> None:
+    def _snapshot(self, engine: LLMEngine) -> None:
         s, b = engine.stats(), self._base
         self._stats = replace(
             s,
@@ -320,14 +323,12 @@ class AsyncLLM:
         self.healthy = False
         self.status = "stopped" if self._stopping else "restarting" if self._restart else "dead"
         s = self._stats
-        self._base = self._stats = EngineStats(
-            0,
-            0,
-            [0.0] * len(s.kv_cache_usage),
-            s.num_preemptions,
-            s.prefix_cache_queries,
-            s.prefix_cache_hits,
-            list(s.sp_bytes_sent),
+        self._base = self._stats = replace(
+            s,
+            num_running=0,
+            num_waiting=0,
+            kv_cache_usage=[0.0] * len(s.kv_cache_usage),
+            sp_bytes_sent=list(s.sp_bytes_sent),
         )
         for st in self._streams.values():
             st.push(error)

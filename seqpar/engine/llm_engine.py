@@ -268,14 +268,14 @@ class LLMEngine:
             "output_tokens": n,
         }
         return RequestOutput(
-            str(rid),
-            seq.prompt,
-            list(seq.prompt_token_ids),
-            prompt_logprobs,
-            [completion],
-            req.detok.finished,
-            metrics,
-            seq.num_cached_tokens or 0,
+            request_id=str(rid),
+            prompt=seq.prompt,
+            prompt_token_ids=list(seq.prompt_token_ids),
+            prompt_logprobs=prompt_logprobs,
+            outputs=[completion],
+            finished=req.detok.finished,
+            metrics=metrics,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
 
     def pop_delta(self, rid: int) -> str:

@@ -18,6 +18,9 @@ PREFILL_STRATEGIES = (*CACHE_STRATEGIES, "auto")
 # In the attention library (seqpar.sp_attention) only: they attend whole prompts, not chunks over a cache.
 LIBRARY_ONLY = ("ulysses", "usp", "head_sharded")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# auto: the checkpoint's dtype where this machine computes it fast, else float32
+# (seqpar.kernels.precision); the driver resolves it once and the ranks get the result.
+DTYPE_CHOICES = ("auto", *DTYPES)
 # cpu: gloo, every path tested. cuda: NCCL, one GPU per rank; written but not yet run on a GPU
 # (scripts/gpu_check.sh is the check that would say it works).
 DEVICES = ("cpu", "cuda")
@@ -35,7 +38,7 @@ class EngineConfig:
     scheme: str = "zigzag"  # how positions are sharded across SP ranks: zigzag or striped over shard units
     shard_blocks: int = 16  # KV blocks per shard unit: consecutive positions one SP rank holds
     num_threads: int | None = None  # per rank; default: cores split evenly over ranks
-    dtype: str = "float32"
+    dtype: str = "auto"
     block_size: int = 16
     kv_cache_gb: float = 1.0  # per rank
     max_model_len: int | None = None  # default: the model's context
@@ -67,7 +70,7 @@ class EngineConfig:
         choice("strategy", self.strategy, PREFILL_STRATEGIES)
         choice("decode_merge", self.decode_merge, DECODE_MERGES)
         choice("scheme", self.scheme, SHARD_SCHEMES)
-        choice("dtype", self.dtype, tuple(DTYPES))
+        choice("dtype", self.dtype, DTYPE_CHOICES)
         choice("device", self.device, DEVICES)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError(
@@ -104,4 +107,6 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ValueError("dtype='auto' is resolved before use: seqpar.engine.dtype.resolve_dtype(config)")
         return DTYPES[self.dtype]

@@ -106,6 +106,24 @@ def load_config(path_or_name: str | Path, rope_scaling: dict[str, Any] | None = 
     return with_rope_scaling(read_hf_config(path), rope_scaling)
 
 
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(path_or_name: str | Path) -> torch.dtype:
+    """The dtype the weights were published in: a HF directory's config.json `torch_dtype` (or
+    `dtype`, newer transformers; float32 when absent). A GGUF counts as bfloat16: its weights are
+    quantized or half, and float32 would only widen them."""
+    path = resolve_model(path_or_name)
+    if path.suffix == ".gguf":
+        return torch.bfloat16
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path / 'config.json'}: cannot read it ({e})") from e
+    name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+    return _DTYPE_NAMES.get(str(name).removeprefix("torch."), torch.float32)
+
+
 def read_hf_config(directory: Path) -> ModelConfig:
     file = directory / "config.json"
     try:

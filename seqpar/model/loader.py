@@ -14,6 +14,7 @@ import torch
 from seqpar.model.config import ConfigError, ModelConfig, with_rope_scaling
 from seqpar.model.gguf_cache import gguf_config, gguf_tensors, gguf_tokenizer
 from seqpar.model.llama import LlamaForCausalLM
+from seqpar.model.shared_weights import shared_tensors
 from seqpar.model.weights import ModelLoadError, build_model, check_safetensors_header, read_safetensors_dir
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -81,18 +82,25 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 def load_model(
-    path_or_name: str | Path, dtype: torch.dtype = torch.float32, rope_scaling: dict[str, Any] | None = None
+    path_or_name: str | Path,
+    dtype: torch.dtype = torch.float32,
+    rope_scaling: dict[str, Any] | None = None,
+    shared: bool = True,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Full (unsharded) model and its config, in eval mode without gradients. `rope_scaling`
-    replaces the checkpoint's RoPE scaling (see `with_rope_scaling`)."""
+    replaces the checkpoint's RoPE scaling (see `with_rope_scaling`). `shared`: the weights are
+    read-only views of the host's one mapped copy (a model to modify wants shared=False)."""
     path = resolve_model(path_or_name)
     if path.suffix == ".gguf":
-        config, tensors = gguf_tensors(path)
-        config = with_rope_scaling(config, rope_scaling)
-        return build_model(config, tensors, dtype, source=str(path)), config
-    config = with_rope_scaling(read_hf_config(path), rope_scaling)
-    model = build_model(config, read_safetensors_dir(path), dtype, source=str(path))
-    return model, config
+        config = with_rope_scaling(gguf_config(path), rope_scaling)
+        sources, read = [path], lambda: gguf_tensors(path)[1]
+    else:
+        config = with_rope_scaling(read_hf_config(path), rope_scaling)
+        sources, read = sorted(path.glob("*.safetensors")), lambda: read_safetensors_dir(path)
+    # One read-only copy per host in `dtype`, mapped by every rank (shared_weights.py); without a
+    # writable cache folder, this process's own copy.
+    tensors = (shared_tensors(sources, dtype, read) if shared else None) or read()
+    return build_model(config, tensors, dtype, source=str(path)), config
 
 
 def load_config(path_or_name: str | Path, rope_scaling: dict[str, Any] | None = None) -> ModelConfig:

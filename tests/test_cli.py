@@ -93,6 +93,7 @@ def test_generate_json(capsys):
     assert 1 <= len(result["token_ids"]) == result["output_tokens"] <= 6
     assert result["prompt_tokens"] == 5
     assert result["time_to_first_token_s"] > 0 and len(result["kv_cache_bytes_per_rank"]) == 1
+    assert result["dtype"] in ("bfloat16", "float32")  # what dtype auto chose here
 
 
 @pytest.mark.slow

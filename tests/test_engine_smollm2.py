@@ -19,7 +19,8 @@ def test_smollm2_sp2_equals_sp1_on_a_long_prompt():
     outs = {}
     for sp in (1, 2):
         # alltoall at SP 2 splits SmolLM2's 9 q heads unevenly (4 + 5) between the ranks
-        with LLM(model="smollm2-135m", sp_size=sp, kv_cache_gb=0.25, decode_merge="alltoall") as llm:
+        # float32: this test's claim is exactness to fp32 rounding (test_bf16 has the bf16 check)
+        with LLM(model="smollm2-135m", sp_size=sp, kv_cache_gb=0.25, decode_merge="alltoall", dtype="float32") as llm:
             outs[sp] = llm.generate([prompt], params)[0]
     n = len(outs[1].prompt_token_ids)
     assert 900 <= n <= 1500, n

@@ -134,3 +134,28 @@ def test_split_keys_then_merge_equals_whole() -> None:
     out, lse = merge_states(oa, la, ob, lb)
     torch.testing.assert_close(out, whole[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(lse, whole[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_decode_batch_one_call_per_bucket_matches_reference(dtype, atol) -> None:
+    """Decode rows over scattered cache slots, ragged (0, 1, 37, 50, 200 keys): padded, masked, bucketed.
+    fp32 within summation order; bf16 within its rounding of the output (2^-8 relative)."""
+    from seqpar.kernels.attention import reference_block
+    from seqpar.kernels.decode import DecodeBatch
+
+    gen = torch.Generator().manual_seed(0)
+    kh, vh = (torch.randn(3, 500, 8, generator=gen).to(dtype) for _ in range(2))  # [Hkv, S, D]
+    q = torch.randn(5, 6, 8, generator=gen).to(dtype)  # [B, Hq, D]
+    slots = [torch.randperm(500, generator=gen)[:n] for n in (37, 0, 200, 1, 50)]
+    batch = DecodeBatch(slots)
+    assert len(batch.buckets) == 3  # 37 and 50 share one (same power of two); no call for 0 keys
+    out, lse = batch.attend(q, kh, vh, 8**-0.5)
+    assert out.dtype == lse.dtype == torch.float32
+    assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()  # no key on this rank: merges ignore it
+    for b, s in enumerate(slots):
+        if len(s):
+            want, want_lse = reference_block(
+                q[b : b + 1], kh[:, s].transpose(0, 1), vh[:, s].transpose(0, 1), False, 8**-0.5
+            )
+            assert torch.allclose(out[b], want[0].float(), atol=atol, rtol=0)
+            assert torch.allclose(lse[b], want_lse[0], atol=1e-4, rtol=0)

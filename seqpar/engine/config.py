@@ -24,6 +24,9 @@ from seqpar.strategies.registry import over_cache_names, strategies, where_it_ru
 # (seqpar.engine.auto_strategy; `seqpar tune` measures the profile).
 PREFILL_STRATEGIES = (*over_cache_names(), "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# auto: the checkpoint's dtype where this machine computes it fast, else float32
+# (seqpar.kernels.precision); the driver resolves it once and the ranks get the result.
+DTYPE_CHOICES = ("auto", *DTYPES)
 # cpu: gloo, every path tested. cuda: NCCL, one GPU per rank; tests/test_gpu.py passed on one GPU.
 DEVICES = ("cpu", "cuda")
 
@@ -57,7 +60,12 @@ class EngineConfig:
     )
     shard_blocks: int = opt(16, "KV blocks per shard unit: consecutive positions one SP rank holds (default: 16)")
     num_threads: int | None = opt(None, "threads per rank (default: cores / ranks)", metavar="T")
-    dtype: str = opt("float32", "weights and activations (default: %(default)s)", choices=tuple(DTYPES))
+    dtype: str = opt(
+        "auto",
+        "weights and activations; auto: the checkpoint's dtype (GGUF: bfloat16) where this machine computes it "
+        "fast, else float32, decided at start-up (default: %(default)s)",
+        choices=DTYPE_CHOICES,
+    )
     block_size: int = opt(16, "tokens per KV block (default: %(default)s)")
     kv_cache_gb: float = opt(1.0, "KV cache per rank, GiB (default: %(default)s)", metavar="G")
     max_model_len: int | None = opt(
@@ -144,4 +152,6 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ValueError("dtype='auto' is resolved before use: seqpar.engine.dtype.resolve_dtype(config)")
         return DTYPES[self.dtype]

@@ -20,8 +20,9 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from seqpar.comm.launch import agree_on_errors, init_local_rank, start_ranks, stop_ranks
+from seqpar.comm.launch import init_local_rank, start_ranks, stop_ranks
 from seqpar.engine.config import EngineConfig
+from seqpar.engine.dtype import resolve_dtype
 from seqpar.engine.messages import StepResult
 from seqpar.engine.worker import Worker
 
@@ -36,10 +37,17 @@ def _init_worker(config: EngineConfig, num_blocks: int, progress: Any) -> tuple[
     """Build this rank's worker; every rank learns whether all succeeded (no rank hangs)."""
     worker, error = None, None
     try:
+        # A no-op when the driver resolved it; under torchrun each process resolves `auto` itself.
+        config, _ = resolve_dtype(config)
         worker = Worker(config, num_blocks, progress)
     except Exception:
         error = f"rank {dist.get_rank()}:\n{traceback.format_exc()}"
-    failed = agree_on_errors(error)
+    answers: list[tuple[str | None, str]] = [(None, "")] * dist.get_world_size()
+    dist.all_gather_object(answers, (error, config.dtype))
+    failed = [e for e, _ in answers if e]
+    dtypes = {d for _, d in answers}
+    if not failed and len(dtypes) > 1:
+        failed = [f"the ranks resolved dtype 'auto' differently ({', '.join(sorted(dtypes))}); give dtype explicitly"]
     return worker, "\n".join(failed) if failed else None
 
 

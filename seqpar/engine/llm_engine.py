@@ -10,6 +10,7 @@ sequences whose chunk reached their last token.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from seqpar.engine.auto_strategy import AutoStrategy
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.detokenize import IncrementalDetokenizer, decode_logprobs
+from seqpar.engine.dtype import resolve_dtype
 from seqpar.engine.executor import EngineDeadError, LocalExecutor, ProgressFn, TorchrunExecutor
 from seqpar.engine.kv_cache import block_bytes, size_cache
 from seqpar.engine.messages import SeqStep, Step, StepResult
@@ -42,6 +44,7 @@ def kv_blocks_per_rank(config: EngineConfig, mc: ModelConfig, local: bool = True
 
     Every rank (and the driver, for its books) must agree on this number.
     """
+    config, _ = resolve_dtype(config)  # the cache's bytes per block depend on it
     check_parallelism(config, mc, local=local)
     return size_cache(
         mc.num_layers,
@@ -65,6 +68,10 @@ class Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, torchrun: bool = False):
+        # auto -> a concrete dtype here, once: the ranks get it in their config.
+        config, why = resolve_dtype(config)
+        if why:
+            print(f"seqpar: dtype auto -> {config.dtype} ({why})", file=sys.stderr)
         self.config = config
         mc = self.model_config = load_config(config.model, config.rope_scaling)
         self.num_blocks = kv_blocks_per_rank(config, mc, local=not torchrun)
@@ -266,6 +273,7 @@ class LLMEngine:
             "kv_cache_bytes_per_rank": m.get("kv_bytes_per_rank"),
             "prompt_tokens": seq.num_prompt_tokens,
             "output_tokens": n,
+            "dtype": self.config.dtype,
         }
         return RequestOutput(
             request_id=str(rid),

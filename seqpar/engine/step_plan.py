@@ -55,6 +55,7 @@ class StepPlan:
         # scattered in storage) are gathered into one buffer per step, so a long generation
         # costs one kernel call per sequence, not one per block.
         dec_keys: list[Run] = []
+        self.decode_slots: list[Tensor] = []  # per decode row: its keys' storage slots here (DecodeBatch)
         short: list[Run] = []
         write_rows, write_slots = [], []
         for j, s in enumerate(self.decode):
@@ -67,6 +68,7 @@ class StepPlan:
                     runs.append(run)
             for run in runs:
                 (dec_keys if run.length >= _IN_PLACE_MIN else short).append(run)
+            self.decode_slots.append(_slots(runs))
             if placement.owner(s.start // bs) == me:
                 write_rows.append(j)
                 write_slots.append(s.blocks[s.start // bs] * bs + s.start % bs)

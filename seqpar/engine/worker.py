@@ -32,6 +32,7 @@ from seqpar.engine.parallel import ShardedModel
 from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
 from seqpar.engine.step_plan import StepPlan
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
+from seqpar.kernels.decode import DecodeBatch
 from seqpar.model import load_config
 from seqpar.strategies.decode import gather_heads, merge_partials
 from seqpar.strategies.over_cache import attention_over_cache, kv_exchange_bytes
@@ -98,13 +99,19 @@ class Worker:
             plan.to(self.device)
         nd = len(plan.decode)
         num_layers = self.model.config.num_layers
+        # CPU: every decode row in one flash call per length bucket (kernels/decode.py), the
+        # gather index and masks built once for all layers.
+        batch = DecodeBatch(plan.decode_slots) if nd and self.device.type == "cpu" else None
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
             kh, vh = self.cache.storage(layer)  # read in place through slot runs
             outs = []
             if nd:
-                out, lse = self._decode_partial(q[:nd], kh, vh, plan)
+                if batch is not None:
+                    out, lse = batch.attend(q[:nd], kh, vh, self.scale)
+                else:
+                    out, lse = self._decode_partial(q[:nd], kh, vh, plan)
                 out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange)
                 if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
                     # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
@@ -138,7 +145,8 @@ class Worker:
         return result
 
     def _decode_partial(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor]:
-        """This rank's (out, lse) of the decode rows q [B, Hq, D] over its cached keys (all visible)."""
+        """This rank's (out, lse) of the decode rows q [B, Hq, D] over its cached keys (all visible):
+        a kernel call per sequence (GPUs, whose kernels here take no mask)."""
         out, lse = new_accumulators(q)
         attend_into_head_major(out, lse, q, kh, vh, plan.decode_q, plan.decode_keys, False, self.scale)
         if len(plan.short_slots):

@@ -4,7 +4,7 @@ sequence parallelism: attention is a callable supplied by the caller."""
 from seqpar.model.config import ConfigError, ModelConfig, with_rope_scaling
 from seqpar.model.hf import hf_model_from
 from seqpar.model.llama import AttentionFn, LlamaForCausalLM
-from seqpar.model.loader import load_config, load_model, load_tokenizer, resolve_model
+from seqpar.model.loader import checkpoint_dtype, load_config, load_model, load_tokenizer, resolve_model
 from seqpar.model.parallel_layers import head_shard
 from seqpar.model.parallelize import parallelize_head_sharded, parallelize_tp
 from seqpar.model.reference import dense_causal_attention
@@ -12,6 +12,7 @@ from seqpar.model.weights import ModelLoadError
 
 __all__ = [
     "AttentionFn",
+    "checkpoint_dtype",
     "ConfigError",
     "LlamaForCausalLM",
     "ModelConfig",

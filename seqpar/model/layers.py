@@ -13,12 +13,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fp32_out: bool = False) -> Tensor:
+        """`fp32_out`: scale in fp32 and return fp32 (the final norm, whose output makes the logits)."""
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         # Statistics in fp32 even for bf16 activations (as HF), then scale in the input dtype.
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if fp32_out:
+            return self.weight.float() * x32
         return self.weight * x32.to(x.dtype)
 
 

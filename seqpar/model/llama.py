@@ -115,6 +115,10 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
+# Logits per row recomputed in fp32 when the model runs in a half type (compute_logits).
+REFINE = 32
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -128,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
         """input_ids, positions: [T] (a packed batch, any token order) -> hidden [T, hidden]
-        after the final norm."""
+        after the final norm, in fp32 (it feeds only the logits)."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids and positions must both be [T]; got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
@@ -137,13 +141,26 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, x.dtype)  # [T, D] each, shared by all layers
         for layer in self.model.layers:
             x = layer(x, cos, sin, attention)
-        return self.model.norm(x)
+        return self.model.norm(x, fp32_out=True)
 
     def compute_logits(self, hidden: Tensor, vocab: slice = slice(None)) -> Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32 (sampling wants fp32); `vocab`: only
-        those token ids' columns (a vocab-parallel head)."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight[vocab]).float()
+        those token ids' columns (a vocab-parallel head).
+
+        A half-precision GEMM rounds every logit to 8 significant bits: steps of 0.125 at 16-32,
+        so the top tokens tie and their log-probs move in steps; greedy decoding then follows
+        the tie-break, and any rounding upstream (another SP degree) flips it. The `REFINE`
+        largest logits of each row, which decide greedy tokens, top log-probs and nearly all
+        the softmax mass, are recomputed in fp32 from the fp32 final norm. A row's true top
+        tokens are among its rounded top `REFINE` unless more than that many tie within a step.
+        """
+        weight = (self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)[vocab]
+        logits = F.linear(hidden.to(weight.dtype), weight).float()  # [N, V_slice]
+        if weight.dtype == torch.float32 or logits.shape[-1] == 0:
+            return logits
+        top = logits.topk(min(REFINE, logits.shape[-1]), dim=-1).indices  # [N, k]
+        exact = torch.einsum("nd,nkd->nk", hidden.float(), weight[top].float())  # [N, k]: k rows of W each
+        return logits.scatter_(-1, top, exact)
 
     @property
     def device(self) -> torch.device:

@@ -14,6 +14,7 @@ import torch
 from seqpar.model.config import ConfigError, ModelConfig, with_rope_scaling
 from seqpar.model.gguf_cache import gguf_config, gguf_tensors, gguf_tokenizer
 from seqpar.model.llama import LlamaForCausalLM
+from seqpar.model.shared_weights import shared_tensors
 from seqpar.model.weights import ModelLoadError, build_model, check_safetensors_header, read_safetensors_dir
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -83,18 +84,25 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 def load_model(
-    path_or_name: str | Path, dtype: torch.dtype = torch.float32, rope_scaling: dict[str, Any] | None = None
+    path_or_name: str | Path,
+    dtype: torch.dtype = torch.float32,
+    rope_scaling: dict[str, Any] | None = None,
+    shared: bool = True,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Full (unsharded) model and its config, in eval mode without gradients. `rope_scaling`
-    replaces the checkpoint's RoPE scaling (see `with_rope_scaling`)."""
+    replaces the checkpoint's RoPE scaling (see `with_rope_scaling`). `shared`: the weights are
+    read-only views of the host's one mapped copy (a model to modify wants shared=False)."""
     path = resolve_model(path_or_name)
     if path.suffix == ".gguf":
-        config, tensors = gguf_tensors(path)
-        config = with_rope_scaling(config, rope_scaling)
-        return build_model(config, tensors, dtype, source=str(path)), config
-    config = with_rope_scaling(read_hf_config(path), rope_scaling)
-    model = build_model(config, read_safetensors_dir(path), dtype, source=str(path))
-    return model, config
+        config = with_rope_scaling(gguf_config(path), rope_scaling)
+        sources, read = [path], lambda: gguf_tensors(path)[1]
+    else:
+        config = with_rope_scaling(read_hf_config(path), rope_scaling)
+        sources, read = sorted(path.glob("*.safetensors")), lambda: read_safetensors_dir(path)
+    # One read-only copy per host in `dtype`, mapped by every rank (shared_weights.py); without a
+    # writable cache folder, this process's own copy.
+    tensors = (shared_tensors(sources, dtype, read) if shared else None) or read()
+    return build_model(config, tensors, dtype, source=str(path)), config
 
 
 def load_config(path_or_name: str | Path, rope_scaling: dict[str, Any] | None = None) -> ModelConfig:
@@ -106,6 +114,24 @@ def load_config(path_or_name: str | Path, rope_scaling: dict[str, Any] | None = 
     for file in sorted(path.glob("*.safetensors")):
         check_safetensors_header(file)  # truncation is caught here, not in every rank
     return with_rope_scaling(read_hf_config(path), rope_scaling)
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(path_or_name: str | Path) -> torch.dtype:
+    """The dtype the weights were published in: a HF directory's config.json `torch_dtype` (or
+    `dtype`, newer transformers; float32 when absent). A GGUF counts as bfloat16: its weights are
+    quantized or half, and float32 would only widen them."""
+    path = resolve_model(path_or_name)
+    if path.suffix == ".gguf":
+        return torch.bfloat16
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path / 'config.json'}: cannot read it ({e})") from e
+    name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+    return _DTYPE_NAMES.get(str(name).removeprefix("torch."), torch.float32)
 
 
 def read_hf_config(directory: Path) -> ModelConfig:

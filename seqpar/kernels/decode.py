@@ -1,0 +1,76 @@
+"""Decode rows of many sequences in one kernel call per length bucket, over a paged cache.
+
+A decode row (one new token) sees every cached key of its sequence, so a batch of them is
+B queries over B ragged key sets. Called one sequence at a time, 16 sequences of 1K keys cost
+16 kernel calls and 16 merges per layer; here each bucket of sequences of similar length gathers
+its keys from the cache storage into a padded [n, Hkv, L_max, D] block (padding masked by an
+additive -inf) and runs one flash call. The gather (one index_select of K and of V per layer)
+is the price of the one call.
+
+Buckets: lengths within a factor of 2 share a call, so padding at most doubles the work of
+any bucket (one 8K sequence among short ones does not pad them all to 8K).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seqpar.kernels.attention import new_accumulators
+from seqpar.profiling import KERNEL, traced
+
+
+class DecodeBatch:
+    """Where each decode row's keys are in the cache storage, built once per step and used by
+    every layer. slots[b]: storage slots of row b's keys (all visible to its one query)."""
+
+    def __init__(self, slots: list[Tensor]) -> None:
+        lens = [int(s.numel()) for s in slots]
+        self.num_rows = len(slots)
+        by_bucket: dict[int, list[int]] = {}
+        for b, n in enumerate(lens):
+            if n:  # a row with no key on this rank keeps lse = -inf, out = 0
+                by_bucket.setdefault(n.bit_length(), []).append(b)
+        # per bucket: its rows, the flat gather index [n * L_max] (padding reads slot 0),
+        # and which padded keys are real [n, L_max]
+        self.buckets: list[tuple[Tensor, Tensor, Tensor]] = []
+        for rows in by_bucket.values():
+            lmax = max(lens[b] for b in rows)
+            idx = torch.zeros(len(rows), lmax, dtype=torch.long)
+            real = torch.zeros(len(rows), lmax, dtype=torch.bool)
+            for i, b in enumerate(rows):
+                idx[i, : lens[b]] = slots[b]
+                real[i, : lens[b]] = True
+            self.buckets.append((torch.tensor(rows), idx.flatten(), real))
+        self._masks: dict[torch.dtype, list[Tensor]] = {}
+
+    def to(self, device: torch.device) -> DecodeBatch:
+        self.buckets = [tuple(t.to(device) for t in b) for b in self.buckets]  # type: ignore[misc]
+        return self
+
+    def _mask(self, dtype: torch.dtype) -> list[Tensor]:
+        """Additive masks [n, 1, 1, L_max] in the kernel's dtype (it wants q's), made once per step."""
+        if dtype not in self._masks:
+            zero = torch.zeros((), dtype=dtype)
+            self._masks[dtype] = [zero.masked_fill(~real, float("-inf"))[:, None, None] for _, _, real in self.buckets]
+        return self._masks[dtype]
+
+    @traced(KERNEL)
+    def attend(self, q: Tensor, kh: Tensor, vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """q [B, Hq, D]; kh, vh [Hkv, S, D] the cache storage (head-major) -> this rank's
+        partial out [B, Hq, D] fp32 and lse [B, Hq] fp32 (-inf, 0 for a row that saw no key)."""
+        out, lse = new_accumulators(q)
+        b, hq, d = q.shape
+        hkv = kh.shape[0]
+        for (rows, idx, real), mask in zip(self.buckets, self._mask(q.dtype)):
+            n, lmax = real.shape
+            # The g query heads of a KV head are g rows against the same keys: [n, Hkv, g, D].
+            qb = q.index_select(0, rows).view(n, hkv, hq // hkv, d)
+            k = kh.index_select(1, idx).view(hkv, n, lmax, d).transpose(0, 1)  # [n, Hkv, L_max, D]
+            v = vh.index_select(1, idx).view(hkv, n, lmax, d).transpose(0, 1)
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qb, k, v, 0.0, attn_mask=mask, scale=scale
+            )
+            out.index_copy_(0, rows, o.reshape(n, hq, d).float())
+            lse.index_copy_(0, rows, l.reshape(n, hq).float())
+        return out, lse

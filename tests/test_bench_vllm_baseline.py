@@ -1,0 +1,45 @@
+"""The optional vLLM baseline of the benchmarks: without vLLM it fails early and clearly (vLLM itself is
+never needed by the test suite)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+import pytest
+
+from seqpar.bench import vllm_baseline
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    vllm_baseline.add_arguments(p)
+    args = p.parse_args(argv)
+    vllm_baseline.check_arguments(p, args)
+    return args
+
+
+def test_no_option_no_baseline():
+    args = _parse([])
+    assert vllm_baseline.start(args) is None
+
+
+def test_option_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--vllm-python", sys.executable])  # no --vllm-model
+    assert "--vllm-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse(["--vllm-python", str(tmp_path / "nope"), "--vllm-model", str(tmp_path)])
+    assert "no such executable" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse(["--vllm-python", sys.executable, "--vllm-model", str(tmp_path)])
+    assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="this Python has vLLM")
+@pytest.mark.timeout(60)
+def test_python_without_vllm_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(vllm_baseline.VLLMUnavailable, match="cannot import vllm"):
+        vllm_baseline.VLLMBaseline(sys.executable, str(tmp_path))

@@ -43,3 +43,18 @@ def test_python_without_vllm_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(vllm_baseline.VLLMUnavailable, match="cannot import vllm"):
         vllm_baseline.VLLMBaseline(sys.executable, str(tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="this Python has vLLM")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bench", ["engine", "decode"])
+def test_benchmarks_stop_early_without_vllm(bench, tmp_path, capsys):
+    """`seqpar bench engine|decode --vllm-python P` with no vLLM at P: exit status 2 and the reason,
+    before any seqpar engine is built."""
+    import importlib
+
+    (tmp_path / "config.json").write_text("{}")
+    main = importlib.import_module(f"seqpar.bench.{bench}").main
+    rc = main(["--quick", "--vllm-python", sys.executable, "--vllm-model", str(tmp_path)])
+    assert rc == 2
+    assert "cannot import vllm" in capsys.readouterr().err

@@ -16,7 +16,8 @@ Timings, from the worker's own clock around vLLM's engine steps:
 - prefill (TTFT) of a prompt: `max_tokens=1`, arrival to the first output;
 - decode ms/token: `max_tokens=n`, the steps after the first token, over n - 1 tokens;
 - batch decode tokens/s: as seqpar's decode benchmark does it, batch x (n - 1) /
-  (wall of `LLM.generate` with n tokens - wall with 1).
+  (wall of `LLM.generate` with n tokens - wall with 1); or (`batch_steps`) the tokens of the
+  steps after every prompt's first token over those steps' time.
 """
 
 from __future__ import annotations
@@ -187,6 +188,17 @@ class VLLMBaseline:
         """Decode tokens/s of a batch: len x (n - 1) / (wall with n tokens - wall with 1)."""
         walls = [self.request("generate_wall", prompts, m)["wall_s"] for m in (1, n)]
         return len(prompts) * (n - 1) / (walls[1] - walls[0])
+
+    def batch_steps(self, prompts: list[list[int]], n: int) -> float:
+        """Decode tokens/s of a batch from vLLM's steps once every prompt has its first token (no prefill in them)."""
+        r = self.request("generate", prompts, n)
+        steps, toks = r["steps_s"], r["step_tokens"]
+        done = max(r["first_token_s"])  # the step that gave the last first token ends at this time
+        elapsed, k = 0.0, 0
+        while k < len(steps) and elapsed + steps[k] <= done + 1e-9:
+            elapsed += steps[k]
+            k += 1
+        return sum(toks[k:]) / sum(steps[k:])
 
     def run(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
         """One greedy run, in the shape of the engine benchmark's seqpar `Engine.run` (no KV or comm bytes)."""

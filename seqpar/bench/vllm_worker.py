@@ -11,7 +11,8 @@ standard input, one answer a line:
 - {"op": "generate", "prompts": [[ids...], ...], "max_tokens": N}: greedy, ignore_eos, the prompts
   added to vLLM's engine together and stepped to the end. Answer: {"ok": true, "wall_s",
   "first_token_s" (from the requests' arrival to the first output, per prompt), "steps_s"
-  (each engine step's time, as the gap between consecutive outputs), "tokens" (per prompt)};
+  (each engine step's time, as the gap between consecutive outputs), "step_tokens" (tokens each
+  step produced), "tokens" (per prompt)};
 - {"op": "generate_wall", ...}: the same through `LLM.generate` (its wall time only, tokens);
 - {"op": "quit"}.
 """
@@ -89,6 +90,7 @@ def main() -> int:
             tokens: dict[str, list[int]] = {i: [] for i in ids}
             first: dict[str, float] = {}
             steps: list[float] = []
+            step_tokens: list[int] = []
             last = t0
             while engine.has_unfinished_requests():
                 outs = engine.step()
@@ -96,18 +98,21 @@ def main() -> int:
                 if not outs:
                     continue
                 steps.append(now - last)
+                step_tokens.append(0)
                 last = now
                 for o in outs:
                     new = list(o.outputs[0].token_ids)
                     if new and o.request_id not in first:
                         first[o.request_id] = now - t0
                     tokens[o.request_id].extend(new)
+                    step_tokens[-1] += len(new)
             answer(
                 {
                     "ok": True,
                     "wall_s": last - t0,
                     "first_token_s": [first.get(i) for i in ids],
                     "steps_s": steps,
+                    "step_tokens": step_tokens,
                     "tokens": [tokens[i] for i in ids],
                 }
             )

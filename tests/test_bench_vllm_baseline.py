@@ -58,3 +58,9 @@ def test_benchmarks_stop_early_without_vllm(bench, tmp_path, capsys):
     rc = main(["--quick", "--vllm-python", sys.executable, "--vllm-model", str(tmp_path)])
     assert rc == 2
     assert "cannot import vllm" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="this Python has vLLM")
+def test_serve_command_without_vllm(tmp_path):
+    with pytest.raises(vllm_baseline.VLLMUnavailable, match="no vLLM installed"):
+        vllm_baseline.serve_command(sys.executable, str(tmp_path), "bfloat16", 8000, str(tmp_path))

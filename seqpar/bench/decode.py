@@ -7,7 +7,10 @@ Configurations, fp32, greedy, defaults otherwise (as a new user would run them):
 - `sp1`: LLM(model, sp_size=1) (2 threads on this machine);
 - `sp2`: LLM(model, sp_size=2) (2 ranks x 1 thread; decode steps split the MLP);
 - `hf`: transformers' CausalLM with the same weights, `torch.set_num_threads(2)`, KV cache,
-  one token per forward, in its own process.
+  one token per forward, in its own process;
+- `vllm` (only with `--vllm-python`): vLLM's CPU build on every core, in its own Python
+  environment (seqpar.bench.vllm_baseline); ms/token from its engine steps after the first
+  token; its tokens are compared for information only, not for the exit status.
 ms/token = decode time of `--tokens` tokens after the first / their number. Batch: `--batch`
 prompts of `--batch-context` tokens decoded together; throughput = batch x (tokens - 1) /
 (time with `--tokens` - time with 1), for seqpar's `generate` and transformers' `generate`.
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from seqpar.bench import vllm_baseline
 from seqpar.bench.prompts import make_prompt
 from seqpar.engine.args import ENGINE_FIELDS, add_engine_args, engine_config
 from seqpar.model import hf_model_from
@@ -120,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--json", default=None)
+    vllm_baseline.add_arguments(p)
     args = p.parse_args(argv)
+    vllm_baseline.check_arguments(p, args)
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
@@ -129,58 +135,82 @@ def main(argv: list[str] | None = None) -> int:
     vocab = len(tok)
     prompts = {c: make_prompt(tok, vocab, c, "text", seed=c) for c in contexts}
     batch = [make_prompt(tok, vocab, args.batch_context, "random", seed=100 + i) for i in range(args.batch)]
+    try:  # first: a vLLM that cannot start fails the run before anything else is built
+        vllm = vllm_baseline.start(args, log=lambda m: print(m, file=sys.stderr))
+    except vllm_baseline.VLLMUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     runners: dict[str, Any] = {"hf": HF(args.model)}
     for sp in (1, 2):
         runners[f"sp{sp}"] = LLM(engine_config(args, sp_size=sp))
+    if vllm is not None:
+        runners["vllm"] = vllm
     ms: dict[str, dict[int, list[float]]] = {k: {c: [] for c in contexts} for k in runners}
     tps: dict[str, list[float]] = {k: [] for k in runners}
     tokens: dict[str, dict[int, list[int]]] = {k: {} for k in runners}
     try:
         for r in range(args.repeats):
-            order = list(runners)[r % 3 :] + list(runners)[: r % 3]
+            order = list(runners)[r % len(runners) :] + list(runners)[: r % len(runners)]
             for c in contexts:
                 for key in order:
                     run = runners[key]
-                    t, toks = (
-                        run("decode", [prompts[c]], args.tokens)
-                        if key == "hf"
-                        else _seqpar_decode(run, prompts[c], args.tokens)
-                    )
+                    if key == "hf":
+                        t, toks = run("decode", [prompts[c]], args.tokens)
+                    elif key == "vllm":
+                        t, toks = run.decode(prompts[c], args.tokens)
+                    else:
+                        t, toks = _seqpar_decode(run, prompts[c], args.tokens)
                     ms[key][c].append(1000 * t)
                     tokens[key][c] = toks
             for key in order:
                 run = runners[key]
-                tps[key].append(
-                    run("batch", batch, args.tokens)[0] if key == "hf" else _seqpar_batch(run, batch, args.tokens)
-                )
+                if key == "hf":
+                    tps[key].append(run("batch", batch, args.tokens)[0])
+                elif key == "vllm":
+                    tps[key].append(run.batch(batch, args.tokens))
+                else:
+                    tps[key].append(_seqpar_batch(run, batch, args.tokens))
     finally:
         runners.pop("hf").close()
-        for llm in runners.values():
+        for llm in runners.values():  # seqpar's LLMs and the vLLM baseline
             llm.shutdown()
     summary: dict[str, Any] = {"ms_per_token": {}, "ratio_to_hf": {}, "batch_tokens_per_s": {}}
     for key in ms:
         summary["ms_per_token"][key] = {c: statistics.median(v) for c, v in ms[key].items()}
         summary["batch_tokens_per_s"][key] = statistics.median(tps[key])
-    for key in ("sp1", "sp2"):
+    for key in [k for k in ms if k != "hf"]:
         summary["ratio_to_hf"][key] = {
             c: summary["ms_per_token"][key][c] / summary["ms_per_token"]["hf"][c] for c in contexts
         }
     exact = {c: tokens["sp1"][c] == tokens["sp2"][c] == tokens["hf"][c] for c in contexts}
     summary["exact"] = exact
-    lines = ["| context | transformers ms/token | seqpar SP 1 | seqpar SP 2 |", "|---|---:|---:|---:|"]
+    vl = vllm is not None
+    if vl:  # information only: vLLM may run another dtype
+        summary["vllm"] = {
+            "label": vllm.label,
+            "tokens_equal_sp1": {c: tokens["vllm"][c] == tokens["sp1"][c] for c in contexts},
+        }
+    lines = [
+        "| context | transformers ms/token | seqpar SP 1 | seqpar SP 2 |" + (f" {vllm.label} |" if vl else ""),
+        "|---|---:|---:|---:|" + ("---:|" if vl else ""),
+    ]
     for c in contexts:
         m = summary["ms_per_token"]
         lines.append(
             f"| {c:,} | {m['hf'][c]:.1f} | {m['sp1'][c]:.1f} ({m['sp1'][c] / m['hf'][c]:.2f}x) | "
             f"{m['sp2'][c]:.1f} ({m['sp2'][c] / m['hf'][c]:.2f}x) |"
+            + (f" {m['vllm'][c]:.1f} ({m['vllm'][c] / m['hf'][c]:.2f}x) |" if vl else "")
         )
     b = summary["batch_tokens_per_s"]
     lines.append(
         f"\nBatch of {args.batch} x {args.batch_context} tokens, decode tokens/s: transformers "
         f"{b['hf']:.1f}, seqpar SP 1 {b['sp1']:.1f} ({b['sp1'] / b['hf']:.2f}x), "
         f"SP 2 {b['sp2']:.1f} ({b['sp2'] / b['hf']:.2f}x)"
+        + (f", {vllm.label} {b['vllm']:.1f} ({b['vllm'] / b['hf']:.2f}x)" if vl else "")
     )
     lines.append(f"greedy tokens equal (SP 1, SP 2, transformers): {exact}")
+    if vl:
+        lines.append(f"vLLM's greedy tokens equal SP 1's (information): {summary['vllm']['tokens_equal_sp1']}")
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:

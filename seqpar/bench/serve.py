@@ -13,6 +13,8 @@ degree (`--kv-cache-gb` split over the ranks). llama.cpp (llama-cpp-python's ser
 GGUF file, 2 threads, n_ctx 8192) runs from the bench-only virtualenv, which also holds
 guidellm; it has no `ignore_eos`, so its requests carry a logit bias that forbids the EOS
 tokens instead (every request must still produce `--output-tokens` tokens: checked).
+With `--vllm-python PYTHON --vllm-model DIR`, server `vllm` is added: `vllm serve DIR` from that
+Python's environment (seqpar.bench.vllm_baseline.serve_command: every core, prefix caching off).
 
 Then the server's overhead: a 1-token request through HTTP against `LLM.generate` on the same
 prompt in this process, with the engine configured as the server's, in pairs whose order
@@ -34,10 +36,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from seqpar.bench import vllm_baseline
 from seqpar.bench.serve_load import run_guidellm, run_openai, workload
 from seqpar.model.loader import DEFAULT_MODEL
 
 LLAMA_CPP = "llamacpp"
+VLLM = "vllm"  # with --vllm-python: vLLM's CPU build (`vllm serve`) from that Python's environment
 
 
 @dataclasses.dataclass
@@ -47,6 +51,7 @@ class ServerSpec:
     health: str  # GET path that answers 200 once the server is ready
     extras: dict[str, Any]  # added to each completion request's body
     engine_args: list[str] | None = None  # seqpar's: the engine flags, for the in-process twin
+    env: dict[str, str] | None = None  # the server's environment (default: this one)
 
 
 class RunningServer:
@@ -57,7 +62,9 @@ class RunningServer:
 
         self.spec, self.url = spec, f"http://127.0.0.1:{port}"
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(spec.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            spec.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=spec.env
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -136,8 +143,13 @@ def server_specs(args: argparse.Namespace, port: int, eos_ids: list[int]) -> lis
                 str(port),
             ]
             specs.append(ServerSpec(name, cmd, "/v1/models", {"logit_bias": {str(t): -1000 for t in eos_ids}}))
+        elif name == VLLM:
+            cmd, env = vllm_baseline.serve_command(
+                args.vllm_python, args.vllm_model, args.vllm_dtype, port, args.workdir or tempfile.gettempdir()
+            )
+            specs.append(ServerSpec(name, cmd, "/health", {}, env=env))
         else:
-            raise SystemExit(f"seqpar bench serve: unknown server {name!r} (sp1, sp2, ..., {LLAMA_CPP})")
+            raise SystemExit(f"seqpar bench serve: unknown server {name!r} (sp1, sp2, ..., {LLAMA_CPP}, {VLLM})")
     return specs
 
 
@@ -401,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         help="a smoke test: sp1 only, 2 requests at concurrency 1 and 2, 48-token prompts, 4 output "
         "tokens, the openai driver, one pair, no files unless asked",
     )
+    vllm_baseline.add_arguments(p)
     args = p.parse_args(argv)
+    vllm_baseline.check_arguments(p, args)
+    if args.vllm_python and VLLM not in args.servers.split(","):
+        args.servers += f",{VLLM}"
+    elif VLLM in args.servers.split(",") and not args.vllm_python:
+        p.error(f"--servers {VLLM} needs --vllm-python and --vllm-model")
     if args.quick:
         args.servers, args.concurrency, args.requests, args.driver = "sp1", "1,2", "2", "openai"
         args.prompt_tokens, args.output_tokens, args.one_token_pairs, args.one_token_server = 48, 4, 1, "sp1"

@@ -15,7 +15,10 @@ sequence) and runs greedy (temperature 0). Configurations (fp32):
 - `sp1-2t`: LLM(model, sp_size=1, num_threads=2), the fair single-process baseline;
 - `hf-2t`: transformers' LlamaForCausalLM (sdpa attention) built from the same weights,
   `torch.set_num_threads(2)`, one forward over the prompt (use_cache=True, logits of the
-  last token only: the prefill of `generate`), in its own process.
+  last token only: the prefill of `generate`), in its own process;
+- `vllm` (only with `--vllm-python`): vLLM's CPU build on every core, in its own Python
+  environment (seqpar.bench.vllm_baseline); its tokens are compared with seqpar's for
+  information only (it may run another dtype), not for the exit status.
 
 Engines are built (and warmed up on a short prompt) before anything is timed, and stay
 up for the whole run, so start-up is excluded and every measurement round visits every
@@ -46,12 +49,14 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 from typing import Any
 
 import torch
 
+from seqpar.bench import vllm_baseline
 from seqpar.bench.engine.report import format_report, summarize
-from seqpar.bench.engine.rows import build_configs
+from seqpar.bench.engine.rows import Config, build_configs
 from seqpar.bench.engine.runner import log, run_benchmark
 from seqpar.engine.args import ENGINE_FIELDS, add_engine_args, engine_kwargs
 from seqpar.strategies.decode import MERGES as DECODE_MERGES
@@ -109,11 +114,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tiny sizes (a smoke test): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + ", shard_blocks=2",
     )
     p.add_argument("--json", metavar="PATH", help="write every sample and the summary as JSON")
+    vllm_baseline.add_arguments(p)
     args = p.parse_args(argv)
     try:
         args.engine = engine_kwargs(args)  # the seqpar side; transformers gets the same model and RoPE scaling
     except ValueError as e:
         p.error(str(e))
+    vllm_baseline.check_arguments(p, args)
     defaults = (
         QUICK if args.quick else dict(prompt_tokens=8192, decode_contexts="1024,8192", decode_tokens=32, repeats=3)
     )
@@ -184,6 +191,9 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configs = build_configs(args.merges)
+    if args.vllm_python:
+        # first: a vLLM that cannot start fails the run before seqpar's engines are built
+        configs.insert(0, Config("vllm", f"vLLM CPU, {args.vllm_dtype}", 1, os.cpu_count() or 1))
     if args.decode_only:
         configs = [dataclasses.replace(c, ttft=False) for c in configs if c.decode]
         args.no_hf = True
@@ -194,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         + (f", commit {info['commit']}" if info.get("commit") else "")
     )
     log(header)
-    res = run_benchmark(args, configs)
+    try:
+        res = run_benchmark(args, configs)
+    except vllm_baseline.VLLMUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     s = summarize(res, configs, args)
     print(f"\n{header}\n")
     print(format_report(s, res, args))

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from seqpar.bench import vllm_baseline
 from seqpar.bench.engine.rows import Config
 from seqpar.bench.prompts import make_prompt
 from seqpar.model import hf_model_from
@@ -201,11 +202,14 @@ def run_benchmark(args: argparse.Namespace, configs: list[Config]) -> Results:
     prompt = base[: res.prompt_tokens]
     warm = base[: min(256, res.prompt_tokens)]
 
-    engines: dict[str, Engine] = {}
+    engines: dict[str, Any] = {}  # seqpar Engines, and the vLLM baseline
     hf: HFBaseline | None = None
     try:
         for c in configs:
             t0 = time.perf_counter()
+            if c.key == "vllm":
+                engines[c.key] = vllm_baseline.start(args, context, log)
+                continue
             try:
                 engines[c.key] = Engine(c, args.engine, kv_cache_gb_for(mc, c.sp, longest))
             except ValueError as e:  # e.g. a decode merge this model's head count rules out

@@ -82,6 +82,7 @@ class Worker:
                 num_blocks * config.block_size, self.cache.num_kv_heads, mc.head_dim, config.torch_dtype.itemsize
             )
             self.kv_exchange = HostExchange.create(self.mesh.sp_group, kv_bytes, config.step_timeout_s)
+        self.decode_workspace: dict[str, Tensor] = {}  # DecodeBatch's gather buffers, kept across steps
         self.progress = progress  # rank 0 only: a queue for prefill progress (layers done)
         # Rank 0 samples (as vLLM's workers do): only token ids and asked-for log-probs go to the
         # driver, never [B, V] logits. Seeded requests keep their own generator here.
@@ -101,7 +102,7 @@ class Worker:
         num_layers = self.model.config.num_layers
         # CPU: every decode row in one flash call per length bucket (kernels/decode.py), the
         # gather index and masks built once for all layers.
-        batch = DecodeBatch(plan.decode_slots) if nd and self.device.type == "cpu" else None
+        batch = DecodeBatch(plan.decode_slots, self.decode_workspace) if nd and self.device.type == "cpu" else None
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])

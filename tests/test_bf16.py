@@ -70,7 +70,7 @@ def test_sp_in_bf16_stays_close_to_sp1(llama):
 
 @pytest.mark.slow
 def test_needle_in_bf16_at_sp2_and_sp3_answers_as_sp1():
-    from seqpar import demo
+    from seqpar.cli import demo
 
     doc, _, _ = demo.document()
     params = SamplingParams(temperature=0.0, max_tokens=demo.MAX_TOKENS, stop=["\n"], logprobs=TOP)

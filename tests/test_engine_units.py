@@ -239,12 +239,12 @@ def _smollm2_tokenizer():
 @given(st.lists(st.tuples(st.integers(0, 90), st.integers(1, 9)), min_size=1, max_size=80))
 def test_pack_of_slot_ranges_equals_a_gather(spans):
     """Few long ranges are sliced, many short ones gathered: either way the rows of the slots."""
-    from seqpar.strategies.over_cache import CachedKeys, _pack
+    from seqpar.strategies.over_cache import CachedKeys, pack
 
     kh, vh = torch.randn(3, 100, 4), torch.randn(3, 100, 4)
     ranges = [(a, a + n) for a, n in spans]
     idx = torch.cat([torch.arange(a, b) for a, b in ranges])
-    packed = _pack(kh, vh, CachedKeys([], [], ranges))
+    packed = pack(kh, vh, CachedKeys([], [], ranges))
     assert torch.equal(packed, torch.stack([kh[:, idx], vh[:, idx]]))
 
 

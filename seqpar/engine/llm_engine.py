@@ -70,8 +70,6 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, torchrun: bool = False):
         # auto -> a concrete dtype here, once: the ranks get it in their config.
         config, why = resolve_dtype(config)
-        if why:
-            print(f"seqpar: dtype auto -> {config.dtype} ({why})", file=sys.stderr)
         self.config = config
         mc = self.model_config = load_config(config.model, config.rope_scaling)
         self.num_blocks = kv_blocks_per_rank(config, mc, local=not torchrun)
@@ -114,6 +112,8 @@ class LLMEngine:
         self._bytes_sent = [0] * config.sp_size
         executor = TorchrunExecutor if torchrun else LocalExecutor
         self.executor = executor(config, self.num_blocks)
+        if why:  # said once the engine is up (a failed start says only what failed)
+            print(f"seqpar: dtype auto -> {config.dtype} ({why})", file=sys.stderr)
 
     @property
     def tokenizer(self) -> Any:

@@ -24,6 +24,7 @@ from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
 from seqpar.model import LlamaForCausalLM, load_model, parallelize_tp
+from seqpar.model.deterministic import make_row_invariant
 from seqpar.strategies.decode import gather_parts
 
 
@@ -91,6 +92,15 @@ class ShardedModel:
             model.to(config.device)  # before the decode split, whose views must share the device copy
         self.model = model.eval()
         self.num_kv_heads_cached = model.model.layers[0].self_attn.num_kv_heads
+        if config.enable_deterministic_inference:
+            make_row_invariant(model)
         self.decode_model: LlamaForCausalLM | None = None
-        if config.decode_split and config.sp_size > 1 and config.tp_size == 1:
+        # Deterministic inference runs decode rows whole: a split MLP sums partial products over the
+        # SP ranks, another order at every SP degree.
+        if (
+            not config.enable_deterministic_inference
+            and config.decode_split
+            and config.sp_size > 1
+            and config.tp_size == 1
+        ):
             self.decode_model = split_for_decode(self.model, mesh, exchange)

@@ -56,7 +56,7 @@ def vocab_slices(vocab: int, world: int) -> list[slice]:
     """Each rank's columns of a vocab-parallel head, in whole VOCAB_TILE tiles (the last rank
     takes the remainder; a vocabulary of one tile stays whole on rank 0)."""
     tiles = max(1, vocab // VOCAB_TILE)
-    bounds = [min(vocab, (r * tiles // world) * VOCAB_TILE) for r in range(world)] + [vocab]
+    bounds = [min(vocab, -(-r * tiles // world) * VOCAB_TILE) for r in range(world)] + [vocab]
     return [slice(bounds[r], bounds[r + 1]) for r in range(world)]
 
 

@@ -139,3 +139,37 @@ def test_a_unit_partial_does_not_depend_on_the_rows_beside_it(dtype):
         canonical.attend_unit(merge, 0, rows, vis, k, v, 0.3)
         results.append(merge.result()[at])
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_served_request_same_bytes_alone_and_among_eight(tmp_path):
+    """`seqpar serve --enable-deterministic-inference`: one request alone, then among 8 concurrent
+    ones (different prompts, the same prefix), returns the same bytes (choices, usage)."""
+    import asyncio
+    import json
+
+    import httpx
+
+    from server_util import Server, save_tiny_chat_model
+
+    path = save_tiny_chat_model(tmp_path)
+    body = {"model": "tiny", "prompt": [BASE + [9, 4, 5]], "max_tokens": 4, "temperature": 0.8, "seed": 3}
+    body.update(logprobs=2, echo=True, ignore_eos=True)
+    others = [{**body, "prompt": [BASE[: 3 + i] + [60 + i] * i], "seed": i} for i in range(7)]
+    flags = ["--sp", "2", "--kv-cache-gb", "0.01", "--max-model-len", "64", "--served-model-name", "tiny"]
+    with Server("--model", path, *flags, "--max-num-batched-tokens", "7", "--enable-deterministic-inference") as s:
+
+        def answer(r: httpx.Response) -> str:
+            assert r.status_code == 200, r.text
+            data = r.json()
+            return json.dumps([data["choices"], data["usage"]], sort_keys=True)
+
+        alone = answer(s.post("/v1/completions", json=body))
+
+        async def together() -> list[str]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                replies = await asyncio.gather(
+                    *(c.post("/v1/completions", json=b) for b in [*others[:4], body, *others[4:]])
+                )
+            return [answer(r) for r in replies]
+
+        assert asyncio.run(together())[4] == alone

@@ -17,6 +17,8 @@ Results go to rank 0 and from there to the driver.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,24 @@ from seqpar.strategies.over_cache import attention_over_cache, kv_exchange_bytes
 # Step results up to this size (pickled) reach rank 0 through shared memory; larger ones
 # (big batches, prompt logprobs) through the process group.
 _RESULT_BYTES = 1 << 20
+
+
+# Deterministic steps with fewer rows run on one thread (decode steps, short chunks).
+ONE_THREAD_ROWS = 32
+
+
+@contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to n (None: as they are) for the block."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Worker:
@@ -131,7 +151,12 @@ class Worker:
         # Decode-only steps with the MLP split over the SP ranks (parallel.py); attention as ever.
         model = self.sharded.decode_model if not plan.prefill and self.sharded.decode_model is not None else self.model
         result = StepResult()
-        with torch.inference_mode():
+        # Deterministic steps of few rows on one thread: results are the same at any thread count,
+        # and a second thread only waits on a busy core for GEMMs of a few rows (measured ~10x
+        # slower than one thread on this 2-core machine under load; MKL's GEMV, which the mode's
+        # padded rows replace, runs on one thread anyway).
+        few = self.deterministic and len(plan.ids) < ONE_THREAD_ROWS
+        with torch.inference_mode(), threads(1 if few else None):
             hidden = model(torch.tensor(plan.ids, dtype=torch.long, device=self.device), plan.positions, attention)
             if self.reports:
                 if nd:  # this rank's vocabulary slice, for every decode row

@@ -1,16 +1,21 @@
 """Row-invariant linear algebra: a row's bits depend on the row alone, not on how many rows
 are computed with it, where it sits among them, or how many threads run.
 
-What varies, measured on this machine's BLAS (torch 2.13, AMD EPYC, fp32 and bf16, 1 and 2
-threads): an fp32 GEMM with fewer than 12 rows (but 4 and 8) takes another path (GEMV-like), so
-row i of `X[:m] @ W` differs from row i of `X @ W` for m in 1-3, 5-7, 9-11. From 12 rows up, every
-row, at any offset, agrees with every other row count (checked up to 4,096 rows, bias or not,
-1 or 2 threads, every linear shape of SmolLM2-135M and of the tiny test models). Columns behave
-alike: a slice of W's rows gives the same columns as the whole W once it is >= 1,024 columns wide
-(narrow slices of a tiny vocabulary do not). So:
-- `linear` pads fewer than `MIN_ROWS` rows with zeros (a decode step's one row becomes 16; the
-  padding costs a GEMM of 16 rows instead of a GEMV, on weights read once either way);
-- `vocab_slices` cuts a vocabulary in whole `VOCAB_TILE` columns (or not at all when smaller).
+What varies, measured on this machine (torch 2.13 with MKL 2024.2 and oneDNN 3.12, AMD EPYC
+Zen 5, fp32 and bf16, 1 and 2 threads):
+- MKL's fp32 GEMM (what F.linear runs for fp32) takes another path for a few rows: row i of
+  `X[:m] @ W` differs from row i of `X @ W` for m in 1-3 on one thread, and also 5-7, 9-11 on two
+  (a thread's share of 1-3 rows). bf16's F.linear runs oneDNN.
+- oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, fp32 and bf16) gives a row the same bits
+  at every row count from 2 (checked 2-19 and up to 1,100 rows, at offsets 0, 7, 100, bias or
+  not, 1 or 2 threads, every linear shape of SmolLM2-135M and of the tiny test models); only a
+  single row differs (a GEMV). A slice of W's rows gives the same columns as the whole W unless
+  it is one column wide. It is also the faster fp32 GEMM here (4,096 x 576 x 1,536 on 2 threads:
+  ~45 ms against MKL's ~83 ms).
+So `linear` runs oneDNN and pads a lone row to two (a decode step's row: 0.21 against 0.05 ms for
+the GEMV at 576 x 1,536, one thread); where oneDNN is missing it falls back to MKL with fewer
+than `MIN_ROWS` rows padded to `MIN_ROWS`. `vocab_slices` cuts a vocabulary in whole
+`VOCAB_TILE` columns (what MKL needs; oneDNN needs two), or not at all when smaller.
 `rows_are_invariant` probes the property for a shape; tests run it on the model's shapes.
 
 Elementwise ops are lane-independent, except that PyTorch runs the last < 2 vectors of a loop
@@ -25,20 +30,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Rows below which a GEMM may take another path (fp32: < 12); padded up to this many.
+# Rows below which MKL's fp32 GEMM may take another path (< 12); padded up to this many.
 MIN_ROWS = 16
 # Columns per vocabulary tile: slices of whole tiles are as wide as one GEMM needs to agree.
 VOCAB_TILE = 1024
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear whose every row is the same whatever the rows around it: x [M, K] -> [M, N]."""
     m = x.shape[0]
-    if m >= MIN_ROWS:
-        return F.linear(x, weight, bias)
-    padded = x.new_zeros(MIN_ROWS, x.shape[1])
-    padded[:m] = x
-    return F.linear(padded, weight, bias)[:m]
+    least = 2 if ONEDNN else MIN_ROWS
+    if m < least:
+        padded = x.new_zeros(least, x.shape[1])
+        padded[:m] = x
+        return linear(padded, weight, bias)[:m]
+    if ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def silu_(h: Tensor) -> Tensor:
@@ -60,10 +69,21 @@ def vocab_slices(vocab: int, world: int) -> list[slice]:
     return [slice(bounds[r], bounds[r + 1]) for r in range(world)]
 
 
-def rows_are_invariant(k: int, n: int, dtype: torch.dtype, rows: tuple[int, ...] = (16, 17, 33, 64, 100)) -> bool:
-    """Whether `linear` gives every row the same bits at these row counts (shape [*, k] @ [k, n])."""
+def rows_are_invariant(
+    k: int, n: int, dtype: torch.dtype, rows: tuple[int, ...] = (1, 2, 3, 5, 9, 12, 16, 17, 33, 64, 100)
+) -> bool:
+    """Whether `linear` gives every row the same bits at these row counts, on one thread and on
+    the caller's (shape [*, k] @ [k, n])."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=gen).to(dtype)
     x = torch.randn(max(rows) + 7, k, generator=gen).to(dtype)
     full = linear(x, w)
-    return all(torch.equal(linear(x[3 : 3 + m], w), full[3 : 3 + m]) for m in (1, 2, 5, *rows))
+    threads = torch.get_num_threads()
+    try:
+        for t in sorted({1, threads}):
+            torch.set_num_threads(t)
+            if not all(torch.equal(linear(x[3 : 3 + m], w), full[3 : 3 + m]) for m in rows):
+                return False
+    finally:
+        torch.set_num_threads(threads)
+    return True

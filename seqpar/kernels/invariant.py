@@ -12,10 +12,12 @@ Zen 5, fp32 and bf16, 1 and 2 threads):
   single row differs (a GEMV). A slice of W's rows gives the same columns as the whole W unless
   it is one column wide. It is also the faster fp32 GEMM here (4,096 x 576 x 1,536 on 2 threads:
   ~45 ms against MKL's ~83 ms).
-So `linear` runs oneDNN and pads a lone row to two (a decode step's row: 0.21 against 0.05 ms for
-the GEMV at 576 x 1,536, one thread); where oneDNN is missing it falls back to MKL with fewer
-than `MIN_ROWS` rows padded to `MIN_ROWS`. `vocab_slices` cuts a vocabulary in whole
-`VOCAB_TILE` columns (what MKL needs; oneDNN needs two), or not at all when smaller.
+  Weights packed once in oneDNN's blocked layout (`pack`) give the same bits as plain ones, at
+  every row count from 2 (a lone row still differs for some shapes, e.g. 1,536 x 576).
+So `linear` runs oneDNN and pads a lone row to two; where oneDNN does not run (fp16 here, or a
+build without it) it falls back to MKL with fewer than `MIN_ROWS` rows padded to `MIN_ROWS`.
+`vocab_slices` cuts a vocabulary in whole `VOCAB_TILE` columns (what MKL needs; oneDNN needs
+two), or not at all when smaller.
 `rows_are_invariant` probes the property for a shape; tests run it on the model's shapes.
 
 Elementwise ops are lane-independent, except that PyTorch runs the last < 2 vectors of a loop
@@ -37,15 +39,33 @@ VOCAB_TILE = 1024
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _onednn(dtype: torch.dtype) -> bool:
+    return ONEDNN and dtype in (torch.float32, torch.bfloat16)  # fp16 needs AVX512-FP16
+
+
+def pack(weight: Tensor) -> Tensor:
+    """`weight` [N, K] in oneDNN's blocked layout (a copy), what `linear` reads fastest: the
+    same bits as the plain weight, without repacking it at every call (a decode row through the
+    model's linear layers: ~17 against ~40 ms plain, ~25 ms for MKL's GEMV; one thread). As it
+    is where `linear` does not run oneDNN."""
+    if _onednn(weight.dtype) and weight.device.type == "cpu" and weight.numel():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    return weight
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear whose every row is the same whatever the rows around it: x [M, K] -> [M, N]."""
+    """F.linear whose every row is the same whatever the rows around it: x [M, K] -> [M, N];
+    `weight` plain or from `pack`."""
     m = x.shape[0]
-    least = 2 if ONEDNN else MIN_ROWS
+    if not weight.shape[0]:  # an empty vocabulary slice
+        return x.new_zeros(m, 0)
+    onednn = _onednn(x.dtype)
+    least = 2 if onednn else MIN_ROWS
     if m < least:
         padded = x.new_zeros(least, x.shape[1])
         padded[:m] = x
         return linear(padded, weight, bias)[:m]
-    if ONEDNN:
+    if onednn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -73,7 +93,7 @@ def rows_are_invariant(
     k: int, n: int, dtype: torch.dtype, rows: tuple[int, ...] = (1, 2, 3, 5, 9, 12, 16, 17, 33, 64, 100)
 ) -> bool:
     """Whether `linear` gives every row the same bits at these row counts, on one thread and on
-    the caller's (shape [*, k] @ [k, n])."""
+    the caller's, with the weight plain or packed (shape [*, k] @ [k, n])."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=gen).to(dtype)
     x = torch.randn(max(rows) + 7, k, generator=gen).to(dtype)
@@ -82,8 +102,9 @@ def rows_are_invariant(
     try:
         for t in sorted({1, threads}):
             torch.set_num_threads(t)
-            if not all(torch.equal(linear(x[3 : 3 + m], w), full[3 : 3 + m]) for m in rows):
-                return False
+            for weight in (w, pack(w)):
+                if not all(torch.equal(linear(x[3 : 3 + m], weight), full[3 : 3 + m]) for m in rows):
+                    return False
     finally:
         torch.set_num_threads(threads)
     return True

@@ -17,11 +17,12 @@ from seqpar.model.llama import LlamaForCausalLM
 
 
 class InvariantLinear(nn.Module):
-    """A linear layer (weights shared with the one it replaces) through `invariant.linear`."""
+    """A linear layer through `invariant.linear`, its weight packed (`invariant.pack`: a copy,
+    the replaced layer's weight is dropped with it)."""
 
     def __init__(self, full: nn.Module) -> None:
         super().__init__()
-        self.weight, self.bias = full.weight, full.bias
+        self.weight, self.bias = invariant.pack(full.weight), full.bias
 
     def forward(self, x: Tensor) -> Tensor:
         return invariant.linear(x, self.weight, self.bias)
@@ -48,6 +49,11 @@ def make_row_invariant(model: LlamaForCausalLM) -> LlamaForCausalLM:
 
 
 def logits(model: LlamaForCausalLM, hidden: Tensor, vocab: slice = slice(None)) -> Tensor:
-    """`model.compute_logits` through `invariant.linear`: hidden [N, hidden] -> [N, vocab] fp32."""
-    weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    return invariant.linear(hidden, weight[vocab]).float()
+    """`model.compute_logits` through `invariant.linear`: hidden [N, hidden] -> [N, vocab] fp32
+    (the head's rows for `vocab` packed at first use, kept on the model)."""
+    heads = model.__dict__.setdefault("_packed_heads", {})
+    key = (vocab.start, vocab.stop)
+    if key not in heads:
+        weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        heads[key] = invariant.pack(weight[vocab])
+    return invariant.linear(hidden, heads[key]).float()

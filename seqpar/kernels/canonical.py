@@ -2,21 +2,24 @@
 
 A query at position p attends keys [0, p]. Cut positions into KV units of U tokens
 (unit u holds [uU, (u+1)U)). The canonical result of a query is:
-1. for each unit u <= p // U, a partial (o_u, lse_u) from one CPU flash-kernel call over the
+1. for each unit u <= p // U, a partial (o_u, lse_u) from a CPU flash-kernel call over the
    unit's U keys (keys the query may not see masked with -inf, a last unit padded with any
-   finite keys, masked too), the query among rows padded so that every one of the kernel's query
-   blocks is full;
+   finite keys, masked too), the query among rows padded so that the kernel's last query block
+   holds 0 or >= 4 rows (`padded_rows`); a decode step's units go as the batch of one call;
 2. those partials merged left to right, u = 0, 1, ..., in fp32 (`OrderedMerge`).
 Every rank of any SP degree, a chunk of any size, a decode step or a prefill computes a row this
 way, so its bits do not depend on which rows share its call, how the keys were spread over
 ranks, or where they were read from.
 
 Why each call gives a row the same bits (measured, torch 2.13 CPU, fp32 and bf16, 1 and 2
-threads): the kernel splits queries into blocks of 32, 64 or 256 rows (by row count: < 192,
-< 768, more) and keys into blocks of 512; a row's arithmetic is two GEMMs over its query block
-and per-row softmax code. Once every query block is full (rows padded) and the keys are a fixed
-U <= 512, a row's result is the same at any row count, offset or neighbours; a mask of zeros,
-an expanded one and none agree. A short last block (1-3 rows, or 17) does not.
+threads, 1-3 KV heads, batch 1-5): the kernel splits queries into blocks of 32, 64 or 256 rows
+(by row count: < 192, < 768, more) and keys into blocks of 512, and runs the (batch, head, query
+block) items in parallel; a row's arithmetic is two one-thread GEMMs over its query block and
+per-row softmax code. With keys a fixed U <= 512 and a last query block of 0 or >= 4 rows, a
+row's result is the same at any row count (4 to 4,096), offset, neighbours or batch element; a
+mask of zeros, an expanded one and none agree. A last block of 1-3 rows does not (MKL's small
+GEMM path), nor, in a call of one item (run outside a parallel region, its GEMMs threaded),
+one of 5-7 or 9-11 rows on 2 threads: such calls get full blocks.
 
 Merging (o_a, lse_a) then (o_b, lse_b) with running max m, weight sum s and unnormalised acc:
     m' = max(m, lse_b); a = exp(m - m'); b = exp(lse_b - m')
@@ -34,14 +37,18 @@ from torch import Tensor
 from seqpar.profiling import KERNEL, MERGE, traced
 
 
-def padded_rows(n: int) -> int:
-    """Rows to give the CPU flash kernel so that every query block it cuts is full."""
+def padded_rows(n: int, items: int) -> int:
+    """Rows to give the CPU flash kernel, n query rows per (batch, KV head) and `items` such
+    pairs, so that its last query block holds 0 or >= 4 rows (a GEMM of 1-3 rows takes another
+    path); full blocks when items is 1 (the kernel then runs outside a parallel region, where
+    the GEMM may split a block's rows over threads)."""
+    n = max(n, 1)
     while True:
         block = 32 if n < 192 else 64 if n < 768 else 256
-        padded = -(-max(n, 1) // block) * block
-        if padded == n:
+        tail = n % block
+        if tail == 0 or (items > 1 and tail >= 4):
             return n
-        n = padded
+        n += block - tail if items == 1 else 4 - tail
 
 
 @traced(KERNEL)
@@ -51,7 +58,7 @@ def _call(q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor | None, scale: float) -
     n, hq, d = q.shape
     hkv, u = kh.shape[0], kh.shape[1]
     g = hq // hkv
-    rows = padded_rows(g * n)
+    rows = padded_rows(g * n, hkv)
     # GQA: a KV head's g query heads are g * n rows against the same keys (rows head-major).
     qp = q.new_zeros(1, hkv, rows, d)
     qp[0, :, : g * n] = q.transpose(0, 1).reshape(hkv, g * n, d)
@@ -67,6 +74,26 @@ def _call(q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor | None, scale: float) -
     )
     o = out[0, :, : g * n].reshape(hq, n, d).transpose(0, 1).float()  # [n, Hq, D]
     return o, lse[0, :, : g * n].reshape(hq, n).transpose(0, 1).float()
+
+
+@traced(KERNEL)
+def unit_partials(q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """One query row per unit, all in one flash call (a decode step's units, the units as the
+    batch): row i of q [P, Hq, D] over unit i of kh, vh [P, Hkv, U, D], seeing its keys
+    [0, vis[i]). -> o [P, Hq, D] fp32, lse [P, Hq] fp32, each row the bits `_call` gives it."""
+    p, hq, d = q.shape
+    hkv, u = kh.shape[1], kh.shape[2]
+    g = hq // hkv
+    rows = padded_rows(g, p * hkv)
+    qp = q.new_zeros(p, hkv, rows, d)
+    qp[:, :, :g] = q.view(p, hkv, g, d)  # query head h = KV head h // g, row h % g
+    mask = None
+    if bool((vis < u).any()):
+        mask = q.new_zeros(p, 1, rows, u)
+        cols = torch.arange(u, device=q.device)
+        mask.masked_fill_((cols.unsqueeze(0) >= vis.unsqueeze(1))[:, None, None], float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kh, vh, 0.0, attn_mask=mask, scale=scale)
+    return out[:, :, :g].reshape(p, hq, d).float(), lse[:, :, :g].reshape(p, hq).float()
 
 
 class OrderedMerge:
@@ -95,6 +122,26 @@ class OrderedMerge:
         """out [n, Hq, D] fp32; a row no unit reached is 0."""
         s = self.s.masked_fill(self.s == 0, 1.0)
         return self.acc / s.unsqueeze(-1)
+
+
+def merge_in_order(o: Tensor, lse: Tensor) -> Tensor:
+    """`OrderedMerge` over all the units at once: o [units, B, Hq, D], lse [units, B, Hq] (fp32)
+    -> out [B, Hq, D] fp32, the same bits as adding the units one by one (the running max is a
+    cumulative max, the weights the same elementwise ops on the same operands; only the
+    accumulation runs unit by unit)."""
+    top = torch.cummax(lse, 0).values  # m after unit u
+    prev = torch.cat([torch.full_like(top[:1], float("-inf")), top[:-1]])  # m before it
+    wa = (prev - top).exp_()
+    wb = (lse - top).exp_()
+    wb = wb.masked_fill_(torch.isneginf(lse), 0.0)
+    ow = o * wb.unsqueeze(-1)
+    acc = torch.zeros_like(o[0])
+    s = torch.zeros_like(lse[0])
+    for u in range(o.shape[0]):
+        acc.mul_(wa[u].unsqueeze(-1)).add_(ow[u])
+        s.mul_(wa[u]).add_(wb[u])
+    s = s.masked_fill(s == 0, 1.0)
+    return acc / s.unsqueeze(-1)
 
 
 def attend_unit(merge: OrderedMerge, row: int, q: Tensor, vis: Tensor, kh: Tensor, vh: Tensor, scale: float) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from seqpar.comm.collectives import all_gather_uneven, group_rank, group_size
 from seqpar.comm.shm import HostExchange
-from seqpar.kernels.canonical import OrderedMerge, attend_unit
+from seqpar.kernels.canonical import OrderedMerge, attend_unit, merge_in_order, unit_partials
 from seqpar.strategies.decode import gather_parts
 from seqpar.strategies.over_cache import CachedKeys, _pack, kv_message_shapes
 
@@ -91,17 +91,29 @@ def prefill(
     return merge.result()
 
 
-def _cache_unit(kh: Tensor, vh: Tensor, blocks: list[int], block_size: int, unit: int) -> tuple[Tensor, Tensor]:
-    """A unit's keys [Hkv, unit, D] from the paged storage: in place when its blocks are
-    consecutive (and the storage runs on), else gathered (missing slots: slot 0, masked)."""
-    start = blocks[0] * block_size
-    if all(b == blocks[0] + i for i, b in enumerate(blocks)) and start + unit <= kh.shape[1]:
-        return kh[:, start : start + unit], vh[:, start : start + unit]
-    idx = torch.zeros(unit, dtype=torch.long)
-    slots = torch.cat([torch.arange(b * block_size, (b + 1) * block_size) for b in blocks])[:unit]
-    idx[: len(slots)] = slots
-    idx = idx.to(kh.device)
-    return kh.index_select(1, idx), vh.index_select(1, idx)
+def _cache_units(kh: Tensor, vh: Tensor, tables: list[list[int]], block_size: int, unit: int) -> tuple[Tensor, Tensor]:
+    """Units' keys [P, Hkv, unit, D] from the paged storage, tables[i] unit i's blocks: a view in
+    place when every unit's blocks are consecutive and the units evenly spaced (a sequence's
+    units as allocated), else gathered (missing slots: slot 0, masked)."""
+    starts = [blocks[0] * block_size for blocks in tables]
+    step = starts[1] - starts[0] if len(starts) > 1 else unit
+    in_place = step > 0 and starts[-1] + unit <= kh.shape[1]
+    in_place = in_place and all(s == starts[0] + i * step for i, s in enumerate(starts))
+    in_place = in_place and all(b == blocks[0] + i for blocks in tables for i, b in enumerate(blocks))
+    if in_place:
+        hkv, d = kh.shape[0], kh.shape[2]
+        views = []
+        for x in (kh, vh):
+            size, stride = (len(tables), hkv, unit, d), (step * x.stride(1), x.stride(0), x.stride(1), x.stride(2))
+            views.append(x.as_strided(size, stride, x.storage_offset() + starts[0] * x.stride(1)))
+        return views[0], views[1]
+    idx = torch.zeros(len(tables), unit, dtype=torch.long)
+    for i, blocks in enumerate(tables):
+        slots = torch.cat([torch.arange(b * block_size, (b + 1) * block_size) for b in blocks])[:unit]
+        idx[i, : len(slots)] = slots
+    idx = idx.flatten().to(kh.device)
+    p, hkv, d = len(tables), kh.shape[0], kh.shape[2]
+    return tuple(x.index_select(1, idx).view(hkv, p, unit, d).transpose(0, 1) for x in (kh, vh))  # type: ignore[return-value]
 
 
 def decode(
@@ -119,7 +131,7 @@ def decode(
     """Decode rows q [B, Hq, D] (every rank) -> out [B, Hq, D] fp32, the same on every rank.
 
     seqs[j]: (the new token's position p, the block table); keys [0, p] are cached, unit u on
-    rank owner(u).
+    rank owner(u). This rank's units of every row go through one flash call (`unit_partials`).
     """
     b, hq, d = q.shape
     unit = block_size * unit_blocks
@@ -127,22 +139,22 @@ def decode(
     n_units = max(p // unit + 1 for p, _ in seqs)
     table = torch.zeros(n_units, b, hq, d + 1, dtype=torch.float32, device=q.device)
     table[..., d] = float("-inf")
+    rows, units, vis, tables = [], [], [], []
     for j, (p, blocks) in enumerate(seqs):
         for u in range(p // unit + 1):
-            if owner(u) != me:
-                continue
-            n_keys = min(unit, p + 1 - u * unit)
-            held = blocks[u * unit_blocks : u * unit_blocks + -(-n_keys // block_size)]
-            k_u, v_u = _cache_unit(kh, vh, held, block_size, unit)
-            merge = OrderedMerge(1, hq, d, q.device)
-            attend_unit(merge, 0, q[j : j + 1], torch.tensor([n_keys]), k_u, v_u, scale)
-            table[u, j, :, :d] = merge.acc[0]  # one unit: acc is its normalised output
-            table[u, j, :, d] = merge.m[0]
+            if owner(u) == me:
+                n_keys = min(unit, p + 1 - u * unit)
+                rows.append(j)
+                units.append(u)
+                vis.append(n_keys)
+                tables.append(blocks[u * unit_blocks : u * unit_blocks + -(-n_keys // block_size)])
+    if rows:
+        k_u, v_u = _cache_units(kh, vh, tables, block_size, unit)
+        o, lse = unit_partials(q[rows], k_u, v_u, torch.tensor(vis, device=q.device), scale)
+        table[units, rows, :, :d] = o
+        table[units, rows, :, d] = lse
     if world > 1:
         parts = gather_parts(table, group, exchange)  # [W, units, B, Hq, D + 1]
         owners = torch.tensor([owner(u) for u in range(n_units)], device=q.device)
         table = parts[owners, torch.arange(n_units, device=q.device)]
-    merge = OrderedMerge(b, hq, d, q.device)
-    for u in range(n_units):
-        merge.add(0, table[u, :, :, :d], table[u, :, :, d])
-    return merge.result()
+    return merge_in_order(table[..., :d], table[..., d])

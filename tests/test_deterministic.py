@@ -138,7 +138,23 @@ def test_a_unit_partial_does_not_depend_on_the_rows_beside_it(dtype):
         merge = canonical.OrderedMerge(n, hq, d, q.device)
         canonical.attend_unit(merge, 0, rows, vis, k, v, 0.3)
         results.append(merge.result()[at])
+    # A decode step: the row as element 1 of a batch of 3 units (one call), the others unlike it.
+    ks, vs = (torch.stack([torch.randn_like(x), x, torch.randn_like(x)]) for x in (k, v))
+    rows = torch.stack([torch.randn_like(q[0]), q[0], torch.randn_like(q[0])])
+    o, _ = canonical.unit_partials(rows, ks, vs, torch.tensor([unit, 37, 5]), 0.3)
+    results.append(o[1])
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_merge_in_order_is_the_merge_unit_by_unit():
+    gen = torch.Generator().manual_seed(0)
+    o = torch.randn(6, 3, 4, 8, generator=gen)
+    lse = torch.randn(6, 3, 4, generator=gen) * 5
+    lse[4:, 1] = float("-inf")  # a shorter row: its last units absent
+    merge = canonical.OrderedMerge(3, 4, 8, o.device)
+    for u in range(6):
+        merge.add(0, o[u], lse[u])
+    assert torch.equal(canonical.merge_in_order(o, lse), merge.result())
 
 
 def test_served_request_same_bytes_alone_and_among_eight(tmp_path):

@@ -146,6 +146,29 @@ def test_a_unit_partial_does_not_depend_on_the_rows_beside_it(dtype):
     assert all(torch.equal(r, results[0]) for r in results)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_mlp_has_the_whole_mlps_bits(dtype):
+    """A decode row through the MLP split over 3 ranks (each rank's features, gathered) and whole."""
+    from seqpar.model import deterministic as det
+    from seqpar.model.layers import SwiGLUMLP
+
+    torch.manual_seed(0)
+    mlp = SwiGLUMLP(576, 1536).to(dtype)
+    x = torch.randn(1, 576).to(dtype)
+    world, done = 3, []
+
+    def gather(t):  # ranks run in turn: the last one sees every rank's part
+        done.append(t)
+        return torch.stack(done + [torch.zeros_like(t)] * (world - len(done)))
+
+    bounds = [(r * 1536 // world, (r + 1) * 1536 // world) for r in range(world)]
+    parts = [det.InvariantSplitMLP(mlp, bounds, r, gather) for r in range(world)]
+    det.invariant_mlp(mlp)
+    with torch.inference_mode():
+        outs = [part(x) for part in parts]
+        assert torch.equal(outs[-1], mlp(x))
+
+
 def test_merge_in_order_is_the_merge_unit_by_unit():
     gen = torch.Generator().manual_seed(0)
     o = torch.randn(6, 3, 4, 8, generator=gen)

@@ -96,6 +96,12 @@ class EngineConfig:
         '"original_max_position_embeddings":8192}\' (the context grows by the factor)',
         metavar="JSON",
     )
+    enable_deterministic_inference: bool = opt(
+        False,
+        "a request's tokens and logprobs are the same bits at any SP degree, chunk size and batch, with "
+        "any strategy and decode merge, from a cached prefix or not (fp32 and bf16; cpu, tp 1); unseeded "
+        "requests sample as if seeded with --seed (default: off)",
+    )
     device: str = opt(
         "cpu",
         "where ranks keep the model and KV cache: cpu (gloo) or cuda (NCCL, rank i on GPU i of its host; "
@@ -131,6 +137,12 @@ class EngineConfig:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(
                 f"rope_scaling must be a dict like {{'rope_type': 'yarn', 'factor': 4}}, got {self.rope_scaling!r}"
+            )
+        if self.enable_deterministic_inference and (self.tp_size != 1 or self.device != "cpu"):
+            raise ValueError(
+                f"enable_deterministic_inference needs tp_size=1 and device='cpu' (got tp_size={self.tp_size}, "
+                f"device={self.device!r}): tensor parallelism sums partial products across ranks, another "
+                "order for every TP degree, and the canonical attention order is built on the CPU flash kernel"
             )
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")

@@ -11,6 +11,9 @@
   exchanges per layer; splitting the heads as well (gather q, alltoall merge, sum o_proj's
   partial products) saved 1/8 of the weights but cost two more exchanges per layer, and
   measured ~12% slower per token at 1K context on 2 cores.
+  Under `--enable-deterministic-inference` the split gathers the intermediate features instead
+  of summing down_proj's partial products (`seqpar.model.deterministic.InvariantSplitMLP`): the
+  same bits at every SP degree.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
 from seqpar.model import LlamaForCausalLM, load_model, parallelize_tp
+from seqpar.model import deterministic as det
 from seqpar.strategies.decode import gather_parts
 
 
@@ -92,5 +96,12 @@ class ShardedModel:
         self.model = model.eval()
         self.num_kv_heads_cached = model.model.layers[0].self_attn.num_kv_heads
         self.decode_model: LlamaForCausalLM | None = None
-        if config.decode_split and config.sp_size > 1 and config.tp_size == 1:
+        split = config.decode_split and config.sp_size > 1 and config.tp_size == 1
+        if config.enable_deterministic_inference:
+            # The MLP's intermediate features split and gathered, not partial products summed.
+            if split:
+                gather = lambda t: gather_parts(t, mesh.sp_group, exchange)  # noqa: E731
+                self.decode_model = det.split_for_decode(model, mesh.sp_size, mesh.sp_rank, gather)
+            det.make_row_invariant(model)
+        elif split:
             self.decode_model = split_for_decode(self.model, mesh, exchange)

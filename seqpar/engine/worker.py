@@ -17,6 +17,8 @@ Results go to rank 0 and from there to the driver.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -33,13 +35,34 @@ from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
 from seqpar.engine.step_plan import StepPlan
 from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.decode import DecodeBatch
+from seqpar.kernels.invariant import vocab_slices
+from seqpar.model import deterministic as det
 from seqpar.model import load_config
+from seqpar.strategies import canonical
 from seqpar.strategies.decode import gather_heads, merge_partials
 from seqpar.strategies.over_cache import attention_over_cache, kv_exchange_bytes
 
 # Step results up to this size (pickled) reach rank 0 through shared memory; larger ones
 # (big batches, prompt logprobs) through the process group.
 _RESULT_BYTES = 1 << 20
+
+
+# Deterministic steps with fewer rows run on one thread (decode steps, short chunks).
+ONE_THREAD_ROWS = 32
+
+
+@contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to n (None: as they are) for the block."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Worker:
@@ -92,6 +115,9 @@ class Worker:
         vocab = mc.vocab_size
         chunk = -(-vocab // config.sp_size)
         self.vocab_slice = slice(min(vocab, self.mesh.sp_rank * chunk), min(vocab, (self.mesh.sp_rank + 1) * chunk))
+        self.deterministic = config.enable_deterministic_inference
+        if self.deterministic:  # slices of whole GEMM tiles: a column's bits do not depend on the slicing
+            self.vocab_slice = vocab_slices(vocab, config.sp_size)[self.mesh.sp_rank]
 
     def step(self, msg: Step) -> StepResult:
         cfg, mesh = self.config, self.mesh
@@ -107,6 +133,8 @@ class Worker:
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
             kh, vh = self.cache.storage(layer)  # read in place through slot runs
+            if self.deterministic:
+                return self._canonical_attention(q, kh, vh, plan)
             outs = []
             if nd:
                 if batch is not None:
@@ -131,12 +159,17 @@ class Worker:
         # Decode-only steps with the MLP split over the SP ranks (parallel.py); attention as ever.
         model = self.sharded.decode_model if not plan.prefill and self.sharded.decode_model is not None else self.model
         result = StepResult()
-        with torch.inference_mode():
+        # Deterministic steps of few rows on one thread: results are the same at any thread count,
+        # and a second thread only waits on a busy core for GEMMs of a few rows (measured ~10x
+        # slower than one thread on this 2-core machine under load; MKL's GEMV, which the mode's
+        # padded rows replace, runs on one thread anyway).
+        few = self.deterministic and len(plan.ids) < ONE_THREAD_ROWS
+        with torch.inference_mode(), threads(1 if few else None):
             hidden = model(torch.tensor(plan.ids, dtype=torch.long, device=self.device), plan.positions, attention)
             if self.reports:
                 if nd:  # this rank's vocabulary slice, for every decode row
                     # on the host (a no-op on CPU): rank 0 samples there, and results are pickled
-                    logits = self.model.compute_logits(hidden[:nd], self.vocab_slice).cpu()
+                    logits = self._logits(hidden[:nd], self.vocab_slice).cpu()
                     # clone: no shared storage to pickle
                     result.logits = {s.seq_id: logits[j].clone() for j, s in enumerate(plan.decode)}
                 self._prefill_outputs(plan, hidden[nd:], result)
@@ -144,6 +177,39 @@ class Worker:
         if dist.get_rank() == 0:
             self._sample(msg, result)
         return result
+
+    def _logits(self, hidden: Tensor, vocab: slice = slice(None)) -> Tensor:
+        if self.deterministic:
+            return det.logits(self.model, hidden, vocab)
+        return self.model.compute_logits(hidden, vocab)
+
+    def _canonical_attention(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan) -> Tensor:
+        """Deterministic inference: every row in the canonical order (seqpar.strategies.canonical)."""
+        nd, outs = len(plan.decode), []
+        pl = self.placement
+        if nd:
+            seqs = [(s.start, s.blocks) for s in plan.decode]
+            owner = lambda u: pl.owner(u * pl.shard_blocks)  # noqa: E731
+            out = canonical.decode(
+                q[:nd],
+                seqs,
+                kh,
+                vh,
+                owner,
+                pl.block_size,
+                pl.shard_blocks,
+                self.mesh.sp_group,
+                self.scale,
+                self.exchange,
+            )
+            outs.append(out.to(q.dtype))
+        if plan.prefill:
+            rows = [(s.start + len(s.token_ids), pos) for s, pos in plan.prefill_rows]
+            out = canonical.prefill(
+                q[nd:], rows, kh, vh, plan.keys, pl.unit_tokens, self.mesh.sp_group, self.scale, self.kv_exchange
+            )
+            outs.append(out.to(q.dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _decode_partial(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor]:
         """This rank's (out, lse) of the decode rows q [B, Hq, D] over its cached keys (all visible):
@@ -172,7 +238,17 @@ class Worker:
             return
         for s in rows:
             if s.seq_id not in self.generators:
-                self.generators[s.seq_id] = make_generator(s.sampling.seed)
+                seed = s.sampling.seed
+                if self.deterministic and seed is None:
+                    seed = self.config.seed  # a request's draws must not depend on the others'
+                self.generators[s.seq_id] = make_generator(seed)
+        if self.deterministic:
+            # One row at a time: no op of the sampler sees how many rows there are.
+            for s in rows:
+                one = self.sampler(result.logits[s.seq_id][None], [s.sampling], [self.generators[s.seq_id]], [s.banned])
+                result.sampled[s.seq_id] = Sampled(one.token_ids[0], one.logprobs[0], one.top_logprobs[0])
+            result.logits = {}
+            return
         logits = torch.stack([result.logits[s.seq_id] for s in rows])  # [B, V]
         out = self.sampler(
             logits, [s.sampling for s in rows], [self.generators[s.seq_id] for s in rows], [s.banned for s in rows]
@@ -190,14 +266,12 @@ class Worker:
             row += len(pos)
             end = s.start + len(s.token_ids)
             if s.logits and len(pos) and int(pos[-1]) == end - 1:
-                result.logits[s.seq_id] = self.model.compute_logits(h[-1:])[0].cpu()
+                result.logits[s.seq_id] = self._logits(h[-1:])[0].cpu()
             if s.prompt_logprobs is not None:
                 keep = (pos < s.num_prompt_tokens - 1).nonzero().flatten()  # row at p predicts token p + 1
                 nxt = s.token_ids[1:] + [s.next_token if s.next_token is not None else -1]
                 targets = [nxt[p - s.start] for p in pos[keep].tolist()]
-                entries = prompt_logprobs_rows(
-                    lambda x: self.model.compute_logits(x), h[keep.to(h.device)], targets, s.prompt_logprobs
-                )
+                entries = prompt_logprobs_rows(self._logits, h[keep.to(h.device)], targets, s.prompt_logprobs)
                 result.prompt_logprobs[s.seq_id] = {p + 1: e for p, e in zip(pos[keep].tolist(), entries)}
 
     def _gather(self, result: StepResult) -> StepResult:

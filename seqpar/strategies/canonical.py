@@ -1,0 +1,160 @@
+"""Deterministic attention over a KV cache sharded by sequence (`enable_deterministic_inference`).
+
+Every query is computed in the canonical order of `seqpar.kernels.canonical`: one partial per
+KV unit (a shard unit of the placement: it lives whole on one rank), merged left to right. The
+unit is what no SP degree splits, so a row comes out with the same bits at SP 1-N, in a chunk of
+any size, alone or in a batch, from a cached prefix or not.
+
+- Prefill rows: every rank gathers every rank's cached K/V of the step's sequences (the
+  all-gather's traffic; on one host through shared memory, as pass-KV does), then computes its
+  own rows over the units in order. pass-Q would have to return one partial per unit and query
+  instead of one per rank; here every strategy moves K/V alike.
+- Decode rows: each rank computes the partials of the units it holds, writes them in a table
+  [units, B, Hq, D + 1] (other units: lse -inf), the tables are gathered (shared memory on one
+  host), each unit is taken from its owner, and every rank merges them in order. The merge modes
+  (allgather, alltoall, tree) all come down to that gather here: a sum over ranks is an order.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqpar.comm.collectives import all_gather_uneven, group_rank, group_size
+from seqpar.comm.shm import HostExchange
+from seqpar.kernels.canonical import OrderedMerge, attend_unit, merge_in_order, unit_partials
+from seqpar.strategies.decode import gather_parts
+from seqpar.strategies.over_cache import CachedKeys, _pack, kv_message_shapes
+
+
+def _unit_view(part: Tensor, start: int, unit: int) -> tuple[Tensor, Tensor]:
+    """Keys [start, start + unit) of a rank's message [2, Hkv, n, D]; rows past its end padded
+    with zeros (finite: masked keys only add exact zeros)."""
+    if start + unit <= part.shape[2]:
+        return part[0, :, start : start + unit], part[1, :, start : start + unit]
+    pad = part.new_zeros(2, part.shape[1], unit, part.shape[3])
+    pad[:, :, : part.shape[2] - start] = part[:, :, start:]
+    return pad[0], pad[1]
+
+
+def prefill(
+    q: Tensor,
+    rows: list[tuple[int, Tensor]],
+    kh: Tensor,
+    vh: Tensor,
+    keys: CachedKeys,
+    unit: int,
+    group: dist.ProcessGroup | None,
+    scale: float,
+    exchange: HostExchange | None = None,
+) -> Tensor:
+    """This rank's prefill queries q [T_local, Hq, D] -> out [T_local, Hq, D] fp32.
+
+    rows: per sequence (batch row j of `keys`), in q's order, (cached positions after the step,
+    this rank's query positions ascending).
+    """
+    hkv, d = kh.shape[0], kh.shape[2]
+    kv = _pack(kh, vh, keys)  # [2, Hkv, n, D]
+    shapes = kv_message_shapes(keys, hkv, d)
+    if group_size(group) == 1:
+        parts = [kv]
+    elif exchange is not None and exchange.fits_parts(shapes, kv.dtype, kv.device):
+        parts = exchange.all_gather_views(kv, shapes)
+    else:
+        mine = kv.permute(2, 0, 1, 3).reshape(kv.shape[2], 2 * hkv, d).contiguous()  # [n, 2 Hkv, D]
+        got = all_gather_uneven(mine, [s[2] for s in shapes], group)
+        parts = [p.view(-1, 2, hkv, d).permute(1, 2, 0, 3).contiguous() for p in got]  # [2, Hkv, n_r, D]
+    parts[group_rank(group)] = kv
+    where: dict[tuple[int, int], tuple[int, int]] = {}  # (seq, unit) -> (rank, first row in its message)
+    for r, lay in enumerate(keys.packed):
+        for run in lay.runs:
+            first = -(-run.pos // unit) * unit
+            for p in range(first, run.pos + run.length, unit):
+                where[(run.seq, p // unit)] = (r, run.start + p - run.pos)
+    merge = OrderedMerge(q.shape[0], q.shape[1], d, q.device)
+    row = 0
+    for j, (end, pos) in enumerate(rows):
+        plist = pos.tolist()
+        if plist:
+            p = torch.tensor(plist)
+            for u in range(plist[-1] // unit + 1):
+                first = bisect_left(plist, u * unit)  # rows from here see unit u
+                r, start = where[(j, u)]
+                k_u, v_u = _unit_view(parts[r], start, unit)
+                vis = torch.clamp(p[first:] - u * unit + 1, max=min(unit, end - u * unit))
+                attend_unit(merge, row + first, q[row + first : row + len(plist)], vis, k_u, v_u, scale)
+        row += len(plist)
+    return merge.result()
+
+
+def _cache_units(kh: Tensor, vh: Tensor, tables: list[list[int]], block_size: int, unit: int) -> tuple[Tensor, Tensor]:
+    """Units' keys [P, Hkv, unit, D] from the paged storage, tables[i] unit i's blocks: a view in
+    place when every unit's blocks are consecutive and the units evenly spaced (a sequence's
+    units as allocated), else gathered (missing slots: slot 0, masked)."""
+    starts = [blocks[0] * block_size for blocks in tables]
+    step = starts[1] - starts[0] if len(starts) > 1 else unit
+    in_place = step > 0 and starts[-1] + unit <= kh.shape[1]
+    in_place = in_place and all(s == starts[0] + i * step for i, s in enumerate(starts))
+    in_place = in_place and all(b == blocks[0] + i for blocks in tables for i, b in enumerate(blocks))
+    if in_place:
+        hkv, d = kh.shape[0], kh.shape[2]
+        views = []
+        for x in (kh, vh):
+            size, stride = (len(tables), hkv, unit, d), (step * x.stride(1), x.stride(0), x.stride(1), x.stride(2))
+            views.append(x.as_strided(size, stride, x.storage_offset() + starts[0] * x.stride(1)))
+        return views[0], views[1]
+    idx = torch.zeros(len(tables), unit, dtype=torch.long)
+    for i, blocks in enumerate(tables):
+        slots = torch.cat([torch.arange(b * block_size, (b + 1) * block_size) for b in blocks])[:unit]
+        idx[i, : len(slots)] = slots
+    idx = idx.flatten().to(kh.device)
+    p, hkv, d = len(tables), kh.shape[0], kh.shape[2]
+    return tuple(x.index_select(1, idx).view(hkv, p, unit, d).transpose(0, 1) for x in (kh, vh))  # type: ignore[return-value]
+
+
+def decode(
+    q: Tensor,
+    seqs: list[tuple[int, list[int]]],
+    kh: Tensor,
+    vh: Tensor,
+    owner: Callable[[int], int],
+    block_size: int,
+    unit_blocks: int,
+    group: dist.ProcessGroup | None,
+    scale: float,
+    exchange: HostExchange | None = None,
+) -> Tensor:
+    """Decode rows q [B, Hq, D] (every rank) -> out [B, Hq, D] fp32, the same on every rank.
+
+    seqs[j]: (the new token's position p, the block table); keys [0, p] are cached, unit u on
+    rank owner(u). This rank's units of every row go through one flash call (`unit_partials`).
+    """
+    b, hq, d = q.shape
+    unit = block_size * unit_blocks
+    me, world = group_rank(group), group_size(group)
+    n_units = max(p // unit + 1 for p, _ in seqs)
+    table = torch.zeros(n_units, b, hq, d + 1, dtype=torch.float32, device=q.device)
+    table[..., d] = float("-inf")
+    rows, units, vis, tables = [], [], [], []
+    for j, (p, blocks) in enumerate(seqs):
+        for u in range(p // unit + 1):
+            if owner(u) == me:
+                n_keys = min(unit, p + 1 - u * unit)
+                rows.append(j)
+                units.append(u)
+                vis.append(n_keys)
+                tables.append(blocks[u * unit_blocks : u * unit_blocks + -(-n_keys // block_size)])
+    if rows:
+        k_u, v_u = _cache_units(kh, vh, tables, block_size, unit)
+        o, lse = unit_partials(q[rows], k_u, v_u, torch.tensor(vis, device=q.device), scale)
+        table[units, rows, :, :d] = o
+        table[units, rows, :, d] = lse
+    if world > 1:
+        parts = gather_parts(table, group, exchange)  # [W, units, B, Hq, D + 1]
+        owners = torch.tensor([owner(u) for u in range(n_units)], device=q.device)
+        table = parts[owners, torch.arange(n_units, device=q.device)]
+    return merge_in_order(table[..., :d], table[..., d])

@@ -1,0 +1,214 @@
+"""Deterministic inference: a request's bits, whatever the SP degree, chunking, batch and cache.
+
+No tolerance: prompt logprobs, sampled tokens and their logprobs (top 2 too) must be equal, bit
+for bit (Python floats from fp32), to those of the same request alone on one rank, in one
+chunk, without prefix caching. Each engine runs the batch of 8 twice: cold, then with every
+prefix cached. Each axis (SP 1-4, chunk size, strategy, decode merge, shared memory or the
+process group) is covered against that one reference in fp32 and in bf16, not their product.
+Tiny model: two-token blocks in four-token KV units, so 20-40 token prompts span many units
+and every rank; a 3-token budget splits prompts into chunks smaller than a unit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar import LLM, SamplingParams
+from seqpar.kernels import canonical, invariant
+from test_engine import _save
+
+pytestmark = pytest.mark.timeout(300)
+SMALL = dict(block_size=2, shard_blocks=2, kv_cache_gb=2**-12, enable_deterministic_inference=True)
+BASE = [5, 17, 3, 99, 42, 8, 8, 23, 61, 7]
+# Shared prefixes (cached on the second pass), ragged lengths, one token long.
+PROMPTS = [BASE + [9, 4], BASE + [9, 4, 5, 60, 61] * 2, list(range(30, 45)), [7], BASE, list(range(60, 77)), BASE * 2]
+PROMPTS.append(BASE + [11, 12, 13])
+# Greedy, seeded and unseeded sampling (unseeded: as if seeded with the engine's seed), logprobs.
+PARAMS = [
+    SamplingParams(temperature=0.0, max_tokens=4, logprobs=2, prompt_logprobs=2, ignore_eos=True),
+    SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=4, logprobs=2, prompt_logprobs=1, ignore_eos=True),
+    SamplingParams(temperature=1.0, top_k=20, max_tokens=3, logprobs=0, ignore_eos=True),
+]
+
+
+def _params(i: int) -> SamplingParams:
+    return PARAMS[i % len(PARAMS)]
+
+
+def _bits(out) -> tuple:
+    """What must be equal: prompt logprobs (top-k too), tokens, sampled logprobs (top-k too)."""
+
+    def entries(rows):
+        return [None if e is None else sorted((t, lp.logprob, lp.rank) for t, lp in e.items()) for e in rows or []]
+
+    gen = out.outputs[0]
+    return entries(out.prompt_logprobs), gen.token_ids, entries(gen.logprobs)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return _save(tmp_path_factory.mktemp("llama"), "llama")[1]
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> dict[str, list[tuple]]:
+    """Each request alone, one rank, one chunk, nothing cached; fp32 and bf16."""
+    refs = {}
+    for dtype in ("float32", "bfloat16"):
+        with LLM(model=model, dtype=dtype, enable_prefix_caching=False, **SMALL) as llm:
+            refs[dtype] = [_bits(llm.generate([p], _params(i))[0]) for i, p in enumerate(PROMPTS)]
+    return refs
+
+
+# (dtype, sp, strategy, decode merge, max_num_batched_tokens, shared memory)
+CASES = [
+    ("float32", 1, "ring", "allgather", 3, True),
+    ("float32", 2, "ring", "alltoall", 2048, True),
+    ("float32", 3, "pass_q", "tree", 7, True),
+    ("float32", 4, "allgather", "allgather", 5, False),
+    ("bfloat16", 2, "allgather", "tree", 3, False),
+    ("bfloat16", 3, "ring", "allgather", 2048, True),
+    ("bfloat16", 4, "pass_q", "alltoall", 7, True),
+]
+
+
+@pytest.mark.parametrize("dtype, sp, strategy, merge, budget, shm", CASES)
+def test_same_bits_in_any_layout(model, reference, dtype, sp, strategy, merge, budget, shm):
+    with LLM(
+        model=model,
+        dtype=dtype,
+        sp_size=sp,
+        strategy=strategy,
+        decode_merge=merge,
+        max_num_batched_tokens=budget,
+        shared_memory=shm,
+        **SMALL,
+    ) as llm:
+        params = [_params(i) for i in range(len(PROMPTS))]
+        cold = llm.generate(PROMPTS, params)
+        cached = llm.generate(PROMPTS, params)
+    assert sum(o.num_cached_tokens for o in cached) > 0
+    for i, (a, b) in enumerate(zip(cold, cached)):
+        assert _bits(a) == reference[dtype][i], f"request {i} (cold) differs from the reference"
+        assert _bits(b) == reference[dtype][i], f"request {i} (cached prefix) differs from the reference"
+
+
+def test_bf16_differs_without_the_mode(model, reference):
+    """The mode is what makes bf16 agree: without it, SP 2 in chunks moves some bf16 logprob."""
+    with LLM(
+        model=model,
+        dtype="bfloat16",
+        sp_size=2,
+        max_num_batched_tokens=3,
+        **{**SMALL, "enable_deterministic_inference": False},
+    ) as llm:
+        outs = llm.generate(PROMPTS, [_params(i) for i in range(len(PROMPTS))])
+    assert any(_bits(o) != r for o, r in zip(outs, reference["bfloat16"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_rows_do_not_depend_on_the_rows_around_them(dtype):
+    for k, n in [(48, 80), (96, 96), (576, 1536), (1536, 576)]:
+        assert invariant.rows_are_invariant(k, n, dtype), (k, n, dtype)
+
+
+def test_vocab_slices_are_whole_tiles():
+    assert invariant.vocab_slices(101, 3) == [slice(0, 101), slice(101, 101), slice(101, 101)]
+    tiles = invariant.vocab_slices(49152, 3)
+    assert [s.start for s in tiles] == [0, 16384, 32768] and tiles[-1].stop == 49152
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_unit_partial_does_not_depend_on_the_rows_beside_it(dtype):
+    """One query over one KV unit, alone (decode), among 40 rows, among 300: the same bits."""
+    gen = torch.Generator().manual_seed(0)
+    hq, hkv, d, unit = 12, 2, 8, 64
+    k, v = (torch.randn(hkv, unit, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(300, hq, d, generator=gen).to(dtype)
+    results = []
+    for n, at in [(1, 0), (40, 17), (300, 250)]:
+        rows = torch.randn(n, hq, d, generator=gen).to(dtype)
+        rows[at] = q[0]
+        vis = torch.full((n,), unit)
+        vis[at] = 37
+        vis = vis.sort().values  # non-decreasing, as the callers give them
+        at = int((vis < 37).sum())
+        rows[at] = q[0]
+        merge = canonical.OrderedMerge(n, hq, d, q.device)
+        canonical.attend_unit(merge, 0, rows, vis, k, v, 0.3)
+        results.append(merge.result()[at])
+    # A decode step: the row as element 1 of a batch of 3 units (one call), the others unlike it.
+    ks, vs = (torch.stack([torch.randn_like(x), x, torch.randn_like(x)]) for x in (k, v))
+    rows = torch.stack([torch.randn_like(q[0]), q[0], torch.randn_like(q[0])])
+    o, _ = canonical.unit_partials(rows, ks, vs, torch.tensor([unit, 37, 5]), 0.3)
+    results.append(o[1])
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_mlp_has_the_whole_mlps_bits(dtype):
+    """A decode row through the MLP split over 3 ranks (each rank's features, gathered) and whole."""
+    from seqpar.model import deterministic as det
+    from seqpar.model.layers import SwiGLUMLP
+
+    torch.manual_seed(0)
+    mlp = SwiGLUMLP(576, 1536).to(dtype)
+    x = torch.randn(1, 576).to(dtype)
+    world, done = 3, []
+
+    def gather(t):  # ranks run in turn: the last one sees every rank's part
+        done.append(t)
+        return torch.stack(done + [torch.zeros_like(t)] * (world - len(done)))
+
+    bounds = [(r * 1536 // world, (r + 1) * 1536 // world) for r in range(world)]
+    parts = [det.InvariantSplitMLP(mlp, bounds, r, gather) for r in range(world)]
+    det.invariant_mlp(mlp)
+    with torch.inference_mode():
+        outs = [part(x) for part in parts]
+        assert torch.equal(outs[-1], mlp(x))
+
+
+def test_merge_in_order_is_the_merge_unit_by_unit():
+    gen = torch.Generator().manual_seed(0)
+    o = torch.randn(6, 3, 4, 8, generator=gen)
+    lse = torch.randn(6, 3, 4, generator=gen) * 5
+    lse[4:, 1] = float("-inf")  # a shorter row: its last units absent
+    merge = canonical.OrderedMerge(3, 4, 8, o.device)
+    for u in range(6):
+        merge.add(0, o[u], lse[u])
+    assert torch.equal(canonical.merge_in_order(o, lse), merge.result())
+
+
+def test_served_request_same_bytes_alone_and_among_eight(tmp_path):
+    """`seqpar serve --enable-deterministic-inference`: one request alone, then among 8 concurrent
+    ones (different prompts, the same prefix), returns the same bytes (choices, usage)."""
+    import asyncio
+    import json
+
+    import httpx
+
+    from server_util import Server, save_tiny_chat_model
+
+    path = save_tiny_chat_model(tmp_path)
+    body = {"model": "tiny", "prompt": [BASE + [9, 4, 5]], "max_tokens": 4, "temperature": 0.8, "seed": 3}
+    body.update(logprobs=2, echo=True, ignore_eos=True)
+    others = [{**body, "prompt": [BASE[: 3 + i] + [60 + i] * i], "seed": i} for i in range(7)]
+    flags = ["--sp", "2", "--kv-cache-gb", "0.01", "--max-model-len", "64", "--served-model-name", "tiny"]
+    with Server("--model", path, *flags, "--max-num-batched-tokens", "7", "--enable-deterministic-inference") as s:
+
+        def answer(r: httpx.Response) -> str:
+            assert r.status_code == 200, r.text
+            data = r.json()
+            return json.dumps([data["choices"], data["usage"]], sort_keys=True)
+
+        alone = answer(s.post("/v1/completions", json=body))
+
+        async def together() -> list[str]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                replies = await asyncio.gather(
+                    *(c.post("/v1/completions", json=b) for b in [*others[:4], body, *others[4:]])
+                )
+            return [answer(r) for r in replies]
+
+        assert asyncio.run(together())[4] == alone

@@ -109,5 +109,8 @@ def logits(model: LlamaForCausalLM, hidden: Tensor, vocab: slice = slice(None)) 
     key = (vocab.start, vocab.stop)
     if key not in heads:
         weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        heads[key] = invariant.pack(weight[vocab])
-    return invariant.linear(hidden, heads[key]).float()
+        heads[key] = (invariant.pack(weight[vocab]), weight.dtype)
+    packed, dtype = heads[key]
+    # The final norm hands over fp32; the head runs in the model's dtype (in bf16 the logits keep
+    # bf16's steps here: the fp32 refinement of compute_logits is not row-invariant-checked yet).
+    return invariant.linear(hidden.to(dtype), packed).float()

@@ -28,7 +28,7 @@ from seqpar.comm.collectives import all_gather_uneven, group_rank, group_size
 from seqpar.comm.shm import HostExchange
 from seqpar.kernels.canonical import OrderedMerge, attend_unit, merge_in_order, unit_partials
 from seqpar.strategies.decode import gather_parts
-from seqpar.strategies.over_cache import CachedKeys, _pack, kv_message_shapes
+from seqpar.strategies.over_cache import CachedKeys, kv_message_shapes, pack
 
 
 def _unit_view(part: Tensor, start: int, unit: int) -> tuple[Tensor, Tensor]:
@@ -58,7 +58,7 @@ def prefill(
     this rank's query positions ascending).
     """
     hkv, d = kh.shape[0], kh.shape[2]
-    kv = _pack(kh, vh, keys)  # [2, Hkv, n, D]
+    kv = pack(kh, vh, keys)  # [2, Hkv, n, D]
     shapes = kv_message_shapes(keys, hkv, d)
     if group_size(group) == 1:
         parts = [kv]

@@ -145,4 +145,4 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
     with pytest.raises(ValueError, match=r"device='cuda' but torch.cuda.is_available\(\) is False.*device='cpu'"):
         EngineConfig(device="cuda")
     rc, out, err = run_main(capsys, ["generate", "--prompt", "hi", "--device", "cuda"])
-    assert rc == 2 and out == "" and "device='cuda'" in err and err.count("\n") == 1, err
+    assert rc == 2 and out == "" and "--device 'cuda'" in err and err.count("\n") == 1, err  # the flag typed

@@ -20,4 +20,6 @@ def resolve_dtype(config: EngineConfig) -> tuple[EngineConfig, str]:
     if config.dtype != "auto":
         return config, ""
     dtype, why = choose_dtype(checkpoint_dtype(config.model), config.device)
+    if why == "checkpoint float32":
+        why = ""  # nothing to choose between: not worth a line at start-up
     return dataclasses.replace(config, dtype=str(dtype).removeprefix("torch.")), why

@@ -28,6 +28,7 @@ from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
 from seqpar.model import LlamaForCausalLM, load_model, parallelize_tp
 from seqpar.model import deterministic as det
+from seqpar.model.llama import with_mlps
 from seqpar.strategies.decode import gather_parts
 
 
@@ -65,24 +66,17 @@ def _even(n: int, world: int, rank: int) -> tuple[int, int]:
 def split_for_decode(model: LlamaForCausalLM, mesh: ParallelMesh, exchange: HostExchange | None) -> LlamaForCausalLM:
     """A shallow copy of `model` whose MLPs compute this SP rank's slice (weights shared)."""
     cfg, world, rank = model.config, mesh.sp_size, mesh.sp_rank
-    # Shallow copies share their `_modules` dict with the original: give each its own before
-    # replacing children, so the full model is left exactly as it was.
-    split = copy.copy(model)
-    split._modules = dict(model._modules)
-    split.model = copy.copy(model.model)
-    split.model._modules = dict(model.model._modules)
-    split.model.layers = nn.ModuleList()
-    for layer in model.model.layers:
-        new = copy.copy(layer)
-        mlp = copy.copy(layer.mlp)
-        mlp._modules = dict(mlp._modules)
-        a, b = _even(cfg.intermediate_size, world, rank)
-        mlp.gate_proj = _Columns(layer.mlp.gate_proj, a, b)
-        mlp.up_proj = _Columns(layer.mlp.up_proj, a, b)
-        mlp.down_proj = _RowsSummed(layer.mlp.down_proj, a, b, mesh, exchange)
-        new._modules = dict(layer._modules, mlp=mlp)
-        split.model.layers.append(new)
-    return split
+    a, b = _even(cfg.intermediate_size, world, rank)
+
+    def split_mlp(full: nn.Module) -> nn.Module:
+        mlp = copy.copy(full)
+        mlp._modules = dict(full._modules)
+        mlp.gate_proj = _Columns(full.gate_proj, a, b)
+        mlp.up_proj = _Columns(full.up_proj, a, b)
+        mlp.down_proj = _RowsSummed(full.down_proj, a, b, mesh, exchange)
+        return mlp
+
+    return with_mlps(model, split_mlp)
 
 
 class ShardedModel:

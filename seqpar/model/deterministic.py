@@ -9,14 +9,12 @@ embedding gather, the residual adds). Attention is the caller's (seqpar.kernels.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
 from seqpar.kernels import invariant
 from seqpar.model.layers import SwiGLUMLP
-from seqpar.model.llama import LlamaForCausalLM
+from seqpar.model.llama import LlamaForCausalLM, with_mlps
 
 
 class InvariantLinear(nn.Module):
@@ -90,16 +88,7 @@ def split_for_decode(model: LlamaForCausalLM, world: int, rank: int, gather) -> 
     dtype = model.model.embed_tokens.weight.dtype
     if not invariant.ONEDNN or dtype not in (torch.float32, torch.bfloat16) or min(b - a for a, b in bounds) < 2:
         return None
-    split = copy.copy(model)
-    split._modules = dict(model._modules)
-    split.model = copy.copy(model.model)
-    split.model._modules = dict(model.model._modules)
-    split.model.layers = nn.ModuleList()
-    for layer in model.model.layers:
-        new = copy.copy(layer)
-        new._modules = dict(layer._modules, mlp=InvariantSplitMLP(layer.mlp, bounds, rank, gather))
-        split.model.layers.append(new)
-    return split
+    return with_mlps(model, lambda mlp: InvariantSplitMLP(mlp, bounds, rank, gather))
 
 
 def logits(model: LlamaForCausalLM, hidden: Tensor, vocab: slice = slice(None)) -> Tensor:

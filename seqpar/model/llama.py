@@ -7,6 +7,7 @@ parameter names mirror transformers' so checkpoint keys map one to one.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -165,3 +166,21 @@ class LlamaForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
+
+
+def with_mlps(model: LlamaForCausalLM, make_mlp: Callable[[nn.Module], nn.Module]) -> LlamaForCausalLM:
+    """A shallow copy of `model` sharing every weight, each layer's MLP replaced by `make_mlp(mlp)`.
+
+    Shallow copies share their `_modules` dict with the original: each copy gets its own before
+    children are replaced, so `model` is left exactly as it was.
+    """
+    copy_ = copy.copy(model)
+    copy_._modules = dict(model._modules)
+    copy_.model = copy.copy(model.model)
+    copy_.model._modules = dict(model.model._modules)
+    copy_.model.layers = nn.ModuleList()
+    for layer in model.model.layers:
+        new = copy.copy(layer)
+        new._modules = dict(layer._modules, mlp=make_mlp(layer.mlp))
+        copy_.model.layers.append(new)
+    return copy_

@@ -84,6 +84,12 @@ class EngineConfig:
         1800.0, "seconds a step may take before its rank counts as wedged (default: 1800)", metavar="S"
     )
     decode_split: bool = opt(True, "decode-only steps split the MLP over the SP ranks (tp 1) (default: on)")
+    packed_decode_weights: bool = opt(
+        True,
+        "decode-only steps read the linear weights from a private copy in oneDNN's blocked layout (CPU, "
+        "fp32/bf16, tp 1): ~2x faster per row, at the price of a second copy of those weights per rank "
+        "(of its slice under --decode-split) (default: on; --no-packed-decode-weights keeps one copy per host)",
+    )
     shared_memory: bool = opt(
         True,
         "decode merges, pass-KV and pass-Q between ranks on one host through shared memory (default: on; "

@@ -26,35 +26,49 @@ from torch import Tensor, nn
 from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
+from seqpar.kernels.packed import PackedLinear, packable
 from seqpar.model import LlamaForCausalLM, load_model, parallelize_tp
 from seqpar.model import deterministic as det
 from seqpar.model.llama import with_mlps
 from seqpar.strategies.decode import gather_parts
 
 
-class _Columns(nn.Module):
-    """Output features [a, b) of a full linear (a view: no copy of the weights)."""
+class _Linear(nn.Module):
+    """x @ weight.T + bias over a view of another layer's weight (no copy)."""
 
-    def __init__(self, full: nn.Linear, a: int, b: int) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        self.weight = full.weight.detach()[a:b]
-        self.bias = None if full.bias is None else full.bias.detach()[a:b]
+        self.weight, self.bias = weight, bias
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
+def _linear(weight: Tensor, bias: Tensor | None, packed: bool) -> nn.Module:
+    """A layer computing with `weight`: a packed private copy, or the view itself."""
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
+    return PackedLinear(weight, bias) if packed else _Linear(weight, bias)
+
+
+def _columns(full: nn.Linear, a: int, b: int, packed: bool) -> nn.Module:
+    """Output features [a, b) of a full linear."""
+    return _linear(full.weight[a:b], None if full.bias is None else full.bias[a:b], packed)
+
+
 class _RowsSummed(nn.Module):
     """Input features [a, b) of a full linear; partial products summed over the SP group."""
 
-    def __init__(self, full: nn.Linear, a: int, b: int, mesh: ParallelMesh, exchange: HostExchange | None) -> None:
+    def __init__(
+        self, full: nn.Linear, a: int, b: int, mesh: ParallelMesh, exchange: HostExchange | None, packed: bool
+    ) -> None:
         super().__init__()
-        self.weight = full.weight.detach()[:, a:b].contiguous()  # a strided view would slow every GEMM
+        # a copy: a strided view would slow every GEMM
+        self.part = _linear(full.weight.detach()[:, a:b].contiguous(), None, packed)
         self.bias = None if full.bias is None else full.bias.detach()
         self.mesh, self.exchange = mesh, exchange
 
     def forward(self, x: Tensor) -> Tensor:
-        out = gather_parts(F.linear(x, self.weight), self.mesh.sp_group, self.exchange).sum(0)
+        out = gather_parts(self.part(x), self.mesh.sp_group, self.exchange).sum(0)
         # Added after the sum: before it, each rank's copy would be counted W times.
         return out if self.bias is None else out + self.bias
 
@@ -63,20 +77,47 @@ def _even(n: int, world: int, rank: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
-def split_for_decode(model: LlamaForCausalLM, mesh: ParallelMesh, exchange: HostExchange | None) -> LlamaForCausalLM:
-    """A shallow copy of `model` whose MLPs compute this SP rank's slice (weights shared)."""
+def _packed_attention(full: nn.Module) -> nn.Module:
+    """`full` (a layer's attention) with its projections packed (private copies)."""
+    attn = copy.copy(full)
+    attn._modules = dict(full._modules)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        lin = getattr(full, name)
+        setattr(attn, name, _linear(lin.weight, lin.bias, True))
+    return attn
+
+
+def split_for_decode(
+    model: LlamaForCausalLM, mesh: ParallelMesh, exchange: HostExchange | None, packed: bool = False
+) -> LlamaForCausalLM:
+    """A shallow copy of `model` whose MLPs compute this SP rank's slice (weights shared, or
+    `packed`: this rank's slices and the attention projections packed, private copies)."""
     cfg, world, rank = model.config, mesh.sp_size, mesh.sp_rank
     a, b = _even(cfg.intermediate_size, world, rank)
 
     def split_mlp(full: nn.Module) -> nn.Module:
         mlp = copy.copy(full)
         mlp._modules = dict(full._modules)
-        mlp.gate_proj = _Columns(full.gate_proj, a, b)
-        mlp.up_proj = _Columns(full.up_proj, a, b)
-        mlp.down_proj = _RowsSummed(full.down_proj, a, b, mesh, exchange)
+        mlp.gate_proj = _columns(full.gate_proj, a, b, packed)
+        mlp.up_proj = _columns(full.up_proj, a, b, packed)
+        mlp.down_proj = _RowsSummed(full.down_proj, a, b, mesh, exchange, packed)
         return mlp
 
-    return with_mlps(model, split_mlp)
+    return with_mlps(model, split_mlp, _packed_attention if packed else None)
+
+
+def packed_for_decode(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A shallow copy of `model` whose linear layers read packed private copies of the weights."""
+
+    def mlp(full: nn.Module) -> nn.Module:
+        new = copy.copy(full)
+        new._modules = dict(full._modules)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(full, name)
+            setattr(new, name, _linear(lin.weight, lin.bias, True))
+        return new
+
+    return with_mlps(model, mlp, _packed_attention)
 
 
 class ShardedModel:
@@ -97,5 +138,13 @@ class ShardedModel:
                 gather = lambda t: gather_parts(t, mesh.sp_group, exchange)  # noqa: E731
                 self.decode_model = det.split_for_decode(model, mesh.sp_size, mesh.sp_rank, gather)
             det.make_row_invariant(model)
-        elif split:
-            self.decode_model = split_for_decode(self.model, mesh, exchange)
+        else:
+            packed = (
+                config.packed_decode_weights
+                and config.tp_size == 1
+                and packable(model.model.layers[0].mlp.gate_proj.weight)
+            )
+            if split:
+                self.decode_model = split_for_decode(self.model, mesh, exchange, packed)
+            elif packed:
+                self.decode_model = packed_for_decode(self.model)

@@ -32,25 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqpar.kernels.packed import ONEDNN, pack, packed_linear  # noqa: F401 (pack: what `linear` reads fastest)
+
 # Rows below which MKL's fp32 GEMM may take another path (< 12); padded up to this many.
 MIN_ROWS = 16
 # Columns per vocabulary tile: slices of whole tiles are as wide as one GEMM needs to agree.
 VOCAB_TILE = 1024
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _onednn(dtype: torch.dtype) -> bool:
     return ONEDNN and dtype in (torch.float32, torch.bfloat16)  # fp16 needs AVX512-FP16
-
-
-def pack(weight: Tensor) -> Tensor:
-    """`weight` [N, K] in oneDNN's blocked layout (a copy), what `linear` reads fastest: the
-    same bits as the plain weight, without repacking it at every call (a decode row through the
-    model's linear layers: ~17 against ~40 ms plain, ~25 ms for MKL's GEMV; one thread). As it
-    is where `linear` does not run oneDNN."""
-    if _onednn(weight.dtype) and weight.device.type == "cpu" and weight.numel():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    return weight
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -66,7 +57,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         padded[:m] = x
         return linear(padded, weight, bias)[:m]
     if onednn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return packed_linear(x, weight, bias)  # plain weights too
     return F.linear(x, weight, bias)
 
 

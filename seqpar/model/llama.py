@@ -168,8 +168,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.device
 
 
-def with_mlps(model: LlamaForCausalLM, make_mlp: Callable[[nn.Module], nn.Module]) -> LlamaForCausalLM:
-    """A shallow copy of `model` sharing every weight, each layer's MLP replaced by `make_mlp(mlp)`.
+def with_mlps(
+    model: LlamaForCausalLM,
+    make_mlp: Callable[[nn.Module], nn.Module],
+    make_attn: Callable[[nn.Module], nn.Module] | None = None,
+) -> LlamaForCausalLM:
+    """A shallow copy of `model` sharing every weight, each layer's MLP replaced by `make_mlp(mlp)`
+    (and its attention by `make_attn(self_attn)` when given).
 
     Shallow copies share their `_modules` dict with the original: each copy gets its own before
     children are replaced, so `model` is left exactly as it was.
@@ -182,5 +187,7 @@ def with_mlps(model: LlamaForCausalLM, make_mlp: Callable[[nn.Module], nn.Module
     for layer in model.model.layers:
         new = copy.copy(layer)
         new._modules = dict(layer._modules, mlp=make_mlp(layer.mlp))
+        if make_attn is not None:
+            new.self_attn = make_attn(layer.self_attn)
         copy_.model.layers.append(new)
     return copy_

@@ -12,7 +12,7 @@ from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.kv_cache import KVCache, size_cache
 from seqpar.engine.placement import SHARD_SCHEMES, Placement, blocks_needed
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 from seqpar.engine.scheduler import RequestTooLongError, Scheduler, SchedulerConfig
 from seqpar.engine.sequence import Sequence, SequenceStatus
 

@@ -27,7 +27,7 @@ from seqpar.engine.executor import EngineDeadError, LocalExecutor, ProgressFn, T
 from seqpar.engine.kv_cache import block_bytes, size_cache
 from seqpar.engine.messages import SeqStep, Step, StepResult
 from seqpar.engine.outputs import EngineStats, RequestOutput
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 from seqpar.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from seqpar.engine.sequence import Sequence
 from seqpar.engine.tokenizer import LazyTokenizer

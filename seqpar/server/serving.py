@@ -23,7 +23,7 @@ from fastapi import Request
 
 from seqpar.engine.async_llm import AsyncLLM, EngineDownError, RequestStream, RequestUpdate
 from seqpar.engine.outputs import RequestOutput
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 from seqpar.engine.token_bounds import TokenBound, token_bound
 from seqpar.engine.tokenizer import LazyTokenizer, TokenizerUnavailableError
 from seqpar.server.body import default_max_body_bytes

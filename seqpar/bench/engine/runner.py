@@ -56,7 +56,7 @@ class Engine:
         return self.llm.engine.max_model_len
 
     def run(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-        from seqpar.engine.sampling import SamplingParams
+        from seqpar.engine.sampling_params import SamplingParams
 
         self.calls = []
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

@@ -8,12 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_util import check_books
+from seqpar.engine.admission import PromptRefused, check_prompt
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.kv_cache import KVCache, size_cache
 from seqpar.engine.placement import SHARD_SCHEMES, Placement, blocks_needed
 from seqpar.engine.sampling_params import SamplingParams
-from seqpar.engine.scheduler import RequestTooLongError, Scheduler, SchedulerConfig
+from seqpar.engine.scheduler import Scheduler, SchedulerConfig
 from seqpar.engine.sequence import Sequence, SequenceStatus
 
 
@@ -189,8 +190,8 @@ def test_preemption_frees_the_newest_and_recomputes_it():
 
 def test_requests_that_can_never_fit_are_refused_at_once():
     sched = _sched(max_len=48)
-    with pytest.raises(RequestTooLongError, match="48 tokens.*at most 48"):
-        sched.add(_seq(0, [1] * 48))
+    with pytest.raises(PromptRefused, match="context length is 48 tokens.*the prompt has 48 tokens"):
+        check_prompt([1] * 48, 100, 48)  # LLMEngine.add_request and the server call it before queueing
     with pytest.raises(ValueError, match="no tokens"):
         _seq(1, [])
     with pytest.raises(ValueError, match="max_num_seqs"):

@@ -11,7 +11,7 @@ import pytest
 
 from seqpar.engine.async_llm import AsyncLLM, EngineDownError
 from seqpar.engine.outputs import CompletionOutput, EngineStats, RequestOutput
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -69,7 +69,7 @@ def test_bench_engine_quick(tmp_path, capsys):
         "KV cache bytes per rank",
         "Exactness",
         "Targets",
-        "seqpar SP 2 (ring, zigzag)",
+        "seqpar SP 2 (ring, snake)",
         "transformers, 2 threads",
         "decode merge tree",
     ):

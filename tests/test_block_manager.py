@@ -8,10 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_util import check_books
+from seqpar.engine.admission import PromptRefused, check_prompt
 from seqpar.engine.block_manager import BlockManager
-from seqpar.engine.kv_cache import SHARD_SCHEMES, KVCache, Placement, blocks_needed, size_cache
-from seqpar.engine.sampling import SamplingParams
-from seqpar.engine.scheduler import RequestTooLongError, Scheduler, SchedulerConfig
+from seqpar.engine.config import EngineConfig
+from seqpar.engine.kv_cache import KVCache, size_cache
+from seqpar.engine.placement import SHARD_SCHEMES, Placement, blocks_needed
+from seqpar.engine.sampling_params import SamplingParams
+from seqpar.engine.scheduler import Scheduler, SchedulerConfig
 from seqpar.engine.sequence import Sequence, SequenceStatus
 
 
@@ -23,7 +26,7 @@ def test_placement_depends_only_on_position(world, scheme):
     owners = [pl.owner(i) for i in range(8 * world)]
     units = owners[::2]
     assert owners == [u for u in units for _ in range(2)]  # whole shard units
-    if scheme == "zigzag":
+    if scheme == "snake":
         assert units[: 2 * world] == list(range(world)) + list(reversed(range(world)))
     else:
         assert units[:world] == list(range(world))
@@ -187,8 +190,8 @@ def test_preemption_frees_the_newest_and_recomputes_it():
 
 def test_requests_that_can_never_fit_are_refused_at_once():
     sched = _sched(max_len=48)
-    with pytest.raises(RequestTooLongError, match="48 tokens.*at most 48"):
-        sched.add(_seq(0, [1] * 48))
+    with pytest.raises(PromptRefused, match="context length is 48 tokens.*the prompt has 48 tokens"):
+        check_prompt([1] * 48, 100, 48)  # LLMEngine.add_request and the server call it before queueing
     with pytest.raises(ValueError, match="no tokens"):
         _seq(1, [])
     with pytest.raises(ValueError, match="max_num_seqs"):
@@ -197,3 +200,14 @@ def test_requests_that_can_never_fit_are_refused_at_once():
     sched.add(r)
     sched.finish(r)
     assert r.status is SequenceStatus.FINISHED and not sched.has_unfinished()
+
+
+def test_the_snake_scheme_keeps_its_old_name_as_an_alias():
+    # "zigzag" named the engine's snake placement before it was told apart from ShardPlan's zigzag
+    assert EngineConfig(scheme="zigzag").scheme == "snake"
+    assert EngineConfig(scheme="zigzag").placement() == EngineConfig().placement()
+    from seqpar.cli.main import build_parser
+
+    assert build_parser().parse_args(["generate", "--prompt", "x", "--scheme", "zigzag"]).scheme == "zigzag"
+    with pytest.raises(ValueError, match="choose one of snake, striped"):
+        Placement(2, 4, scheme="zigzag")

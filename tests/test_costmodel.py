@@ -17,6 +17,9 @@ from seqpar.costmodel import Layout, predict, preset_config
 from seqpar.costmodel import formulas as f
 from seqpar.costmodel.calibrate import CALIBRATION_POINT, META_405B_H100, calibrate_gemm_efficiency, point_ttft
 from seqpar.costmodel.hardware import H100, H200, Hardware
+from seqpar.strategies.allgather import allgather_bytes
+from seqpar.strategies.pass_q import pass_q_bytes
+from seqpar.strategies.ring import ring_bytes
 
 D = 8
 
@@ -52,9 +55,9 @@ def test_strategy_bytes_equal_counted_collectives(world):
 def test_byte_formulas_by_hand():
     # 2 ranks holding 5 and 3 tokens, 4 q heads, 2 kv heads, D 8, bf16.
     counts = [5, 3]
-    assert f.ring_bytes(counts, 0, 2, 8, 2) == 2 * 5 * 2 * 8 * 2
-    assert f.pass_q_bytes(counts, 1, 4, 8, 2) == 3 * 4 * 8 * 2 + 5 * 4 * 9 * 4  # Q out, rank 0's partial home
-    assert f.allgather_bytes(counts, 2, 8, 2) == 5 * 2 * 2 * 8 * 2  # padded to the larger shard
+    assert ring_bytes(counts, 0, 2, 8, 2) == 2 * 5 * 2 * 8 * 2
+    assert pass_q_bytes(counts, 1, 4, 8, 2) == 3 * 4 * 8 * 2 + 5 * 4 * 9 * 4  # Q out, rank 0's partial home
+    assert allgather_bytes(counts, 2, 8, 2) == 5 * 2 * 2 * 8 * 2  # padded to the larger shard
     assert f.all_reduce_bytes(1000, 4) == 1500
     assert f.decode_merge_bytes(4, 8, 3) == 2 * 4 * 9 * 4
     assert f.attention_bytes("ring", [7], 0, 4, 2, 8, 2) == 0

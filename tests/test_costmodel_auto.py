@@ -20,9 +20,9 @@ from seqpar.comm.launch import run_ranks
 from seqpar.costmodel.profile import DEFAULT, FILE_NAME, Link, MachineProfile, load_profile, profile_path
 from seqpar.costmodel.step_cost import StepWork, predict_step, step_bytes
 from seqpar.engine.auto_strategy import step_work
-from seqpar.engine.kv_cache import Placement
 from seqpar.engine.llm_engine import LLMEngine
 from seqpar.engine.messages import SeqStep, Step
+from seqpar.engine.placement import Placement
 from seqpar.engine.step_plan import StepPlan
 from seqpar.model import load_config
 from seqpar.model.config import ModelConfig
@@ -67,7 +67,7 @@ def _profile(latency: float, bandwidth: float, copy: float = 1e10) -> MachinePro
 
 
 def _work(world: int, new: int, cached: int, unit_blocks: int = 16) -> StepWork:
-    return step_work(Placement(world, 16, unit_blocks, "zigzag"), [(cached, cached + new)], 0, 4)
+    return step_work(Placement(world, 16, unit_blocks, "snake"), [(cached, cached + new)], 0, 4)
 
 
 # ---- bytes ---------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ SPANS = [(10, 37), (0, 13)]  # a chunk over a cached prefix, and a fresh prompt,
 def _sent(rank: int, world: int) -> dict[str, tuple[int, int]]:
     """Each strategy's bytes over a step's plan on this rank: (sent, predicted)."""
     bs, hq, hkv, d = 4, MC.num_heads, MC.num_kv_heads, MC.head_dim
-    placement = Placement(world, bs, 1, "zigzag")
+    placement = Placement(world, bs, 1, "snake")
     seqs, used = [], [0] * world
     for j, (start, end) in enumerate(SPANS):
         blocks = []

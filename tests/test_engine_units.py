@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerFast
 
 from seqpar.engine.detokenize import IncrementalDetokenizer, decode_logprobs
 from seqpar.engine.outputs import Logprob
-from seqpar.engine.sampling import Sampler, SamplingParams, filter_logits, make_generator, prompt_logprobs
+from seqpar.engine.sampling import Sampler, filter_logits, make_generator, prompt_logprobs
+from seqpar.engine.sampling_params import SamplingParams
 
 
 # ---------------------------------------------------------------- sampling

@@ -127,14 +127,14 @@ def test_host_exchange_raises_when_a_peer_stops() -> None:
 def _ring_over_cache(rank: int, world: int) -> int:
     """Pass-KV and pass-Q over a cached prefix through shared memory: the very sums of the process
     group's ring (same blocks, same order), for ragged shares; parts of uneven sizes read in place."""
-    from seqpar.engine.kv_cache import Placement
     from seqpar.engine.messages import SeqStep, Step
+    from seqpar.engine.placement import Placement
     from seqpar.engine.step_plan import StepPlan
     from seqpar.strategies.over_cache import attention_over_cache, kv_message_shapes
 
     ex = HostExchange.create(None, capacity=1 << 16, timeout_s=60)
     bs, hq, hkv, d = 4, 6, 2, 8
-    placement = Placement(world, bs, 1, "zigzag")
+    placement = Placement(world, bs, 1, "snake")
     n = 0
     for cached, new in ((0, 3), (5, 2), (13, 11), (40, 1)):  # fewer new tokens than ranks, too
         end = cached + new

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from seqpar.engine.detokenize import IncrementalDetokenizer
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 
 HELLO, WORLD, FOO, EOS = 2, 3, 4, 0
 

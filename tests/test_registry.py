@@ -7,13 +7,17 @@ import pytest
 import torch
 
 import seqpar
-from seqpar.costmodel import formulas, step_cost
+from seqpar.costmodel import formulas, layouts, step_cost
+from seqpar.costmodel.profile import DEFAULT
+from seqpar.costmodel.step_cost import SeqWork, StepWork, predict_step
 from seqpar.engine.config import PREFILL_STRATEGIES, EngineConfig
 from seqpar.kernels.attention import reference_attention
+from seqpar.model.config import ModelConfig
 from seqpar.sharding.plan import ShardPlan
 from seqpar.strategies import registry
-from seqpar.strategies.allgather import allgather_attention
+from seqpar.strategies.allgather import allgather_attention, allgather_over_cache
 from seqpar.strategies.api import sp_attention
+from seqpar.strategies.pricing import Cost, LayoutLayer, StepLayer
 
 
 def test_the_registry_feeds_every_list():
@@ -30,11 +34,19 @@ def test_the_registry_feeds_every_list():
         build_parser().parse_args(["generate", "--prompt", "x", "--strategy", "ulysses"])
 
 
-def test_the_cost_model_prices_every_engine_strategy():
-    # auto picks among what the cost model prices: a new engine strategy needs its cost there too
-    assert set(step_cost.STRATEGIES) == set(registry.over_cache_names())
+def test_every_engine_strategy_declares_its_cost():
+    # auto picks among the registry's engine strategies, each priced in its own module
+    costs = registry.costs()
+    assert set(step_cost.engine_strategies()) == set(registry.over_cache_names())
     for name in registry.over_cache_names():
+        assert costs[name].step_s is not None and costs[name].layout_s is not None
         assert formulas.attention_bytes(name, [5, 7], 0, 4, 2, 8, 4) > 0
+    # `seqpar plan` prices every strategy that declares a layout cost, Ulysses included
+    assert (
+        set(layouts.strategies_for(MC, layouts.Layout(tp=1, cp=2, gpus_per_node=8)))
+        == {n for n, c in costs.items() if c.layout_s is not None}
+        >= {"ring", "pass_q", "allgather", "ulysses"}
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,5 +88,48 @@ def test_a_new_strategy_is_one_declaration():
         assert calls and torch.allclose(out, ref, atol=1e-5)  # fp32: the same sums in another order
         with pytest.raises(ValueError, match="ulysses_degree is only used by strategy=usp"):
             sp_attention(q, k, v, plan=plan, group=None, strategy="toy", ulysses_degree=1)
+    finally:
+        registry._TABLE.pop("toy")
+
+
+MC = ModelConfig(
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=768,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=32,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    max_position_embeddings=16384,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    bos_token_id=None,
+    eos_token_ids=(2,),
+    architecture="llama",
+)
+
+
+def test_a_priced_strategy_is_one_declaration_too():
+    """A strategy the engine runs over its cache declares its cost with it: the cost model's `auto`
+    and `seqpar plan` then weigh it against the others, nothing else edited."""
+
+    def toy_step_s(x: StepLayer) -> float:
+        return 0.0  # free: auto must pick it
+
+    def toy_layout_s(x: LayoutLayer) -> float:
+        return x.attention_s
+
+    cost = Cost(lambda counts, rank, hq, hkv, d, b: 1, layout_s=toy_layout_s, step_s=toy_step_s, tie_rank=9)
+    registry.register(registry.Strategy("toy", "a test-only strategy", over_cache=allgather_over_cache, cost=cost))
+    try:
+        assert step_cost.engine_strategies()[-1] == "toy"  # the highest tie rank: last in ties
+        work = StepWork(2, (SeqWork(((((0, 8),), ((8, 8),))), ((((0, 8),), ((0, 16),)))),))
+        predicted = predict_step(work, MC, DEFAULT, threads=1)
+        assert set(predicted.seconds) == set(registry.over_cache_names()) and predicted.best() == "toy"
+        assert formulas.attention_bytes("toy", [5, 7], 0, 4, 2, 8, 4) == 1
+        assert "toy" in layouts.strategies_for(MC, layouts.Layout(tp=1, cp=2, gpus_per_node=8))
     finally:
         registry._TABLE.pop("toy")

@@ -29,7 +29,7 @@ from seqpar.bench.prompts import make_prompt
 from seqpar.engine.args import add_engine_args, engine_config
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.llm_engine import LLMEngine
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 from seqpar.strategies.over_cache import pass_kv_for_meta
 from seqpar.strategies.registry import over_cache_names
 

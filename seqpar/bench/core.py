@@ -29,7 +29,7 @@ from typing import Any
 from seqpar.bench.prompts import make_prompt
 from seqpar.engine.args import add_engine_args, engine_config
 from seqpar.engine.llm_engine import LLMEngine
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 
 QUICK = dict(doc_tokens=200, long_tokens=400, chunk=64, capacity_kv_cache_gb=0.005)
 GREEDY = dict(temperature=0.0, ignore_eos=True)

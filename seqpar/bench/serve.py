@@ -184,7 +184,7 @@ def one_token(args: argparse.Namespace, server: RunningServer, prompt: str) -> d
 
     from seqpar.engine.args import add_engine_args, engine_config
     from seqpar.engine.llm import LLM
-    from seqpar.engine.sampling import SamplingParams
+    from seqpar.engine.sampling_params import SamplingParams
 
     flags = argparse.ArgumentParser()
     add_engine_args(flags)

@@ -16,7 +16,7 @@ from typing import Any
 
 from seqpar.cli.generate import PrefillBar, summary
 from seqpar.engine.llm import LLM
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 from seqpar.model.loader import DEFAULT_MODEL
 
 CODE = "BLUE-7"

@@ -16,7 +16,7 @@ from seqpar.cli.torchrun import run_under_torchrun, under_torchrun
 from seqpar.engine.args import add_engine_args, engine_config
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.executor import EngineDeadError
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

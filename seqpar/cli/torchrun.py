@@ -1,6 +1,6 @@
 """One bootstrap for every command run under torchrun (one process per rank).
 
-Rank 0 is the driver: it runs the command (`drive`) while the other ranks serve its model
+Rank 0 is the driver: it runs the command (`drive`) while the other ranks run its model
 steps until it stops them. Start-up checks are agreed on by every rank before any loads a
 model, so a failure on one rank becomes one error from rank 0, never a hang.
 """
@@ -39,7 +39,7 @@ def run_under_torchrun(
     import torch.distributed as dist
 
     from seqpar.comm.launch import agree_on_errors, join_group
-    from seqpar.engine.executor import serve_rank
+    from seqpar.engine.executor import run_rank_steps
     from seqpar.engine.llm_engine import kv_blocks_per_rank
     from seqpar.model import load_config
 
@@ -65,7 +65,7 @@ def run_under_torchrun(
         if rank != 0:
             try:
                 # until rank 0 stops the engine; False: some rank failed to start (rank 0 reports it)
-                return 0 if serve_rank(config, blocks) else 2
+                return 0 if run_rank_steps(config, blocks) else 2
             except Exception as e:  # a failed step; rank 0 sees this rank gone
                 return fail(f"rank {rank}: {type(e).__name__}: {e}")
         return drive(config, prepared)

@@ -1,5 +1,6 @@
 """FLOP and byte counts: what one step of a Llama-family model costs, and what each sequence-parallel
-strategy sends, exactly as seqpar's counted collectives (`seqpar.comm.collectives.STATS`) record it.
+strategy sends, exactly as seqpar's counted collectives (`seqpar.comm.collectives.STATS`) record it
+(each strategy's own formula sits in its module, declared in its `Cost`: `seqpar/strategies/pricing.py`).
 
 Vocabulary: T tokens of a sequence, `counts[r]` the tokens SP rank r holds (its shard), Hq / Hkv
 query / KV heads a rank computes (after any tensor parallelism), D head dim, `b` bytes per element
@@ -11,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from seqpar.model.config import ModelConfig
-from seqpar.strategies.ulysses import kv_heads_for
-
-LSE_BYTES = 4  # partial results carry an fp32 log-sum-exp per query and head, whatever the model dtype
+from seqpar.strategies.pricing import LSE_BYTES
+from seqpar.strategies.registry import costs
 
 
 # ---- compute ----------------------------------------------------------------------------------
@@ -60,51 +60,15 @@ def kv_bytes_per_token(mc: ModelConfig, tp: int, dtype_bytes: int) -> int:
 
 
 # ---- communication of one layer's attention, per rank -----------------------------------------
-def ring_bytes(counts: Sequence[int], rank: int, hkv: int, d: int, b: int) -> int:
-    """Pass-KV: at steps 0 .. W-2 a rank forwards the K and V block it holds (its own first)."""
-    w = len(counts)
-    return sum(2 * counts[(rank - s) % w] * hkv * d * b for s in range(w - 1))
-
-
-def pass_q_bytes(counts: Sequence[int], rank: int, hq: int, d: int, b: int) -> int:
-    """Pass-Q: Q blocks travel the ring like K/V in pass-KV, then each foreign partial (out and
-    lse, fp32) goes home in one all-to-all."""
-    w = len(counts)
-    ring = sum(counts[(rank - s) % w] * hq * d * b for s in range(w - 1))
-    return ring + sum(counts[j] * hq * (d + 1) * LSE_BYTES for j in range(w) if j != rank)
-
-
-def allgather_bytes(counts: Sequence[int], hkv: int, d: int, b: int) -> int:
-    """All-gather K/V: gloo needs equal parts, so the shard is padded to the largest and sent W - 1 times."""
-    w = len(counts)
-    return (w - 1) * max(counts) * 2 * hkv * d * b if w > 1 else 0
-
-
-def ulysses_bytes(counts: Sequence[int], rank: int, hq_total: int, hkv_total: int, d: int, b: int) -> int:
-    """Ulysses: q, k, v head slices to every other rank, then the output head slices back. KV heads
-    fewer than the degree are replicated (`kv_heads_for`), which costs bytes."""
-    w = len(counts)
-    hq = hq_total // w
-    out = sum(
-        counts[rank] * (hq + 2 * len(kv_heads_for(hq_total, hkv_total, w, j))) * d * b for j in range(w) if j != rank
-    )
-    back = sum(counts[j] * hq * d * b for j in range(w) if j != rank)
-    return out + back
-
-
 def attention_bytes(strategy: str, counts: Sequence[int], rank: int, hq: int, hkv: int, d: int, b: int) -> int:
-    """Bytes `rank` sends in one layer's attention under `strategy` (hq, hkv: the heads of the SP group)."""
+    """Bytes `rank` sends in one layer's attention under `strategy` (hq, hkv: the heads of the SP
+    group), as the strategy declares them (its `Cost.sent_bytes`); "local" (one rank) sends none."""
     if len(counts) == 1 or strategy == "local":
         return 0
-    if strategy == "ring":
-        return ring_bytes(counts, rank, hkv, d, b)
-    if strategy == "pass_q":
-        return pass_q_bytes(counts, rank, hq, d, b)
-    if strategy == "allgather":
-        return allgather_bytes(counts, hkv, d, b)
-    if strategy == "ulysses":
-        return ulysses_bytes(counts, rank, hq, hkv, d, b)
-    raise ValueError(f"no byte formula for strategy {strategy!r}; known: local, ring, pass_q, allgather, ulysses")
+    priced = costs()
+    if strategy not in priced:
+        raise ValueError(f"no byte formula for strategy {strategy!r}; known: local, {', '.join(priced)}")
+    return priced[strategy].sent_bytes(counts, rank, hq, hkv, d, b)
 
 
 def all_reduce_bytes(nbytes: int, world: int) -> int:

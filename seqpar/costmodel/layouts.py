@@ -6,10 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from seqpar.model.config import ModelConfig
-from seqpar.strategies.registry import over_cache_names
-
-# What the cost model prices: the engine's strategies over a cache, and Ulysses (heads for sequence).
-CP_STRATEGIES = (*over_cache_names(), "ulysses")
+from seqpar.strategies.registry import costs, strategies
 
 
 class PlanError(ValueError):
@@ -108,9 +105,14 @@ def enumerate_layouts(
 
 
 def strategies_for(mc: ModelConfig, layout: Layout) -> tuple[str, ...]:
-    """One sequence rank: no CP strategy ("local"). Ulysses needs the rank's heads to split over CP."""
+    """Every strategy that declares a layout cost; one sequence rank: no CP strategy ("local").
+    A strategy that swaps heads for sequence (Ulysses) needs the rank's heads to split over CP."""
     if layout.cp == 1:
         return ("local",)
-    if (mc.num_heads // layout.tp) % layout.cp == 0:
-        return CP_STRATEGIES
-    return tuple(s for s in CP_STRATEGIES if s != "ulysses")
+    heads_split = (mc.num_heads // layout.tp) % layout.cp == 0
+    table = strategies()
+    return tuple(
+        name
+        for name, cost in costs().items()
+        if cost.layout_s is not None and (heads_split or not table[name].heads_divide_degree)
+    )

@@ -7,9 +7,10 @@ Model, per layer and rank (a rank = one GPU of a TP x CP layout, holding T_local
   overlapped with compute (a ring all-reduce: 2 (TP-1)/TP of the bytes, 2 (TP-1) latency steps);
 - attention: causal FLOPs / CP (zigzag sharding balances them) at `peak * attention_efficiency`;
 - CP communication, exactly the bytes of `formulas` for equal shards, at the CP link's bandwidth
-  (the network once the group spans nodes): ring pass-KV and pass-Q overlap each transfer with
-  the previous block's attention (a step costs the larger of the two); pass-Q then returns the
-  partial outputs by all-to-all; all-gather and Ulysses wait for their collectives.
+  (the network once the group spans nodes), as each strategy prices it (its `Cost.layout_s`, in
+  its own module): ring pass-KV and pass-Q overlap each transfer with the previous block's
+  attention (a step costs the larger of the two); pass-Q then returns the partial outputs by
+  all-to-all; all-gather and Ulysses wait for their collectives.
 Decode of one token: every weight and this rank's KV share read from memory once, plus each
 layer's collectives (TP all-reduces, the CP all-gather merge), latency-bound at one token.
 """
@@ -22,6 +23,8 @@ from seqpar.costmodel import formulas as f
 from seqpar.costmodel.hardware import Hardware
 from seqpar.costmodel.layouts import Layout, PlanError, enumerate_layouts, strategies_for
 from seqpar.model.config import ModelConfig
+from seqpar.strategies.pricing import LayoutLayer
+from seqpar.strategies.registry import costs
 
 WEIGHT_BYTES = {"bf16": 2, "fp8": 1}  # storage only: matmuls are costed at the hardware's compute dtype
 
@@ -54,12 +57,6 @@ def all_reduce_s(nbytes: int, world: int, bandwidth: float, latency: float) -> f
     return f.all_reduce_bytes(nbytes, world) / bandwidth + 2 * (world - 1) * latency if world > 1 else 0.0
 
 
-def _overlapped_ring_s(compute_s: float, block_bytes: int, cp: int, bandwidth: float, latency: float) -> float:
-    # CP steps of equal work; the first block is local, each later one arrives while the previous computes.
-    step = compute_s / cp
-    return step + (cp - 1) * max(step, block_bytes / bandwidth + latency)
-
-
 def prefill(mc: ModelConfig, hw: Hardware, layout: Layout, strategy: str, tokens: int) -> dict[str, float]:
     """Seconds per part of a whole-prompt prefill of `tokens` (no cached prefix)."""
     tp, cp, b, d, L = layout.tp, layout.cp, hw.dtype_bytes, mc.head_dim, mc.num_layers
@@ -68,21 +65,14 @@ def prefill(mc: ModelConfig, hw: Hardware, layout: Layout, strategy: str, tokens
     linear = f.linear_flops(mc, t_local, logit_rows=1) / tp / (hw.peak_flops * hw.gemm_efficiency)
     tp_comm = 2 * L * all_reduce_s(t_local * mc.hidden_size * b, tp, hw.intra_bandwidth, hw.intra_latency)
     attn_layer = f.attention_flops(mc, f.causal_pairs(tokens)) / L / tp / cp / (hw.peak_flops * hw.attention_efficiency)
-    counts = [t_local] * cp
-    bw, lat = _link(hw, layout)
-    if strategy == "local":
+    if strategy == "local":  # one sequence rank: nothing to exchange
         layer = attn_layer
-    elif strategy == "ring":
-        layer = _overlapped_ring_s(attn_layer, 2 * t_local * hkv * d * b, cp, bw, lat)
-    elif strategy == "pass_q":
-        back = (cp - 1) * t_local * hq * (d + 1) * f.LSE_BYTES  # partials home: the all-to-all part of pass_q_bytes
-        layer = _overlapped_ring_s(attn_layer, t_local * hq * d * b, cp, bw, lat) + back / bw + lat
-    elif strategy == "allgather":
-        layer = f.allgather_bytes(counts, hkv, d, b) / bw + (cp - 1) * lat + attn_layer
-    elif strategy == "ulysses":
-        layer = f.ulysses_bytes(counts, 0, hq, hkv, d, b) / bw + 2 * lat + attn_layer
     else:
-        raise PlanError(f"unknown strategy {strategy!r}")
+        cost = costs().get(strategy)
+        if cost is None or cost.layout_s is None:
+            raise PlanError(f"unknown strategy {strategy!r}")
+        bw, lat = _link(hw, layout)
+        layer = cost.layout_s(LayoutLayer(attn_layer, t_local, cp, hq, hkv, d, b, bw, lat))
     return {
         "linear_s": linear,
         "tp_comm_s": tp_comm,

@@ -3,7 +3,9 @@
 A step's prefill work is, per sequence, the new positions each SP rank owns (its queries) and the
 positions [0, end) each rank holds in its cache (its keys, cached and new alike: a rank writes its
 new K/V before attending). Per layer (every layer is the same), with Hq, Hkv, D the heads and head
-dim, b the K/V element bytes and F = 4 D Hq FLOPs per visible query-key pair (QK^T and PV):
+dim, b the K/V element bytes and F = 4 D Hq FLOPs per visible query-key pair (QK^T and PV), as
+each engine strategy prices it in its own module (`Cost.step_s`; this module works out the kernel
+times, copies and links it is given, `StepLayer`):
 
 - ring (pass-KV): W steps; at step s rank r attends its queries over rank (r - s)'s keys while the
   block it holds, 2 Hkv D b bytes per key, travels on (steps 0 .. W-2). The ranks move in lockstep,
@@ -37,8 +39,9 @@ from dataclasses import dataclass
 from seqpar.costmodel import formulas as f
 from seqpar.costmodel.profile import MachineProfile
 from seqpar.model.config import ModelConfig
+from seqpar.strategies.pricing import StepLayer
+from seqpar.strategies.registry import costs, over_cache_names
 
-STRATEGIES = ("ring", "pass_q", "allgather")
 Runs = tuple[tuple[int, int], ...]  # (first position, length), ascending, disjoint
 
 
@@ -71,9 +74,19 @@ class StepWork:
         return [sum(n for s in self.prefill for _, n in s.keys[r]) for r in range(self.world)]
 
 
+def engine_strategies() -> tuple[str, ...]:
+    """What `auto` chooses among: every strategy the engine runs over its cache, each pricing its
+    step (`Cost.step_s`, in its own module), in the order ties go by (`Cost.tie_rank`)."""
+    priced = costs()
+    missing = [n for n in over_cache_names() if n not in priced or priced[n].step_s is None]
+    if missing:
+        raise RuntimeError(f"strategies {', '.join(missing)} run over the cache but declare no step cost (Cost.step_s)")
+    return tuple(sorted(over_cache_names(), key=lambda n: (priced[n].tie_rank, n)))
+
+
 def step_bytes(strategy: str, work: StepWork, mc: ModelConfig, rank: int) -> int:
     """Bytes `rank` sends in this step's prefill attention, all layers (the formulas' counts)."""
-    counts = work.query_counts() if strategy == "pass_q" else work.key_counts()
+    counts = work.query_counts() if costs()[strategy].counts == "queries" else work.key_counts()
     per_layer = f.attention_bytes(strategy, counts, rank, mc.num_heads, mc.num_kv_heads, mc.head_dim, work.dtype_bytes)
     return mc.num_layers * per_layer
 
@@ -128,8 +141,9 @@ class StepCost:
     attention_s: dict[str, float]  # strategy -> attention incl. communication, all layers
 
     def best(self) -> str:
-        # ties (W = 1, an empty step) go to the first in STRATEGIES order: deterministic
-        return min(STRATEGIES, key=lambda s: (self.seconds[s], STRATEGIES.index(s)))
+        # ties (W = 1, an empty step) go to the first in `engine_strategies` order: deterministic
+        order = list(self.seconds)
+        return min(order, key=lambda s: (self.seconds[s], order.index(s)))
 
 
 def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threads: int) -> StepCost:
@@ -137,69 +151,39 @@ def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threa
     flop = 4 * d * hq
     rate = profile.rate
     qc, kc = work.query_counts(), work.key_counts()
-    links = profile.links
-    p2p, a2a, ag = links["p2p"], links["all_to_all"], links["all_gather"]
-
-    def overlapped(compute: float, move: float) -> float:
-        # 1: the larger of the two; 0: one after the other (the profile measured which)
-        return compute + move - profile.overlap * min(compute, move)
 
     def copy_s(nbytes: float) -> float:
         return nbytes / rate("copy", max(nbytes, 1.0), threads) if nbytes else 0.0
 
     # comp[r][j]: rank r's queries over rank j's keys, one layer
     comp = [[_attention_seconds(work.prefill, r, j, profile, threads, flop) for j in range(w)] for r in range(w)]
-    # pass-Q: visiting queries over this rank's keys where they lie in storage
-    comp_q = [
+    # the same over keys read where they lie in storage (pass-Q), unless too scattered to
+    in_place = [
         [_attention_seconds(work.prefill, r, j, profile, threads, flop, not work.pass_q_packs) for j in range(w)]
         for r in range(w)
     ]
-    partial = hq * (d + 1) * 4  # bytes of one query's (out, lse) partial
-    layer: dict[str, float] = {}
-    # ring: pack this rank's keys into one message, then W lockstep steps
-    message = [2 * hkv * d * b * kc[r] for r in range(w)]
-    ring = max(copy_s(m) for m in message)
-    if w > 1 and 0 < max(message) <= work.kv_exchange_bytes:
-        # through shared memory: every rank publishes its message once, then attends over all W
-        # in place, each rank at its own pace (no lockstep, nothing in flight)
-        ring += links["shm"].seconds(max(message))
-        ring += max(sum(comp[r]) + w * copy_s(partial * qc[r]) for r in range(w))
-    else:
-        for s in range(w):
-            compute = max(comp[r][(r - s) % w] for r in range(w))
-            move = max(p2p.seconds(message[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
-            ring += overlapped(compute, move) + max(copy_s(partial * qc[r]) for r in range(w))
-    layer["ring"] = ring
-    # pass_q: W lockstep steps of visiting queries over local keys, then the partials go home
-    pq = max(copy_s(2 * hkv * d * b * kc[r]) for r in range(w)) if work.pass_q_packs else 0.0
-    if w > 1 and partial * sum(qc) <= work.kv_exchange_bytes:
-        # through shared memory: queries published once, each rank at its own pace, then every
-        # rank's partials for every rank published at once
-        shm = links["shm"]
-        pq += shm.seconds(hq * d * b * max(qc))
-        pq += max(sum(comp_q[j][r] + copy_s(partial * qc[j]) for j in range(w)) for r in range(w))
-        pq += shm.seconds(partial * sum(qc)) + max(copy_s(2 * w * partial * qc[r]) for r in range(w))
-    else:
-        for s in range(w):
-            compute = max(comp_q[(r - s) % w][r] + copy_s(partial * qc[(r - s) % w]) for r in range(w))
-            move = max(p2p.seconds(hq * d * b * qc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
-            pq += overlapped(compute, move)
-        if w > 1:
-            back = max(sum(qc[j] for j in range(w) if j != r) * partial for r in range(w))
-            pq += a2a.seconds(back) + max(copy_s(2 * w * partial * qc[r]) for r in range(w))  # stack + merge
-    layer["pass_q"] = pq
-    # allgather: pack, pad, gather, lay out; then one pass over every key
-    total_keys = sum(kc)
-    gather = ag.seconds(f.allgather_bytes(kc, hkv, d, b)) if w > 1 else 0.0
-    layer["allgather"] = (
-        max(copy_s(2 * hkv * d * b * kc[r]) for r in range(w))
-        + gather
-        + copy_s(3 * 2 * hkv * d * b * total_keys)  # pad, cat, transpose to head-major
-        + max(sum(comp[r]) + copy_s(partial * qc[r]) for r in range(w))
+    frame = StepLayer(
+        world=w,
+        hq=hq,
+        hkv=hkv,
+        d=d,
+        b=b,
+        query_counts=qc,
+        key_counts=kc,
+        comp=comp,
+        comp_in_place=in_place,
+        packs_keys=work.pass_q_packs,
+        kv_exchange_bytes=work.kv_exchange_bytes,
+        links=profile.links,
+        copy_s=copy_s,
+        overlap=profile.overlap,
     )
+    names = engine_strategies()
+    priced = costs()
+    layer = {s: priced[s].step_s(frame) for s in names}
     rows = [qc[r] + work.decode_rows for r in range(w)]
     linear = max(f.linear_flops(mc, n) / rate("linear", n, threads) if n else 0.0 for n in rows)
     logits = f.linear_flops(mc, 0, logit_rows=len(work.prefill) + work.decode_rows) / w
     linear += logits / rate("gemm", max(1, len(work.prefill) + work.decode_rows), threads)
-    attention = {s: layers * layer[s] for s in STRATEGIES}
-    return StepCost({s: linear + attention[s] for s in STRATEGIES}, linear, attention)
+    attention = {s: layers * layer[s] for s in names}
+    return StepCost({s: linear + attention[s] for s in names}, linear, attention)

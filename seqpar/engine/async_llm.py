@@ -31,7 +31,7 @@ from typing import Any
 
 from seqpar.engine.llm_engine import LLMEngine
 from seqpar.engine.outputs import EngineStats, LogprobDict, RequestOutput
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 
 _IDLE_WAIT_S = 0.5
 _MAX_BACKOFF_S = 30.0

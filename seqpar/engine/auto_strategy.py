@@ -13,7 +13,7 @@ import logging
 from seqpar.costmodel.profile import MachineProfile
 from seqpar.costmodel.step_cost import SeqWork, StepCost, StepWork, predict_step
 from seqpar.engine.config import EngineConfig
-from seqpar.engine.kv_cache import Placement
+from seqpar.engine.placement import Placement
 from seqpar.engine.scheduler import ScheduledSeq
 from seqpar.kernels.layout import Run
 from seqpar.model.config import ModelConfig

@@ -19,7 +19,7 @@ import heapq
 from array import array
 from collections import OrderedDict
 
-from seqpar.engine.kv_cache import Placement, blocks_needed
+from seqpar.engine.placement import Placement, blocks_needed
 from seqpar.engine.sequence import Sequence
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from seqpar.engine.kv_cache import SHARD_SCHEMES, Placement
+from seqpar.engine.placement import SCHEME_ALIASES, SHARD_SCHEMES, Placement
 from seqpar.model.loader import DEFAULT_MODEL
 from seqpar.strategies.decode import MERGES as DECODE_MERGES
 from seqpar.strategies.registry import over_cache_names, strategies, where_it_runs
@@ -54,9 +54,10 @@ class EngineConfig:
         "allgather", "how decode merges partial attention across SP ranks (default: %(default)s)", choices=DECODE_MERGES
     )
     scheme: str = opt(
-        "zigzag",
-        "how positions are spread over SP ranks, in units of --shard-blocks KV blocks (default: %(default)s)",
-        choices=SHARD_SCHEMES,
+        "snake",
+        "how positions are spread over SP ranks, in units of --shard-blocks KV blocks: snake (ranks 0..W-1, "
+        "then W-1..0, again; zigzag: its old name) or striped (default: %(default)s)",
+        choices=(*SHARD_SCHEMES, *SCHEME_ALIASES),
     )
     shard_blocks: int = opt(16, "KV blocks per shard unit: consecutive positions one SP rank holds (default: 16)")
     num_threads: int | None = opt(None, "threads per rank (default: cores / ranks)", metavar="T")
@@ -116,6 +117,8 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.scheme in SCHEME_ALIASES:  # the old name: one name from here on
+            object.__setattr__(self, "scheme", SCHEME_ALIASES[self.scheme])
         if self.strategy in strategies() and self.strategy not in PREFILL_STRATEGIES:
             raise ValueError(
                 f"strategy={self.strategy!r} attends whole prompts; the engine prefills in chunks over the "

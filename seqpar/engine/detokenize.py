@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from seqpar.engine.outputs import CompletionOutput, FinishReason, LogprobDict
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 
 _INCOMPLETE_CHAR = "\ufffd"
 

@@ -51,7 +51,7 @@ def _init_worker(config: EngineConfig, num_blocks: int, progress: Any) -> tuple[
     return worker, "\n".join(failed) if failed else None
 
 
-def serve(worker: Worker, conn: Any = None) -> None:
+def run_steps(worker: Worker, conn: Any = None) -> None:
     """The loop every rank but the driver runs: receive a message, step, reply (rank 0)."""
     while True:
         msg = None
@@ -76,15 +76,15 @@ def serve(worker: Worker, conn: Any = None) -> None:
             conn.send(("ok", result))
 
 
-def serve_rank(config: EngineConfig, num_blocks: int) -> bool:
-    """A torchrun rank other than 0: build the worker, then serve rank 0's steps until it stops.
+def run_rank_steps(config: EngineConfig, num_blocks: int) -> bool:
+    """A torchrun rank other than 0: build the worker, then run rank 0's steps until it stops.
 
     Returns False when some rank failed to start (rank 0 reports why).
     """
     worker, error = _init_worker(config, num_blocks, None)
     if error is not None:
         return False
-    serve(worker)
+    run_steps(worker)
     return True
 
 
@@ -106,7 +106,7 @@ def _rank_main(
         conn.send(("error", error) if error else ("ok", None))
     if error:
         return
-    serve(worker, conn)
+    run_steps(worker, conn)
     dist.destroy_process_group()
 
 

@@ -12,7 +12,7 @@ from seqpar.engine.config import EngineConfig
 from seqpar.engine.executor import ProgressFn
 from seqpar.engine.llm_engine import LLMEngine
 from seqpar.engine.outputs import RequestOutput
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 from seqpar.model.loader import DEFAULT_MODEL
 
 Prompt = str | list[int]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seqpar.costmodel.profile import load_profile
+from seqpar.engine.admission import check_prompt
 from seqpar.engine.auto_strategy import AutoStrategy
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.config import EngineConfig
@@ -27,7 +28,7 @@ from seqpar.engine.executor import EngineDeadError, LocalExecutor, ProgressFn, T
 from seqpar.engine.kv_cache import block_bytes, size_cache
 from seqpar.engine.messages import SeqStep, Step, StepResult
 from seqpar.engine.outputs import EngineStats, RequestOutput
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 from seqpar.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from seqpar.engine.sequence import Sequence
 from seqpar.engine.tokenizer import LazyTokenizer
@@ -132,18 +133,7 @@ class LLMEngine:
             text: str | None = prompt
         else:
             ids, text = [int(t) for t in prompt], None
-        if not ids:
-            raise ValueError("empty prompt: give at least one token (a non-empty string or token-id list)")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must lie in [0, {vocab}) for this model")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens leaves no room to generate: this engine holds at most "
-                f"{self.max_model_len} tokens per sequence (model context {self.model_config.max_position_embeddings}, "
-                f"KV cache {self.num_blocks} blocks x {self.config.block_size} tokens on each of "
-                f"{self.config.sp_size} SP ranks); shorten the prompt, or raise kv_cache_gb / sp_size"
-            )
+        check_prompt(ids, self.model_config.vocab_size, self.max_model_len, why=self.limit_reason())
         rid = self._next_id
         self._next_id += 1
         seq = Sequence(rid, ids, params, prompt=text)
@@ -155,6 +145,15 @@ class LLMEngine:
         detok = IncrementalDetokenizer(tokenizer, params, eos, len(ids), self.max_model_len)
         self.requests[rid] = Request(seq, detok, metrics={"arrival": time.monotonic()})
         return rid
+
+    def limit_reason(self) -> str:
+        """What sets `max_model_len`, for a refusal's message."""
+        return (
+            f" (this engine holds at most {self.max_model_len} tokens per sequence, the least of the model's context "
+            f"of {self.model_config.max_position_embeddings} and its KV cache of {self.num_blocks} blocks x "
+            f"{self.config.block_size} tokens on each of {self.config.sp_size} SP ranks: raise kv_cache_gb / sp_size "
+            "for more)"
+        )
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -26,10 +26,6 @@ from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.sequence import Sequence, SequenceStatus
 
 
-class RequestTooLongError(ValueError):
-    """The request could never be scheduled, however long it waited."""
-
-
 @dataclass(frozen=True)
 class ScheduledSeq:
     """Compute tokens [start, start + num_new) of `seq` in this step."""
@@ -68,14 +64,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        """Queue a request; reject it now if it could never run."""
-        limit = self.config.max_model_len
-        if seq.num_prompt_tokens >= limit:
-            raise RequestTooLongError(
-                f"request {seq.seq_id}: prompt of {seq.num_prompt_tokens} tokens leaves no room to generate: "
-                f"this engine holds at most {limit} tokens per sequence (min of model context and KV cache); "
-                "shorten the prompt, or give the cache more memory or more SP ranks"
-            )
+        """Queue a request (checked already: `admission.check_prompt`)."""
         if seq.status is not SequenceStatus.WAITING:
             raise ValueError(f"request {seq.seq_id} is {seq.status.value}; only new sequences can be added")
         self.waiting.append(seq)

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from seqpar.engine.outputs import LogprobDict
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqpar.engine.kv_cache import Placement
 from seqpar.engine.messages import SeqStep, Step
+from seqpar.engine.placement import Placement
 from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.strategies.over_cache import CachedKeys, slot_ranges
 

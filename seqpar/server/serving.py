@@ -21,9 +21,10 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from seqpar.engine.admission import PromptRefused, check_prompt
 from seqpar.engine.async_llm import AsyncLLM, EngineDownError, RequestStream, RequestUpdate
 from seqpar.engine.outputs import RequestOutput
-from seqpar.engine.sampling import SamplingParams
+from seqpar.engine.sampling_params import SamplingParams
 from seqpar.engine.token_bounds import TokenBound, token_bound
 from seqpar.engine.tokenizer import LazyTokenizer, TokenizerUnavailableError
 from seqpar.server.body import default_max_body_bytes
@@ -141,27 +142,12 @@ class ServerState:
         return ids
 
     def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> None:
-        """What the engine would refuse, said before anything is queued (a batch is all or nothing)."""
-        limit, vocab = self.max_model_len, self.vocab_size
-        if not ids:
-            raise APIError(400, "the prompt is empty; send at least one token", param)
-        if len(ids) < limit and any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"prompt token ids must lie in [0, {vocab}) for this model", param)
-        if len(ids) >= limit:
-            raise APIError(
-                400,
-                f"this model's maximum context length is {limit} tokens, and the prompt has "
-                f"{len(ids)} tokens, which leaves no room to generate; shorten the prompt",
-                param,
-            )
-        if max_tokens is not None and len(ids) + max_tokens > limit:
-            raise APIError(
-                400,
-                f"this model's maximum context length is {limit} tokens; you requested "
-                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in the "
-                "completion); reduce the prompt or max_tokens",
-                "max_tokens",
-            )
+        """What the engine would refuse, said before anything is queued (a batch is all or nothing);
+        `param`: the body's field that holds the prompt."""
+        try:
+            check_prompt(ids, self.vocab_size, self.max_model_len, max_tokens)
+        except PromptRefused as e:
+            raise APIError(400, str(e), param if e.param == "prompt" else e.param) from e
 
 
 def sampling_params(

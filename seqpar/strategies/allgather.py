@@ -6,6 +6,8 @@ one collective: the right choice for short or very ragged batches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -16,6 +18,7 @@ from seqpar.kernels.attention import attend_into_head_major, attention_with_lse,
 from seqpar.kernels.layout import TokenLayout
 from seqpar.sharding.plan import ShardPlan
 from seqpar.strategies.over_cache import CachedKeys, pack
+from seqpar.strategies.pricing import Cost, LayoutLayer, StepLayer
 from seqpar.strategies.registry import Strategy, register
 
 
@@ -67,11 +70,41 @@ def allgather_over_cache(
     return out
 
 
+# ---- cost ------------------------------------------------------------------------------------
+def allgather_bytes(counts: Sequence[int], hkv: int, d: int, b: int) -> int:
+    """All-gather K/V: gloo needs equal parts, so the shard is padded to the largest and sent W - 1 times."""
+    w = len(counts)
+    return (w - 1) * max(counts) * 2 * hkv * d * b if w > 1 else 0
+
+
+def _layout_s(x: LayoutLayer) -> float:
+    counts = [x.tokens_local] * x.cp
+    return allgather_bytes(counts, x.hkv, x.d, x.b) / x.bandwidth + (x.cp - 1) * x.latency + x.attention_s
+
+
+def _step_s(x: StepLayer) -> float:
+    """Pack, pad, gather, lay out; then one pass over every key."""
+    w, hkv, d, b, copy_s, kc = x.world, x.hkv, x.d, x.b, x.copy_s, x.key_counts
+    gather = x.links["all_gather"].seconds(allgather_bytes(kc, hkv, d, b)) if w > 1 else 0.0
+    return (
+        max(copy_s(2 * hkv * d * b * kc[r]) for r in range(w))
+        + gather
+        + copy_s(3 * 2 * hkv * d * b * sum(kc))  # pad, cat, transpose to head-major
+        + max(sum(x.comp[r]) + copy_s(x.partial * x.query_counts[r]) for r in range(w))
+    )
+
+
 register(
     Strategy(
         "allgather",
         "all-gather KV: every rank gathers all K/V, then attends (no overlap)",
         whole=allgather_attention,
         over_cache=allgather_over_cache,
+        cost=Cost(
+            lambda counts, rank, hq, hkv, d, b: allgather_bytes(counts, hkv, d, b),
+            layout_s=_layout_s,
+            step_s=_step_s,
+            tie_rank=2,
+        ),
     )
 )

@@ -8,6 +8,8 @@ queries are fewer than keys (a short extension of a long cached prefix).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -20,6 +22,7 @@ from seqpar.kernels.layout import TokenLayout
 from seqpar.kernels.merge import merge_many
 from seqpar.sharding.plan import ShardPlan
 from seqpar.strategies.over_cache import SLICE_PACK_MAX, CachedKeys, pack
+from seqpar.strategies.pricing import LSE_BYTES, Cost, LayoutLayer, StepLayer
 from seqpar.strategies.registry import Strategy, register
 
 
@@ -138,11 +141,55 @@ def pass_q_over_cache(
     return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale, exchange)
 
 
+# ---- cost ------------------------------------------------------------------------------------
+def pass_q_bytes(counts: Sequence[int], rank: int, hq: int, d: int, b: int) -> int:
+    """Pass-Q: Q blocks travel the ring like K/V in pass-KV, then each foreign partial (out and
+    lse, fp32) goes home in one all-to-all."""
+    w = len(counts)
+    ring = sum(counts[(rank - s) % w] * hq * d * b for s in range(w - 1))
+    return ring + sum(counts[j] * hq * (d + 1) * LSE_BYTES for j in range(w) if j != rank)
+
+
+def _layout_s(x: LayoutLayer) -> float:
+    back = (x.cp - 1) * x.tokens_local * x.hq * (x.d + 1) * LSE_BYTES  # partials home: the all-to-all part
+    return x.overlapped_ring_s(x.tokens_local * x.hq * x.d * x.b) + back / x.bandwidth + x.latency
+
+
+def _step_s(x: StepLayer) -> float:
+    """W lockstep steps of visiting queries over local keys (read in place unless too scattered),
+    then the partials go home and each rank merges its W."""
+    w, hq, d, b, copy_s, partial, qc = x.world, x.hq, x.d, x.b, x.copy_s, x.partial, x.query_counts
+    pq = max(copy_s(2 * x.hkv * d * b * x.key_counts[r]) for r in range(w)) if x.packs_keys else 0.0
+    if w > 1 and partial * sum(qc) <= x.kv_exchange_bytes:
+        # through shared memory: queries published once, each rank at its own pace, then every
+        # rank's partials for every rank published at once
+        shm = x.links["shm"]
+        pq += shm.seconds(hq * d * b * max(qc))
+        pq += max(sum(x.comp_in_place[j][r] + copy_s(partial * qc[j]) for j in range(w)) for r in range(w))
+        pq += shm.seconds(partial * sum(qc)) + max(copy_s(2 * w * partial * qc[r]) for r in range(w))
+    else:
+        for s in range(w):
+            compute = max(x.comp_in_place[(r - s) % w][r] + copy_s(partial * qc[(r - s) % w]) for r in range(w))
+            move = max(x.links["p2p"].seconds(hq * d * b * qc[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
+            pq += x.overlapped(compute, move)
+        if w > 1:
+            back = max(sum(qc[j] for j in range(w) if j != r) * partial for r in range(w))
+            pq += x.links["all_to_all"].seconds(back) + max(copy_s(2 * w * partial * qc[r]) for r in range(w))
+    return pq
+
+
 register(
     Strategy(
         "pass_q",
         "pass-Q: queries travel a ring, partial outputs return by all-to-all, merged by LSE",
         whole=pass_q_attention,
         over_cache=pass_q_over_cache,
+        cost=Cost(
+            lambda counts, rank, hq, hkv, d, b: pass_q_bytes(counts, rank, hq, d, b),
+            layout_s=_layout_s,
+            step_s=_step_s,
+            counts="queries",
+            tie_rank=1,
+        ),
     )
 )

@@ -2,10 +2,10 @@
 
 A strategy module ends with `register(Strategy(...))`: its name, what it runs on (whole
 prompts through `sp_attention`, chunks over the engine's sharded KV cache, or both), and
-what it needs of the heads. The library's `sp_attention`, the engine's config and CLI
-choices, and the benchmarks all read this table, so adding a strategy touches its own
-module and its test (the recipe: docs/architecture.md). The modules of this package are
-imported on first lookup, so a new file registers itself.
+what it needs of the heads, and what it costs (`pricing.py`). The library's `sp_attention`,
+the engine's config and CLI choices, the cost model and the benchmarks all read this table,
+so adding a strategy touches its own module and its test (the recipe: docs/architecture.md).
+The modules of this package are imported on first lookup, so a new file registers itself.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
+
+from seqpar.strategies.pricing import Cost
 
 # whole(q_local, k_local, v_local, plan, group, causal, scale, **options) -> out_local [T_local, Hq, D]
 WholeFn = Callable[..., Tensor]
@@ -31,6 +33,7 @@ class Strategy:
     over_cache: CacheFn | None = None  # a chunk's queries over every rank's paged KV cache (the engine)
     options: tuple[str, ...] = ()  # keyword arguments `whole` takes beyond the common signature
     heads_divide_degree: bool = False  # swaps heads for sequence (Ulysses): heads must divide by the degree
+    cost: Cost | None = None  # what it sends and takes, for the cost model (pricing.py); None: not priced
     # How to call it when neither path above applies (a layout of its own), for error messages.
     entry_point: str | None = None
 
@@ -71,6 +74,11 @@ def whole_prompt_names() -> tuple[str, ...]:
 def over_cache_names() -> tuple[str, ...]:
     """Strategies the engine runs (chunks over the sharded KV cache)."""
     return tuple(n for n, s in strategies().items() if s.over_cache is not None)
+
+
+def costs() -> dict[str, Cost]:
+    """Every priced strategy's cost, by name: the cost model's `plan` and `auto` read these."""
+    return {n: s.cost for n, s in strategies().items() if s.cost is not None}
 
 
 def where_it_runs(name: str) -> str:

@@ -10,6 +10,8 @@ skipped but the last rank still does the most work.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -21,6 +23,7 @@ from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.layout import TokenLayout
 from seqpar.sharding.plan import ShardPlan
 from seqpar.strategies.over_cache import CachedKeys, kv_message_shapes, pack
+from seqpar.strategies.pricing import Cost, LayoutLayer, StepLayer
 from seqpar.strategies.registry import Strategy, register
 
 
@@ -123,11 +126,47 @@ def ring_over_cache(
     return out
 
 
+# ---- cost ------------------------------------------------------------------------------------
+def ring_bytes(counts: Sequence[int], rank: int, hkv: int, d: int, b: int) -> int:
+    """Pass-KV: at steps 0 .. W-2 a rank forwards the K and V block it holds (its own first)."""
+    w = len(counts)
+    return sum(2 * counts[(rank - s) % w] * hkv * d * b for s in range(w - 1))
+
+
+def _layout_s(x: LayoutLayer) -> float:
+    return x.overlapped_ring_s(2 * x.tokens_local * x.hkv * x.d * x.b)
+
+
+def _step_s(x: StepLayer) -> float:
+    """Pack this rank's keys into one message, then W lockstep steps: a step costs the slowest
+    rank's compute and the slowest transfer, as far as they overlap."""
+    w, copy_s, partial, qc = x.world, x.copy_s, x.partial, x.query_counts
+    message = [2 * x.hkv * x.d * x.b * x.key_counts[r] for r in range(w)]
+    ring = max(copy_s(m) for m in message)
+    if w > 1 and 0 < max(message) <= x.kv_exchange_bytes:
+        # through shared memory: every rank publishes its message once, then attends over all W
+        # in place, each rank at its own pace (no lockstep, nothing in flight)
+        ring += x.links["shm"].seconds(max(message))
+        ring += max(sum(x.comp[r]) + w * copy_s(partial * qc[r]) for r in range(w))
+    else:
+        for s in range(w):
+            compute = max(x.comp[r][(r - s) % w] for r in range(w))
+            move = max(x.links["p2p"].seconds(message[(r - s) % w]) for r in range(w)) if s < w - 1 else 0.0
+            ring += x.overlapped(compute, move) + max(copy_s(partial * qc[r]) for r in range(w))
+    return ring
+
+
 register(
     Strategy(
         "ring",
         "pass-KV: K/V blocks travel a ring, overlapped with compute",
         whole=ring_attention,
         over_cache=ring_over_cache,
+        cost=Cost(
+            lambda counts, rank, hq, hkv, d, b: ring_bytes(counts, rank, hkv, d, b),
+            layout_s=_layout_s,
+            step_s=_step_s,
+            tie_rank=0,  # ties go to pass-KV, the engine's strategy when no prefill runs
+        ),
     )
 )

@@ -8,6 +8,8 @@ all-to-all returns each rank its own tokens with all heads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -15,6 +17,7 @@ from torch import Tensor
 from seqpar.comm.collectives import all_to_all, group_rank, group_size
 from seqpar.kernels.attention import attention_with_lse
 from seqpar.sharding.plan import ShardPlan
+from seqpar.strategies.pricing import Cost, LayoutLayer
 from seqpar.strategies.registry import Strategy, register
 
 
@@ -83,11 +86,30 @@ def ulysses_attention(
     return head_to_seq(out[plan.rank_order.to(q.device)], counts, group)
 
 
+# ---- cost ------------------------------------------------------------------------------------
+def ulysses_bytes(counts: Sequence[int], rank: int, hq_total: int, hkv_total: int, d: int, b: int) -> int:
+    """Ulysses: q, k, v head slices to every other rank, then the output head slices back. KV heads
+    fewer than the degree are replicated (`kv_heads_for`), which costs bytes."""
+    w = len(counts)
+    hq = hq_total // w
+    out = sum(
+        counts[rank] * (hq + 2 * len(kv_heads_for(hq_total, hkv_total, w, j))) * d * b for j in range(w) if j != rank
+    )
+    back = sum(counts[j] * hq * d * b for j in range(w) if j != rank)
+    return out + back
+
+
+def _layout_s(x: LayoutLayer) -> float:
+    counts = [x.tokens_local] * x.cp
+    return ulysses_bytes(counts, 0, x.hq, x.hkv, x.d, x.b) / x.bandwidth + 2 * x.latency + x.attention_s
+
+
 register(
     Strategy(
         "ulysses",
         "Ulysses: all-to-all swaps sequence shards for head shards, local attention, all-to-all back",
         whole=ulysses_attention,
         heads_divide_degree=True,
+        cost=Cost(ulysses_bytes, layout_s=_layout_s),  # not over a cache: `seqpar plan` only
     )
 )

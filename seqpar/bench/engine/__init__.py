@@ -10,7 +10,7 @@ sequence) and runs greedy (temperature 0). Configurations (fp32):
 
 - `sp1-1t`: LLM(model, sp_size=1, num_threads=1);
 - `sp2`: LLM(model, sp_size=2, num_threads=1) = 2 ranks x 1 thread, ring prefill over
-  zigzag shards, decode merge allgather; `sp2-alltoall`, `sp2-tree`: the same with the
+  snake shards, decode merge allgather; `sp2-alltoall`, `sp2-tree`: the same with the
   other decode merges (decode only);
 - `sp1-2t`: LLM(model, sp_size=1, num_threads=2), the fair single-process baseline;
 - `hf-2t`: transformers' LlamaForCausalLM (sdpa attention) built from the same weights,

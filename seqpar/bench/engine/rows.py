@@ -30,7 +30,7 @@ def build_configs(merges: list[str]) -> list[Config]:
         Config("sp1-1t", "seqpar SP 1, 1 thread", 1, 1, decode=False),
         Config(
             "sp2",
-            "seqpar SP 2 (ring, zigzag), 1 thread/rank",
+            "seqpar SP 2 (ring, snake), 1 thread/rank",
             2,
             1,
             merges[0] if merges else "allgather",

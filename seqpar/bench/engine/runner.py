@@ -56,7 +56,7 @@ class Engine:
         return self.llm.engine.max_model_len
 
     def run(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-        from seqpar.engine.sampling import SamplingParams
+        from seqpar.engine.sampling_params import SamplingParams
 
         self.calls = []
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -84,7 +84,8 @@ class Engine:
 
 def kv_cache_gb_for(model_config: Any, sp: int, tokens: int, block_size: int = 16) -> float:
     """A cache just big enough for one sequence of `tokens` (at least the model's context) on each rank."""
-    from seqpar.engine.kv_cache import Placement, block_bytes
+    from seqpar.engine.kv_cache import block_bytes
+    from seqpar.engine.placement import Placement
 
     per_block = block_bytes(
         model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, torch.float32, block_size

@@ -196,7 +196,7 @@ class LLMEngine:
                 elapsed,
                 [(s.start, s.start + s.num_new) for s in scheduled if not s.decode],
                 sum(s.decode for s in scheduled),
-                produced,
+                list(produced),
                 list(result.comm_bytes),
                 predicted,
             )

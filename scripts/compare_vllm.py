@@ -41,8 +41,8 @@ class Seqpar:
         )
         self.steps = []
 
-        def record(msg, result, seconds):
-            self.steps.append((all(s.decode for s in msg.seqs), len(msg.seqs), seconds))
+        def record(step):
+            self.steps.append((step.decode_only, step.num_decode + len(step.prefill_spans), step.seconds))
 
         self.llm.engine.observers.append(record)
 

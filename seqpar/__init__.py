@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 from seqpar.engine.llm import LLM  # noqa: E402
-from seqpar.engine.outputs import RequestOutput  # noqa: E402
+from seqpar.engine.outputs import RequestOutput, StepRecord  # noqa: E402
 from seqpar.engine.sampling_params import SamplingParams  # noqa: E402
 
-__all__ += ["LLM", "SamplingParams", "RequestOutput"]
+__all__ += ["LLM", "SamplingParams", "RequestOutput", "StepRecord"]

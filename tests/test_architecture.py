@@ -89,3 +89,42 @@ def test_no_import_circles():
         if module not in state:
             visit(module, [])
     assert not circles, circles
+
+
+# What a benchmark may import from the engine: the public API and the options; of kv_cache, only
+# what sizes `kv_cache_gb` for a sequence. Everything else it observes through `observers`.
+BENCH_ENGINE_API = {
+    "seqpar.engine.llm": None,
+    "seqpar.engine.llm_engine": {"LLMEngine", "kv_blocks_per_rank"},
+    "seqpar.engine.outputs": None,
+    "seqpar.engine.sampling": None,
+    "seqpar.engine.args": None,
+    "seqpar.engine.config": None,
+    "seqpar.engine.kv_cache": {"Placement", "block_bytes"},
+}
+# The engine's own state, never a benchmark's to read or replace (`args.requests` is a flag).
+ENGINE_STATE = {"requests", "scheduler", "blocks", "executor", "auto", "detok", "seq"}
+
+
+def test_benchmarks_use_the_engines_public_surface():
+    found = []
+    for name, path in _modules().items():
+        if not name.startswith("seqpar.bench"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(PACKAGE.parent)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("seqpar.engine"):
+                allowed = BENCH_ENGINE_API.get(node.module, set())
+                for a in node.names:
+                    if a.name.startswith("_") or (allowed is not None and a.name not in allowed):
+                        found.append(f"{where}: {node.module}.{a.name}")
+            elif isinstance(node, ast.Attribute) and not (
+                isinstance(node.value, ast.Name) and node.value.id in {"self", "args"}
+            ):
+                root = node.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                if node.attr in ENGINE_STATE or (private and not (isinstance(root, ast.Name) and root.id == "torch")):
+                    found.append(f"{where}: .{node.attr}")
+    assert not found, found

@@ -13,7 +13,7 @@ from seqpar.bench.auto import STRATEGIES, main
 from test_engine import _save
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)  # four engines start side by side, on a shared machine
 def test_bench_auto_quick(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("SEQPAR_CACHE_DIR", str(tmp_path / "cache"))  # the built-in profile
     model = _save(Path(tmp_path / "tiny"), "llama")[1]

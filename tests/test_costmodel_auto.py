@@ -160,9 +160,9 @@ def test_engine_auto_counts_what_the_profile_implies(model, tmp_path, monkeypatc
     placement = Placement(2, 4, 1, "zigzag")
     seen = []
 
-    def observe(msg, result, seconds) -> None:
-        work = step_work(placement, [(s.start, s.start + len(s.token_ids)) for s in msg.seqs], 0, 4)
-        seen.append((msg.strategy, result.comm_bytes, [step_bytes(msg.strategy, work, mc, r) for r in range(2)]))
+    def observe(step) -> None:
+        work = step_work(placement, step.prefill_spans, step.num_decode, 4)
+        seen.append((step.strategy, step.comm_bytes, [step_bytes(step.strategy, work, mc, r) for r in range(2)]))
 
     doc = [(5 * i) % 90 + 3 for i in range(96)]
     with LLM(model=model, sp_size=2, block_size=4, shard_blocks=1, strategy="auto") as llm:

@@ -5,13 +5,14 @@
                       [--num-threads T] [--json out.json]
     seqpar bench auto --quick          # tiny sizes, a smoke test
 
-grid: one engine at `--sp` runs every strategy (ring, pass_q, allgather, and auto's own choice)
-in turn, so slow drifts of the machine hit every strategy alike. For each cached length C a prefix of
-C tokens is prefilled once per engine; then each step prefills N new tokens over it (a fresh
-suffix each repeat, so only the prefix comes from the cache). The step's time is the engine's own
-(its observer: the ranks' compute and communication, no scheduling). Per point: the fastest
-strategy measured (median over repeats), auto's pick and its measured time, and whether that is
-within 10% of the fastest; Meta's pass-KV / pass-Q rule is shown beside it.
+grid: one engine per strategy at `--sp` (ring, pass_q, allgather, and auto), all up side by
+side and run in turn, so slow drifts of the machine hit every strategy alike. For each cached
+length C a prefix of C tokens is prefilled once per engine; then each step prefills N new tokens
+over it (a fresh suffix each repeat, so only the prefix comes from the cache). The step's time,
+auto's pick and its predictions are the engine's own (the step record its observers get: the
+ranks' compute and communication, no scheduling). Per point: the fastest strategy measured
+(median over repeats), auto's pick and its measured time, and whether that is within 10% of the
+fastest; Meta's pass-KV / pass-Q rule is shown beside it.
 
 prefill: one whole prompt of T tokens in one step at SP 1 and at `--sp`, under auto; the step's
 measured time against the cost model's prediction for the strategy auto chose.
@@ -20,15 +21,16 @@ measured time against the cost model's prediction for the strategy auto chose.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from typing import Any
 
 from seqpar.bench.prompts import make_prompt
+from seqpar.bench.report import add_json_arg, markdown_table, write_json
 from seqpar.engine.args import add_engine_args, engine_config
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.llm_engine import LLMEngine
+from seqpar.engine.outputs import StepRecord
 from seqpar.engine.sampling_params import SamplingParams
 from seqpar.strategies.over_cache import pass_kv_for_meta
 from seqpar.strategies.registry import over_cache_names
@@ -44,36 +46,28 @@ def _ints(text: str) -> list[int]:
 
 
 class Timed:
-    """An auto engine whose steps an observer times. `force` names the strategy of the next
-    steps (None: auto's own choice): every strategy runs in the same ranks over the same cache."""
+    """An engine whose prefill steps its observer records: the strategy the step ran, the ranks'
+    time, and under auto the cost model's prediction for every strategy."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
-        self.auto = self.engine.auto
-        assert self.auto is not None, "the bench runs an engine with strategy='auto'"
-        self.engine.auto = self  # the engine asks this object for each step's strategy
-        self.force: str | None = None
-        self.last: tuple[str, float] | None = None
+        self.last: StepRecord | None = None
         self.engine.observers.append(self._observe)
 
-    def choose(self, scheduled: list[Any]) -> str:
-        return self.force or self.auto.choose(scheduled)
+    def _observe(self, record: StepRecord) -> None:
+        if not record.decode_only:
+            self.last = record
 
-    def _observe(self, msg: Any, result: Any, seconds: float) -> None:
-        if any(not s.decode for s in msg.seqs):
-            self.last = (msg.strategy, seconds)
-
-    def prefill(self, prompt: list[int], force: str | None = None) -> tuple[str, float, int]:
-        """Run one request to its first token; (strategy, seconds, cached tokens) of its last prefill step."""
+    def prefill(self, prompt: list[int]) -> tuple[StepRecord, int]:
+        """Run one request alone to its first token; its last prefill step's record, and its cached tokens."""
         eng = self.engine
-        self.force = force
         rid = eng.add_request(prompt, ONE)
-        while not eng.requests[rid].detok.finished:
+        while eng.has_unfinished():
             eng.step()
         cached = eng.output(rid).num_cached_tokens
         eng.forget(rid)
         assert self.last is not None
-        return (*self.last, cached)
+        return self.last, cached
 
 
 def _config(args: argparse.Namespace, sp: int, strategy: str, budget: int, **over: Any) -> EngineConfig:
@@ -85,33 +79,34 @@ def _config(args: argparse.Namespace, sp: int, strategy: str, budget: int, **ove
 def grid(args: argparse.Namespace) -> dict[str, Any]:
     news, cacheds = _ints(args.new), _ints(args.cached)
     budget = max(news + cacheds) + 64
-    t = Timed(_config(args, args.sp_size, "auto", budget))
+    engines: dict[str, Timed] = {}
     try:
-        auto = t.auto
-        mc, vocab = auto.mc, auto.mc.vocab_size
+        for s in STRATEGIES:  # each strategy its own engine, all up side by side, run in turn
+            engines[s] = Timed(_config(args, args.sp_size, s, budget))
+        mc = engines["auto"].engine.model_config
+        vocab = mc.vocab_size
         times: dict[tuple[int, int], dict[str, list[float]]] = {}
         picks: dict[tuple[int, int], list[str]] = {}
         predicted: dict[tuple[int, int], dict[str, float]] = {}  # what auto predicted, blocks and all
         for c in cacheds:
             prefix = make_prompt(None, vocab, c, "random", seed=1000 + c)
             if c:
-                t.prefill(prefix + make_prompt(None, vocab, 1, "random", seed=7))
+                for t in engines.values():  # every engine caches the same prefix
+                    t.prefill(prefix + make_prompt(None, vocab, 1, "random", seed=7))
             for n in news:
                 point = times.setdefault((c, n), {s: [] for s in STRATEGIES})
                 for rep in range(args.repeats):
                     for i, s in enumerate(STRATEGIES):  # in turn: a drift of the machine hits all alike
                         # a fresh suffix each time: only the prefix comes from the cache
                         seed = 1_000_000 * (rep + 1) + 100_000 * i + 10 * n + c
-                        used, seconds, got = t.prefill(
-                            prefix + make_prompt(None, vocab, n, "random", seed=seed), None if s == "auto" else s
-                        )
+                        step, got = engines[s].prefill(prefix + make_prompt(None, vocab, n, "random", seed=seed))
                         if got != c:
                             raise RuntimeError(f"{s}: {got} tokens came from the prefix cache, expected {c}")
-                        point[s].append(seconds)
+                        point[s].append(step.seconds)
                         if s == "auto":
-                            picks.setdefault((c, n), []).append(used)
-                            assert auto.last is not None
-                            predicted.setdefault((c, n), auto.last.seconds)
+                            assert step.predicted_s is not None
+                            picks.setdefault((c, n), []).append(step.strategy)
+                            predicted.setdefault((c, n), step.predicted_s)
         rows = []
         for (c, n), point in sorted(times.items()):
             med = {s: statistics.median(v) for s, v in point.items()}
@@ -134,7 +129,8 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
     finally:
-        t.engine.shutdown()
+        for t in engines.values():
+            t.engine.shutdown()
     share = sum(r["auto_within_10pct"] for r in rows) / len(rows)
     pick_share = sum(r["pick_within_10pct"] for r in rows) / len(rows)
     return {"sp": args.sp_size, "repeats": args.repeats, "rows": rows, "auto_share": share, "pick_share": pick_share}
@@ -147,20 +143,19 @@ def prefill(args: argparse.Namespace) -> dict[str, Any]:
         budget = max(lengths) + 64
         t = Timed(_config(args, sp, "auto", budget, enable_prefix_caching=False))
         try:
-            auto = t.auto
             for n in lengths:
-                prompt = make_prompt(None, auto.mc.vocab_size, n, "random", seed=n)
-                used, seconds, _ = t.prefill(prompt)
-                cost = auto.last
-                assert cost is not None
+                prompt = make_prompt(None, t.engine.model_config.vocab_size, n, "random", seed=n)
+                step, _ = t.prefill(prompt)
+                assert step.predicted_s is not None
+                predicted = step.predicted_s[step.strategy]
                 rows.append(
                     {
                         "sp": sp,
                         "tokens": n,
-                        "strategy": used,
-                        "measured_s": seconds,
-                        "predicted_s": cost.seconds[used],
-                        "ratio": cost.seconds[used] / seconds,
+                        "strategy": step.strategy,
+                        "measured_s": step.seconds,
+                        "predicted_s": predicted,
+                        "ratio": predicted / step.seconds,
                     }
                 )
         finally:
@@ -173,29 +168,34 @@ def report(results: dict[str, Any]) -> str:
     if "grid" in results:
         g = results["grid"]
         out.append(f"SP {g['sp']}, median of {g['repeats']} steps; times in ms (predicted in brackets)")
-        out.append(
-            f"| new | cached | {' | '.join(STRATEGIES)} | fastest | auto picks | Meta's rule | auto within 10% |"
-        )
-        out.append("|---:|---:|" + "---:|" * len(STRATEGIES) + "---|---|---|---|")
+        head = ["new", "cached", *STRATEGIES, "fastest", "auto picks", "Meta's rule", "auto within 10%"]
+        rows = []
         for r in g["rows"]:
             m, p = r["measured_s"], r["predicted_s"]
             cells = [f"{m[s] * 1e3:.0f} ({p[s] * 1e3:.0f})" for s in STRATEGIES[:-1]]
-            out.append(
-                f"| {r['new']} | {r['cached']} | {' | '.join(cells)} | {m['auto'] * 1e3:.0f} | {r['fastest']} | "
-                f"{r['auto_pick']} | {r['meta_rule']} | {'yes' if r['auto_within_10pct'] else 'no'} |"
+            rows.append(
+                [r["new"], r["cached"], *cells, f"{m['auto'] * 1e3:.0f}", r["fastest"], r["auto_pick"], r["meta_rule"]]
+                + ["yes" if r["auto_within_10pct"] else "no"]
             )
+        out.append(markdown_table(head, rows, numeric=range(2 + len(STRATEGIES))))
         out.append(
             f"auto within 10% of the fastest: {g['auto_share']:.0%} of points "
             f"(its pick's own runs: {g['pick_share']:.0%})"
         )
     if "prefill" in results:
-        out.append("| SP | tokens | strategy | measured s | predicted s | predicted / measured |")
-        out.append("|---:|---:|---|---:|---:|---:|")
-        for r in results["prefill"]["rows"]:
-            out.append(
-                f"| {r['sp']} | {r['tokens']} | {r['strategy']} | {r['measured_s']:.2f} | {r['predicted_s']:.2f} "
-                f"| {r['ratio']:.2f} |"
-            )
+        head = ["SP", "tokens", "strategy", "measured s", "predicted s", "predicted / measured"]
+        rows = [
+            [
+                r["sp"],
+                r["tokens"],
+                r["strategy"],
+                f"{r['measured_s']:.2f}",
+                f"{r['predicted_s']:.2f}",
+                f"{r['ratio']:.2f}",
+            ]
+            for r in results["prefill"]["rows"]
+        ]
+        out.append(markdown_table(head, rows, numeric=(0, 1, 3, 4, 5)))
         out.append(f"within 15%: {results['prefill']['within_15pct']:.0%} of rows")
     return "\n".join(out)
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", default="2048,4096,8000", help="whole-prompt lengths for the prediction check")
     p.add_argument("--parts", default="grid,prefill", help="grid, prefill or both")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    p.add_argument("--json", default=None, help="write the results here")
+    add_json_arg(p)
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -227,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown part {name!r}; choose among {', '.join(parts)}")
         results[name] = parts[name](args)
     print(report(results), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return 0
 
 

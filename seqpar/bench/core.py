@@ -20,15 +20,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from typing import Any
 
 from seqpar.bench.prompts import make_prompt
+from seqpar.bench.report import add_json_arg, summary_line, write_json
 from seqpar.engine.args import add_engine_args, engine_config
 from seqpar.engine.llm_engine import LLMEngine
+from seqpar.engine.outputs import RequestOutput
 from seqpar.engine.sampling_params import SamplingParams
 
 QUICK = dict(doc_tokens=200, long_tokens=400, chunk=64, capacity_kv_cache_gb=0.005)
@@ -39,8 +40,10 @@ def _engine(args: argparse.Namespace, sp: int, **over: Any) -> LLMEngine:
     return LLMEngine(engine_config(args, sp_size=sp, **over))
 
 
-def _finish(eng: LLMEngine, rid: int) -> Any:
-    while not eng.requests[rid].detok.finished:
+def _first_token(eng: LLMEngine, prompt: list[int]) -> RequestOutput:
+    """One request alone in the engine, run to its first (and only) token."""
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY))
+    while eng.has_unfinished():
         eng.step()
     out = eng.output(rid)
     eng.forget(rid)
@@ -49,8 +52,8 @@ def _finish(eng: LLMEngine, rid: int) -> Any:
 
 def _peak_rss_mib(eng: LLMEngine) -> list[float]:
     peaks = []
-    for p in getattr(eng.executor, "_procs", []):
-        with open(f"/proc/{p.pid}/status") as f:
+    for pid in eng.rank_pids():
+        with open(f"/proc/{pid}/status") as f:
             kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
         peaks.append(round(kb / 1024, 1))
     return peaks
@@ -62,8 +65,8 @@ def prefix_reuse(args: argparse.Namespace) -> dict[str, Any]:
         doc = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.doc_tokens, "text", seed=1)
         q1 = eng.tokenizer.encode(" Question: which record mentions Oslo?", add_special_tokens=False)
         q2 = eng.tokenizer.encode(" Question: what was built first?", add_special_tokens=False)
-        first = _finish(eng, eng.add_request(doc + q1, SamplingParams(max_tokens=1, **GREEDY)))
-        second = _finish(eng, eng.add_request(doc + q2, SamplingParams(max_tokens=1, **GREEDY)))
+        first = _first_token(eng, doc + q1)
+        second = _first_token(eng, doc + q2)
     finally:
         eng.shutdown()
     t1, t2 = first.metrics["time_to_first_token_s"], second.metrics["time_to_first_token_s"]
@@ -101,7 +104,7 @@ def chunked_prefill(args: argparse.Namespace) -> dict[str, Any]:
         prompt = make_prompt(tok, vocab, args.long_tokens, "text", seed=2)
         for r in range(args.repeats):
             for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
-                out = _finish(engines[name], engines[name].add_request(prompt, SamplingParams(max_tokens=1, **GREEDY)))
+                out = _first_token(engines[name], prompt)
                 runs[name]["ttft_s_rounds"].append(out.metrics["time_to_first_token_s"])
                 runs[name]["token"] = out.outputs[0].token_ids[0]
         for name, eng in engines.items():
@@ -132,14 +135,14 @@ def decode_during_prefill(args: argparse.Namespace) -> dict[str, Any]:
                 make_prompt(eng.tokenizer, eng.model_config.vocab_size, 64, "text", seed=3),
                 SamplingParams(max_tokens=100_000, **GREEDY),
             )
-            while not eng.requests[short].seq.output_token_ids:
-                eng.step()
+            while short not in eng.step():
+                pass
             for _ in range(3):
                 eng.step()  # decoding steadily
             prompt = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.long_tokens, "text", seed=4)
             long = eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY))
-            stamps, steps = [time.perf_counter()], []
-            while not eng.requests[long].detok.finished:
+            stamps, steps, produced = [time.perf_counter()], [], []
+            while long not in produced:  # its one token ends it
                 t0 = time.perf_counter()
                 produced = eng.step()
                 steps.append(time.perf_counter() - t0)
@@ -182,7 +185,7 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
     eng = _engine(args, 2, kv_cache_gb=args.capacity_kv_cache_gb)
     try:
         prompt = make_prompt(eng.tokenizer, mc.vocab_size, n, "text", seed=5)
-        res = _finish(eng, eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY)))
+        res = _first_token(eng, prompt)
         out["served_at_sp2"] = {
             "prompt_tokens": n,
             "ttft_s": res.metrics["time_to_first_token_s"],
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="a,b,c,d", help="which of a,b,c,d to run")
     p.add_argument("--repeats", type=int, default=1, help="(b): rounds, alternating which engine goes first; medians")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    p.add_argument("--json", default=None, help="write the results here")
+    add_json_arg(p)
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -219,10 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.parts.split(","):
         name, fn = parts[key]
         results[name] = fn(args)
-        print(json.dumps({name: results[name]}, indent=1), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        print(summary_line(name, results[name], skip=()), flush=True)
+    write_json(args.json, results)
     return 0
 
 

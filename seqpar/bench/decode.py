@@ -21,7 +21,6 @@ same run. Greedy tokens of every configuration must agree (exit status 1 otherwi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 
 from seqpar.bench import vllm_baseline
 from seqpar.bench.prompts import make_prompt
+from seqpar.bench.report import add_json_arg, markdown_table, write_json
 from seqpar.engine.args import ENGINE_FIELDS, add_engine_args, engine_config
 from seqpar.model import hf_model_from
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-context", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    p.add_argument("--json", default=None)
+    add_json_arg(p)
     vllm_baseline.add_arguments(p)
     args = p.parse_args(argv)
     vllm_baseline.check_arguments(p, args)
@@ -190,17 +190,14 @@ def main(argv: list[str] | None = None) -> int:
             "label": vllm.label,
             "tokens_equal_sp1": {c: tokens["vllm"][c] == tokens["sp1"][c] for c in contexts},
         }
-    lines = [
-        "| context | transformers ms/token | seqpar SP 1 | seqpar SP 2 |" + (f" {vllm.label} |" if vl else ""),
-        "|---|---:|---:|---:|" + ("---:|" if vl else ""),
+    m = summary["ms_per_token"]
+    others = ["sp1", "sp2", *(["vllm"] if vl else [])]
+    head = ["context", "transformers ms/token", "seqpar SP 1", "seqpar SP 2", *([vllm.label] if vl else [])]
+    rows = [
+        [f"{c:,}", f"{m['hf'][c]:.1f}", *(f"{m[k][c]:.1f} ({m[k][c] / m['hf'][c]:.2f}x)" for k in others)]
+        for c in contexts
     ]
-    for c in contexts:
-        m = summary["ms_per_token"]
-        lines.append(
-            f"| {c:,} | {m['hf'][c]:.1f} | {m['sp1'][c]:.1f} ({m['sp1'][c] / m['hf'][c]:.2f}x) | "
-            f"{m['sp2'][c]:.1f} ({m['sp2'][c] / m['hf'][c]:.2f}x) |"
-            + (f" {m['vllm'][c]:.1f} ({m['vllm'][c] / m['hf'][c]:.2f}x) |" if vl else "")
-        )
+    lines = [markdown_table(head, rows, numeric=range(1, len(head)))]
     b = summary["batch_tokens_per_s"]
     lines.append(
         f"\nBatch of {args.batch} x {args.batch_context} tokens, decode tokens/s: transformers "
@@ -212,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if vl:
         lines.append(f"vLLM's greedy tokens equal SP 1's (information): {summary['vllm']['tokens_equal_sp1']}")
     print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "summary": summary, "ms": ms, "batch": tps}, f, indent=1)
+    write_json(args.json, {"args": vars(args), "summary": summary, "ms": ms, "batch": tps})
     return 0 if all(exact.values()) else 1
 
 

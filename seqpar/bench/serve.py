@@ -24,10 +24,8 @@ alternates (the server's ranks sleep while the in-process engine runs, and the o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,120 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from seqpar.bench import vllm_baseline
+from seqpar.bench.report import add_json_arg, markdown_table, summary_line, write_json
 from seqpar.bench.serve_load import run_guidellm, run_openai, workload
+from seqpar.bench.serve_servers import (
+    LLAMA_CPP,
+    VLLM,
+    RunningServer,
+    ServerSpec,
+    bench_versions,
+    code_version,
+    eos_token_ids,
+    server_specs,
+)
 from seqpar.model.loader import DEFAULT_MODEL
-
-LLAMA_CPP = "llamacpp"
-VLLM = "vllm"  # with --vllm-python: vLLM's CPU build (`vllm serve`) from that Python's environment
-
-
-@dataclasses.dataclass
-class ServerSpec:
-    name: str
-    cmd: list[str]
-    health: str  # GET path that answers 200 once the server is ready
-    extras: dict[str, Any]  # added to each completion request's body
-    engine_args: list[str] | None = None  # seqpar's: the engine flags, for the in-process twin
-    env: dict[str, str] | None = None  # the server's environment (default: this one)
-
-
-class RunningServer:
-    """A server subprocess in its own session; SIGTERM on stop (SIGKILL to its group if it hangs)."""
-
-    def __init__(self, spec: ServerSpec, port: int, log_path: Path, timeout: float = 600.0):
-        import httpx
-
-        self.spec, self.url = spec, f"http://127.0.0.1:{port}"
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            spec.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=spec.env
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{spec.name} exited with {self.proc.returncode} before it was ready; see {log_path}"
-                )
-            try:
-                if httpx.get(self.url + spec.health, timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{spec.name} not ready within {timeout:.0f}s; see {log_path}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-
-
-def server_specs(args: argparse.Namespace, port: int, eos_ids: list[int]) -> list[ServerSpec]:
-    specs = []
-    for name in args.servers.split(","):
-        if name.startswith("sp"):
-            sp = int(name[2:])
-            engine = [
-                "--model",
-                args.model,
-                "--sp",
-                str(sp),
-                "--num-threads",
-                str(max(1, args.cores // sp)),
-                "--kv-cache-gb",
-                str(args.kv_cache_gb / sp),
-                "--no-enable-prefix-caching",
-            ]
-            cmd = [
-                sys.executable,
-                "-m",
-                "seqpar",
-                "serve",
-                *engine,
-                "--port",
-                str(port),
-                "--served-model-name",
-                "bench",
-            ]
-            specs.append(ServerSpec(name, cmd, "/health", {}, engine))
-        elif name == LLAMA_CPP:
-            cmd = [
-                str(Path(args.bench_venv) / "bin" / "python"),
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                args.gguf,
-                "--model_alias",
-                "bench",
-                "--n_threads",
-                str(args.cores),
-                "--n_threads_batch",
-                str(args.cores),
-                "--n_ctx",
-                "8192",
-                "--interrupt_requests",
-                "False",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ]
-            specs.append(ServerSpec(name, cmd, "/v1/models", {"logit_bias": {str(t): -1000 for t in eos_ids}}))
-        elif name == VLLM:
-            cmd, env = vllm_baseline.serve_command(
-                args.vllm_python, args.vllm_model, args.vllm_dtype, port, args.workdir or tempfile.gettempdir()
-            )
-            specs.append(ServerSpec(name, cmd, "/health", {}, env=env))
-        else:
-            raise SystemExit(f"seqpar bench serve: unknown server {name!r} (sp1, sp2, ..., {LLAMA_CPP}, {VLLM})")
-    return specs
 
 
 def drive(
@@ -272,34 +169,6 @@ def ttft_pairs(
     }
 
 
-def code_version() -> str:
-    """The seqpar commit measured (+dirty if its seqpar/ has uncommitted changes); $SEQPAR_COMMIT outside git."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        git = ["git", "-C", str(root)]
-        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "seqpar"], capture_output=True, text=True, check=True
-        )
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SEQPAR_COMMIT", "unknown")
-
-
-def bench_versions(venv: str) -> dict[str, str]:
-    py = Path(venv) / "bin" / "python"
-    if not py.exists():
-        return {}
-    code = (
-        "import importlib.metadata as m, json\nv = {}\nfor p in ('guidellm', 'llama_cpp_python', 'torch'):\n"
-        "    try: v[p] = m.version(p)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(v))"
-    )
-    try:
-        return json.loads(subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True).stdout)
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        return {}
-
-
 def targets(results: dict[str, Any]) -> dict[str, Any]:
     load, out = results["load"], {}
     try:
@@ -321,26 +190,23 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     """The load results as a markdown table."""
-    lines = [
-        "| server | concurrency | ok | errors | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
-        "E2E p50 / p99 (s) | output tok/s | prompt tok |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    head = ["server", "concurrency", "ok", "errors", "TTFT p50 / p99 (s)", "ITL p50 / p99 (ms)"]
+    head += ["E2E p50 / p99 (s)", "output tok/s", "prompt tok"]
+    rows = []
     for name, per in results["load"].items():
         for conc, r in sorted(per.items(), key=lambda kv: int(kv[0])):
             if "failed" in r:
-                lines.append(f"| {name} | {conc} | failed: {r['failed'][:80]} | | | | | | |")
+                rows.append([name, conc, f"failed: {r['failed'][:80]}", *[""] * 6])
                 continue
 
             def pq(key: str, fmt: str, r: dict[str, Any] = r) -> str:
                 return f"{r[key]['p50']:{fmt}} / {r[key]['p99']:{fmt}}" if key in r else "-"
 
-            lines.append(
-                f"| {name} | {conc} | {r['requests']} | {r['errors']} | {pq('ttft_s', '.2f')} | "
-                f"{pq('itl_ms', '.1f')} | {pq('e2e_s', '.2f')} | {r.get('output_tokens_per_s', 0):.2f} | "
-                f"{r.get('prompt_tokens_p50', '-')} |"
+            rows.append(
+                [name, conc, r["requests"], r["errors"], pq("ttft_s", ".2f"), pq("itl_ms", ".1f"), pq("e2e_s", ".2f")]
+                + [f"{r.get('output_tokens_per_s', 0):.2f}", r.get("prompt_tokens_p50", "-")]
             )
-    return "\n".join(lines)
+    return markdown_table(head, rows, numeric=range(1, len(head)))
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -375,10 +241,10 @@ def save(results: dict[str, Any], path: str) -> None:
     """Written after every level, so a run cut short keeps what it measured."""
     if path:
         results["targets"] = targets(results)
-        Path(path).write_text(json.dumps(results, indent=1))
+        write_json(path, results)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="seqpar bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="seqpar's model (llama.cpp gets --gguf)")
     p.add_argument("--gguf", default=None, help="llama.cpp's model file (default: --model's GGUF)")
@@ -405,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         help="paired 1-token requests to SP 1 and SP 2 up side by side (0: none; needs sp1 and sp2)",
     )
     p.add_argument("--workdir", default=None, help="keep logs, data and guidellm reports here (default: a temp dir)")
-    p.add_argument("--json", default=None, help="results file (default: docs/serve-bench.json; '' for none)")
+    add_json_arg(p, help="results file (default: docs/serve-bench.json; '' for none)")
     p.add_argument("--plot", default=None, help="plot file (default: docs/serve-bench.png; '' for none)")
     p.add_argument(
         "--quick",
@@ -429,15 +295,56 @@ def main(argv: list[str] | None = None) -> int:
         args.json = "" if args.quick else "docs/serve-bench.json"
     if args.plot is None:
         args.plot = "" if args.quick else "docs/serve-bench.png"
-    from seqpar.comm.launch import free_port
-    from seqpar.model import load_tokenizer
-    from seqpar.model.loader import resolve_model
+    return args
 
+
+def levels(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """The concurrency levels and the requests sent at each."""
     concs = [int(c) for c in args.concurrency.split(",") if c]
     counts = [int(n) for n in args.requests.split(",") if n]
     counts = counts * len(concs) if len(counts) == 1 else counts
     if len(counts) != len(concs) and concs:
         raise SystemExit(f"seqpar bench serve: --requests gives {len(counts)} counts for {len(concs)} levels")
+    return concs, counts
+
+
+LEVEL_KEYS = ("requests", "errors", "ttft_s", "itl_ms", "e2e_s", "output_tokens_per_s", "output_tokens_min")
+
+
+def load_levels(
+    args: argparse.Namespace,
+    server: RunningServer,
+    concs: list[int],
+    rows: dict[int, list[dict[str, Any]]],
+    results: dict[str, Any],
+    workdir: Path,
+    tokenizer_dir: str,
+) -> None:
+    """Drive one running server at every concurrency level, saving the results after each."""
+    spec = server.spec
+    per = results["load"][spec.name] = {}
+    for c in concs:
+        try:
+            r = per[str(c)] = drive(args, spec, server.url, rows[c], c, workdir, tokenizer_dir)
+        except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
+            per[str(c)] = {"failed": f"{type(e).__name__}: {e}"[:300], "server_exit": server.proc.poll()}
+            print(f"  {spec.name} concurrency {c}: FAILED {per[str(c)]}", flush=True)
+            if server.proc.poll() is not None:
+                break  # the server is gone (its exit code says how): on to the next server
+            continue
+        r["loadavg_after"] = os.getloadavg()
+        r["server_exit"] = server.proc.poll()  # None: still up (an external kill shows here)
+        print("  " + summary_line(f"{spec.name} concurrency {c}", {k: r.get(k) for k in LEVEL_KEYS}), flush=True)
+        save(results, args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from seqpar.comm.launch import free_port
+    from seqpar.model import load_tokenizer
+    from seqpar.model.loader import resolve_model
+
+    concs, counts = levels(args)
     if LLAMA_CPP in args.servers.split(",") and args.gguf is None:
         args.gguf = str(resolve_model(args.model))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="seqpar-bench-serve-"))
@@ -445,13 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)
     tokenizer_dir = str(workdir / "tokenizer")
     tokenizer.save_pretrained(tokenizer_dir)  # guidellm counts tokens with the same tokenizer
-    eos_ids = sorted(
-        {
-            t
-            for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-            if isinstance(t, int) and t != tokenizer.unk_token_id
-        }
-    )
+    eos_ids = eos_token_ids(tokenizer)
     port = free_port()
     results: dict[str, Any] = {
         "args": vars(args),
@@ -464,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench_venv": bench_versions(args.bench_venv),
     }
     # Request rows: each level its own documents (no row is sent twice to a server).
-    levels, first = {}, 1
+    rows, first = {}, 1
     for c, n in zip(concs, counts):
-        levels[c] = workload(tokenizer, n, args.prompt_tokens, args.output_tokens, first=first)
+        rows[c] = workload(tokenizer, n, args.prompt_tokens, args.output_tokens, first=first)
         first += n
     warm = workload(tokenizer, 1, min(256, args.prompt_tokens), 4, first=0)[0]
     for spec in server_specs(args, port, eos_ids):
@@ -477,53 +378,18 @@ def main(argv: list[str] | None = None) -> int:
         server = RunningServer(spec, port, workdir / f"{spec.name}.server.log")
         try:
             run_openai(server.url + "/v1", "bench", [warm], 1, spec.extras)  # first-request costs, untimed
-            per = results["load"][spec.name] = {}
-            for c in concs:
-                try:
-                    r = per[str(c)] = drive(args, spec, server.url, levels[c], c, workdir, tokenizer_dir)
-                except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
-                    per[str(c)] = {"failed": f"{type(e).__name__}: {e}"[:300], "server_exit": server.proc.poll()}
-                    print(f"  {spec.name} concurrency {c}: FAILED {per[str(c)]}", flush=True)
-                    if server.proc.poll() is not None:
-                        break  # the server is gone (its exit code says how): on to the next server
-                    continue
-                r["loadavg_after"] = os.getloadavg()
-                r["server_exit"] = server.proc.poll()  # None: still up (an external kill shows here)
-                print(
-                    f"  {spec.name} concurrency {c}: "
-                    + json.dumps(
-                        {
-                            k: r.get(k)
-                            for k in (
-                                "requests",
-                                "errors",
-                                "ttft_s",
-                                "itl_ms",
-                                "e2e_s",
-                                "output_tokens_per_s",
-                                "output_tokens_min",
-                            )
-                        }
-                    ),
-                    flush=True,
-                )
-                save(results, args.json)
+            load_levels(args, server, concs, rows, results, workdir, tokenizer_dir)
             if one and server.proc.poll() is None:
                 prompt = workload(tokenizer, 1, args.prompt_tokens, 1, first=first + args.ttft_pairs)[0]["prompt"]
                 results["one_token"] = one_token(args, server, prompt)
-                print(
-                    "  one token: " + json.dumps({k: v for k, v in results["one_token"].items() if k != "pairs"}),
-                    flush=True,
-                )
+                print("  " + summary_line("one token", results["one_token"]), flush=True)
         finally:
             server.stop()
         save(results, args.json)
     if args.ttft_pairs > 0 and {"sp1", "sp2"} <= set(args.servers.split(",")):
-        rows = workload(tokenizer, args.ttft_pairs, args.prompt_tokens, 1, first=first)
-        results["ttft_pairs"] = ttft_pairs(args, eos_ids, workdir, rows, warm)
-        print(
-            "  ttft pairs: " + json.dumps({k: v for k, v in results["ttft_pairs"].items() if k != "pairs"}), flush=True
-        )
+        pairs = workload(tokenizer, args.ttft_pairs, args.prompt_tokens, 1, first=first)
+        results["ttft_pairs"] = ttft_pairs(args, eos_ids, workdir, pairs, warm)
+        print("  " + summary_line("ttft pairs", results["ttft_pairs"]), flush=True)
     results["targets"] = targets(results)
     results["loadavg_end"] = os.getloadavg()
     print(table(results))

@@ -77,7 +77,6 @@ class AutoStrategy:
             kv_heads = max(1, mc.num_kv_heads // config.tp_size)
             cache_tokens = num_blocks * config.block_size
             self.kv_exchange_bytes = kv_exchange_bytes(cache_tokens, kv_heads, mc.head_dim, self.dtype_bytes)
-        self.last: StepCost | None = None  # the last prefill step's prediction (benchmarks read it)
 
     def predict(
         self, spans: list[tuple[int, int]], decode_rows: int = 0, blocks: list[list[int]] | None = None
@@ -85,14 +84,14 @@ class AutoStrategy:
         work = step_work(self.placement, spans, decode_rows, self.dtype_bytes, blocks, self.kv_exchange_bytes)
         return predict_step(work, self.mc, self.profile, self.threads)
 
-    def choose(self, scheduled: list[ScheduledSeq]) -> str:
+    def choose(self, scheduled: list[ScheduledSeq]) -> tuple[str, StepCost | None]:
+        """The cheapest strategy for this step, and the prediction it came from (None: decode only)."""
         prefill = [s for s in scheduled if not s.decode]
         if not prefill:
-            return "ring"  # a decode-only step runs no prefill strategy
+            return "ring", None  # a decode-only step runs no prefill strategy
         spans = [(s.start, s.start + s.num_new) for s in prefill]
         cost = self.predict(spans, len(scheduled) - len(prefill), [s.seq.blocks for s in prefill])
         choice = cost.best()
-        self.last = cost
         if log.isEnabledFor(logging.DEBUG):
             new = sum(b - a for a, b in spans)
             times = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in cost.seconds.items())
@@ -103,4 +102,4 @@ class AutoStrategy:
                 sum(a for a, _ in spans),
                 times,
             )
-        return choice
+        return choice, cost

@@ -134,8 +134,8 @@ class EngineConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 "device='cuda' but torch.cuda.is_available() is False here (a CPU-only torch build, or no GPU "
-                "visible); use device='cpu' (gloo, the tested path), or run on a machine with a GPU and a CUDA "
-                "build of torch"
+                "visible); use device='cpu' (gloo), or run on a machine with a GPU and a CUDA build of "
+                "torch (tested on one GPU; see the README's GPU section)"
             )
         for name in ("sp_size", "tp_size", "block_size", "shard_blocks", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:

@@ -125,6 +125,10 @@ class LocalExecutor:
         self.closed = False
         self._wait(None, timeout=600.0)  # ranks load the model; errors come back here
 
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
     def call(self, msg: Any, on_progress: ProgressFn | None = None) -> StepResult:
         if self.closed:
             raise EngineDeadError("the engine's ranks are stopped; create a new LLM")
@@ -184,6 +188,10 @@ class TorchrunExecutor:
             raise EngineDeadError(f"a rank failed to start:\n{error}")
         self.worker = worker
         self.closed = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [os.getpid()]  # the other ranks run in torchrun's processes, perhaps on other hosts
 
     def put(self, item: tuple[int, int]) -> None:  # progress, in-process
         if self._on_progress is not None:

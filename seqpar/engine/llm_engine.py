@@ -27,7 +27,7 @@ from seqpar.engine.dtype import resolve_dtype
 from seqpar.engine.executor import EngineDeadError, LocalExecutor, ProgressFn, TorchrunExecutor
 from seqpar.engine.kv_cache import block_bytes, size_cache
 from seqpar.engine.messages import SeqStep, Step, StepResult
-from seqpar.engine.outputs import EngineStats, RequestOutput
+from seqpar.engine.outputs import EngineStats, RequestOutput, StepRecord
 from seqpar.engine.sampling_params import SamplingParams
 from seqpar.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from seqpar.engine.sequence import Sequence
@@ -37,7 +37,7 @@ from seqpar.model import ModelConfig, load_config
 
 log = logging.getLogger(__name__)
 
-StepObserver = Callable[[Step, StepResult, float], None]  # (message, result, seconds)
+StepObserver = Callable[[StepRecord], None]
 
 
 def kv_blocks_per_rank(config: EngineConfig, mc: ModelConfig, local: bool = True) -> int:
@@ -106,7 +106,7 @@ class LLMEngine:
         self._gone: list[int] = []
         self.requests: dict[int, Request] = {}
         self._next_id = 0
-        self.observers: list[StepObserver] = []  # called after every step (benchmarks, metrics)
+        self.observers: list[StepObserver] = []  # called with a StepRecord after every step (benchmarks, metrics)
         self.strategy_counts: Counter[str] = Counter()
         # auto: the cost model over this machine's profile (`seqpar tune`; a damaged file fails here)
         self.auto = AutoStrategy(config, mc, load_profile(), self.num_blocks) if config.strategy == "auto" else None
@@ -169,7 +169,8 @@ class LLMEngine:
         now = time.monotonic()
         for s in scheduled:
             self.requests[s.seq.seq_id].metrics.setdefault("scheduled", now)
-        msg = Step([self._seq_step(s) for s in scheduled], self._strategy(scheduled), self._gone)
+        strategy, predicted = self._strategy(scheduled)
+        msg = Step([self._seq_step(s) for s in scheduled], strategy, self._gone)
         self._gone = []
         t0 = time.perf_counter()
         result = self.executor.call(msg, on_progress)
@@ -187,9 +188,20 @@ class LLMEngine:
             req = self.requests[s.seq.seq_id]
             if req.detok.finished:
                 self._retire(req.seq)
-        for observe in self.observers:
-            observe(msg, result, elapsed)
-        return [s.seq.seq_id for s in sampled]
+        produced = [s.seq.seq_id for s in sampled]
+        if self.observers:
+            record = StepRecord(
+                strategy,
+                elapsed,
+                [(s.start, s.start + s.num_new) for s in scheduled if not s.decode],
+                sum(s.decode for s in scheduled),
+                list(produced),
+                list(result.comm_bytes),
+                predicted,
+            )
+            for observe in self.observers:
+                observe(record)
+        return produced
 
     def _seq_step(self, s: ScheduledSeq) -> SeqStep:
         seq, end = s.seq, s.start + s.num_new
@@ -210,11 +222,15 @@ class LLMEngine:
             self._banned(self.requests[seq.seq_id]) if s.wants_logits else [],
         )
 
-    def _strategy(self, scheduled: list[ScheduledSeq]) -> str:
-        """The prefill strategy for this step; `auto`: the cheapest by the cost model (it logs why)."""
-        strategy = self.config.strategy if self.auto is None else self.auto.choose(scheduled)
+    def _strategy(self, scheduled: list[ScheduledSeq]) -> tuple[str, dict[str, float] | None]:
+        """The prefill strategy for this step, and under `auto` the cost model's predicted seconds
+        per strategy (auto takes the cheapest and logs why)."""
+        strategy, predicted = self.config.strategy, None
+        if self.auto is not None:
+            strategy, cost = self.auto.choose(scheduled)
+            predicted = None if cost is None else dict(cost.seconds)
         self.strategy_counts[strategy] += 1
-        return strategy
+        return strategy, predicted
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -312,6 +328,11 @@ class LLMEngine:
             prefix_cache_hits=self.blocks.prefix_hits,
             sp_bytes_sent=list(self._bytes_sent),
         )
+
+    def rank_pids(self) -> list[int]:
+        """The process id of each rank this engine started (under torchrun: this process only),
+        for resource accounting such as a benchmark's peak memory per rank."""
+        return self.executor.pids
 
     def shutdown(self) -> None:
         executor = getattr(self, "executor", None)

@@ -70,3 +70,26 @@ class EngineStats:
     prefix_cache_queries: int = 0  # cumulative prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # cumulative prompt tokens found there
     sp_bytes_sent: list[int] = field(default_factory=list)  # cumulative bytes each SP rank sent
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step, as the engine's `observers` see it (benchmarks, metrics), like vLLM's
+    per-iteration stats: what ran, how long the ranks took, what each rank sent."""
+
+    strategy: str  # the prefill attention strategy the step ran (auto's choice under strategy="auto")
+    seconds: float  # the ranks' time: the step message out to its result back (no scheduling, no sampling)
+    prefill_spans: list[tuple[int, int]]  # positions [start, end) each prefilling sequence computed
+    num_decode: int  # sequences that decoded one token
+    produced: list[int]  # the request ids that got a token
+    comm_bytes: list[int]  # bytes each SP rank sent in this step
+    # strategy="auto" on a step with prefill: the cost model's predicted seconds per strategy; else None
+    predicted_s: dict[str, float] | None = None
+
+    @property
+    def decode_only(self) -> bool:
+        return not self.prefill_spans
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(end - start for start, end in self.prefill_spans)

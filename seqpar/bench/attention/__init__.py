@@ -28,7 +28,6 @@ rank into kernel, LSE merge and communication, from seqpar's named ranges
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ import torch
 from seqpar.bench.attention.report import format_profile, format_table, format_targets
 from seqpar.bench.attention.rows import BASELINES, ERROR_TOL, build_rows
 from seqpar.bench.attention.runner import run_benchmark
+from seqpar.bench.report import add_json_arg, run_config, write_json
 from seqpar.strategies.api import STRATEGIES
 
 __all__ = ["ERROR_TOL", "main", "parse_args"]
@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1800.0,
         help="seconds one forward may take before its ranks count as hung (default 1800)",
     )
-    p.add_argument("--json", type=str, default=None, metavar="PATH", help="write the results as JSON here")
+    add_json_arg(p)
     args = p.parse_args(argv)
     if args.quick:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         base = results[0].median if results and results[0].row.key == "single1" else None
         payload = {
-            "config": {k: v for k, v in vars(args).items() if k != "json"},
+            "config": run_config(args),
             "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
             "rows": [
                 {
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             "notes": notes,
         }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+        write_json(args.json, payload)
     bad = [
         res
         for res in results

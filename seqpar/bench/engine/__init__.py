@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -58,6 +57,7 @@ from seqpar.bench import vllm_baseline
 from seqpar.bench.engine.report import format_report, summarize
 from seqpar.bench.engine.rows import Config, build_configs
 from seqpar.bench.engine.runner import log, run_benchmark
+from seqpar.bench.report import add_json_arg, run_config, write_json
 from seqpar.engine.args import ENGINE_FIELDS, add_engine_args, engine_kwargs
 from seqpar.strategies.decode import MERGES as DECODE_MERGES
 
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="tiny sizes (a smoke test): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + ", shard_blocks=2",
     )
-    p.add_argument("--json", metavar="PATH", help="write every sample and the summary as JSON")
+    add_json_arg(p, help="write every sample and the summary as JSON")
     vllm_baseline.add_arguments(p)
     args = p.parse_args(argv)
     try:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(s, res, args))
     if args.json:
         payload = {
-            "config": {k: v for k, v in vars(args).items() if k != "json"},
+            "config": run_config(args),
             "machine": info,
             "prompt_tokens": res.prompt_tokens,
             "decode_prompt_tokens": res.decode_prompt_tokens,
@@ -223,6 +223,5 @@ def main(argv: list[str] | None = None) -> int:
             "hf_error": res.hf_error,
             "skipped": res.skipped,
         }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
+        write_json(args.json, payload)
     return 0 if all(s["exact"].values()) else 1

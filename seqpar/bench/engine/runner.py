@@ -15,6 +15,7 @@ import torch
 from seqpar.bench import vllm_baseline
 from seqpar.bench.engine.rows import Config
 from seqpar.bench.prompts import make_prompt
+from seqpar.engine.outputs import StepRecord
 from seqpar.model import hf_model_from
 
 # ---------------------------------------------------------------- seqpar engines
@@ -45,9 +46,8 @@ class Engine:
         )
         self.calls: list[Call] = []
 
-        def record(msg: Any, result: Any, seconds: float) -> None:
-            kind = "decode" if all(s.decode for s in msg.seqs) else "prefill"
-            self.calls.append(Call(kind, seconds, list(result.comm_bytes)))
+        def record(step: StepRecord) -> None:
+            self.calls.append(Call("decode" if step.decode_only else "prefill", step.seconds, step.comm_bytes))
 
         self.llm.engine.observers.append(record)
 

@@ -169,6 +169,43 @@ def test_split_mlp_has_the_whole_mlps_bits(dtype):
         assert torch.equal(outs[-1], mlp(x))
 
 
+def test_bf16_head_refines_its_top_in_fp32_alike_for_any_rows_and_slices(tmp_path):
+    """The deterministic bf16 head, as compute_logits: each row's top REFINE logits in fp32 (a
+    bf16 GEMM alone is off by > 1e-3), the same bits for a row alone (one thread) or among 40,
+    whole or as every rank's vocabulary slice gathered and then refined (the worker's decode)."""
+    from seqpar.model import deterministic as det
+    from seqpar.model import load_model
+
+    vocab = 2 * invariant.VOCAB_TILE + 452  # three tiles: slices at SP 2 and 3
+    model, _ = load_model(_save(tmp_path, "llama", vocab_size=vocab)[1], torch.bfloat16)
+    hidden = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    weight = model.lm_head.weight
+    exact = hidden @ weight.float().t()  # [40, V]
+    top = exact.topk(5).indices
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        whole = det.logits(model, hidden)
+        # fp32 products of the same bf16 weights, summed in another order than the GEMM: a few
+        # ulps of logits up to ~4 here (measured 2e-6; the normal path's test allows 1e-5 too)
+        assert torch.allclose(whole.gather(-1, top), exact.gather(-1, top), atol=1e-5, rtol=0)
+        rounded = torch.nn.functional.linear(hidden.bfloat16(), weight).float()  # no refinement
+        assert (rounded.gather(-1, top) - exact.gather(-1, top)).abs().max() > 1e-3  # measured 1.6e-2
+        # Log-probs: the unrefined tail's bf16 rounding reaches them through the normalizer alike
+        # in both paths (measured 5e-4 on this flat random model; 1.5e-2 unrefined).
+        want = exact.log_softmax(-1).gather(-1, top)
+        err = (whole.log_softmax(-1).gather(-1, top) - want).abs().max()
+        assert err <= (model.compute_logits(hidden).log_softmax(-1).gather(-1, top) - want).abs().max() + 1e-6
+        try:
+            torch.set_num_threads(1)
+            for i in (0, 17, 39):
+                assert torch.equal(det.logits(model, hidden[i : i + 1]), whole[i : i + 1])
+                for world in (2, 3):
+                    parts = [det.logits(model, hidden[i : i + 1], s) for s in invariant.vocab_slices(vocab, world)]
+                    assert torch.equal(det.refine(model, torch.cat(parts, -1), hidden[i : i + 1]), whole[i : i + 1])
+        finally:
+            torch.set_num_threads(threads)
+
+
 def test_merge_in_order_is_the_merge_unit_by_unit():
     gen = torch.Generator().manual_seed(0)
     o = torch.randn(6, 3, 4, 8, generator=gen)

@@ -94,6 +94,14 @@ def test_same_bits_in_any_layout(model, reference, dtype, sp, strategy, merge, b
         assert _bits(b) == reference[dtype][i], f"request {i} (cached prefix) differs from the reference"
 
 
+def test_what_the_mode_does_not_run_is_refused():
+    from seqpar.engine.config import EngineConfig
+
+    for bad, named in [(dict(dtype="float16"), "float16"), (dict(tp_size=2), "tp_size=2")]:
+        with pytest.raises(ValueError, match=named):
+            EngineConfig(enable_deterministic_inference=True, **bad)
+
+
 def test_bf16_differs_without_the_mode(model, reference):
     """The mode is what makes bf16 agree: without it, SP 2 in chunks moves some bf16 logprob."""
     with LLM(

@@ -94,6 +94,14 @@ def test_same_bits_in_any_layout(model, reference, dtype, sp, strategy, merge, b
         assert _bits(b) == reference[dtype][i], f"request {i} (cached prefix) differs from the reference"
 
 
+def test_what_the_mode_does_not_run_is_refused():
+    from seqpar.engine.config import EngineConfig
+
+    for bad, named in [(dict(dtype="float16"), "float16"), (dict(tp_size=2), "tp_size=2")]:
+        with pytest.raises(ValueError, match=named):
+            EngineConfig(enable_deterministic_inference=True, **bad)
+
+
 def test_bf16_differs_without_the_mode(model, reference):
     """The mode is what makes bf16 agree: without it, SP 2 in chunks moves some bf16 logprob."""
     with LLM(
@@ -169,6 +177,43 @@ def test_split_mlp_has_the_whole_mlps_bits(dtype):
         assert torch.equal(outs[-1], mlp(x))
 
 
+def test_bf16_head_refines_its_top_in_fp32_alike_for_any_rows_and_slices(tmp_path):
+    """The deterministic bf16 head, as compute_logits: each row's top REFINE logits in fp32 (a
+    bf16 GEMM alone is off by > 1e-3), the same bits for a row alone (one thread) or among 40,
+    whole or as every rank's vocabulary slice gathered and then refined (the worker's decode)."""
+    from seqpar.model import deterministic as det
+    from seqpar.model import load_model
+
+    vocab = 2 * invariant.VOCAB_TILE + 452  # three tiles: slices at SP 2 and 3
+    model, _ = load_model(_save(tmp_path, "llama", vocab_size=vocab)[1], torch.bfloat16)
+    hidden = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    weight = model.lm_head.weight
+    exact = hidden @ weight.float().t()  # [40, V]
+    top = exact.topk(5).indices
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        whole = det.logits(model, hidden)
+        # fp32 products of the same bf16 weights, summed in another order than the GEMM: a few
+        # ulps of logits up to ~4 here (measured 2e-6; the normal path's test allows 1e-5 too)
+        assert torch.allclose(whole.gather(-1, top), exact.gather(-1, top), atol=1e-5, rtol=0)
+        rounded = torch.nn.functional.linear(hidden.bfloat16(), weight).float()  # no refinement
+        assert (rounded.gather(-1, top) - exact.gather(-1, top)).abs().max() > 1e-3  # measured 1.6e-2
+        # Log-probs: the unrefined tail's bf16 rounding reaches them through the normalizer alike
+        # in both paths (measured 5e-4 on this flat random model; 1.5e-2 unrefined).
+        want = exact.log_softmax(-1).gather(-1, top)
+        err = (whole.log_softmax(-1).gather(-1, top) - want).abs().max()
+        assert err <= (model.compute_logits(hidden).log_softmax(-1).gather(-1, top) - want).abs().max() + 1e-6
+        try:
+            torch.set_num_threads(1)
+            for i in (0, 17, 39):
+                assert torch.equal(det.logits(model, hidden[i : i + 1]), whole[i : i + 1])
+                for world in (2, 3):
+                    parts = [det.logits(model, hidden[i : i + 1], s) for s in invariant.vocab_slices(vocab, world)]
+                    assert torch.equal(det.refine(model, torch.cat(parts, -1), hidden[i : i + 1]), whole[i : i + 1])
+        finally:
+            torch.set_num_threads(threads)
+
+
 def test_merge_in_order_is_the_merge_unit_by_unit():
     gen = torch.Generator().manual_seed(0)
     o = torch.randn(6, 3, 4, 8, generator=gen)
@@ -178,6 +223,36 @@ def test_merge_in_order_is_the_merge_unit_by_unit():
     for u in range(6):
         merge.add(0, o[u], lse[u])
     assert torch.equal(canonical.merge_in_order(o, lse), merge.result())
+
+
+@pytest.mark.slow
+def test_needle_in_bf16_same_bits_at_sp1_and_sp2():
+    """The default model on the demo's ~4K-token needle prompt, bf16: SP 1 in 2,048-token chunks
+    and SP 2 in one give the same answer, tokens and logprobs (top 2 too: decode rows' vocabulary
+    slices gathered whole before their top is refined), and the answer holds the needle.
+    One thread per rank: two threads of one rank wait on each other on a loaded 2-core machine
+    (SP 1 measured ~120 s against ~20 s on one)."""
+    from seqpar.cli import demo
+
+    doc, _, _ = demo.document()
+    params = SamplingParams(temperature=0.0, max_tokens=16, stop=["\n"], logprobs=2)
+    outs = {}
+    for sp, budget in ((1, 2048), (2, 8192)):
+        with LLM(
+            "smollm2-135m",
+            sp_size=sp,
+            dtype="bfloat16",
+            kv_cache_gb=0.1,
+            max_num_batched_tokens=budget,
+            num_threads=1,
+            enable_deterministic_inference=True,
+        ) as llm:
+            prompt = llm.chat_prompt(demo.conversation(doc))
+            assert 2048 < len(prompt) <= 8192  # SP 1 in chunks, SP 2 in one
+            outs[sp] = llm.generate([prompt], params)[0]
+    assert demo.CODE in outs[1].outputs[0].text
+    assert outs[2].outputs[0].text == outs[1].outputs[0].text
+    assert _bits(outs[2]) == _bits(outs[1])
 
 
 def test_served_request_same_bytes_alone_and_among_eight(tmp_path):

@@ -153,6 +153,12 @@ class EngineConfig:
                 f"device={self.device!r}): tensor parallelism sums partial products across ranks, another "
                 "order for every TP degree, and the canonical attention order is built on the CPU flash kernel"
             )
+        if self.enable_deterministic_inference and self.dtype == "float16":
+            raise ValueError(
+                "enable_deterministic_inference runs in float32 or bfloat16, not float16 (its row-invariant "
+                "GEMMs are oneDNN's, which computes float16 only with AVX512-FP16, and were measured in those two "
+                "dtypes only); use dtype='bfloat16' or 'float32'"
+            )
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if self.step_timeout_s <= 0:

@@ -175,6 +175,13 @@ class Worker:
                 self._prefill_outputs(plan, hidden[nd:], result)
         result = self._gather(result)
         if dist.get_rank() == 0:
+            if self.deterministic and nd and self.vocab_slice != slice(0, self.model.config.vocab_size):
+                # decode rows' logits whole now: their top refined as a prefill row's (rank 0's
+                # hidden rows are every SP rank's bits)
+                rows = torch.stack([result.logits[s.seq_id] for s in plan.decode])  # [nd, V]
+                with torch.inference_mode():
+                    det.refine(self.model, rows, hidden[:nd].cpu())
+                result.logits.update((s.seq_id, rows[j]) for j, s in enumerate(plan.decode))
             self._sample(msg, result)
         return result
 

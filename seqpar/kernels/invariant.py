@@ -19,6 +19,9 @@ build without it) it falls back to MKL with fewer than `MIN_ROWS` rows padded to
 `vocab_slices` cuts a vocabulary in whole `VOCAB_TILE` columns (what MKL needs; oneDNN needs
 two), or not at all when smaller.
 `rows_are_invariant` probes the property for a shape; tests run it on the model's shapes.
+`row_dots` (each row against its own weight rows: the head's fp32 refinement) is a multiply and a
+sum, each output reduced alone (measured: the same bits for 1-133 rows, K 48-2,048, 1 and 2
+threads).
 
 Elementwise ops are lane-independent, except that PyTorch runs the last < 2 vectors of a loop
 (and of each thread's chunk) through scalar code, which for some ops rounds differently from the
@@ -70,6 +73,13 @@ def silu_(h: Tensor) -> Tensor:
     h32 = h.float()
     den = torch.neg(h32).exp_().add_(1.0)
     return h.copy_(h32.div_(den))
+
+
+def row_dots(x: Tensor, w: Tensor) -> Tensor:
+    """x [N, K], w [N, k, K] -> [N, k]: each of a row's k dot products with its own k weight rows,
+    in x's dtype. A multiply then a sum over K, each output reduced alone in one order set by K:
+    what a batched GEMM (einsum) gives depends on the batch and the threads."""
+    return (x[:, None, :] * w).sum(-1)
 
 
 def vocab_slices(vocab: int, world: int) -> list[slice]:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from seqpar.kernels import invariant
 from seqpar.model.layers import SwiGLUMLP
-from seqpar.model.llama import LlamaForCausalLM, with_mlps
+from seqpar.model.llama import REFINE, LlamaForCausalLM, with_mlps
 
 
 class InvariantLinear(nn.Module):
@@ -92,14 +92,42 @@ def split_for_decode(model: LlamaForCausalLM, world: int, rank: int, gather) -> 
 
 
 def logits(model: LlamaForCausalLM, hidden: Tensor, vocab: slice = slice(None)) -> Tensor:
-    """`model.compute_logits` through `invariant.linear`: hidden [N, hidden] -> [N, vocab] fp32
-    (the head's rows for `vocab` packed at first use, kept on the model)."""
+    """`model.compute_logits` through `invariant.linear`: hidden [N, hidden] (fp32, the final
+    norm's) -> [N, vocab] fp32 (the head's rows for `vocab` packed at first use, kept on the
+    model). The head runs in the model's dtype; in a half type a whole vocabulary's rows are then
+    refined (`refine`), a slice's are not: the caller refines them once gathered whole."""
     heads = model.__dict__.setdefault("_packed_heads", {})
     key = (vocab.start, vocab.stop)
     if key not in heads:
-        weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        heads[key] = (invariant.pack(weight[vocab]), weight.dtype)
+        heads[key] = (invariant.pack(_head(model)[vocab]), _head(model).dtype)
     packed, dtype = heads[key]
-    # The final norm hands over fp32; the head runs in the model's dtype (in bf16 the logits keep
-    # bf16's steps here: the fp32 refinement of compute_logits is not row-invariant-checked yet).
-    return invariant.linear(hidden.to(dtype), packed).float()
+    out = invariant.linear(hidden.to(dtype), packed).float()
+    whole = range(model.config.vocab_size)
+    return refine(model, out, hidden) if whole[vocab] == whole else out
+
+
+# Rows refined at once: bounds the gathered weight rows ([rows, REFINE, hidden] fp32, ~4.7 MB).
+REFINE_ROWS = 64
+
+
+def refine(model: LlamaForCausalLM, logits: Tensor, hidden: Tensor) -> Tensor:
+    """compute_logits' fp32 refinement, row-invariant: each row's `REFINE` largest logits
+    (logits [N, vocab], whole rows: a vocabulary slice's top would be another set at every SP
+    degree) recomputed in fp32 from hidden [N, hidden] fp32, in place; returns logits.
+
+    compute_logits' einsum is a batched GEMM whose bits depend on the batch; here each logit is
+    its row's fp32 products summed alone (`invariant.row_dots`), and topk picks a row's columns
+    from that row alone, so a row gets the same bits alone (a decode step) or among a prompt's."""
+    weight = _head(model)
+    if weight.dtype == torch.float32 or not logits.shape[-1]:
+        return logits
+    k = min(REFINE, logits.shape[-1])
+    for a in range(0, logits.shape[0], REFINE_ROWS):
+        rows = logits[a : a + REFINE_ROWS]
+        top = rows.topk(k, dim=-1).indices  # [n, k]
+        rows.scatter_(-1, top, invariant.row_dots(hidden[a : a + REFINE_ROWS].float(), weight[top].float()))
+    return logits
+
+
+def _head(model: LlamaForCausalLM) -> Tensor:
+    return model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight

@@ -131,6 +131,7 @@ class ShardedModel:
         self.model = model.eval()
         self.num_kv_heads_cached = model.model.layers[0].self_attn.num_kv_heads
         self.decode_model: LlamaForCausalLM | None = None
+        packed = False
         split = config.decode_split and config.sp_size > 1 and config.tp_size == 1
         if config.enable_deterministic_inference:
             # The MLP's intermediate features split and gathered, not partial products summed.
@@ -148,3 +149,9 @@ class ShardedModel:
                 self.decode_model = split_for_decode(self.model, mesh, exchange, packed)
             elif packed:
                 self.decode_model = packed_for_decode(self.model)
+        self.packed_decode = self.decode_model is not None and packed
+
+    def decode_head(self, vocab: slice) -> nn.Module | None:
+        """The head's rows `vocab` packed for decode rows' logits, where decode steps pack."""
+        weight = self.model.head_weight[vocab]
+        return PackedLinear(weight) if self.packed_decode and weight.shape[0] else None

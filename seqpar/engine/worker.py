@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from seqpar.comm.collectives import STATS
 from seqpar.comm.mesh import ParallelMesh
@@ -118,6 +118,7 @@ class Worker:
         self.deterministic = config.enable_deterministic_inference
         if self.deterministic:  # slices of whole GEMM tiles: a column's bits do not depend on the slicing
             self.vocab_slice = vocab_slices(vocab, config.sp_size)[self.mesh.sp_rank]
+        self.decode_head = self.sharded.decode_head(self.vocab_slice)  # None unless decode steps pack
 
     def step(self, msg: Step) -> StepResult:
         cfg, mesh = self.config, self.mesh
@@ -169,7 +170,7 @@ class Worker:
             if self.reports:
                 if nd:  # this rank's vocabulary slice, for every decode row
                     # on the host (a no-op on CPU): rank 0 samples there, and results are pickled
-                    logits = self._logits(hidden[:nd], self.vocab_slice).cpu()
+                    logits = self._logits(hidden[:nd], self.vocab_slice, self.decode_head).cpu()
                     # clone: no shared storage to pickle
                     result.logits = {s.seq_id: logits[j].clone() for j, s in enumerate(plan.decode)}
                 self._prefill_outputs(plan, hidden[nd:], result)
@@ -185,10 +186,10 @@ class Worker:
             self._sample(msg, result)
         return result
 
-    def _logits(self, hidden: Tensor, vocab: slice = slice(None)) -> Tensor:
+    def _logits(self, hidden: Tensor, vocab: slice = slice(None), head: nn.Module | None = None) -> Tensor:
         if self.deterministic:
             return det.logits(self.model, hidden, vocab)
-        return self.model.compute_logits(hidden, vocab)
+        return self.model.compute_logits(hidden, vocab, head)
 
     def _canonical_attention(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan) -> Tensor:
         """Deterministic inference: every row in the canonical order (seqpar.strategies.canonical)."""

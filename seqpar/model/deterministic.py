@@ -99,7 +99,7 @@ def logits(model: LlamaForCausalLM, hidden: Tensor, vocab: slice = slice(None)) 
     heads = model.__dict__.setdefault("_packed_heads", {})
     key = (vocab.start, vocab.stop)
     if key not in heads:
-        heads[key] = (invariant.pack(_head(model)[vocab]), _head(model).dtype)
+        heads[key] = (invariant.pack(model.head_weight[vocab]), model.head_weight.dtype)
     packed, dtype = heads[key]
     out = invariant.linear(hidden.to(dtype), packed).float()
     whole = range(model.config.vocab_size)
@@ -118,7 +118,7 @@ def refine(model: LlamaForCausalLM, logits: Tensor, hidden: Tensor) -> Tensor:
     compute_logits' einsum is a batched GEMM whose bits depend on the batch; here each logit is
     its row's fp32 products summed alone (`invariant.row_dots`), and topk picks a row's columns
     from that row alone, so a row gets the same bits alone (a decode step) or among a prompt's."""
-    weight = _head(model)
+    weight = model.head_weight
     if weight.dtype == torch.float32 or not logits.shape[-1]:
         return logits
     k = min(REFINE, logits.shape[-1])
@@ -127,7 +127,3 @@ def refine(model: LlamaForCausalLM, logits: Tensor, hidden: Tensor) -> Tensor:
         top = rows.topk(k, dim=-1).indices  # [n, k]
         rows.scatter_(-1, top, invariant.row_dots(hidden[a : a + REFINE_ROWS].float(), weight[top].float()))
     return logits
-
-
-def _head(model: LlamaForCausalLM) -> Tensor:
-    return model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight

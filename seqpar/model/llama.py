@@ -144,7 +144,14 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, attention)
         return self.model.norm(x, fp32_out=True)
 
-    def compute_logits(self, hidden: Tensor, vocab: slice = slice(None)) -> Tensor:
+    @property
+    def head_weight(self) -> Tensor:
+        """The output head's weight [vocab, hidden] (the embeddings when tied)."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(
+        self, hidden: Tensor, vocab: slice = slice(None), head: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32 (sampling wants fp32); `vocab`: only
         those token ids' columns (a vocab-parallel head).
 
@@ -154,9 +161,11 @@ class LlamaForCausalLM(nn.Module):
         largest logits of each row, which decide greedy tokens, top log-probs and nearly all
         the softmax mass, are recomputed in fp32 from the fp32 final norm. A row's true top
         tokens are among its rounded top `REFINE` unless more than that many tie within a step.
+        `head`, when given, computes the rounded product (the same weights, packed).
         """
-        weight = (self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)[vocab]
-        logits = F.linear(hidden.to(weight.dtype), weight).float()  # [N, V_slice]
+        weight = self.head_weight[vocab]
+        x = hidden.to(weight.dtype)
+        logits = (F.linear(x, weight) if head is None else head(x)).float()  # [N, V_slice]
         if weight.dtype == torch.float32 or logits.shape[-1] == 0:
             return logits
         top = logits.topk(min(REFINE, logits.shape[-1]), dim=-1).indices  # [N, k]

@@ -157,7 +157,7 @@ def test_engine_auto_counts_what_the_profile_implies(model, tmp_path, monkeypatc
     monkeypatch.setenv("SEQPAR_CACHE_DIR", str(tmp_path))
     _profile(latency=1e-4, bandwidth=1e6).save()
     mc = load_config(model)
-    placement = Placement(2, 4, 1, "zigzag")
+    placement = Placement(2, 4, 1, "snake")
     seen = []
 
     def observe(step) -> None:

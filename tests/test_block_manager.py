@@ -40,8 +40,8 @@ def test_placement_depends_only_on_position(world, scheme):
         assert sorted(seen) == list(range(start, stop))
 
 
-def test_zigzag_units_balance_causal_work():
-    """Zigzag over units gives each rank near-equal causal work once a prompt spans 2W units."""
+def test_snake_units_balance_causal_work():
+    """The snake over units gives each rank near-equal causal work once a prompt spans 2W units."""
     for world in (2, 3, 4):
         pl = Placement(world, block_size=16, shard_blocks=16)
         length = 2 * world * pl.unit_tokens * 2

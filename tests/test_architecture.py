@@ -91,16 +91,17 @@ def test_no_import_circles():
     assert not circles, circles
 
 
-# What a benchmark may import from the engine: the public API and the options; of kv_cache, only
-# what sizes `kv_cache_gb` for a sequence. Everything else it observes through `observers`.
+# What a benchmark may import from the engine: the public API and the options; of placement and
+# kv_cache, only what sizes `kv_cache_gb` for a sequence. Everything else it observes through `observers`.
 BENCH_ENGINE_API = {
     "seqpar.engine.llm": None,
     "seqpar.engine.llm_engine": {"LLMEngine", "kv_blocks_per_rank"},
     "seqpar.engine.outputs": None,
-    "seqpar.engine.sampling": None,
+    "seqpar.engine.sampling_params": None,
     "seqpar.engine.args": None,
     "seqpar.engine.config": None,
-    "seqpar.engine.kv_cache": {"Placement", "block_bytes"},
+    "seqpar.engine.placement": {"Placement"},
+    "seqpar.engine.kv_cache": {"block_bytes"},
 }
 # The engine's own state, never a benchmark's to read or replace (`args.requests` is a flag).
 ENGINE_STATE = {"requests", "scheduler", "blocks", "executor", "auto", "detok", "seq"}

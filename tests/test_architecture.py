@@ -91,8 +91,8 @@ def test_no_import_circles():
     assert not circles, circles
 
 
-# What a benchmark may import from the engine: the public API and the options; of the placement
-# and the cache, only what sizes `kv_cache_gb` for a sequence. Everything else it observes through `observers`.
+# What a benchmark may import from the engine: the public API and the options; of placement and
+# kv_cache, only what sizes `kv_cache_gb` for a sequence. Everything else it observes through `observers`.
 BENCH_ENGINE_API = {
     "seqpar.engine.llm": None,
     "seqpar.engine.llm_engine": {"LLMEngine", "kv_blocks_per_rank"},

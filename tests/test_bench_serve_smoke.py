@@ -12,6 +12,7 @@ import pytest
 
 from seqpar.bench import serve
 from seqpar.bench.serve_load import parse_guidellm, percentile
+from seqpar.bench.serve_report import table
 from server_util import save_tiny_chat_model
 
 
@@ -44,7 +45,7 @@ def test_bench_serve_quick(tmp_path, capsys):
     one = data["one_token"]
     assert one["same_text"] and len(one["pairs"]) == 1 and one["ratio"] > 0
     assert data["targets"]["sp1_errors_c2"]["met"]
-    assert "| sp1 | 2 | 2 | 0 |" in serve.table(data) and "| sp1 | 2 | 2 | 0 |" in printed
+    assert "| sp1 | 2 | 2 | 0 |" in table(data) and "| sp1 | 2 | 2 | 0 |" in printed
     if _has_matplotlib():
         assert png.stat().st_size > 0
 

@@ -40,8 +40,8 @@ def test_placement_depends_only_on_position(world, scheme):
         assert sorted(seen) == list(range(start, stop))
 
 
-def test_zigzag_units_balance_causal_work():
-    """Zigzag over units gives each rank near-equal causal work once a prompt spans 2W units."""
+def test_snake_units_balance_causal_work():
+    """The snake over units gives each rank near-equal causal work once a prompt spans 2W units."""
     for world in (2, 3, 4):
         pl = Placement(world, block_size=16, shard_blocks=16)
         length = 2 * world * pl.unit_tokens * 2
@@ -141,9 +141,12 @@ def test_prefix_reuse_across_ranks_and_lru_eviction():
 
 
 # ---------------------------------------------------------------- scheduler
-def _sched(num_blocks=64, budget=8, world=1, max_seqs=4, threshold=4, max_len=64) -> Scheduler:
+def _sched(num_blocks=64, budget=8, world=1, max_seqs=4, threshold=4) -> Scheduler:
     bm = BlockManager(Placement(world, 2, 1), num_blocks)
-    return Scheduler(SchedulerConfig(max_seqs, budget, threshold, max_len), bm)
+    config = SchedulerConfig(
+        max_num_seqs=max_seqs, max_num_batched_tokens=budget, long_prefill_token_threshold=threshold
+    )
+    return Scheduler(config, bm)
 
 
 def _run(sched: Scheduler) -> list[tuple[int, int, int, bool]]:
@@ -189,13 +192,13 @@ def test_preemption_frees_the_newest_and_recomputes_it():
 
 
 def test_requests_that_can_never_fit_are_refused_at_once():
-    sched = _sched(max_len=48)
+    sched = _sched()
     with pytest.raises(PromptRefused, match="context length is 48 tokens.*the prompt has 48 tokens"):
         check_prompt([1] * 48, 100, 48)  # LLMEngine.add_request and the server call it before queueing
     with pytest.raises(ValueError, match="no tokens"):
         _seq(1, [])
     with pytest.raises(ValueError, match="max_num_seqs"):
-        SchedulerConfig(0, 8, 4, 48)
+        SchedulerConfig(max_num_seqs=0)
     r = _seq(2, [1, 2])
     sched.add(r)
     sched.finish(r)

@@ -130,13 +130,13 @@ def test_engine_matches_hf(llama, strategy, sp, merge, shm, budget, split):
 @pytest.mark.parametrize(
     "fixture, sp, strategy, scheme",
     [
-        ("qwen2", 1, "ring", "zigzag"),
+        ("qwen2", 1, "ring", "snake"),
         ("qwen2", 2, "pass_q", "striped"),
-        ("qwen2", 3, "pass_q", "zigzag"),
+        ("qwen2", 3, "pass_q", "snake"),
         ("qwen2", 4, "ring", "striped"),
-        ("tied", 1, "allgather", "zigzag"),
+        ("tied", 1, "allgather", "snake"),
         ("tied", 2, "ring", "striped"),
-        ("tied", 3, "ring", "zigzag"),
+        ("tied", 3, "ring", "snake"),
         ("tied", 4, "allgather", "striped"),
     ],
 )

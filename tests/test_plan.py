@@ -8,7 +8,7 @@ import json
 import pytest
 
 from seqpar.cli import main as cli
-from seqpar.costmodel import PlanError, plan, preset_config
+from seqpar.costmodel import PlanError, choose_layout, preset_config
 from seqpar.costmodel.hardware import H100, H200
 
 KEYS = {"layout", "strategy", "ttft_s", "decode_ms_per_token", "kv_bytes_per_rank", "max_context_tokens"}
@@ -60,18 +60,18 @@ def test_monotonic_in_context_and_gpus(model):
     mc = preset_config(model)
     weights = "fp8" if "405b" in model else "bf16"
     contexts = [8192, 32768, 131072, 524288, 1048576]
-    by_context = [plan(mc, H100, c, 64, 8, weight_dtype=weights).chosen for c in contexts]
+    by_context = [choose_layout(mc, H100, c, 64, 8, weight_dtype=weights).chosen for c in contexts]
     for a, b in zip(by_context, by_context[1:]):
         assert a.ttft_s < b.ttft_s and a.kv_bytes_per_rank < b.kv_bytes_per_rank
         assert a.decode_ms_per_token <= b.decode_ms_per_token
-    by_gpus = [plan(mc, H100, 1048576, g, 8, weight_dtype=weights) for g in (8, 16, 32, 64, 128)]
+    by_gpus = [choose_layout(mc, H100, 1048576, g, 8, weight_dtype=weights) for g in (8, 16, 32, 64, 128)]
     for a, b in zip(by_gpus, by_gpus[1:]):
         assert b.chosen.ttft_s < a.chosen.ttft_s
         assert max(p.max_context_tokens for p in b.layouts) > max(p.max_context_tokens for p in a.layouts)
     assert by_gpus[-1].chosen.fits
-    same = plan(mc, H100, 131072, 16, 8, tp=8, weight_dtype=weights)
+    same = choose_layout(mc, H100, 131072, 16, 8, tp=8, weight_dtype=weights)
     assert (
-        plan(mc, H200, 131072, 16, 8, tp=8, weight_dtype=weights).chosen.max_context_tokens
+        choose_layout(mc, H200, 131072, 16, 8, tp=8, weight_dtype=weights).chosen.max_context_tokens
         > same.chosen.max_context_tokens
     )  # more memory, longer contexts
 
@@ -114,9 +114,9 @@ def test_impossible_layouts_exit_2_naming_problem_and_fix(capsys, argv, message)
 
 
 def test_when_nothing_fits_the_plan_says_so():
-    result = plan(preset_config("llama-3.1-405b"), H100, 131072, 8, 8)  # bf16 weights: 101 GB per GPU at TP 8
+    result = choose_layout(preset_config("llama-3.1-405b"), H100, 131072, 8, 8)  # bf16 weights: 101 GB per GPU at TP 8
     assert not result.chosen.fits and "no layout holds 131072 tokens" in result.note
     # the choice is then the layout closest to holding it: the most memory for KV
     assert result.chosen.max_context_tokens == max(p.max_context_tokens for p in result.layouts)
     with pytest.raises(PlanError, match="weight dtype 'int3'"):
-        plan(preset_config("llama-3.1-8b"), H100, 8, 8, 8, weight_dtype="int3")
+        choose_layout(preset_config("llama-3.1-8b"), H100, 8, 8, 8, weight_dtype="int3")

@@ -16,9 +16,8 @@ tokens instead (every request must still produce `--output-tokens` tokens: check
 With `--vllm-python PYTHON --vllm-model DIR`, server `vllm` is added: `vllm serve DIR` from that
 Python's environment (seqpar.bench.vllm_baseline.serve_command: every core, prefix caching off).
 
-Then the server's overhead: a 1-token request through HTTP against `LLM.generate` on the same
-prompt in this process, with the engine configured as the server's, in pairs whose order
-alternates (the server's ranks sleep while the in-process engine runs, and the other way round).
+Then two paired checks (serve_pairs.py): the server's overhead against `LLM.generate`, and SP 2's
+time to first token against SP 1's. The results file, table, targets and plot: serve_report.py.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from seqpar.bench import vllm_baseline
-from seqpar.bench.report import add_json_arg, markdown_table, summary_line, write_json
+from seqpar.bench.report import add_json_arg, summary_line
 from seqpar.bench.serve_load import run_guidellm, run_openai, workload
+from seqpar.bench.serve_pairs import one_token, ttft_pairs
+from seqpar.bench.serve_report import plot, save, table, targets
 from seqpar.bench.serve_servers import (
     LLAMA_CPP,
     VLLM,
@@ -73,175 +73,6 @@ def drive(
             health_route=None if spec.health == "/health" else spec.health.lstrip("/"),
         )
     return run_openai(url + "/v1", "bench", rows, conc, spec.extras)
-
-
-def one_token(args: argparse.Namespace, server: RunningServer, prompt: str) -> dict[str, Any]:
-    """A 1-token request through HTTP vs LLM.generate on the same prompt, paired, alternating order."""
-    import httpx
-
-    from seqpar.engine.args import add_engine_args, engine_config
-    from seqpar.engine.llm import LLM
-    from seqpar.engine.sampling_params import SamplingParams
-
-    flags = argparse.ArgumentParser()
-    add_engine_args(flags)
-    llm = LLM(engine_config(flags.parse_args(server.spec.engine_args)))  # the served engine's own flags
-    body = {"model": "bench", "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
-
-    def http() -> tuple[float, str]:
-        t0 = time.perf_counter()
-        r = httpx.post(server.url + "/v1/completions", json=body, timeout=600)
-        r.raise_for_status()
-        return time.perf_counter() - t0, r.json()["choices"][0]["text"]
-
-    def generate() -> tuple[float, str]:
-        t0 = time.perf_counter()
-        out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1))
-        return time.perf_counter() - t0, out[0].outputs[0].text
-
-    try:
-        http(), generate()  # warm-up, untimed
-        pairs = []
-        for k in range(args.one_token_pairs):
-            order = (http, generate) if k % 2 == 0 else (generate, http)
-            res = {fn.__name__: fn() for fn in order}
-            pairs.append(
-                {
-                    "first": order[0].__name__,
-                    "http_s": res["http"][0],
-                    "generate_s": res["generate"][0],
-                    "same_text": res["http"][1] == res["generate"][1],
-                }
-            )
-    finally:
-        llm.shutdown()
-    h = statistics.median(p["http_s"] for p in pairs)
-    g = statistics.median(p["generate_s"] for p in pairs)
-    return {
-        "server": server.spec.name,
-        "pairs": pairs,
-        "http_median_s": h,
-        "generate_median_s": g,
-        "ratio": h / g,
-        "ratio_per_pair_median": statistics.median(p["http_s"] / p["generate_s"] for p in pairs),
-        "target": 1.1,
-        "met": h / g <= 1.1,
-        "same_text": all(p["same_text"] for p in pairs),
-    }
-
-
-def ttft_pairs(
-    args: argparse.Namespace, eos_ids: list[int], workdir: Path, rows: list[dict[str, Any]], warm: dict[str, Any]
-) -> dict[str, Any]:
-    """SP 1 and SP 2 up side by side, idle in turn: each row goes to one, then the other (the order
-    alternating), as a 1-token request, so the time is the time to first token. Pairs taken close
-    together see the same background load, which a whole level per server cannot promise."""
-    from seqpar.comm.launch import free_port
-
-    servers = {}
-    try:
-        for name in ("sp1", "sp2"):
-            port = free_port()
-            spec = server_specs(argparse.Namespace(**{**vars(args), "servers": name}), port, eos_ids)[0]
-            servers[name] = RunningServer(spec, port, workdir / f"{name}.pairs.server.log")
-            run_openai(servers[name].url + "/v1", "bench", [warm], 1)
-        pairs = []
-        for k, row in enumerate(rows):
-            order = ("sp1", "sp2") if k % 2 == 0 else ("sp2", "sp1")
-            times = {}
-            for name in order:
-                r = run_openai(servers[name].url + "/v1", "bench", [{**row, "output_tokens_count": 1}], 1)
-                times[name] = r["e2e_s"]["p50"] if r["requests"] else None
-            pairs.append({"first": order[0], **times})
-    finally:
-        for server in servers.values():
-            server.stop()
-    ok = [p for p in pairs if p["sp1"] and p["sp2"]]
-    t1, t2 = (statistics.median(p[n] for p in ok) for n in ("sp1", "sp2"))
-    return {
-        "pairs": pairs,
-        "sp1_median_s": t1,
-        "sp2_median_s": t2,
-        "ratio": t2 / t1,
-        "ratio_per_pair_median": statistics.median(p["sp2"] / p["sp1"] for p in ok),
-        "target": 0.55,
-        "met": t2 / t1 <= 0.55,
-    }
-
-
-def targets(results: dict[str, Any]) -> dict[str, Any]:
-    load, out = results["load"], {}
-    try:
-        r = load["sp2"]["1"]["ttft_s"]["p50"] / load["sp1"]["1"]["ttft_s"]["p50"]
-        out["sp2_ttft_p50_vs_sp1_c1"] = {"ratio": r, "target": 0.55, "met": r <= 0.55}
-    except KeyError:
-        pass
-    top = str(max((int(c) for per in load.values() for c in per), default=0))
-    for name, per in load.items():
-        if name.startswith("sp") and top in per:
-            errors = per[top].get("errors")  # None: the level did not run to the end
-            out[f"{name}_errors_c{top}"] = {"errors": errors, "target": 0, "met": errors == 0}
-    if results.get("ttft_pairs"):
-        out["sp2_ttft_vs_sp1_paired"] = {k: results["ttft_pairs"][k] for k in ("ratio", "target", "met")}
-    if results.get("one_token"):
-        out["one_token_http_vs_generate"] = {k: results["one_token"][k] for k in ("ratio", "target", "met")}
-    return out
-
-
-def table(results: dict[str, Any]) -> str:
-    """The load results as a markdown table."""
-    head = ["server", "concurrency", "ok", "errors", "TTFT p50 / p99 (s)", "ITL p50 / p99 (ms)"]
-    head += ["E2E p50 / p99 (s)", "output tok/s", "prompt tok"]
-    rows = []
-    for name, per in results["load"].items():
-        for conc, r in sorted(per.items(), key=lambda kv: int(kv[0])):
-            if "failed" in r:
-                rows.append([name, conc, f"failed: {r['failed'][:80]}", *[""] * 6])
-                continue
-
-            def pq(key: str, fmt: str, r: dict[str, Any] = r) -> str:
-                return f"{r[key]['p50']:{fmt}} / {r[key]['p99']:{fmt}}" if key in r else "-"
-
-            rows.append(
-                [name, conc, r["requests"], r["errors"], pq("ttft_s", ".2f"), pq("itl_ms", ".1f"), pq("e2e_s", ".2f")]
-                + [f"{r.get('output_tokens_per_s', 0):.2f}", r.get("prompt_tokens_p50", "-")]
-            )
-    return markdown_table(head, rows, numeric=range(1, len(head)))
-
-
-def plot(results: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for (key, label), ax in zip((("ttft_s", "time to first token (s)"), ("itl_ms", "inter-token latency (ms)")), axes):
-        for i, (name, per) in enumerate(results["load"].items()):
-            concs = sorted(int(c) for c in per if key in per[c] and "failed" not in per[c])
-            color = f"C{i}"
-            ax.plot(concs, [per[str(c)][key]["p50"] for c in concs], "o-", color=color, label=f"{name} p50")
-            ax.plot(concs, [per[str(c)][key]["p99"] for c in concs], "x--", color=color, alpha=0.5, label=f"{name} p99")
-        ax.set_xlabel("concurrent streams")
-        ax.set_ylabel(label)
-        ax.set_xticks(sorted({int(c) for per in results["load"].values() for c in per}))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    a = results["args"]
-    fig.suptitle(
-        f"{a['model']}: {a['prompt_tokens']}-token prompts, {a['output_tokens']} output tokens, "
-        f"requests per level {a['requests']}, {a['cores']} cores"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def save(results: dict[str, Any], path: str) -> None:
-    """Written after every level, so a run cut short keeps what it measured."""
-    if path:
-        results["targets"] = targets(results)
-        write_json(path, results)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -7,21 +7,21 @@ from seqpar.costmodel.hardware import Hardware, resolve_hardware
 from seqpar.costmodel.layouts import Layout, PlanError, check_layout, enumerate_layouts, strategies_for
 from seqpar.costmodel.models import PRESETS as MODEL_PRESETS
 from seqpar.costmodel.models import preset_config, resolve_model_config
-from seqpar.costmodel.predict import Plan, Prediction, decode_s, max_context, plan, predict, prefill
+from seqpar.costmodel.predict import LayoutChoice, Prediction, choose_layout, decode_s, max_context, predict, prefill
 
 __all__ = [
     "HARDWARE_PRESETS",
     "MODEL_PRESETS",
     "Hardware",
     "Layout",
-    "Plan",
+    "LayoutChoice",
     "PlanError",
     "Prediction",
     "check_layout",
+    "choose_layout",
     "decode_s",
     "enumerate_layouts",
     "max_context",
-    "plan",
     "predict",
     "prefill",
     "preset_config",

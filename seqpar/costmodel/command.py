@@ -14,7 +14,7 @@ from seqpar.costmodel.hardware import PRESETS as HARDWARE
 from seqpar.costmodel.hardware import resolve_hardware
 from seqpar.costmodel.models import PRESETS as MODELS
 from seqpar.costmodel.models import resolve_model_config
-from seqpar.costmodel.predict import WEIGHT_BYTES, Plan, Prediction, plan
+from seqpar.costmodel.predict import WEIGHT_BYTES, LayoutChoice, Prediction, choose_layout
 
 SUMMARY_KEYS = ("layout", "strategy", "ttft_s", "decode_ms_per_token", "kv_bytes_per_rank", "max_context_tokens")
 
@@ -52,7 +52,7 @@ def summary(p: Prediction) -> dict[str, Any]:
     return {**{k: d[k] for k in SUMMARY_KEYS}, **{k: v for k, v in d.items() if k not in SUMMARY_KEYS}}
 
 
-def to_json(result: Plan) -> dict[str, Any]:
+def to_json(result: LayoutChoice) -> dict[str, Any]:
     out: dict[str, Any] = {"chosen": summary(result.chosen), "layouts": [summary(p) for p in result.layouts]}
     if result.note:
         out["note"] = result.note
@@ -66,7 +66,7 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 2**10:.1f} KiB"
 
 
-def to_table(result: Plan, header: str) -> str:
+def to_table(result: LayoutChoice, header: str) -> str:
     lines = [
         header,
         f"{'':2}{'layout':<14}{'strategy':<11}{'TTFT s':>10}{'decode ms':>11}{'KV/rank':>11}{'max context':>13}  fits",
@@ -92,7 +92,7 @@ def run_plan(args: argparse.Namespace) -> int:
     """Raises ValueError (PlanError) for impossible requests; the CLI prints it as one line."""
     mc = resolve_model_config(args.model)
     hw = resolve_hardware(args.hardware)
-    result = plan(mc, hw, args.context, args.gpus, args.gpus_per_node, args.tp, args.weight_dtype)
+    result = choose_layout(mc, hw, args.context, args.gpus, args.gpus_per_node, args.tp, args.weight_dtype)
     if args.json:
         print(json.dumps(to_json(result)))
     else:

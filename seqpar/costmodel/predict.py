@@ -1,5 +1,5 @@
-"""Predicted prefill (TTFT) and decode time of one long sequence on a layout, and `plan`: every
-layout and strategy, and the one to choose.
+"""Predicted prefill (TTFT) and decode time of one long sequence on a layout, and `choose_layout`:
+every layout and strategy, and the one to choose (`seqpar plan`).
 
 Model, per layer and rank (a rank = one GPU of a TP x CP layout, holding T_local = T / CP tokens):
 - linear: its share of the matmul FLOPs at `peak * gemm_efficiency`;
@@ -123,13 +123,13 @@ def predict(
 
 
 @dataclass(frozen=True)
-class Plan:
+class LayoutChoice:
     chosen: Prediction
     layouts: list[Prediction]
     note: str  # empty, or why the choice is a compromise
 
 
-def plan(
+def choose_layout(
     mc: ModelConfig,
     hw: Hardware,
     context: int,
@@ -137,7 +137,7 @@ def plan(
     gpus_per_node: int,
     tp: int | None = None,
     weight_dtype: str = "bf16",
-) -> Plan:
+) -> LayoutChoice:
     """Every layout x strategy; the chosen one has the lowest TTFT among those whose memory holds
     the context (then the lowest decode time); when none does, the one closest to holding it."""
     if weight_dtype not in WEIGHT_BYTES:
@@ -160,4 +160,4 @@ def plan(
             "add GPUs, use --weight-dtype fp8, or larger-memory hardware"
         )
     )
-    return Plan(chosen, rows, note)
+    return LayoutChoice(chosen, rows, note)

@@ -93,10 +93,9 @@ class LLMEngine:
         budget = config.max_num_batched_tokens
         self.scheduler = Scheduler(
             SchedulerConfig(
-                config.max_num_seqs,
-                budget,
-                config.long_prefill_token_threshold or max(1, budget // 2),
-                self.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=budget,
+                long_prefill_token_threshold=config.long_prefill_token_threshold or max(1, budget // 2),
             ),
             self.blocks,
         )

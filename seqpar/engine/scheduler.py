@@ -46,10 +46,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # per step, across the SP group
     long_prefill_token_threshold: int = 1024  # a prefill chunk's cap while other requests wait
-    max_model_len: int = 8192  # longest sequence (prompt + output) the engine holds
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")

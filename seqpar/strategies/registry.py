@@ -77,7 +77,7 @@ def over_cache_names() -> tuple[str, ...]:
 
 
 def costs() -> dict[str, Cost]:
-    """Every priced strategy's cost, by name: the cost model's `plan` and `auto` read these."""
+    """Every priced strategy's cost, by name: the cost model's `choose_layout` (`seqpar plan`) and `auto` read these."""
     return {n: s.cost for n, s in strategies().items() if s.cost is not None}
 
 

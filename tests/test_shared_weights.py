@@ -72,3 +72,29 @@ def _mapping_of(pid: int, file: str) -> list[dict[str, int]]:
         elif current is not None and parts[0].endswith(":") and len(parts) >= 2 and parts[1].isdigit():
             current[parts[0][:-1]] = int(parts[1])
     return out
+
+
+def test_ranks_starting_together_read_the_checkpoint_once(tmp_path):
+    """The copy is written by one process per host; the others wait for it and map it (three readers
+    at once would hold the checkpoint three times while converting)."""
+    _, path = save_tiny(tmp_path / "m")
+    log = tmp_path / "reads.log"
+    code = (
+        "import sys, time, torch; from pathlib import Path\n"
+        "from seqpar.model.shared_weights import shared_tensors\n"
+        "from seqpar.model.weights import read_safetensors_dir\n"
+        "src = Path(sys.argv[1])\n"
+        "def read():\n"
+        "    open(sys.argv[2], 'a').write('read\\n'); time.sleep(1.0)\n"
+        "    return read_safetensors_dir(src)\n"
+        "t = shared_tensors(sorted(src.glob('*.safetensors')), torch.bfloat16, read)\n"
+        "assert t is not None and t['lm_head.weight'].dtype == torch.bfloat16\n"
+    )
+    env = {**_env(), "SEQPAR_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(log)], env=env) for _ in range(3)]
+    try:
+        assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+    assert log.read_text().count("read") == 1

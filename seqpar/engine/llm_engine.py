@@ -28,6 +28,7 @@ from seqpar.engine.executor import EngineDeadError, LocalExecutor, ProgressFn, T
 from seqpar.engine.kv_cache import block_bytes, size_cache
 from seqpar.engine.messages import SeqStep, Step, StepResult
 from seqpar.engine.outputs import EngineStats, RequestOutput, StepRecord
+from seqpar.engine.parallel import decode_packing
 from seqpar.engine.sampling_params import SamplingParams
 from seqpar.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from seqpar.engine.sequence import Sequence
@@ -114,6 +115,9 @@ class LLMEngine:
         self.executor = executor(config, self.num_blocks)
         if why:  # said once the engine is up (a failed start says only what failed)
             print(f"seqpar: dtype auto -> {config.dtype} ({why})", file=sys.stderr)
+        _, why_not_packed = decode_packing(config, mc)  # what every rank decides the same way
+        if why_not_packed:
+            print(f"seqpar: {why_not_packed}", file=sys.stderr)
 
     @property
     def tokenizer(self) -> Any:

@@ -19,16 +19,19 @@
 from __future__ import annotations
 
 import copy
+import os
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
-from seqpar.kernels.packed import PackedLinear, packable
+from seqpar.kernels.packed import ONEDNN, PackedLinear
 from seqpar.model import LlamaForCausalLM, load_model, parallelize_tp
 from seqpar.model import deterministic as det
+from seqpar.model.config import ModelConfig
 from seqpar.model.llama import with_mlps
 from seqpar.strategies.decode import gather_parts
 
@@ -120,6 +123,48 @@ def packed_for_decode(model: LlamaForCausalLM) -> LlamaForCausalLM:
     return with_mlps(model, mlp, _packed_attention)
 
 
+# The share of a host's memory the packed decode copies of all its ranks may take.
+PACKED_SHARE = 0.25
+
+
+def packed_decode_bytes(config: EngineConfig, mc: ModelConfig) -> int:
+    """One rank's packed decode weights: q/k/v/o whole, its MLP slice (whole without the decode
+    split), its vocabulary slice of the head."""
+    h, n = mc.hidden_size, config.sp_size
+    attn = 2 * h * mc.num_heads * mc.head_dim + 2 * h * mc.num_kv_heads * mc.head_dim
+    mlp = 3 * h * mc.intermediate_size // (n if config.decode_split and n > 1 else 1)
+    head = -(-mc.vocab_size // n) * h
+    return (mc.num_layers * (attn + mlp) + head) * config.torch_dtype.itemsize
+
+
+def decode_packing(config: EngineConfig, mc: ModelConfig) -> tuple[bool, str]:
+    """Whether decode steps read packed copies of the weights, and why not where they were asked to.
+
+    Packed where oneDNN runs the dtype on CPU (tp 1; deterministic inference packs everything its
+    own way), and where the copies of every rank on this host fit `PACKED_SHARE` of its memory:
+    the shared weights are held once per host so that a model as large as half the memory runs,
+    and copies per rank would undo that."""
+    if not (
+        config.packed_decode_weights
+        and config.device == "cpu"
+        and config.tp_size == 1
+        and not config.enable_deterministic_inference
+        and ONEDNN
+        and config.torch_dtype in (torch.float32, torch.bfloat16)
+    ):
+        return False, ""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", config.world_size))
+    need = ranks * packed_decode_bytes(config, mc)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > PACKED_SHARE * host:
+        return False, (
+            f"decode weights not packed: {ranks} rank(s)' copies would take {need / 2**30:.1f} GiB, more than "
+            f"{PACKED_SHARE:.0%} of this host's {host / 2**30:.1f} GiB (decode reads the shared weights; "
+            "--no-packed-decode-weights skips this check)"
+        )
+    return True, ""
+
+
 class ShardedModel:
     def __init__(self, config: EngineConfig, mesh: ParallelMesh, exchange: HostExchange | None = None):
         self.mesh = mesh
@@ -140,11 +185,7 @@ class ShardedModel:
                 self.decode_model = det.split_for_decode(model, mesh.sp_size, mesh.sp_rank, gather)
             det.make_row_invariant(model)
         else:
-            packed = (
-                config.packed_decode_weights
-                and config.tp_size == 1
-                and packable(model.model.layers[0].mlp.gate_proj.weight)
-            )
+            packed, _ = decode_packing(config, model.config)
             if split:
                 self.decode_model = split_for_decode(self.model, mesh, exchange, packed)
             elif packed:

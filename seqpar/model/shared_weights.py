@@ -12,6 +12,7 @@ embedding lookups and norms; tensor-parallel slices copy or view).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import mmap
@@ -100,21 +101,35 @@ def shared_tensors(
     if not file.is_file():
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".safetensors")
-            os.close(fd)
+            lock = open(file.with_name(file.name + ".lock"), "w")  # noqa: SIM115 (held until written)
         except OSError:
             return None
-        try:
-            tensors = read()
-            if not all(v.is_floating_point() for v in tensors.values()):
-                return None  # the strict loader says which tensor is wrong
-            write_aligned({k: v.to(dtype) for k, v in tensors.items()}, Path(tmp))
-            # link, not rename: if another rank published first, its file stays the one every rank maps
-            os.link(tmp, file)
-        except FileExistsError:
-            pass
-        except OSError:
-            return None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # One writer per host: the ranks of one host start together, and each reading the whole
+        # checkpoint at once would hold it N times (an 8B model in bf16 is 16 GB per reader).
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not file.is_file() and not _write(file, dtype, read):
+                return None
     return map_readonly(file)
+
+
+def _write(file: Path, dtype: torch.dtype, read: Callable[[], Mapping[str, Tensor]]) -> bool:
+    try:
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+    except OSError:
+        return False
+    try:
+        tensors = read()
+        if not all(v.is_floating_point() for v in tensors.values()):
+            return False  # the strict loader says which tensor is wrong
+        write_aligned({k: v.to(dtype) for k, v in tensors.items()}, Path(tmp))
+        # link, not rename: if another host's rank published first (a shared folder), its file stays
+        os.link(tmp, file)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return True

@@ -2,7 +2,8 @@
 
     python scripts/compare_vllm.py --vllm-python V/bin/python --vllm-model HF_DIR [--engines ...] [--rounds 2]
 
-Engines: `vllm-bf16`, `vllm-fp32`, `spN-bf16`, `spN-fp32`, `spN-auto` (seqpar at N ranks).
+Engines: `vllm-bf16`, `vllm-fp32`, `spN-bf16`, `spN-fp32`, `spN-auto` (seqpar at N ranks; `-plain` after
+any of these: decode-only steps without packed weights).
 
 Same token-id prompts (seqpar.bench.prompts.make_prompt on the model's tokenizer), greedy, ignore_eos,
 prefix caching off, max_num_batched_tokens 8192 for every engine. Every engine is up before
@@ -29,9 +30,10 @@ def log(m):
 
 
 class Seqpar:
-    def __init__(self, sp, dtype):
+    def __init__(self, sp, dtype, packed=True):
         self.llm = LLM(
             DEFAULT_MODEL,
+            packed_decode_weights=packed,
             sp_size=sp,
             dtype=dtype,
             enable_prefix_caching=False,
@@ -95,8 +97,8 @@ def main():
             dt = {"bf16": "bfloat16", "fp32": "float32"}[key.split("-")[1]]
             e = vllm_baseline.VLLMBaseline(args.vllm_python, args.vllm_model, dt, max_model_len=8192)
         else:
-            sp, dt = key.split("-")
-            e = Seqpar(int(sp[2:]), {"bf16": "bfloat16", "fp32": "float32", "auto": "auto"}[dt])
+            sp, dt, *plain = key.split("-")  # a trailing "-plain": decode without packed weights
+            e = Seqpar(int(sp[2:]), {"bf16": "bfloat16", "fp32": "float32", "auto": "auto"}[dt], not plain)
         e.prefill(base[:256]) if key.startswith("vllm") else e.gen([base[:256]], 2)
         engines[key] = e
         log(f"{key} up in {time.perf_counter() - t0:.1f}s")

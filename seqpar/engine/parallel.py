@@ -80,14 +80,18 @@ def _even(n: int, world: int, rank: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
-def _packed_attention(full: nn.Module) -> nn.Module:
-    """`full` (a layer's attention) with its projections packed (private copies)."""
-    attn = copy.copy(full)
-    attn._modules = dict(full._modules)
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+def _packed(full: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """A shallow copy of `full` whose linear layers `names` read packed private copies."""
+    new = copy.copy(full)
+    new._modules = dict(full._modules)
+    for name in names:
         lin = getattr(full, name)
-        setattr(attn, name, _linear(lin.weight, lin.bias, True))
-    return attn
+        setattr(new, name, _linear(lin.weight, lin.bias, True))
+    return new
+
+
+def _packed_attention(full: nn.Module) -> nn.Module:
+    return _packed(full, ("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
 def split_for_decode(
@@ -111,16 +115,7 @@ def split_for_decode(
 
 def packed_for_decode(model: LlamaForCausalLM) -> LlamaForCausalLM:
     """A shallow copy of `model` whose linear layers read packed private copies of the weights."""
-
-    def mlp(full: nn.Module) -> nn.Module:
-        new = copy.copy(full)
-        new._modules = dict(full._modules)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            lin = getattr(full, name)
-            setattr(new, name, _linear(lin.weight, lin.bias, True))
-        return new
-
-    return with_mlps(model, mlp, _packed_attention)
+    return with_mlps(model, lambda mlp: _packed(mlp, ("gate_proj", "up_proj", "down_proj")), _packed_attention)
 
 
 # The share of a host's memory the packed decode copies of all its ranks may take.

@@ -88,8 +88,9 @@ class EngineConfig:
     packed_decode_weights: bool = opt(
         True,
         "decode-only steps read the linear weights from a private copy in oneDNN's blocked layout (CPU, "
-        "fp32/bf16, tp 1): ~2x faster per row, at the price of a second copy of those weights per rank "
-        "(of its slice under --decode-split) (default: on; --no-packed-decode-weights keeps one copy per host)",
+        "fp32/bf16, tp 1): the linear layers ~2x faster per row, at the price of a second copy of those "
+        "weights per rank (of its slice under --decode-split) (default: on where every rank's copies fit a "
+        "quarter of the host's memory; --no-packed-decode-weights keeps one copy per host)",
     )
     shared_memory: bool = opt(
         True,

@@ -92,6 +92,12 @@ class EngineConfig:
         "weights per rank (of its slice under --decode-split) (default: on where every rank's copies fit a "
         "quarter of the host's memory; --no-packed-decode-weights keeps one copy per host)",
     )
+    enforce_eager: bool = opt(
+        False,
+        "run everything eagerly; otherwise long steps' per-token work (norms, projections, RoPE, MLP of "
+        "each full 1,024-row tile) runs through torch.compile, compiled at start-up and cached on disk "
+        "(CPU, tp 1, not with --enable-deterministic-inference; an eager fallback says why) (default: off)",
+    )
     shared_memory: bool = opt(
         True,
         "decode merges, pass-KV and pass-Q between ranks on one host through shared memory (default: on; "

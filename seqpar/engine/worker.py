@@ -17,6 +17,7 @@ Results go to rank 0 and from there to the driver.
 from __future__ import annotations
 
 import pickle
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,6 +39,8 @@ from seqpar.kernels.decode import DecodeBatch
 from seqpar.kernels.invariant import vocab_slices
 from seqpar.model import deterministic as det
 from seqpar.model import load_config
+from seqpar.model.compiled import compile_tiles
+from seqpar.model.llama import ROW_TILE
 from seqpar.strategies import canonical
 from seqpar.strategies.decode import gather_heads, merge_partials
 from seqpar.strategies.over_cache import attention_over_cache, kv_exchange_bytes
@@ -86,6 +89,7 @@ class Worker:
             )
         self.sharded = ShardedModel(config, self.mesh, self.exchange)
         self.model = self.sharded.model
+        self._compile_tiles(config)
         self.placement = config.placement()
         self.cache = KVCache(
             mc.num_layers,
@@ -119,6 +123,17 @@ class Worker:
         if self.deterministic:  # slices of whole GEMM tiles: a column's bits do not depend on the slicing
             self.vocab_slice = vocab_slices(vocab, config.sp_size)[self.mesh.sp_rank]
         self.decode_head = self.sharded.decode_head(self.vocab_slice)  # None unless decode steps pack
+
+    def _compile_tiles(self, config: EngineConfig) -> None:
+        """Long steps' per-token work through torch.compile (seqpar.model.compiled), unless nothing
+        here can use it: eager asked for, deterministic GEMMs, or no rank ever gets a full tile."""
+        rows = -(-config.max_num_batched_tokens // config.sp_size)
+        if config.enforce_eager or self.config.enable_deterministic_inference or rows < ROW_TILE:
+            return
+        seconds, why = compile_tiles(self.model)
+        if dist.get_rank() == 0:
+            said = f"compiled in {seconds:.1f} s" if why is None else f"eager: {why}"
+            print(f"seqpar: per-token work of {ROW_TILE}-row tiles {said}", file=sys.stderr)
 
     def step(self, msg: Step) -> StepResult:
         cfg, mesh = self.config, self.mesh

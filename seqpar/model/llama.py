@@ -76,23 +76,33 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    # (pre, post): compiled per-token work of one full tile, set by seqpar.model.compiled.
+    tiles: tuple[Callable, Callable] | None = None
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
-        if x.shape[0] <= ROW_TILE:
+        if x.shape[0] < ROW_TILE:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
             return x + self.mlp(self.post_attention_layernorm(x))
         # Many tokens: everything but attention runs tile by tile, so each tile's activations
         # (the MLP's [rows, intermediate] above all) stay in cache between the ops that use them.
         attn, t = self.self_attn, x.shape[0]
+        pre, post = self.tiles or (None, None)
         q = x.new_empty(t, attn.num_heads, attn.head_dim)
         k = x.new_empty(t, attn.num_kv_heads, attn.head_dim)
         v = torch.empty_like(k)
         for a, b in _tiles(t):
-            q[a:b], k[a:b], v[a:b] = attn.project(self.input_layernorm(x[a:b]), cos[a:b], sin[a:b])
+            if pre is not None and b - a == ROW_TILE:
+                q[a:b], k[a:b], v[a:b] = pre(self, x[a:b], cos[a:b], sin[a:b])
+            else:
+                q[a:b], k[a:b], v[a:b] = attn.project(self.input_layernorm(x[a:b]), cos[a:b], sin[a:b])
         out = attn.attend(q, k, v, attention).reshape(t, -1)
         y = torch.empty_like(x)
         for a, b in _tiles(t):
-            h = x[a:b] + attn.o_proj(out[a:b])
-            y[a:b] = h + self.mlp(self.post_attention_layernorm(h))
+            if post is not None and b - a == ROW_TILE:
+                y[a:b] = post(self, x[a:b], out[a:b])
+            else:
+                h = x[a:b] + attn.o_proj(out[a:b])
+                y[a:b] = h + self.mlp(self.post_attention_layernorm(h))
         return y
 
 

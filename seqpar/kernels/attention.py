@@ -99,39 +99,60 @@ def _attend_pair(
     kr: Run,
     causal: bool,
     scale: float,
-) -> None:
-    """Merge attention of query run `qr` over key run `kr` (k, v head-major) into the accumulators."""
+    fresh: bool = False,
+) -> bool:
+    """Merge attention of query run `qr` over key run `kr` (k, v head-major) into the accumulators.
+
+    `fresh`: nothing was merged into the run's rows yet, so the first block over each row is
+    stored instead of merged. Returns whether any row was written."""
     qs, ks = qr.start, kr.start
     if not causal:
-        o, l = _fused_lse(q[qs : qs + qr.length], k[:, ks : ks + kr.length], v[:, ks : ks + kr.length], False, scale)
-        merge_into(acc_out[qs : qs + qr.length], acc_lse[qs : qs + qr.length], o, l)
-        return
+        rows = slice(qs, qs + qr.length)
+        _store_or_merge(
+            acc_out,
+            acc_lse,
+            rows,
+            *_fused_lse(q[rows], k[:, ks : ks + kr.length], v[:, ks : ks + kr.length], False, scale),
+            fresh,
+        )
+        return True
     m, n = qr.length, kr.length
     stride = kr.stride if m == 1 else qr.stride
     if n > 1 and m > 1 and qr.stride != kr.stride:
         _attend_masked(acc_out, acc_lse, q, k, v, qr, kr, scale)
-        return
+        return True
     c = (qr.pos - kr.pos) // stride
     i0 = max(0, -c)
     n_vis = min(n, m + c)
     if i0 >= m or n_vis <= 0:
-        return  # fully masked: skipped
+        return False  # fully masked: skipped
     d = i0 + c
     if d + 1 >= n_vis:  # every remaining query sees every visible key (a 1x1 square is visible too)
         rows = slice(qs + i0, qs + m)
         o, l = _fused_lse(q[rows], k[:, ks : ks + n_vis], v[:, ks : ks + n_vis], False, scale)
-        merge_into(acc_out[rows], acc_lse[rows], o, l)
-        return
+        _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
+        return True
     sq = n_vis - d  # side of the causal square
     rows = slice(qs + i0, qs + i0 + sq)
     if d > 0:
         o, l = _fused_lse(q[rows], k[:, ks : ks + d], v[:, ks : ks + d], False, scale)
-        merge_into(acc_out[rows], acc_lse[rows], o, l)
+        _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
     o, l = _fused_lse(q[rows], k[:, ks + d : ks + n_vis], v[:, ks + d : ks + n_vis], True, scale)
-    merge_into(acc_out[rows], acc_lse[rows], o, l)
+    _store_or_merge(acc_out, acc_lse, rows, o, l, fresh and d == 0)  # each row sees its diagonal key
     if i0 + sq < m:  # rows below the square see all n_vis keys
         rows = slice(qs + i0 + sq, qs + m)
         o, l = _fused_lse(q[rows], k[:, ks : ks + n_vis], v[:, ks : ks + n_vis], False, scale)
+        _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
+    return True
+
+
+def _store_or_merge(acc_out: Tensor, acc_lse: Tensor, rows: slice, o: Tensor, l: Tensor, fresh: bool) -> None:
+    """Rows nothing was merged into yet take the block's result as it is (a copy, not the merge's
+    five passes); the others merge it."""
+    if fresh:
+        acc_out[rows].copy_(o)
+        acc_lse[rows].copy_(l)
+    else:
         merge_into(acc_out[rows], acc_lse[rows], o, l)
 
 
@@ -219,7 +240,7 @@ def attend_into_head_major(
             continue
         k_runs = k_layout.by_seq.get(seq, ())
         for qr in q_runs:
-            _attend_run(acc_out, acc_lse, q, kh, vh, qr, k_runs, causal, scale)
+            _attend_run(acc_out, acc_lse, q, kh, vh, qr, k_runs, causal, scale, fresh)
 
 
 def _attend_run(
@@ -232,8 +253,10 @@ def _attend_run(
     k_runs: list[Run],
     causal: bool,
     scale: float,
+    fresh: bool = False,
 ) -> None:
-    """Merge attention of query run `qr` over `k_runs` into the accumulators.
+    """Merge attention of query run `qr` over `k_runs` into the accumulators (`fresh`: nothing
+    was merged into the run's rows yet).
 
     Key runs that lie next to each other in K/V and that every query of the run sees whole (all
     of them when not causal; else those ending at or before the run's first position) go to the
@@ -251,10 +274,11 @@ def _attend_run(
             a, b = k_runs[i].start, k_runs[j - 1].start + k_runs[j - 1].length
             rows = slice(qr.start, qr.start + qr.length)
             o, l = _fused_lse(q[rows], kh[:, a:b], vh[:, a:b], False, scale)
-            merge_into(acc_out[rows], acc_lse[rows], o, l)
-            i = j
+            _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
+            fresh, i = False, j
         else:
-            _attend_pair(acc_out, acc_lse, q, kh, vh, qr, k_runs[i], causal, scale)
+            # after the first pair that wrote, every later one merges
+            fresh = not _attend_pair(acc_out, acc_lse, q, kh, vh, qr, k_runs[i], causal, scale, fresh) and fresh
             i += 1
 
 

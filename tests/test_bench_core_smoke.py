@@ -17,8 +17,10 @@ def test_bench_core_runs_every_part(tmp_path, capsys) -> None:
     model = _save(Path(tmp_path / "tiny"), "llama")[1]
     out = tmp_path / "core.json"
     # sizes within the tiny model's 256-token context (--quick's are for the default model); SP 1 holds
-    # ~124 tokens in 0.00003 GiB, so (d)'s prompt of 1.5 times that fits under the context at SP 2
+    # ~124 tokens in 0.00003 GiB, so (d)'s prompt of 1.5 times that fits under the context at SP 2;
+    # (a)-(c) in 0.01 GiB (~40,000 tokens), not the 1 GiB default every rank would zero at start
     sizes = ["--doc-tokens", "100", "--long-tokens", "150", "--chunk", "32", "--capacity-kv-cache-gb", "0.00003"]
+    sizes += ["--kv-cache-gb", "0.01"]
     assert main(["--model", model, "--block-size", "4", *sizes, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())

@@ -7,7 +7,8 @@
 (a) prefix reuse: a document then a second question about it; the second request's time to
     first token against the first's (its document blocks come from the prefix cache).
 (b) chunked prefill: the same long prompt prefilled whole and in `--chunk`-token chunks
-    (time to first token, no prefix caching); both must give the same first token.
+    (time to first token, no prefix caching); both must give the same first token. Its two
+    engines serve (c) too: peak memory is over their life so far.
 (c) a running request's inter-token latency while a long prompt arrives: with chunks of
     `--chunk` tokens each step carries a chunk beside the decode; without chunking one step
     carries the whole prefill. p50 / p99 / max of the gaps, against the chunk step time.
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -92,27 +94,34 @@ def _budget_engine(args: argparse.Namespace, budget: int) -> LLMEngine:
     )
 
 
-def chunked_prefill(args: argparse.Namespace) -> dict[str, Any]:
+def _budget_engines(args: argparse.Namespace, shared: dict[str, LLMEngine]) -> dict[str, LLMEngine]:
+    """(b)'s and (c)'s two engines, "whole" and "chunked", built by whichever part comes first into
+    `shared` (main shuts them down after the last of the two)."""
+    if not shared:
+        for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.chunk)):
+            shared[name] = _budget_engine(args, budget)
+    return shared
+
+
+def _shutdown(shared: dict[str, LLMEngine]) -> None:
+    while shared:
+        shared.popitem()[1].shutdown()
+
+
+def chunked_prefill(args: argparse.Namespace, shared: dict[str, LLMEngine]) -> dict[str, Any]:
     """Both engines live side by side; rounds alternate which goes first; medians."""
-    engines = {
-        name: _budget_engine(args, budget)
-        for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.chunk))
-    }
+    engines = _budget_engines(args, shared)
     runs: dict[str, dict[str, Any]] = {name: {"ttft_s_rounds": []} for name in engines}
-    try:
-        tok, vocab = engines["whole"].tokenizer, engines["whole"].model_config.vocab_size
-        prompt = make_prompt(tok, vocab, args.long_tokens, "text", seed=2)
-        for r in range(args.repeats):
-            for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
-                out = _first_token(engines[name], prompt)
-                runs[name]["ttft_s_rounds"].append(out.metrics["time_to_first_token_s"])
-                runs[name]["token"] = out.outputs[0].token_ids[0]
-        for name, eng in engines.items():
-            runs[name]["ttft_s"] = statistics.median(runs[name]["ttft_s_rounds"])
-            runs[name]["peak_rss_mib"] = _peak_rss_mib(eng)
-    finally:
-        for eng in engines.values():
-            eng.shutdown()
+    tok, vocab = engines["whole"].tokenizer, engines["whole"].model_config.vocab_size
+    prompt = make_prompt(tok, vocab, args.long_tokens, "text", seed=2)
+    for r in range(args.repeats):
+        for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
+            out = _first_token(engines[name], prompt)
+            runs[name]["ttft_s_rounds"].append(out.metrics["time_to_first_token_s"])
+            runs[name]["token"] = out.outputs[0].token_ids[0]
+    for name, eng in engines.items():
+        runs[name]["ttft_s"] = statistics.median(runs[name]["ttft_s_rounds"])
+        runs[name]["peak_rss_mib"] = _peak_rss_mib(eng)
     ratio = runs["chunked"]["ttft_s"] / runs["whole"]["ttft_s"]
     return {
         "prompt_tokens": args.long_tokens,
@@ -126,31 +135,29 @@ def chunked_prefill(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def decode_during_prefill(args: argparse.Namespace) -> dict[str, Any]:
+def decode_during_prefill(args: argparse.Namespace, shared: dict[str, LLMEngine]) -> dict[str, Any]:
     runs = {}
-    for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.chunk)):
-        eng = _budget_engine(args, budget)
-        try:
-            short = eng.add_request(
-                make_prompt(eng.tokenizer, eng.model_config.vocab_size, 64, "text", seed=3),
-                SamplingParams(max_tokens=100_000, **GREEDY),
-            )
-            while short not in eng.step():
-                pass
-            for _ in range(3):
-                eng.step()  # decoding steadily
-            prompt = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.long_tokens, "text", seed=4)
-            long = eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY))
-            stamps, steps, produced = [time.perf_counter()], [], []
-            while long not in produced:  # its one token ends it
-                t0 = time.perf_counter()
-                produced = eng.step()
-                steps.append(time.perf_counter() - t0)
-                if short in produced:
-                    stamps.append(time.perf_counter())
-            eng.abort([short])
-        finally:
-            eng.shutdown()
+    for name, eng in _budget_engines(args, shared).items():
+        short = eng.add_request(
+            make_prompt(eng.tokenizer, eng.model_config.vocab_size, 64, "text", seed=3),
+            SamplingParams(max_tokens=100_000, **GREEDY),
+        )
+        while short not in eng.step():
+            pass
+        for _ in range(3):
+            eng.step()  # decoding steadily
+        prompt = make_prompt(eng.tokenizer, eng.model_config.vocab_size, args.long_tokens, "text", seed=4)
+        long = eng.add_request(prompt, SamplingParams(max_tokens=1, **GREEDY))
+        stamps, steps, produced = [time.perf_counter()], [], []
+        while long not in produced:  # its one token ends it
+            t0 = time.perf_counter()
+            produced = eng.step()
+            steps.append(time.perf_counter() - t0)
+            if short in produced:
+                stamps.append(time.perf_counter())
+        eng.abort([short])
+        for rid in (short, long):  # the engine may serve (b) next
+            eng.forget(rid)
         gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
         runs[name] = {
             "gaps": len(gaps),
@@ -212,17 +219,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    shared: dict[str, LLMEngine] = {}  # (b)'s and (c)'s engines
     parts = {
         "a": ("prefix_reuse", prefix_reuse),
-        "b": ("chunked_prefill", chunked_prefill),
-        "c": ("decode_during_prefill", decode_during_prefill),
+        "b": ("chunked_prefill", functools.partial(chunked_prefill, shared=shared)),
+        "c": ("decode_during_prefill", functools.partial(decode_during_prefill, shared=shared)),
         "d": ("capacity", capacity),
     }
     results: dict[str, Any] = {"args": vars(args)}
-    for key in args.parts.split(","):
-        name, fn = parts[key]
-        results[name] = fn(args)
-        print(summary_line(name, results[name], skip=()), flush=True)
+    keys = args.parts.split(",")
+    try:
+        for i, key in enumerate(keys):
+            name, fn = parts[key]
+            results[name] = fn(args)
+            print(summary_line(name, results[name], skip=()), flush=True)
+            if not {"b", "c"} & set(keys[i + 1 :]):
+                _shutdown(shared)  # no later part needs them
+    finally:
+        _shutdown(shared)
     write_json(args.json, results)
     return 0
 

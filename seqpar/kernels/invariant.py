@@ -14,8 +14,15 @@ Zen 5, fp32 and bf16, 1 and 2 threads):
   ~45 ms against MKL's ~83 ms).
   Weights packed once in oneDNN's blocked layout (`pack`) give the same bits as plain ones, at
   every row count from 2 (a lone row still differs for some shapes, e.g. 1,536 x 576).
-So `linear` runs oneDNN and pads a lone row to two; where oneDNN does not run (fp16 here, or a
-build without it) it falls back to MKL with fewer than `MIN_ROWS` rows padded to `MIN_ROWS`.
+- On an Intel Xeon with AMX (bf16), oneDNN picks its kernel by the row count: calls of 33 to ~400
+  rows give a row other bits than calls of up to 32 (576 x 1,536 and the other SmolLM2 shapes),
+  and no two of 32-, 64-, 128- and 256-row calls agree; but every call of exactly `TILE_ROWS`
+  rows gives a row the same bits wherever it sits among them (fp32 agrees at every count there).
+So `linear` runs oneDNN on row tiles of exactly `TILE_ROWS` rows, the last one padded, which holds
+on both machines: a row's bits come from a call of one shape, always. (At 1,024 rows the tiles
+cost ~1.5x one call there; a decode row padded to 32 costs about what a lone one does.) Where
+oneDNN does not run (fp16 here, or a build without it) it falls back to MKL with fewer than
+`MIN_ROWS` rows padded to `MIN_ROWS`.
 `vocab_slices` cuts a vocabulary in whole `VOCAB_TILE` columns (what MKL needs; oneDNN needs
 two), or not at all when smaller.
 `rows_are_invariant` probes the property for a shape; tests run it on the model's shapes.
@@ -39,6 +46,8 @@ from seqpar.kernels.packed import ONEDNN, pack, packed_linear  # noqa: F401 (pac
 
 # Rows below which MKL's fp32 GEMM may take another path (< 12); padded up to this many.
 MIN_ROWS = 16
+# Rows of every oneDNN call `linear` makes (a multiple of AMX's 16-row tiles).
+TILE_ROWS = 32
 # Columns per vocabulary tile: slices of whole tiles are as wide as one GEMM needs to agree.
 VOCAB_TILE = 1024
 
@@ -53,14 +62,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     m = x.shape[0]
     if not weight.shape[0]:  # an empty vocabulary slice
         return x.new_zeros(m, 0)
-    onednn = _onednn(x.dtype)
-    least = 2 if onednn else MIN_ROWS
-    if m < least:
-        padded = x.new_zeros(least, x.shape[1])
+    if _onednn(x.dtype):
+        padded = x.new_zeros(max(1, -(-m // TILE_ROWS)) * TILE_ROWS, x.shape[1])  # no rows: one tile, sliced away
         padded[:m] = x
-        return linear(padded, weight, bias)[:m]
-    if onednn:
-        return packed_linear(x, weight, bias)  # plain weights too
+        # plain weights too
+        tiles = [packed_linear(padded[a : a + TILE_ROWS], weight, bias) for a in range(0, len(padded), TILE_ROWS)]
+        return (tiles[0] if len(tiles) == 1 else torch.cat(tiles))[:m]
+    if m < MIN_ROWS:
+        padded = x.new_zeros(MIN_ROWS, x.shape[1])
+        padded[:m] = x
+        return F.linear(padded, weight, bias)[:m]
     return F.linear(x, weight, bias)
 
 

@@ -34,8 +34,14 @@ class SwiGLUMLP(nn.Module):
         self.gate_proj: nn.Module = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj: nn.Module = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj: nn.Module = nn.Linear(intermediate_size, hidden_size, bias=False)
+        # gate and up as one layer of their weights stacked, where a copy of the model sets it (the
+        # engine's decode copies: seqpar.engine.parallel): one GEMM reads both.
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate).mul_(up))
         h = self.gate_proj(x)  # [T, I]: activation and product in place, no [T, I] temporaries
         F.silu(h, inplace=True)
         return self.down_proj(h.mul_(self.up_proj(x)))

@@ -44,13 +44,18 @@ class LlamaAttention(nn.Module):
         self.k_proj: nn.Module = nn.Linear(hidden, config.num_kv_heads * d, bias=bias)
         self.v_proj: nn.Module = nn.Linear(hidden, config.num_kv_heads * d, bias=bias)
         self.o_proj: nn.Module = nn.Linear(config.num_heads * d, hidden, bias=config.o_proj_bias)
+        # q, k and v as one layer of their weights stacked, where a copy of the model sets it (the
+        # engine's decode copies: seqpar.engine.parallel): one GEMM reads the three.
+        self.qkv_proj: nn.Module | None = None
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, hidden] -> rotated q [T, Hq, D], rotated k and v [T, Hkv, D]."""
         t, d = x.shape[0], self.head_dim
-        q = self.q_proj(x).view(t, self.num_heads, d)
-        k = self.k_proj(x).view(t, self.num_kv_heads, d)
-        v = self.v_proj(x).view(t, self.num_kv_heads, d)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attention: AttentionFn) -> Tensor:

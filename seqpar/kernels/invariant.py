@@ -63,11 +63,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if not weight.shape[0]:  # an empty vocabulary slice
         return x.new_zeros(m, 0)
     if _onednn(x.dtype):
-        padded = x.new_zeros(max(1, -(-m // TILE_ROWS)) * TILE_ROWS, x.shape[1])  # no rows: one tile, sliced away
-        padded[:m] = x
-        # plain weights too
-        tiles = [packed_linear(padded[a : a + TILE_ROWS], weight, bias) for a in range(0, len(padded), TILE_ROWS)]
-        return (tiles[0] if len(tiles) == 1 else torch.cat(tiles))[:m]
+        whole = m - m % TILE_ROWS
+        x = x.contiguous()
+        # full tiles read x in place; plain weights too
+        tiles = [packed_linear(x[a : a + TILE_ROWS], weight, bias) for a in range(0, whole, TILE_ROWS)]
+        if whole < m or not m:  # the last rows padded to a tile (no rows: one tile, sliced away)
+            last = x.new_zeros(TILE_ROWS, x.shape[1])
+            last[: m - whole] = x[whole:]
+            tiles.append(packed_linear(last, weight, bias)[: m - whole])
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
     if m < MIN_ROWS:
         padded = x.new_zeros(MIN_ROWS, x.shape[1])
         padded[:m] = x

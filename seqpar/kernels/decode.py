@@ -51,6 +51,9 @@ class DecodeBatch:
                 real[i, : lens[b]] = True
             self.buckets.append((torch.tensor(rows), idx.flatten(), real))
         self._masks: dict[torch.dtype, list[Tensor]] = {}
+        # one bucket of every row in order (one sequence; sequences of like lengths): its result is
+        # the output as it is, no accumulators to scatter it into
+        self.whole = len(by_bucket) == 1 and next(iter(by_bucket.values())) == list(range(self.num_rows))
 
     def to(self, device: torch.device) -> DecodeBatch:
         self.buckets = [tuple(t.to(device) for t in b) for b in self.buckets]  # type: ignore[misc]
@@ -76,9 +79,9 @@ class DecodeBatch:
     def attend(self, q: Tensor, kh: Tensor, vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """q [B, Hq, D]; kh, vh [Hkv, S, D] the cache storage (head-major) -> this rank's
         partial out [B, Hq, D] fp32 and lse [B, Hq] fp32 (-inf, 0 for a row that saw no key)."""
-        out, lse = new_accumulators(q)
         b, hq, d = q.shape
         hkv = kh.shape[0]
+        out, lse = (None, None) if self.whole else new_accumulators(q)
         for (rows, idx, real), mask in zip(self.buckets, self._mask(q.dtype)):
             n, lmax = real.shape
             # The g query heads of a KV head are g rows against the same keys: [n, Hkv, g, D].
@@ -88,6 +91,8 @@ class DecodeBatch:
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qb, k, v, 0.0, attn_mask=mask, scale=scale
             )
+            if self.whole:
+                return o.reshape(n, hq, d).float(), l.reshape(n, hq).float()
             out.index_copy_(0, rows, o.reshape(n, hq, d).float())
             lse.index_copy_(0, rows, l.reshape(n, hq).float())
         return out, lse

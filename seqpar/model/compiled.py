@@ -10,7 +10,7 @@ into the GEMMs' neighbours. Decode rows are left eager: compiled code measured n
 Only full tiles (`ROW_TILE` rows) take the compiled path, so exactly one graph per function is
 compiled (static shapes; a step's last, shorter tile runs eager) and every layer reuses it (the
 layer is an input, its weights are not baked in). Inductor caches the compiled code on disk: the
-first start on a machine compiles (~15 s on 2 cores), later ones load it (~2 s).
+first start on a machine compiles (~16 s on 2 cores), later ones load it (~3 s).
 """
 
 from __future__ import annotations

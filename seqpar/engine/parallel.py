@@ -125,8 +125,8 @@ def split_for_decode(
         if packed:
             mlp.gate_up_proj = _stacked([full.gate_proj, full.up_proj], a, b)
         else:
-            mlp.gate_proj = _columns(full.gate_proj, a, b, packed)
-            mlp.up_proj = _columns(full.up_proj, a, b, packed)
+            mlp.gate_proj = _columns(full.gate_proj, a, b, False)
+            mlp.up_proj = _columns(full.up_proj, a, b, False)
         mlp.down_proj = _RowsSummed(full.down_proj, a, b, mesh, exchange, packed)
         return mlp
 

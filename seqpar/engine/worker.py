@@ -128,7 +128,7 @@ class Worker:
         """Long steps' per-token work through torch.compile (seqpar.model.compiled), unless nothing
         here can use it: eager asked for, deterministic GEMMs, or no rank ever gets a full tile."""
         rows = -(-config.max_num_batched_tokens // config.sp_size)
-        if config.enforce_eager or self.config.enable_deterministic_inference or rows < ROW_TILE:
+        if config.enforce_eager or config.enable_deterministic_inference or rows < ROW_TILE:
             return
         seconds, why = compile_tiles(self.model)
         if dist.get_rank() == 0:

@@ -108,13 +108,8 @@ def _attend_pair(
     qs, ks = qr.start, kr.start
     if not causal:
         rows = slice(qs, qs + qr.length)
-        _store_or_merge(
-            acc_out,
-            acc_lse,
-            rows,
-            *_fused_lse(q[rows], k[:, ks : ks + kr.length], v[:, ks : ks + kr.length], False, scale),
-            fresh,
-        )
+        o, l = _fused_lse(q[rows], k[:, ks : ks + kr.length], v[:, ks : ks + kr.length], False, scale)
+        _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
         return True
     m, n = qr.length, kr.length
     stride = kr.stride if m == 1 else qr.stride
@@ -232,11 +227,7 @@ def attend_into_head_major(
             # causal mask is exactly column <= row, one kernel call for all the runs.
             a, b = span
             o, l = _fused_lse(q[a:b], kh[:, a:b], vh[:, a:b], True, scale)
-            if fresh:  # nothing to merge with: every row sees at least itself
-                acc_out[a:b].copy_(o)
-                acc_lse[a:b].copy_(l)
-            else:
-                merge_into(acc_out[a:b], acc_lse[a:b], o, l)
+            _store_or_merge(acc_out, acc_lse, slice(a, b), o, l, fresh)  # every row sees at least itself
             continue
         k_runs = k_layout.by_seq.get(seq, ())
         for qr in q_runs:
@@ -277,8 +268,8 @@ def _attend_run(
             _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
             fresh, i = False, j
         else:
-            # after the first pair that wrote, every later one merges
-            fresh = not _attend_pair(acc_out, acc_lse, q, kh, vh, qr, k_runs[i], causal, scale, fresh) and fresh
+            wrote = _attend_pair(acc_out, acc_lse, q, kh, vh, qr, k_runs[i], causal, scale, fresh)
+            fresh = fresh and not wrote  # after the first pair that wrote, every later one merges
             i += 1
 
 

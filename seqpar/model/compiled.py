@@ -19,19 +19,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from seqpar.model.layers import RMSNorm, SwiGLUMLP
-from seqpar.model.llama import ROW_TILE, LlamaDecoderLayer, LlamaForCausalLM
-
-
-def _pre(layer: LlamaDecoderLayer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return layer.self_attn.project(layer.input_layernorm(x), cos, sin)
-
-
-def _post(layer: LlamaDecoderLayer, x: Tensor, attn_out: Tensor) -> Tensor:
-    h = x + layer.self_attn.o_proj(attn_out)
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+from seqpar.model.llama import ROW_TILE, LlamaDecoderLayer, LlamaForCausalLM, tile_post, tile_pre
 
 
 def _plain(layer: nn.Module) -> bool:
@@ -67,8 +58,8 @@ def compile_tiles(model: LlamaForCausalLM) -> tuple[float | None, str | None]:
     why = why_eager(model)
     if why is not None:
         return None, why
-    pre = torch.compile(_pre, dynamic=False)
-    post = torch.compile(_post, dynamic=False)
+    pre = torch.compile(tile_pre, dynamic=False)
+    post = torch.compile(tile_post, dynamic=False)
     layer = model.model.layers[0]
     x = torch.zeros(ROW_TILE, model.config.hidden_size, dtype=model.model.embed_tokens.weight.dtype)
     start = time.perf_counter()

@@ -81,7 +81,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    # (pre, post): compiled per-token work of one full tile, set by seqpar.model.compiled.
+    # (tile_pre, tile_post) compiled, for full tiles: set by seqpar.model.compiled.
     tiles: tuple[Callable, Callable] | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
@@ -91,24 +91,30 @@ class LlamaDecoderLayer(nn.Module):
         # Many tokens: everything but attention runs tile by tile, so each tile's activations
         # (the MLP's [rows, intermediate] above all) stay in cache between the ops that use them.
         attn, t = self.self_attn, x.shape[0]
-        pre, post = self.tiles or (None, None)
+        compiled = self.tiles or (tile_pre, tile_post)
         q = x.new_empty(t, attn.num_heads, attn.head_dim)
         k = x.new_empty(t, attn.num_kv_heads, attn.head_dim)
         v = torch.empty_like(k)
         for a, b in _tiles(t):
-            if pre is not None and b - a == ROW_TILE:
-                q[a:b], k[a:b], v[a:b] = pre(self, x[a:b], cos[a:b], sin[a:b])
-            else:
-                q[a:b], k[a:b], v[a:b] = attn.project(self.input_layernorm(x[a:b]), cos[a:b], sin[a:b])
+            pre = compiled[0] if b - a == ROW_TILE else tile_pre  # compiled for full tiles only
+            q[a:b], k[a:b], v[a:b] = pre(self, x[a:b], cos[a:b], sin[a:b])
         out = attn.attend(q, k, v, attention).reshape(t, -1)
         y = torch.empty_like(x)
         for a, b in _tiles(t):
-            if post is not None and b - a == ROW_TILE:
-                y[a:b] = post(self, x[a:b], out[a:b])
-            else:
-                h = x[a:b] + attn.o_proj(out[a:b])
-                y[a:b] = h + self.mlp(self.post_attention_layernorm(h))
+            post = compiled[1] if b - a == ROW_TILE else tile_post
+            y[a:b] = post(self, x[a:b], out[a:b])
         return y
+
+
+def tile_pre(layer: LlamaDecoderLayer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A tile's work before attention: rotated q, k and v of its rows."""
+    return layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+
+
+def tile_post(layer: LlamaDecoderLayer, x: Tensor, attn_out: Tensor) -> Tensor:
+    """A tile's work after attention: o_proj, the residual adds and the MLP."""
+    h = x + layer.self_attn.o_proj(attn_out)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 # Rows per tile of the per-token work (projections, norms, RoPE, MLP) in a long step: a tile's

@@ -18,11 +18,16 @@ Zen 5, fp32 and bf16, 1 and 2 threads):
   rows give a row other bits than calls of up to 32 (576 x 1,536 and the other SmolLM2 shapes),
   and no two of 32-, 64-, 128- and 256-row calls agree; but every call of exactly `TILE_ROWS`
   rows gives a row the same bits wherever it sits among them (fp32 agrees at every count there).
-So `linear` runs oneDNN on row tiles of exactly `TILE_ROWS` rows, the last one padded, which holds
-on both machines: a row's bits come from a call of one shape, always. (At 1,024 rows the tiles
-cost ~1.5x one call there; a decode row padded to 32 costs about what a lone one does.) Where
-oneDNN does not run (fp16 here, or a build without it) it falls back to MKL with fewer than
-`MIN_ROWS` rows padded to `MIN_ROWS`.
+- AMD EPYC Zen 4 (family 25 model 17, avx512_bf16, no AMX): bf16 agrees at every count from 1 to
+  1,100 rows, fp32 from 2 (SmolLM2's shapes and 576 x 4,096, plain and packed, 1 and 2 threads).
+So which calls `linear` makes is probed on this CPU, per dtype (`call_rows`, once per CPU model,
+cached on disk): where calls of any row count agree, one call of up to `MAX_CALL_ROWS` rows (a
+lone row padded to `MIN_CALL_ROWS`); where they do not (AMX), calls of exactly `TILE_ROWS` rows,
+the last one padded, which hold on every machine tried. A row's bits then come from calls that
+agree, always. (At 1,024 rows 32-row tiles cost ~1.5x one call on AMX, and a decode row padded to
+32 what a lone one does there; on a CPU without AMX a 32-row call costs a decode row several
+times a lone one's time, so it pays to probe.) Where oneDNN does not run (fp16 here, or a build
+without it) it falls back to MKL with fewer than `MIN_ROWS` rows padded to `MIN_ROWS`.
 `vocab_slices` cuts a vocabulary in whole `VOCAB_TILE` columns (what MKL needs; oneDNN needs
 two), or not at all when smaller.
 `rows_are_invariant` probes the property for a shape; tests run it on the model's shapes.
@@ -43,35 +48,74 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqpar.kernels.packed import ONEDNN, pack, packed_linear  # noqa: F401 (pack: what `linear` reads fastest)
+from seqpar.kernels.precision import per_cpu
 
 # Rows below which MKL's fp32 GEMM may take another path (< 12); padded up to this many.
 MIN_ROWS = 16
-# Rows of every oneDNN call `linear` makes (a multiple of AMX's 16-row tiles).
+# Rows of every oneDNN call `linear` makes where the kernel changes with the row count (a
+# multiple of AMX's 16-row tiles).
 TILE_ROWS = 32
+# Elsewhere: calls of at most this many rows (the model's row tile, seqpar.model.llama.ROW_TILE,
+# so a prefill's calls are one per tile), at least this many (a lone row is a GEMV: other bits).
+MAX_CALL_ROWS = 1024
+MIN_CALL_ROWS = 2
 # Columns per vocabulary tile: slices of whole tiles are as wide as one GEMM needs to agree.
 VOCAB_TILE = 1024
+# What `call_rows` probes: narrow (the tiny test models') and SmolLM2's MLP shapes, [k, n].
+PROBE_SHAPES = ((48, 80), (576, 1536), (1536, 576))
+PROBE_ROWS = (1, 2, 3, 5, 9, 12, 16, 17, 33, 64, 100, 257, 400, MAX_CALL_ROWS)
+_call_rows: dict[torch.dtype, int] = {}
 
 
 def _onednn(dtype: torch.dtype) -> bool:
     return ONEDNN and dtype in (torch.float32, torch.bfloat16)  # fp16 needs AVX512-FP16
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def call_rows(dtype: torch.dtype) -> int:
+    """Rows of each oneDNN call `linear` makes in `dtype` on this CPU: `TILE_ROWS` where a row's
+    bits change with the call's row count, else 0 (calls of any count agree). Probed on
+    `PROBE_SHAPES` at one thread and at the caller's count (~0.1-0.5 s), once per CPU model; the
+    engine asks at model set-up, at the rank's thread count (`make_row_invariant`)."""
+    if dtype not in _call_rows:  # one answer per process: every call of a dtype alike
+
+        def probe() -> float:
+            agree = all(rows_are_invariant(k, n, dtype, PROBE_ROWS, 0, packed_only=True) for k, n in PROBE_SHAPES)
+            return 0 if agree else TILE_ROWS
+
+        threads = torch.get_num_threads()
+        _call_rows[dtype] = int(per_cpu(f"invariant call rows, {dtype}, 1 and {threads} threads", probe))
+    return _call_rows[dtype]
+
+
+def _onednn_calls(x: Tensor, weight: Tensor, bias: Tensor | None, tile: int) -> Tensor:
+    """x @ weight.T in oneDNN calls of exactly `tile` rows, the last padded (tile 0: calls of
+    `MAX_CALL_ROWS` rows and the rest, padded to at least `MIN_CALL_ROWS`); full calls read x in
+    place."""
+    m = x.shape[0]
+    size = tile or MAX_CALL_ROWS
+    whole = m - m % size
+    x = x.contiguous()
+    outs = [packed_linear(x[a : a + size], weight, bias) for a in range(0, whole, size)]
+    rest = m - whole
+    if rest or not m:  # no rows: one padded call, sliced away
+        fill = tile or max(rest, MIN_CALL_ROWS)
+        if fill == rest:
+            outs.append(packed_linear(x[whole:], weight, bias))
+        else:
+            last = x.new_zeros(fill, x.shape[1])
+            last[:rest] = x[whole:]
+            outs.append(packed_linear(last, weight, bias)[:rest])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: int | None = None) -> Tensor:
     """F.linear whose every row is the same whatever the rows around it: x [M, K] -> [M, N];
-    `weight` plain or from `pack`."""
+    `weight` plain or from `pack`; `tile`: rows per oneDNN call (None: `call_rows`' choice)."""
     m = x.shape[0]
     if not weight.shape[0]:  # an empty vocabulary slice
         return x.new_zeros(m, 0)
     if _onednn(x.dtype):
-        whole = m - m % TILE_ROWS
-        x = x.contiguous()
-        # full tiles read x in place; plain weights too
-        tiles = [packed_linear(x[a : a + TILE_ROWS], weight, bias) for a in range(0, whole, TILE_ROWS)]
-        if whole < m or not m:  # the last rows padded to a tile (no rows: one tile, sliced away)
-            last = x.new_zeros(TILE_ROWS, x.shape[1])
-            last[: m - whole] = x[whole:]
-            tiles.append(packed_linear(last, weight, bias)[: m - whole])
-        return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+        return _onednn_calls(x, weight, bias, call_rows(x.dtype) if tile is None else tile)
     if m < MIN_ROWS:
         padded = x.new_zeros(MIN_ROWS, x.shape[1])
         padded[:m] = x
@@ -106,21 +150,29 @@ def vocab_slices(vocab: int, world: int) -> list[slice]:
 
 
 def rows_are_invariant(
-    k: int, n: int, dtype: torch.dtype, rows: tuple[int, ...] = (1, 2, 3, 5, 9, 12, 16, 17, 33, 64, 100)
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    rows: tuple[int, ...] = (1, 2, 3, 5, 9, 12, 16, 17, 33, 64, 100, 257, 400),
+    tile: int | None = None,
+    packed_only: bool = False,
 ) -> bool:
-    """Whether `linear` gives every row the same bits at these row counts, on one thread and on
-    the caller's, with the weight plain or packed (shape [*, k] @ [k, n])."""
+    """Whether `linear` (its calls of `tile` rows; None: `call_rows`' choice) gives every row the
+    same bits at these row counts, near the start and at the end of the rows, on one thread and
+    on the caller's, with the weight plain or packed (shape [*, k] @ [k, n])."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=gen).to(dtype)
     x = torch.randn(max(rows) + 7, k, generator=gen).to(dtype)
-    full = linear(x, w)
     threads = torch.get_num_threads()
     try:
         for t in sorted({1, threads}):
             torch.set_num_threads(t)
-            for weight in (w, pack(w)):
-                if not all(torch.equal(linear(x[3 : 3 + m], weight), full[3 : 3 + m]) for m in rows):
-                    return False
+            for weight in (pack(w),) if packed_only else (w, pack(w)):
+                full = linear(x, weight, tile=tile)
+                for m in rows:
+                    for at in {3, x.shape[0] - m}:
+                        if not torch.equal(linear(x[at : at + m], weight, tile=tile), full[at : at + m]):
+                            return False
     finally:
         torch.set_num_threads(threads)
     return True

@@ -34,7 +34,7 @@ _FAST_FLAG = {torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}
 MIN_SPEEDUP = 1.25
 # The measured GEMM: 512 rows of SmolLM2's gate projection (hidden 576 -> 1536).
 _SHAPE = (512, 576, 1536)
-_memo: dict[torch.dtype, float] = {}
+_memo: dict[str, float] = {}
 
 
 def cpu_flags() -> set[str]:
@@ -82,19 +82,19 @@ def _cache_file() -> Path:
     return root / "precision.json"
 
 
-def measured_speedup(dtype: torch.dtype) -> float:
-    """fp32 GEMM time over `dtype` GEMM time on this CPU (>1: the half type is faster).
-    Measured once per CPU model; kept in this process and in the cache folder."""
-    if dtype in _memo:
-        return _memo[dtype]
+def per_cpu(name: str, compute: Callable[[], float]) -> float:
+    """`compute()` once per CPU model and torch version, kept under `name` in this process and in
+    the cache folder (what a measurement or probe of this machine found)."""
+    if name in _memo:
+        return _memo[name]
     file, key = _cache_file(), cpu_key()
     try:
         table = json.loads(file.read_text())
     except (OSError, ValueError):
         table = {}
     entry = table.get(key, {})
-    if str(dtype) not in entry:
-        entry[str(dtype)] = round(_gemm_seconds(torch.float32) / _gemm_seconds(dtype), 3)
+    if name not in entry:
+        entry[name] = compute()
         table[key] = entry
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +103,14 @@ def measured_speedup(dtype: torch.dtype) -> float:
             tmp.replace(file)  # whole or not at all: ranks may measure at once
         except OSError:
             pass  # not writable: measured again next process
-    _memo[dtype] = float(entry[str(dtype)])
-    return _memo[dtype]
+    _memo[name] = float(entry[name])
+    return _memo[name]
+
+
+def measured_speedup(dtype: torch.dtype) -> float:
+    """fp32 GEMM time over `dtype` GEMM time on this CPU (>1: the half type is faster).
+    Measured once per CPU model; kept in this process and in the cache folder."""
+    return per_cpu(str(dtype), lambda: round(_gemm_seconds(torch.float32) / _gemm_seconds(dtype), 3))
 
 
 def choose_dtype(

@@ -38,6 +38,7 @@ class InvariantSwiGLU(SwiGLUMLP):
 def make_row_invariant(model: LlamaForCausalLM) -> LlamaForCausalLM:
     """Rewrite `model` in place (same weights) so that a token's hidden states are the same bits
     whatever rows share its step; returns it."""
+    invariant.call_rows(model.model.embed_tokens.weight.dtype)  # probed now, at the rank's threads
     for layer in model.model.layers:
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):

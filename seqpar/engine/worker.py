@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import pickle
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -48,24 +46,6 @@ from seqpar.strategies.over_cache import attention_over_cache, kv_exchange_bytes
 # Step results up to this size (pickled) reach rank 0 through shared memory; larger ones
 # (big batches, prompt logprobs) through the process group.
 _RESULT_BYTES = 1 << 20
-
-
-# Deterministic steps with fewer rows run on one thread (decode steps, short chunks).
-ONE_THREAD_ROWS = 32
-
-
-@contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to n (None: as they are) for the block."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Worker:
@@ -144,13 +124,17 @@ class Worker:
         num_layers = self.model.config.num_layers
         # CPU: every decode row in one flash call per length bucket (kernels/decode.py), the
         # gather index and masks built once for all layers.
-        batch = DecodeBatch(plan.decode_slots, self.decode_workspace) if nd and self.device.type == "cpu" else None
+        batch = units = None
+        if nd and self.deterministic:
+            units = self._decode_units(plan)  # the same for every layer
+        elif nd and self.device.type == "cpu":
+            batch = DecodeBatch(plan.decode_slots, self.decode_workspace)
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
             kh, vh = self.cache.storage(layer)  # read in place through slot runs
             if self.deterministic:
-                return self._canonical_attention(q, kh, vh, plan)
+                return self._canonical_attention(q, kh, vh, plan, units)
             outs = []
             if nd:
                 if batch is not None:
@@ -175,12 +159,7 @@ class Worker:
         # Decode-only steps with the MLP split over the SP ranks (parallel.py); attention as ever.
         model = self.sharded.decode_model if not plan.prefill and self.sharded.decode_model is not None else self.model
         result = StepResult()
-        # Deterministic steps of few rows on one thread: results are the same at any thread count,
-        # and a second thread only waits on a busy core for GEMMs of a few rows (measured ~10x
-        # slower than one thread on this 2-core machine under load; MKL's GEMV, which the mode's
-        # padded rows replace, runs on one thread anyway).
-        few = self.deterministic and len(plan.ids) < ONE_THREAD_ROWS
-        with torch.inference_mode(), threads(1 if few else None):
+        with torch.inference_mode():
             hidden = model(torch.tensor(plan.ids, dtype=torch.long, device=self.device), plan.positions, attention)
             if self.reports:
                 if nd:  # this rank's vocabulary slice, for every decode row
@@ -206,26 +185,13 @@ class Worker:
             return det.logits(self.model, hidden, vocab)
         return self.model.compute_logits(hidden, vocab, head)
 
-    def _canonical_attention(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan) -> Tensor:
-        """Deterministic inference: every row in the canonical order (seqpar.strategies.canonical)."""
+    def _canonical_attention(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan, units) -> Tensor:
+        """Deterministic inference: every row in the canonical order (seqpar.strategies.canonical);
+        `units`: the step's `canonical.DecodeUnits` (None without decode rows)."""
         nd, outs = len(plan.decode), []
         pl = self.placement
         if nd:
-            seqs = [(s.start, s.blocks) for s in plan.decode]
-            owner = lambda u: pl.owner(u * pl.shard_blocks)  # noqa: E731
-            out = canonical.decode(
-                q[:nd],
-                seqs,
-                kh,
-                vh,
-                owner,
-                pl.block_size,
-                pl.shard_blocks,
-                self.mesh.sp_group,
-                self.scale,
-                self.exchange,
-            )
-            outs.append(out.to(q.dtype))
+            outs.append(units(q[:nd], kh, vh).to(q.dtype))
         if plan.prefill:
             rows = [(s.start + len(s.token_ids), pos) for s, pos in plan.prefill_rows]
             out = canonical.prefill(
@@ -233,6 +199,18 @@ class Worker:
             )
             outs.append(out.to(q.dtype))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _decode_units(self, plan: StepPlan) -> canonical.DecodeUnits:
+        pl = self.placement
+        return canonical.DecodeUnits(
+            [(s.start, s.blocks) for s in plan.decode],
+            lambda u: pl.owner(u * pl.shard_blocks),
+            pl.block_size,
+            pl.shard_blocks,
+            self.mesh.sp_group,
+            self.scale,
+            self.exchange,
+        )
 
     def _decode_partial(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor]:
         """This rank's (out, lse) of the decode rows q [B, Hq, D] over its cached keys (all visible):

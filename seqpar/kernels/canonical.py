@@ -76,22 +76,32 @@ def _call(q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor | None, scale: float) -
     return o, lse[0, :, : g * n].reshape(hq, n).transpose(0, 1).float()
 
 
+def unit_mask(vis: Tensor, unit: int, hkv: int, g: int, dtype: torch.dtype) -> Tensor | None:
+    """The additive mask `unit_partials` gives the kernel for rows seeing keys [0, vis[i]) of
+    their unit: [P, 1, rows, unit], or None when every row sees the whole unit."""
+    if not bool((vis < unit).any()):
+        return None
+    mask = torch.zeros(vis.shape[0], 1, padded_rows(g, vis.shape[0] * hkv), unit, dtype=dtype, device=vis.device)
+    cols = torch.arange(unit, device=vis.device)
+    return mask.masked_fill_((cols.unsqueeze(0) >= vis.unsqueeze(1))[:, None, None], float("-inf"))
+
+
 @traced(KERNEL)
-def unit_partials(q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def unit_partials(
+    q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor, scale: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One query row per unit, all in one flash call (a decode step's units, the units as the
     batch): row i of q [P, Hq, D] over unit i of kh, vh [P, Hkv, U, D], seeing its keys
-    [0, vis[i]). -> o [P, Hq, D] fp32, lse [P, Hq] fp32, each row the bits `_call` gives it."""
+    [0, vis[i]) (`mask`: `unit_mask` of vis, when the caller keeps it across layers).
+    -> o [P, Hq, D] fp32, lse [P, Hq] fp32, each row the bits `_call` gives it."""
     p, hq, d = q.shape
     hkv, u = kh.shape[1], kh.shape[2]
     g = hq // hkv
     rows = padded_rows(g, p * hkv)
     qp = q.new_zeros(p, hkv, rows, d)
     qp[:, :, :g] = q.view(p, hkv, g, d)  # query head h = KV head h // g, row h % g
-    mask = None
-    if bool((vis < u).any()):
-        mask = q.new_zeros(p, 1, rows, u)
-        cols = torch.arange(u, device=q.device)
-        mask.masked_fill_((cols.unsqueeze(0) >= vis.unsqueeze(1))[:, None, None], float("-inf"))
+    if mask is None:
+        mask = unit_mask(vis, u, hkv, g, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kh, vh, 0.0, attn_mask=mask, scale=scale)
     return out[:, :, :g].reshape(p, hq, d).float(), lse[:, :, :g].reshape(p, hq).float()
 

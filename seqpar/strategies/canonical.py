@@ -9,9 +9,10 @@ any size, alone or in a batch, from a cached prefix or not.
   all-gather's traffic; on one host through shared memory, as pass-KV does), then computes its
   own rows over the units in order. pass-Q would have to return one partial per unit and query
   instead of one per rank; here every strategy moves K/V alike.
-- Decode rows: each rank computes the partials of the units it holds, writes them in a table
-  [units, B, Hq, D + 1] (other units: lse -inf), the tables are gathered (shared memory on one
-  host), each unit is taken from its owner, and every rank merges them in order. The merge modes
+- Decode rows (`DecodeUnits`, worked out once per step): each rank computes the partials of the
+  units it holds, writes them in a table [units, B, Hq, D + 1] (other units: lse -inf), the
+  tables are gathered (shared memory on one host), each unit is taken from its owner, and every
+  rank merges them in order. The merge modes
   (allgather, alltoall, tree) all come down to that gather here: a sum over ranks is an order.
 """
 
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from seqpar.comm.collectives import all_gather_uneven, group_rank, group_size
 from seqpar.comm.shm import HostExchange
-from seqpar.kernels.canonical import OrderedMerge, attend_unit, merge_in_order, unit_partials
+from seqpar.kernels.canonical import OrderedMerge, attend_unit, merge_in_order, unit_mask, unit_partials
 from seqpar.strategies.decode import gather_parts
 from seqpar.strategies.over_cache import CachedKeys, kv_message_shapes, pack
 
@@ -91,71 +92,89 @@ def prefill(
     return merge.result()
 
 
-def _cache_units(kh: Tensor, vh: Tensor, tables: list[list[int]], block_size: int, unit: int) -> tuple[Tensor, Tensor]:
-    """Units' keys [P, Hkv, unit, D] from the paged storage, tables[i] unit i's blocks: a view in
-    place when every unit's blocks are consecutive and the units evenly spaced (a sequence's
-    units as allocated), else gathered (a short unit's missing slots: block 0's, masked)."""
-    starts = [blocks[0] * block_size for blocks in tables]
-    step = starts[1] - starts[0] if len(starts) > 1 else unit
-    in_place = step > 0 and starts[-1] + unit <= kh.shape[1]
-    in_place = in_place and all(s == starts[0] + i * step for i, s in enumerate(starts))
-    in_place = in_place and all(b == blocks[0] + i for blocks in tables for i, b in enumerate(blocks))
-    if in_place:
-        hkv, d = kh.shape[0], kh.shape[2]
-        views = []
-        for x in (kh, vh):
-            size, stride = (len(tables), hkv, unit, d), (step * x.stride(1), x.stride(0), x.stride(1), x.stride(2))
-            views.append(x.as_strided(size, stride, x.storage_offset() + starts[0] * x.stride(1)))
-        return views[0], views[1]
-    # Every unit's blocks padded with block 0 (masked) to a whole unit, expanded to slots in one go
-    # (a unit's slots by arange per block cost ~2,000 small ops per step at 1K context).
-    per_unit = -(-unit // block_size)
-    padded = torch.tensor([blocks + [0] * (per_unit - len(blocks)) for blocks in tables], dtype=torch.long)
-    idx = (padded[:, :, None] * block_size + torch.arange(block_size)).view(len(tables), -1)[:, :unit]
-    idx = idx.flatten().to(kh.device)
-    p, hkv, d = len(tables), kh.shape[0], kh.shape[2]
-    return tuple(x.index_select(1, idx).view(hkv, p, unit, d).transpose(0, 1) for x in (kh, vh))  # type: ignore[return-value]
-
-
-def decode(
-    q: Tensor,
-    seqs: list[tuple[int, list[int]]],
-    kh: Tensor,
-    vh: Tensor,
-    owner: Callable[[int], int],
-    block_size: int,
-    unit_blocks: int,
-    group: dist.ProcessGroup | None,
-    scale: float,
-    exchange: HostExchange | None = None,
-) -> Tensor:
-    """Decode rows q [B, Hq, D] (every rank) -> out [B, Hq, D] fp32, the same on every rank.
+class DecodeUnits:
+    """A decode step's deterministic attention, worked out once for all its layers.
 
     seqs[j]: (the new token's position p, the block table); keys [0, p] are cached, unit u on
-    rank owner(u). This rank's units of every row go through one flash call (`unit_partials`).
-    """
-    b, hq, d = q.shape
-    unit = block_size * unit_blocks
-    me, world = group_rank(group), group_size(group)
-    n_units = max(p // unit + 1 for p, _ in seqs)
-    table = torch.zeros(n_units, b, hq, d + 1, dtype=torch.float32, device=q.device)
-    table[..., d] = float("-inf")
-    rows, units, vis, tables = [], [], [], []
-    for j, (p, blocks) in enumerate(seqs):
-        for u in range(p // unit + 1):
-            if owner(u) == me:
-                n_keys = min(unit, p + 1 - u * unit)
-                rows.append(j)
-                units.append(u)
-                vis.append(n_keys)
-                tables.append(blocks[u * unit_blocks : u * unit_blocks + -(-n_keys // block_size)])
-    if rows:
-        k_u, v_u = _cache_units(kh, vh, tables, block_size, unit)
-        o, lse = unit_partials(q[rows], k_u, v_u, torch.tensor(vis, device=q.device), scale)
-        table[units, rows, :, :d] = o
-        table[units, rows, :, d] = lse
-    if world > 1:
-        parts = gather_parts(table, group, exchange)  # [W, units, B, Hq, D + 1]
-        owners = torch.tensor([owner(u) for u in range(n_units)], device=q.device)
-        table = parts[owners, torch.arange(n_units, device=q.device)]
-    return merge_in_order(table[..., :d], table[..., d])
+    rank owner(u). This rank's units of every row go through one flash call per layer
+    (`unit_partials`); which (row, unit) pairs those are, their keys' places in the cache, the
+    mask and the owners are the same in every layer, so they are found here once."""
+
+    def __init__(
+        self,
+        seqs: list[tuple[int, list[int]]],
+        owner: Callable[[int], int],
+        block_size: int,
+        unit_blocks: int,
+        group: dist.ProcessGroup | None,
+        scale: float,
+        exchange: HostExchange | None = None,
+    ) -> None:
+        self.unit = unit = block_size * unit_blocks
+        self.block_size, self.group, self.scale, self.exchange = block_size, group, scale, exchange
+        me, self.world = group_rank(group), group_size(group)
+        self.b, self.n_units = len(seqs), max(p // unit + 1 for p, _ in seqs)
+        rows, units, vis, tables = [], [], [], []
+        for j, (p, blocks) in enumerate(seqs):
+            for u in range(p // unit + 1):
+                if owner(u) == me:
+                    n_keys = min(unit, p + 1 - u * unit)
+                    rows.append(j)
+                    units.append(u)
+                    vis.append(n_keys)
+                    tables.append(blocks[u * unit_blocks : u * unit_blocks + -(-n_keys // block_size)])
+        self.rows, self.units, self.tables = rows, units, tables
+        self.vis = torch.tensor(vis, dtype=torch.long)
+        self.owners = [owner(u) for u in range(self.n_units)]
+        self._keys: tuple | None = None  # (in place: (start, step)) or the slots to gather, at the first layer
+        self._mask: dict[tuple, Tensor | None] = {}
+
+    def _unit_keys(self, kh: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's units' keys [P, Hkv, unit, D] from the paged storage: a view in place when
+        every unit's blocks are consecutive and the units evenly spaced (a sequence's units as
+        allocated), else gathered (a short unit's missing slots: block 0's, masked)."""
+        unit, bs, tables = self.unit, self.block_size, self.tables
+        if self._keys is None:
+            starts = [blocks[0] * bs for blocks in tables]
+            step = starts[1] - starts[0] if len(starts) > 1 else unit
+            in_place = step > 0 and starts[-1] + unit <= kh.shape[1]
+            in_place = in_place and all(s == starts[0] + i * step for i, s in enumerate(starts))
+            in_place = in_place and all(b == blocks[0] + i for blocks in tables for i, b in enumerate(blocks))
+            if in_place:
+                self._keys = ("view", starts[0], step)
+            else:
+                # Every unit's blocks padded with block 0 (masked) to a whole unit, expanded to slots.
+                per_unit = -(-unit // bs)
+                padded = torch.tensor([blocks + [0] * (per_unit - len(blocks)) for blocks in tables], dtype=torch.long)
+                idx = (padded[:, :, None] * bs + torch.arange(bs)).view(len(tables), -1)[:, :unit]
+                self._keys = ("gather", idx.flatten().to(kh.device))
+        p, hkv, d = len(tables), kh.shape[0], kh.shape[2]
+        if self._keys[0] == "view":
+            _, start, step = self._keys
+            views = []
+            for x in (kh, vh):
+                size, stride = (p, hkv, unit, d), (step * x.stride(1), x.stride(0), x.stride(1), x.stride(2))
+                views.append(x.as_strided(size, stride, x.storage_offset() + start * x.stride(1)))
+            return views[0], views[1]
+        idx = self._keys[1]
+        return tuple(x.index_select(1, idx).view(hkv, p, unit, d).transpose(0, 1) for x in (kh, vh))  # type: ignore[return-value]
+
+    def __call__(self, q: Tensor, kh: Tensor, vh: Tensor) -> Tensor:
+        """Decode rows q [B, Hq, D] (every rank) over one layer's cache kh, vh -> out [B, Hq, D]
+        fp32, the same on every rank."""
+        b, hq, d = q.shape
+        table = torch.zeros(self.n_units, b, hq, d + 1, dtype=torch.float32, device=q.device)
+        table[..., d] = float("-inf")
+        if self.rows:
+            k_u, v_u = self._unit_keys(kh, vh)
+            vis = self.vis.to(q.device)
+            key = (q.dtype, q.device, hq)
+            if key not in self._mask:
+                self._mask[key] = unit_mask(vis, self.unit, kh.shape[0], hq // kh.shape[0], q.dtype)
+            o, lse = unit_partials(q[self.rows], k_u, v_u, vis, self.scale, self._mask[key])
+            table[self.units, self.rows, :, :d] = o
+            table[self.units, self.rows, :, d] = lse
+        if self.world > 1:
+            parts = gather_parts(table, self.group, self.exchange)  # [W, units, B, Hq, D + 1]
+            table = parts[self.owners, torch.arange(self.n_units, device=q.device)]
+        return merge_in_order(table[..., :d], table[..., d])

@@ -149,6 +149,7 @@ def test_decode_batch_one_call_per_bucket_matches_reference(dtype, atol) -> None
     slots = [torch.randperm(500, generator=gen)[:n] for n in (37, 0, 200, 1, 50)]
     batch = DecodeBatch(slots)
     assert len(batch.buckets) == 3  # 37 and 50 share one (same power of two); no call for 0 keys
+    assert batch.in_place[:2] == [None, None]  # scattered slots gathered (the one-key row: in place)
     out, lse = batch.attend(q, kh, vh, 8**-0.5)
     assert out.dtype == lse.dtype == torch.float32
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()  # no key on this rank: merges ignore it
@@ -159,3 +160,28 @@ def test_decode_batch_one_call_per_bucket_matches_reference(dtype, atol) -> None
             )
             assert torch.allclose(out[b], want[0].float(), atol=atol, rtol=0)
             assert torch.allclose(lse[b], want_lse[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_decode_batch_reads_consecutive_slots_in_place(dtype, atol) -> None:
+    """One sequence's slots as allocated (consecutive), and two evenly spaced sequences of one
+    length: the kernel reads the storage as a strided view, no gather, with the gather's result."""
+    from seqpar.kernels.attention import reference_block
+    from seqpar.kernels.decode import DecodeBatch
+
+    gen = torch.Generator().manual_seed(1)
+    kh, vh = (torch.randn(3, 500, 8, generator=gen).to(dtype) for _ in range(2))
+    for slots in ([torch.arange(100, 300)], [torch.arange(0, 64), torch.arange(128, 192)]):
+        q = torch.randn(len(slots), 6, 8, generator=gen).to(dtype)
+        batch = DecodeBatch(slots)
+        assert batch.in_place == [(int(slots[0][0]), 128 if len(slots) > 1 else 200)]
+        out, lse = batch.attend(q, kh, vh, 8**-0.5)
+        assert not batch.workspace  # nothing gathered
+        for b, s in enumerate(slots):
+            want, want_lse = reference_block(
+                q[b : b + 1], kh[:, s].transpose(0, 1), vh[:, s].transpose(0, 1), False, 8**-0.5
+            )
+            assert torch.allclose(out[b], want[0].float(), atol=atol, rtol=0)
+            assert torch.allclose(lse[b], want_lse[0], atol=1e-4, rtol=0)
+    scattered = DecodeBatch([torch.tensor([5, 6, 9]), torch.arange(20, 23)])
+    assert scattered.in_place == [None]  # a gap in a row's slots: gathered

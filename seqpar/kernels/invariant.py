@@ -74,7 +74,7 @@ def _onednn(dtype: torch.dtype) -> bool:
 def call_rows(dtype: torch.dtype) -> int:
     """Rows of each oneDNN call `linear` makes in `dtype` on this CPU: `TILE_ROWS` where a row's
     bits change with the call's row count, else 0 (calls of any count agree). Probed on
-    `PROBE_SHAPES` at one thread and at the caller's count (~0.1-0.5 s), once per CPU model; the
+    `PROBE_SHAPES` at one thread and at the caller's count (~0.2-2 s), once per CPU model; the
     engine asks at model set-up, at the rank's thread count (`make_row_invariant`)."""
     if dtype not in _call_rows:  # one answer per process: every call of a dtype alike
 

@@ -51,6 +51,7 @@ def run_under_torchrun(
         return fail(e) if rank == 0 else 2
     torch.set_num_threads(config.threads_per_rank)
     join_group(config.device, int(os.environ.get("LOCAL_RANK", 0)), config.step_timeout_s)  # gloo, or NCCL
+    ended = False  # this rank reached the end of its part in order (every rank does alike)
     try:
         error, prepared, blocks = None, None, 0
         try:
@@ -65,9 +66,18 @@ def run_under_torchrun(
         if rank != 0:
             try:
                 # until rank 0 stops the engine; False: some rank failed to start (rank 0 reports it)
-                return 0 if run_rank_steps(config, blocks) else 2
+                started = run_rank_steps(config, blocks)
+                ended = True
+                return 0 if started else 2
             except Exception as e:  # a failed step; rank 0 sees this rank gone
                 return fail(f"rank {rank}: {type(e).__name__}: {e}")
-        return drive(config, prepared)
+        rc = drive(config, prepared)
+        ended = True
+        return rc
     finally:
+        if ended:
+            # Every rank past its last message before any closes its connections: rank 0 leaving
+            # while a peer still read the stop message aborted rank 0 at exit now and then
+            # ("terminate called without an active exception") and left the peer waiting.
+            dist.barrier()
         dist.destroy_process_group()

@@ -92,7 +92,7 @@ class DecodeBatch:
             # The g query heads of a KV head are g rows against the same keys: [n, Hkv, g, D].
             qb = q.index_select(0, rows).view(n, hkv, hq // hkv, d)
             if at is not None and at[0] + (n - 1) * at[1] + lmax <= kh.shape[1]:
-                k, v = (_view(x, at, n, lmax) for x in (kh, vh))  # [n, Hkv, L_max, D], read in place
+                k, v = (strided_rows(x, *at, n, lmax) for x in (kh, vh))  # [n, Hkv, L_max, D], read in place
             else:
                 k = self._gather("k", kh, idx).view(hkv, n, lmax, d).transpose(0, 1)  # [n, Hkv, L_max, D]
                 v = self._gather("v", vh, idx).view(hkv, n, lmax, d).transpose(0, 1)
@@ -122,9 +122,9 @@ def _strided(idx: Tensor, all_real: bool) -> tuple[int, int] | None:
     return int(idx[0, 0]), step
 
 
-def _view(storage: Tensor, at: tuple[int, int], n: int, lmax: int) -> Tensor:
-    """storage [Hkv, S, D] -> [n, Hkv, L_max, D]: row i's keys at slots [start + i * step, + L_max)."""
-    start, step = at
+def strided_rows(storage: Tensor, start: int, step: int, n: int, length: int) -> Tensor:
+    """storage [Hkv, S, D] -> [n, Hkv, length, D] read in place: row i's keys at slots
+    [start + i * step, + length)."""
     hkv, _, d = storage.shape
     s0, s1, s2 = storage.stride()
-    return storage.as_strided((n, hkv, lmax, d), (step * s1, s0, s1, s2), storage.storage_offset() + start * s1)
+    return storage.as_strided((n, hkv, length, d), (step * s1, s0, s1, s2), storage.storage_offset() + start * s1)

@@ -12,8 +12,8 @@ any size, alone or in a batch, from a cached prefix or not.
 - Decode rows (`DecodeUnits`, worked out once per step): each rank computes the partials of the
   units it holds, writes them in a table [units, B, Hq, D + 1] (other units: lse -inf), the
   tables are gathered (shared memory on one host), each unit is taken from its owner, and every
-  rank merges them in order. The merge modes
-  (allgather, alltoall, tree) all come down to that gather here: a sum over ranks is an order.
+  rank merges them in order. The merge modes (allgather, alltoall, tree) all come down to that
+  gather here: a sum over ranks is an order.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import Tensor
 from seqpar.comm.collectives import all_gather_uneven, group_rank, group_size
 from seqpar.comm.shm import HostExchange
 from seqpar.kernels.canonical import OrderedMerge, attend_unit, merge_in_order, unit_mask, unit_partials
+from seqpar.kernels.decode import strided_rows
 from seqpar.strategies.decode import gather_parts
 from seqpar.strategies.over_cache import CachedKeys, kv_message_shapes, pack
 
@@ -151,11 +152,7 @@ class DecodeUnits:
         p, hkv, d = len(tables), kh.shape[0], kh.shape[2]
         if self._keys[0] == "view":
             _, start, step = self._keys
-            views = []
-            for x in (kh, vh):
-                size, stride = (p, hkv, unit, d), (step * x.stride(1), x.stride(0), x.stride(1), x.stride(2))
-                views.append(x.as_strided(size, stride, x.storage_offset() + start * x.stride(1)))
-            return views[0], views[1]
+            return strided_rows(kh, start, step, p, unit), strided_rows(vh, start, step, p, unit)
         idx = self._keys[1]
         return tuple(x.index_select(1, idx).view(hkv, p, unit, d).transpose(0, 1) for x in (kh, vh))  # type: ignore[return-value]
 

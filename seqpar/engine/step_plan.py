@@ -13,12 +13,9 @@ import torch
 from torch import Tensor
 
 from seqpar.engine.messages import SeqStep, Step
-from seqpar.engine.placement import Placement
+from seqpar.engine.placement import Placement, blocks_needed
 from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.strategies.over_cache import CachedKeys, slot_ranges
-
-# Decode key runs shorter than this are gathered into one buffer instead of read in place.
-_IN_PLACE_MIN = 128
 
 
 def _append(runs: list[Run], run: Run) -> None:
@@ -48,15 +45,13 @@ class StepPlan:
         world, bs = placement.sp_size, placement.block_size
         self.decode = [s for s in msg.seqs if s.decode]
         self.prefill = [s for s in msg.seqs if not s.decode]
-        # Decode rows: queries replicated; keys are every cached position of the sequence, all
-        # visible to its one query, so runs need only contiguous slots (attention is non-causal).
-        self.decode_q = TokenLayout.from_runs([Run(j, 1, j, s.start, 1) for j, s in enumerate(self.decode)])
-        # Long runs are read in place; short ones (blocks taken one at a time while decoding sit
-        # scattered in storage) are gathered into one buffer per step, so a long generation
-        # costs one kernel call per sequence, not one per block.
-        dec_keys: list[Run] = []
-        self.decode_slots: list[Tensor] = []  # per decode row: its keys' storage slots here (DecodeBatch)
-        short: list[Run] = []
+        # Decode rows: queries replicated; keys are every cached position of the sequence on this
+        # rank, all visible to its one query. Two views of them: the storage slots of each row (the
+        # CPU's DecodeBatch) and its pages, in key order, with their count (the GPU's block table:
+        # only a sequence's last block is partial, so only a row's last page here can be).
+        self.decode_slots: list[Tensor] = []
+        self.decode_pages: list[list[int]] = []
+        self.decode_lens: list[int] = []
         write_rows, write_slots = [], []
         for j, s in enumerate(self.decode):
             runs: list[Run] = []
@@ -66,24 +61,13 @@ class StepPlan:
                     runs[-1] = Run(last.start, last.length + run.length, j, last.pos, 1)
                 else:
                     runs.append(run)
-            for run in runs:
-                (dec_keys if run.length >= _IN_PLACE_MIN else short).append(run)
             self.decode_slots.append(_slots(runs))
+            mine = [i for i in range(blocks_needed(s.start + 1, bs)) if placement.owner(i) == me]
+            self.decode_pages.append([s.blocks[i] for i in mine])
+            self.decode_lens.append(sum(min(bs, s.start + 1 - i * bs) for i in mine))
             if placement.owner(s.start // bs) == me:
                 write_rows.append(j)
                 write_slots.append(s.blocks[s.start // bs] * bs + s.start % bs)
-        self.decode_keys = TokenLayout.from_runs(dec_keys)
-        self.short_slots = _slots(short)
-        gathered: list[Run] = []
-        row = 0
-        for run in short:
-            if gathered and gathered[-1].seq == run.seq:
-                last = gathered[-1]
-                gathered[-1] = Run(last.start, last.length + run.length, run.seq, last.pos, 1)
-            else:
-                gathered.append(Run(row, run.length, run.seq, run.pos, 1))
-            row += run.length
-        self.short_keys = TokenLayout.from_runs(gathered)
         # Prefill rows: rank r computes the new positions it owns (rows in sequence order).
         q_runs: list[list[Run]] = [[] for _ in range(world)]
         k_runs: list[list[Run]] = [[] for _ in range(world)]
@@ -132,6 +116,6 @@ class StepPlan:
     def to(self, device: torch.device) -> None:
         """Move what indexes the model's inputs and the cache to `device`. Layouts stay on the host:
         the kernels read only their runs (ints); prefill_rows' positions pick output rows there."""
-        self.positions, self.write_rows, self.write_slots, self.short_slots = (
-            t.to(device) for t in (self.positions, self.write_rows, self.write_slots, self.short_slots)
+        self.positions, self.write_rows, self.write_slots = (
+            t.to(device) for t in (self.positions, self.write_rows, self.write_slots)
         )

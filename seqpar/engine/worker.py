@@ -27,14 +27,15 @@ from seqpar.comm.collectives import STATS
 from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
+from seqpar.engine.decode_graph import StaticDecode
 from seqpar.engine.kv_cache import KVCache
 from seqpar.engine.messages import Sampled, Step, StepResult
 from seqpar.engine.parallel import ShardedModel
 from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
 from seqpar.engine.step_plan import StepPlan
-from seqpar.kernels.attention import attend_into_head_major, new_accumulators
 from seqpar.kernels.decode import DecodeBatch
 from seqpar.kernels.invariant import vocab_slices
+from seqpar.kernels.paged import PagedDecode, triton_usable
 from seqpar.model import deterministic as det
 from seqpar.model import load_config
 from seqpar.model.compiled import compile_tiles
@@ -71,9 +72,17 @@ class Worker:
         self.model = self.sharded.model
         self._compile_tiles(config)
         self.placement = config.placement()
+        # CUDA at SP 1: decode steps replay captured graphs (decode_graph.py), whose padding rows
+        # write into one scratch block past those the driver hands out.
+        graphs = (
+            config.device == "cuda"
+            and config.sp_size == config.tp_size == 1
+            and not config.enforce_eager
+            and not config.enable_deterministic_inference
+        )
         self.cache = KVCache(
             mc.num_layers,
-            num_blocks,
+            num_blocks + graphs,
             config.block_size,
             self.sharded.num_kv_heads_cached,
             mc.head_dim,
@@ -103,6 +112,19 @@ class Worker:
         if self.deterministic:  # slices of whole GEMM tiles: a column's bits do not depend on the slicing
             self.vocab_slice = vocab_slices(vocab, config.sp_size)[self.mesh.sp_rank]
         self.decode_head = self.sharded.decode_head(self.vocab_slice)  # None unless decode steps pack
+        self.static_decode = None
+        if graphs:
+            self.static_decode = StaticDecode(
+                self.sharded.decode_model or self.model,
+                self.cache,
+                config.block_size,
+                num_blocks,
+                config.max_num_seqs,
+                num_blocks * config.block_size,
+                self.scale,
+                capture=True,
+                use_triton=triton_usable(self.device),
+            )
 
     def _compile_tiles(self, config: EngineConfig) -> None:
         """Long steps' per-token work through torch.compile (seqpar.model.compiled), unless nothing
@@ -124,11 +146,19 @@ class Worker:
         num_layers = self.model.config.num_layers
         # CPU: every decode row in one flash call per length bucket (kernels/decode.py), the
         # gather index and masks built once for all layers.
+        if nd and not plan.prefill and self.static_decode is not None:
+            return self._static_step(msg, plan)
+        # Every decode row in one call per layer: on CPU the flash kernel per length bucket
+        # (kernels/decode.py), elsewhere the paged kernel over a block table (kernels/paged.py).
         batch = units = None
         if nd and self.deterministic:
             units = self._decode_units(plan)  # the same for every layer
         elif nd and self.device.type == "cpu":
             batch = DecodeBatch(plan.decode_slots, self.decode_workspace)
+        elif nd:
+            batch = PagedDecode(
+                plan.decode_pages, plan.decode_lens, cfg.block_size, self.device, self.cache.num_kv_heads
+            )
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
@@ -137,10 +167,7 @@ class Worker:
                 return self._canonical_attention(q, kh, vh, plan, units)
             outs = []
             if nd:
-                if batch is not None:
-                    out, lse = batch.attend(q[:nd], kh, vh, self.scale)
-                else:
-                    out, lse = self._decode_partial(q[:nd], kh, vh, plan)
+                out, lse = batch.attend(q[:nd], kh, vh, self.scale)
                 out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange)
                 if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
                     # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
@@ -212,29 +239,29 @@ class Worker:
             self.exchange,
         )
 
-    def _decode_partial(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor]:
-        """This rank's (out, lse) of the decode rows q [B, Hq, D] over its cached keys (all visible):
-        a kernel call per sequence (GPUs, whose kernels here take no mask)."""
-        out, lse = new_accumulators(q)
-        attend_into_head_major(out, lse, q, kh, vh, plan.decode_q, plan.decode_keys, False, self.scale)
-        if len(plan.short_slots):
-            attend_into_head_major(
-                out,
-                lse,
-                q,
-                kh.index_select(1, plan.short_slots),
-                vh.index_select(1, plan.short_slots),
-                plan.decode_q,
-                plan.short_keys,
-                False,
-                self.scale,
-            )
-        return out, lse
+    def _static_step(self, msg: Step, plan: StepPlan) -> StepResult:
+        """A decode-only step through the static buffers (one graph replay on CUDA). Rows that
+        sample greedily without log-probs or banned tokens take the token chosen on the device
+        (one small copy back); the others' logits go to the sampler as in any step."""
+        bs = self.config.block_size
+        slots = [s.blocks[s.start // bs] * bs + s.start % bs for s in plan.decode]
+        with torch.inference_mode():
+            out = self.static_decode.run(plan.ids, [s.start for s in plan.decode], slots, plan.decode_pages)
+            picked = torch.stack([out.greedy.double(), out.logprob.double()]).cpu()  # [2, n]
+        result = StepResult(comm_bytes=[0])
+        for j, s in enumerate(plan.decode):
+            p = s.sampling
+            if p is not None and p.greedy and p.logprobs is None and not s.banned:
+                result.sampled[s.seq_id] = Sampled(int(picked[0, j]), float(picked[1, j]), None)
+            elif s.logits:
+                result.logits[s.seq_id] = out.logits[j].cpu()
+        self._sample(msg, result)
+        return result
 
     def _sample(self, msg: Step, result: StepResult) -> None:
         for seq_id in msg.finished:
             self.generators.pop(seq_id, None)
-        rows = [s for s in msg.seqs if s.sampling is not None]
+        rows = [s for s in msg.seqs if s.sampling is not None and s.seq_id not in result.sampled]
         if not rows:
             return
         for s in rows:

@@ -56,18 +56,17 @@ def _fused_lse(q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float) ->
 
 
 def _cuda_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """CUDA: flash kernel for half types, memory-efficient kernel for fp32.
-
-    Neither takes fewer KV heads, so KV heads are repeated for GQA.
-    """
+    """CUDA: the flash kernel for half types, which reads a KV head once for its query heads (GQA
+    native: no copy of K/V); the memory-efficient kernel for fp32, which takes equal head counts
+    only, so there KV heads are repeated."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return res[0], res[1]
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    if q.dtype in (torch.float16, torch.bfloat16):
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-    else:
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
     return res[0], res[1]
 
 

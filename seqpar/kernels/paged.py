@@ -1,0 +1,100 @@
+"""Decode attention through a block table: the GPU's decode kernel, and the same in plain torch.
+
+A decode row's keys on a rank are a list of its pages (cache blocks of `page` slots, in key order,
+every one full but the last) and a count `lens[b]`; `table [B, max_pages]` int32 holds the pages.
+Both kernels below take that and the layer's storage [Hkv, S, D] as it lies, and return this rank's
+partial (out [B, Hq, D] fp32, lse [B, Hq] fp32) for the SP merge; a row with no key here gives
+out 0, lse -inf.
+
+- `triton_decode.paged_decode`: split over the keys, a KV head read once for its query heads, in
+  place (CUDA; Triton's interpreter runs it on CPU tensors in the tests).
+- `paged_decode_torch`: gathers every row's keys into a padded block and runs one masked softmax;
+  no host synchronisation either, so it serves where Triton is absent and as the reference.
+The CPU engine keeps its own decode kernel (`decode.py`: the CPU flash kernel per length bucket).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def paged_decode_torch(
+    q: Tensor, k_store: Tensor, v_store: Tensor, table: Tensor, lens: Tensor, page: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """The same contract as `triton_decode.paged_decode`, in torch ops (fp32 math)."""
+    bsz, hq, d = q.shape
+    hkv = k_store.shape[0]
+    keys = table.shape[1] * page
+    j = torch.arange(keys, device=q.device)
+    slots = table.long()[:, j // page] * page + j % page  # [B, L]
+    k = k_store[:, slots].float()  # [Hkv, B, L, D]
+    v = v_store[:, slots].float()
+    qg = q.float().view(bsz, hkv, hq // hkv, d).transpose(0, 1)  # [Hkv, B, g, D]
+    scores = torch.einsum("hbgd,hbld->hbgl", qg, k) * scale
+    visible = (j[None, :] < lens[:, None].long())[None, :, None, :]  # [1, B, 1, L]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [Hkv, B, g]
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.einsum("hbgl,hbld->hbgd", probs, v)
+    return out.transpose(0, 1).reshape(bsz, hq, d), lse.transpose(0, 1).reshape(bsz, hq)
+
+
+def num_splits(rows: int, kv_heads: int, device: torch.device, most: int = 64) -> int:
+    """Key ranges per (row, KV head): enough programs to fill the device's SMs about four times
+    over, since one program per pair leaves most of a GPU idle at small batches."""
+    if device.type != "cuda":
+        return 1 if rows * kv_heads >= 8 else 4
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(most, math.ceil(4 * sms / max(1, rows * kv_heads))))
+
+
+def decode_attention(
+    q: Tensor,
+    k_store: Tensor,
+    v_store: Tensor,
+    table: Tensor,
+    lens: Tensor,
+    page: int,
+    scale: float,
+    splits: int,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor]:
+    """One layer's decode rows over their pages: Triton's kernel where asked, else torch's."""
+    if use_triton:
+        from seqpar.kernels.triton_decode import paged_decode
+
+        return paged_decode(q, k_store, v_store, table, lens, page, scale, splits)
+    return paged_decode_torch(q, k_store, v_store, table, lens, page, scale)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton's kernel runs on CUDA tensors, or on CPU ones under its interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    import os
+
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class PagedDecode:
+    """A step's decode rows as a block table on the device, built once, used by every layer (the
+    GPU's counterpart of `decode.DecodeBatch`, with the same `attend`)."""
+
+    def __init__(self, pages: list[list[int]], lens: list[int], page: int, device: torch.device, kv_heads: int):
+        width = max((len(p) for p in pages), default=0) or 1
+        table = torch.zeros(len(pages), width, dtype=torch.int32)
+        for b, p in enumerate(pages):
+            table[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
+        self.table = table.to(device)
+        self.lens = torch.tensor(lens, dtype=torch.int32).to(device)
+        self.page = page
+        self.splits = num_splits(len(pages), kv_heads, device)
+        self.use_triton = triton_usable(device)
+
+    def attend(self, q: Tensor, kh: Tensor, vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        return decode_attention(q, kh, vh, self.table, self.lens, self.page, scale, self.splits, self.use_triton)

@@ -1,0 +1,104 @@
+"""The static-buffer decode step (seqpar.engine.decode_graph), run eagerly on CPU: the bookkeeping
+a CUDA graph replays (buffers filled and padded to a bucket, padding rows writing only the scratch
+slot, block tables of scattered pages, ragged lengths) against the model's own forward with dense
+attention over the same cache. On a GPU, tests/test_gpu.py checks the captured graphs.
+
+Tolerance: fp32 on both sides, differing by summation order in attention only: 1e-4 on logits of
+magnitude ~10, as the engine's prompt logprobs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar.engine.decode_graph import StaticDecode, buckets
+from seqpar.engine.kv_cache import KVCache
+from seqpar.kernels.attention import reference_block
+from seqpar.kernels.paged import triton_usable
+from seqpar.model.config import ModelConfig
+from seqpar.model.llama import LlamaForCausalLM
+
+PAGE, NUM_BLOCKS = 4, 24
+
+
+def _model() -> LlamaForCausalLM:
+    cfg = ModelConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=6, num_kv_heads=2,
+        head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4, rope_scaling=None, max_position_embeddings=256,
+        tie_word_embeddings=False, attention_bias=False, bos_token_id=1, eos_token_ids=(2,), architecture="llama",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 1.0) + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+def _dense_step(model, cache, ids, positions, slots, pages):
+    """The reference: the model's forward, each row attending over its keys gathered densely."""
+
+    def attention(layer, q, k, v):
+        cache.write(layer, torch.tensor(slots), k, v)
+        kh, vh = cache.storage(layer)
+        outs = []
+        for b, (pos, ps) in enumerate(zip(positions, pages)):
+            keys = torch.cat([torch.arange(p * PAGE, p * PAGE + PAGE) for p in ps])[: pos + 1]
+            o, _ = reference_block(q[b : b + 1], kh[:, keys].transpose(0, 1), vh[:, keys].transpose(0, 1), False,
+                                   model.config.head_dim**-0.5)  # fmt: skip
+            outs.append(o)
+        return torch.cat(outs)
+
+    return model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), attention))
+
+
+def test_buckets():
+    assert buckets(1) == [1]
+    assert buckets(5) == [1, 2, 4, 5]
+    assert buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+@torch.inference_mode()
+def test_static_step_matches_the_model_over_the_same_cache(use_triton):
+    if use_triton and not triton_usable(torch.device("cpu")):
+        pytest.skip("Triton is not installed or not interpreted here")
+    model = _model()
+    cfg = model.config
+    mk = lambda: KVCache(cfg.num_layers, NUM_BLOCKS + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+    ours, ref = mk(), mk()
+    gen = torch.Generator().manual_seed(1)
+    for c in (ours, ref):  # the same "prefilled" cache on both sides
+        gen.manual_seed(1)
+        c.k.copy_(torch.randn(c.k.shape, generator=gen))
+        c.v.copy_(torch.randn(c.v.shape, generator=gen))
+    step = StaticDecode(model, ours, PAGE, 8, 8, NUM_BLOCKS * PAGE, cfg.head_dim**-0.5, False, use_triton)
+    # scattered pages; positions: the first key, a page boundary, mid-page, several pages
+    pages = [[7], [3, 12], [20, 1, 9], [5, 2, 14, 11, 0]]
+    positions = [0, 4, 9, 17]
+    ids = [5, 17, 33, 90]
+    slots = [ps[p // PAGE] * PAGE + p % PAGE for ps, p in zip(pages, positions)]
+    for n in (3, 4, 1):  # 3 rows pad to the bucket of 4; then a smaller step after a larger one
+        before = ours.k.clone()
+        out = step.run(ids[:n], positions[:n], slots[:n], pages[:n])
+        want = _dense_step(model, ref, ids[:n], positions[:n], slots[:n], pages[:n])
+        torch.testing.assert_close(out.logits, want, atol=1e-4, rtol=0)
+        assert torch.equal(out.greedy, want.argmax(-1))
+        torch.testing.assert_close(out.logprob, torch.log_softmax(want, -1).gather(1, out.greedy[:, None])[:, 0])
+        # only the rows' own slots and the scratch block changed
+        changed = (ours.k != before).any(dim=(0, 1, 3)).nonzero().flatten().tolist()
+        assert set(changed) <= set(slots[:n]) | set(range(NUM_BLOCKS * PAGE, (NUM_BLOCKS + 1) * PAGE))
+        # the K written (layer 1's from layer 0's attention, summed in another order): as the logits
+        cached = slice(0, NUM_BLOCKS * PAGE)
+        torch.testing.assert_close(ours.k[:, :, cached], ref.k[:, :, cached], atol=1e-5, rtol=0)
+
+
+def test_too_many_rows_is_a_clear_error():
+    model = _model()
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, NUM_BLOCKS + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
+    step = StaticDecode(model, cache, PAGE, 8, 2, NUM_BLOCKS * PAGE, 0.3, False, False)
+    with pytest.raises(ValueError, match="at most 2"):
+        step.run([1, 2, 3], [0, 0, 0], [0, 4, 8], [[0], [1], [2]])

@@ -71,9 +71,7 @@ def write_gguf(hf: nn.Module, file: Path, arch: str, extra: dict[str, np.ndarray
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    names = gguf.get_tensor_name_map(
-        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, c.num_hidden_layers
-    )
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue

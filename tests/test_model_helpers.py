@@ -15,7 +15,7 @@ VOCAB = 101
 
 
 def tiny_hf_model(kind: str = "llama", seed: int = 0, **overrides: Any) -> nn.Module:
-    """A 2-layer random transformers model. kind: llama | qwen2 | mistral."""
+    """A 2-layer random transformers model. kind: llama | qwen2 | qwen3 | mistral."""
     import transformers as tf
 
     fields: dict[str, Any] = dict(
@@ -37,6 +37,7 @@ def tiny_hf_model(kind: str = "llama", seed: int = 0, **overrides: Any) -> nn.Mo
     config_cls, model_cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
     }[kind]
     torch.manual_seed(seed)

@@ -8,14 +8,15 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 # HF `model_type` -> our architecture name. SmolLM2 ships as model_type "llama".
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _HF_CLASS_TO_ARCH = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 # llama.cpp calls Mistral "llama"; the GGUF tensor layout is the same.
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # "freq_factors" is llama.cpp's way of storing llama3 scaling: a per-frequency
 # divisor tensor (`rope_freqs.weight`) instead of the four llama3 numbers.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "freq_factors")
@@ -55,6 +56,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     architecture: str
     o_proj_bias: bool = False  # Llama's attention_bias=True also biases o_proj; Qwen2's does not
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each q and k head before RoPE
 
     def __post_init__(self) -> None:
         if self.rope_scaling is not None:  # own copy: the caller's dict must not alias a frozen config
@@ -111,14 +113,19 @@ class ModelConfig:
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
         if hf.get("mlp_bias", False):
-            raise ConfigError("mlp_bias=True is not supported; Llama/Qwen2/Mistral checkpoints have none")
+            raise ConfigError("mlp_bias=True is not supported; Llama/Qwen2/Qwen3/Mistral checkpoints have none")
         window = hf.get("sliding_window")
-        uses_window = hf.get("use_sliding_window", arch == "mistral") and window is not None
-        if uses_window and window < hf["max_position_embeddings"]:
+        # Qwen2/3 configs carry a `sliding_window` that only applies with use_sliding_window (or,
+        # transformers 5, "sliding_attention" layers); a window as long as the context changes nothing.
+        uses_window = hf.get("use_sliding_window", arch == "mistral") or "sliding_attention" in (
+            hf.get("layer_types") or ()
+        )
+        if uses_window and window is not None and window < hf["max_position_embeddings"]:
             # Full attention past the window would silently give different tokens.
             raise ConfigError(
-                f"sliding-window attention (sliding_window={window} < max_position_embeddings="
-                f"{hf['max_position_embeddings']}) is not supported; use a checkpoint without a window"
+                f"sliding-window attention is not supported yet (sliding_window={window} < "
+                f"max_position_embeddings={hf['max_position_embeddings']}); use a checkpoint without a "
+                "window (Qwen2/Qwen3: use_sliding_window false)"
             )
         # transformers 5 folds rope_theta into `rope_parameters`; 4.x has rope_theta + rope_scaling.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -144,6 +151,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
             o_proj_bias=bias and arch != "qwen2",
+            qk_norm=arch == "qwen3",
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
             architecture=arch,
@@ -206,6 +214,8 @@ class ModelConfig:
             tie_word_embeddings="output.weight" not in tensor_shapes,
             attention_bias="blk.0.attn_q.bias" in tensor_shapes,
             o_proj_bias="blk.0.attn_output.bias" in tensor_shapes,
+            # By architecture, not by tensor: a qwen3 file without the norms is then a missing-key error.
+            qk_norm=arch == "qwen3",
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
             architecture=arch,

@@ -23,6 +23,8 @@ _BLOCK_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -94,7 +96,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         if hf_name is None:  # passed through under its GGUF name: reported as unexpected
             tensors[name] = w
             continue
-        # Only llama-architecture conversion permutes q/k (Qwen2's converter does not).
+        # Only llama-architecture conversion permutes q/k (Qwen2's and Qwen3's converters do not).
         if config.architecture == "llama" and ".attn_q." in name:
             w = unpermute_rotary_rows(w, config.num_heads)
         elif config.architecture == "llama" and ".attn_k." in name:

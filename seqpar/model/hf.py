@@ -20,6 +20,7 @@ def hf_model_from(model: str, rope_scaling: dict | None = None) -> Any:
     classes = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
     }
     if mc.architecture not in classes:
@@ -39,7 +40,7 @@ def hf_model_from(model: str, rope_scaling: dict | None = None) -> Any:
         bos_token_id=mc.bos_token_id,
         eos_token_id=list(mc.eos_token_ids) or None,
     )
-    if mc.architecture == "llama":
+    if mc.architecture in ("llama", "qwen3"):
         fields["attention_bias"] = mc.attention_bias
     if mc.architecture == "mistral":
         fields["sliding_window"] = None

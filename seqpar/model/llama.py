@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) in plain torch.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2) in plain torch.
 
 The model knows nothing about parallelism or KV caches: tokens of a packed batch only
 meet inside the `attention` callable the caller passes to `forward`. Module and
@@ -44,6 +44,10 @@ class LlamaAttention(nn.Module):
         self.k_proj: nn.Module = nn.Linear(hidden, config.num_kv_heads * d, bias=bias)
         self.v_proj: nn.Module = nn.Linear(hidden, config.num_kv_heads * d, bias=bias)
         self.o_proj: nn.Module = nn.Linear(config.num_heads * d, hidden, bias=config.o_proj_bias)
+        # Qwen3's per-head norms: over head_dim, so the same for every head and never sharded. None
+        # for the other families, whose checkpoints have no such keys.
+        self.q_norm: nn.Module | None = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm: nn.Module | None = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         # q, k and v as one layer of their weights stacked, where a copy of the model sets it (the
         # engine's decode copies: seqpar.engine.parallel): one GEMM reads the three.
         self.qkv_proj: nn.Module | None = None
@@ -56,6 +60,10 @@ class LlamaAttention(nn.Module):
         else:
             q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
+        # Here, the one place q and k are rotated, so every copy of a layer (tiled, compiled, packed
+        # for decode, tensor-parallel) normalizes them too.
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attention: AttentionFn) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpar import LLM, TokenLayout, attention_with_lse, reference_attention
+from seqpar import LLM, SamplingParams, TokenLayout, attention_with_lse, reference_attention
 from seqpar.engine.config import EngineConfig
 from test_cli import run_main
 from test_engine import _save, check_against_hf
@@ -92,8 +92,23 @@ def test_cuda_decode_block_matches_reference():
 
 @needs_gpu
 @pytest.mark.parametrize("budget", [2048, 5])  # whole prompts; chunks smaller than a prompt
-def test_engine_on_cuda_matches_hf_sp1(llama, budget):
-    check_against_hf(*llama, device="cuda", max_num_batched_tokens=budget)
+@pytest.mark.parametrize("eager", [False, True])  # decode steps as captured graphs, or eager (Triton's kernel)
+def test_engine_on_cuda_matches_hf_sp1(llama, budget, eager):
+    check_against_hf(*llama, device="cuda", max_num_batched_tokens=budget, enforce_eager=eager)
+
+
+@needs_gpu
+def test_decode_graphs_match_eager_steps(llama):
+    """A ragged batch that pads to graph buckets and shrinks as requests finish, greedy and seeded
+    sampling (the rows whose logits go to the host sampler): the same tokens as eager steps."""
+    prompts = [[5, 9, 13][: 1 + i % 3] * (1 + 7 * i) for i in range(7)]
+    params = [SamplingParams(temperature=0.0, max_tokens=3 + 2 * i, ignore_eos=True) for i in range(6)]
+    params.append(SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=9, ignore_eos=True, logprobs=2))
+    runs = []
+    for eager in (False, True):
+        with LLM(model=llama[1], device="cuda", enforce_eager=eager, kv_cache_gb=0.05) as llm:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+    assert runs[0] == runs[1]
 
 
 # SP 2 over NCCL: each prefill strategy, the decode merges over the process group (shared memory

@@ -20,6 +20,7 @@ own decode path (kernels/decode.py).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -115,11 +116,15 @@ class StaticDecode:
         self.slots[:rows].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
         self.lens[:rows].copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32))
         self.table[:rows, :width].copy_(table, non_blocking=True)
+        if self.capture and rows not in self.graphs:
+            try:
+                self.graphs[rows] = self._capture(rows)
+            except RuntimeError as e:  # the same step eagerly from now on, and why, once
+                print(f"seqpar: decode steps run eagerly: capturing a CUDA graph failed: {e}", file=sys.stderr)
+                self.capture = False
         if not self.capture:
             out = self._forward(rows)
         else:
-            if rows not in self.graphs:
-                self.graphs[rows] = self._capture(rows)
             graph, out = self.graphs[rows]
             graph.replay()
         return DecodeOut(out.logits[:n], out.greedy[:n], out.logprob[:n])

@@ -93,7 +93,7 @@ class LlamaDecoderLayer(nn.Module):
     tiles: tuple[Callable, Callable] | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
-        if x.shape[0] < ROW_TILE:
+        if x.shape[0] < ROW_TILE or x.device.type != "cpu":  # a GPU's GEMMs want the whole chunk
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
             return x + self.mlp(self.post_attention_layernorm(x))
         # Many tokens: everything but attention runs tile by tile, so each tile's activations

@@ -64,8 +64,8 @@ def timed(fn, reps: int = 2) -> float:
 
 def kernel_rates(cfg) -> None:
     """The paged decode kernel alone: bytes of K/V read per second, at B=1 x 32K and 32 x 2K keys."""
-    from seqpar.kernels.paged import num_splits
-    from seqpar.kernels.triton_decode import paged_decode
+    from seqpar.kernels.gpu.paged import num_splits
+    from seqpar.kernels.gpu.triton_decode import paged_decode
 
     hq, hkv, d, page = cfg["num_attention_heads"], cfg["num_key_value_heads"], 128, 16
     for rows, keys in [(1, DEC_CTX), (32, 2048)] if SHAPE == "8b" else [(1, 256), (4, 128)]:

@@ -15,7 +15,7 @@ import torch
 from seqpar.engine.decode_graph import StaticDecode, buckets
 from seqpar.engine.kv_cache import KVCache
 from seqpar.kernels.attention import reference_block
-from seqpar.kernels.paged import triton_usable
+from seqpar.kernels.gpu.paged import triton_usable
 from seqpar.model.config import ModelConfig
 from seqpar.model.llama import LlamaForCausalLM
 

@@ -1,4 +1,4 @@
-"""Decode attention through a block table (seqpar.kernels.paged, triton_decode) against the dense
+"""Decode attention through a block table (seqpar.kernels.gpu.paged, triton_decode) against the dense
 reference: ragged rows (0, 1, a page and a half, many pages), pages scattered in storage, GQA, MQA
 and MHA, split counts from 1 to more ranges than a row has keys, and W = 1-4 ranks' partials merged
 by LSE. Without a GPU the Triton kernel runs under Triton's interpreter (tests/conftest.py).
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from seqpar.kernels.attention import reference_block
+from seqpar.kernels.gpu.paged import paged_decode_torch, triton_usable
 from seqpar.kernels.merge import merge_many
-from seqpar.kernels.paged import paged_decode_torch, triton_usable
 
-triton_decode = pytest.importorskip("seqpar.kernels.triton_decode", reason="Triton is not installed")
+triton_decode = pytest.importorskip("seqpar.kernels.gpu.triton_decode", reason="Triton is not installed")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_usable(DEVICE), reason="Triton runs neither on a GPU nor interpreted here")
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from seqpar.engine.kv_cache import KVCache
-from seqpar.kernels.paged import decode_attention, num_splits
+from seqpar.kernels.gpu.paged import decode_attention, num_splits
 from seqpar.model.llama import LlamaForCausalLM
 
 

@@ -35,7 +35,7 @@ from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
 from seqpar.engine.step_plan import StepPlan
 from seqpar.kernels.decode import DecodeBatch
 from seqpar.kernels.invariant import vocab_slices
-from seqpar.kernels.paged import PagedDecode, triton_usable
+from seqpar.kernels.gpu.paged import PagedDecode, triton_usable
 from seqpar.model import deterministic as det
 from seqpar.model import load_config
 from seqpar.model.compiled import compile_tiles
@@ -149,7 +149,7 @@ class Worker:
         if nd and not plan.prefill and self.static_decode is not None:
             return self._static_step(msg, plan)
         # Every decode row in one call per layer: on CPU the flash kernel per length bucket
-        # (kernels/decode.py), elsewhere the paged kernel over a block table (kernels/paged.py).
+        # (kernels/decode.py), elsewhere the paged kernel over a block table (kernels/gpu/paged.py).
         batch = units = None
         if nd and self.deterministic:
             units = self._decode_units(plan)  # the same for every layer

@@ -64,7 +64,7 @@ def decode_attention(
 ) -> tuple[Tensor, Tensor]:
     """One layer's decode rows over their pages: Triton's kernel where asked, else torch's."""
     if use_triton:
-        from seqpar.kernels.triton_decode import paged_decode
+        from seqpar.kernels.gpu.triton_decode import paged_decode
 
         return paged_decode(q, k_store, v_store, table, lens, page, scale, splits)
     return paged_decode_torch(q, k_store, v_store, table, lens, page, scale)

@@ -315,6 +315,7 @@ class AsyncLLM:
             num_preemptions=b.num_preemptions + s.num_preemptions,
             prefix_cache_queries=b.prefix_cache_queries + s.prefix_cache_queries,
             prefix_cache_hits=b.prefix_cache_hits + s.prefix_cache_hits,
+            kv_store_hits=b.kv_store_hits + s.kv_store_hits,
             sp_bytes_sent=_add(b.sp_bytes_sent, s.sp_bytes_sent),
         )
 

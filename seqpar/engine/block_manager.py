@@ -18,6 +18,7 @@ import hashlib
 import heapq
 from array import array
 from collections import OrderedDict
+from typing import Any
 
 from seqpar.engine.placement import Placement, blocks_needed
 from seqpar.engine.sequence import Sequence
@@ -80,14 +81,18 @@ class BlockPool:
 
 
 class BlockManager:
-    def __init__(self, placement: Placement, num_blocks: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, placement: Placement, num_blocks: int, enable_prefix_caching: bool = True, store: Any = None
+    ) -> None:
         self.placement = placement
+        self.store = store  # kv_store.DriverStore: which blocks the ranks can load from disk, or None
         self.block_size = placement.block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.pools = [BlockPool(num_blocks) for _ in range(placement.sp_size)]
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found cached
+        self.store_hits = 0  # prompt tokens loaded from the KV store
 
     def usage(self) -> list[float]:
         """Fraction of each rank's blocks in use (cached but unreferenced blocks count as free)."""
@@ -115,7 +120,46 @@ class BlockManager:
             seq.block_hashes.append(h)
         self.prefix_queries += len(tokens)
         self.prefix_hits += len(seq.blocks) * bs
+        if self.store is not None:
+            self._match_store(seq, (len(tokens) - 1) // bs)
         return len(seq.blocks) * bs
+
+    def _match_store(self, seq: Sequence, limit: int) -> None:
+        """Extend a matched prefix with the following blocks found in the KV store: each gets a block
+        now and is listed in `seq.loads`; the driver has the ranks load them before the step and
+        registers them (`loaded`)."""
+        tokens, bs = seq.all_token_ids, self.block_size
+        for i in range(len(seq.blocks), limit):
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens[i * bs : (i + 1) * bs])
+            r = self.placement.owner(i)
+            # Only new blocks: a failed load recomputes every block after it, which must not be shared.
+            if not self.pools[r].available() or not self.store.has(r, h):
+                break
+            seq.blocks.append(self.pools[r].take())
+            seq.block_hashes.append(h)
+            seq.loads.append(i)
+
+    def loaded(self, seq: Sequence, first_failed: int | None) -> int:
+        """After the ranks loaded `seq.loads`: register the blocks before the first failure (None: all
+        loaded) as computed, forget the rest (recomputed from there); returns the tokens loaded."""
+        keep = [i for i in seq.loads if first_failed is None or i < first_failed]
+        for i in keep:
+            self.pools[self.placement.owner(i)].register(seq.blocks[i], seq.block_hashes[i])
+        if first_failed is not None:
+            del seq.block_hashes[first_failed:]
+        seq.loads = []
+        self.store_hits += len(keep) * self.block_size
+        return len(keep) * self.block_size
+
+    def filled_blocks(self, seq: Sequence, end: int) -> list[tuple[int, int, bytes]]:
+        """(SP rank, physical block, hash) of the full blocks that computing up to position `end` fills."""
+        tokens, bs = seq.all_token_ids, self.block_size
+        h = seq.block_hashes[-1] if seq.block_hashes else None
+        out = []
+        for i in range(len(seq.block_hashes), end // bs):
+            h = chain_hash(h, tokens[i * bs : (i + 1) * bs])
+            out.append((self.placement.owner(i), seq.blocks[i], h))
+        return out
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Give the sequence blocks for positions [0, num_tokens): all on every rank, or none."""
@@ -149,4 +193,5 @@ class BlockManager:
             self.pools[self.placement.owner(i)].release(seq.blocks[i])
         seq.blocks.clear()
         seq.block_hashes.clear()
+        seq.loads.clear()
         seq.num_computed_tokens = 0

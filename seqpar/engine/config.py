@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,19 @@ def opt(default: Any, help: str, *, flag: str | None = None, metavar: str | None
     the flag's name when it is not `--field-name`, a metavar, and the allowed values."""
     meta = {"help": help, "flag": flag, "metavar": metavar, "choices": choices}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _check_store_dir(path: str) -> None:
+    """Create kv_store_dir if needed; a clear error where it cannot be a writable directory."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"kv_store_dir={path!r} exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"kv_store_dir={path!r} cannot be created: {e}") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"kv_store_dir={path!r} is not writable by this user")
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,16 @@ class EngineConfig:
         "any strategy and decode merge, from a cached prefix or not (fp32 and bf16; cpu, tp 1); unseeded "
         "requests sample as if seeded with --seed (default: off)",
     )
+    kv_store_dir: str | None = opt(
+        None,
+        "keep full KV blocks as files in this directory (created if missing), so a prompt prefilled once is "
+        "loaded, not recomputed, after a restart; files are per model, dtype, layout and rank, and checked "
+        "when read (default: off)",
+        metavar="DIR",
+    )
+    kv_store_gb: float = opt(
+        16.0, "the KV store's size bound, GiB; least recently used files deleted first (default: %(default)s)"
+    )
     device: str = opt(
         "cpu",
         "where ranks keep the model and KV cache: cpu (gloo) or cuda (NCCL, rank i on GPU i of its host; "
@@ -168,6 +192,14 @@ class EngineConfig:
             )
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.kv_store_gb <= 0:
+            raise ValueError(f"kv_store_gb must be > 0, got {self.kv_store_gb}")
+        if self.kv_store_dir is not None:
+            if not self.enable_prefix_caching:
+                raise ValueError(
+                    "kv_store_dir needs enable_prefix_caching: stored blocks are found by their prefix hash"
+                )
+            _check_store_dir(self.kv_store_dir)
         if self.step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
 

@@ -26,7 +26,8 @@ from seqpar.engine.detokenize import IncrementalDetokenizer, decode_logprobs
 from seqpar.engine.dtype import resolve_dtype
 from seqpar.engine.executor import EngineDeadError, LocalExecutor, ProgressFn, TorchrunExecutor
 from seqpar.engine.kv_cache import block_bytes, size_cache
-from seqpar.engine.messages import SeqStep, Step, StepResult
+from seqpar.engine.kv_store import DriverStore
+from seqpar.engine.messages import KVLoad, SeqStep, Step, StepResult
 from seqpar.engine.outputs import EngineStats, RequestOutput, StepRecord
 from seqpar.engine.parallel import decode_packing
 from seqpar.engine.sampling_params import SamplingParams
@@ -90,7 +91,9 @@ class LLMEngine:
             raise ValueError(
                 f"kv_cache_gb={config.kv_cache_gb} holds {self.capacity} tokens per sequence; give it more"
             )
-        self.blocks = BlockManager(placement, self.num_blocks, config.enable_prefix_caching)
+        # The second tier (kv_store.py): files the ranks write and load; the driver only asks which exist.
+        self.kv_store = DriverStore(config) if config.kv_store_dir else None
+        self.blocks = BlockManager(placement, self.num_blocks, config.enable_prefix_caching, self.kv_store)
         budget = config.max_num_batched_tokens
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -169,11 +172,15 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        if any(s.seq.loads for s in scheduled):
+            scheduled = self._load_stored(scheduled)
         now = time.monotonic()
         for s in scheduled:
             self.requests[s.seq.seq_id].metrics.setdefault("scheduled", now)
         strategy, predicted = self._strategy(scheduled)
         msg = Step([self._seq_step(s) for s in scheduled], strategy, self._gone)
+        if self.kv_store is not None:
+            msg.kv_save = [e for s in scheduled for e in self.blocks.filled_blocks(s.seq, s.start + s.num_new)]
         self._gone = []
         t0 = time.perf_counter()
         result = self.executor.call(msg, on_progress)
@@ -205,6 +212,36 @@ class LLMEngine:
             for observe in self.observers:
                 observe(record)
         return produced
+
+    def _load_stored(self, scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
+        """Have the ranks fill the blocks admission found in the KV store; a sequence whose load failed
+        somewhere computes from its first failed block instead (the same tokens this step)."""
+        owner, entries, where = self.blocks.placement.owner, [], []
+        for s in scheduled:
+            for i in s.seq.loads:
+                entries.append((owner(i), s.seq.blocks[i], s.seq.block_hashes[i]))
+                where.append((s.seq.seq_id, i))
+        failed: dict[int, int] = {}
+        for j in self.executor.call(KVLoad(entries)).failed:
+            seq_id, i = where[j]
+            failed[seq_id] = min(i, failed.get(seq_id, i))
+        out = []
+        for s in scheduled:
+            seq = s.seq
+            if not seq.loads:
+                out.append(s)
+                continue
+            planned = len(seq.loads) * self.config.block_size
+            first = "scheduled" not in self.requests[seq.seq_id].metrics  # its first admission
+            loaded = self.blocks.loaded(seq, failed.get(seq.seq_id))
+            if first:
+                seq.num_stored_tokens = loaded
+                seq.num_cached_tokens = max(0, (seq.num_cached_tokens or 0) - (planned - loaded))
+            if seq.seq_id in failed:
+                seq.num_computed_tokens = start = failed[seq.seq_id] * self.config.block_size
+                s = ScheduledSeq(seq, start, s.num_new, decode=False)
+            out.append(s)
+        return out
 
     def _seq_step(self, s: ScheduledSeq) -> SeqStep:
         seq, end = s.seq, s.start + s.num_new
@@ -302,6 +339,7 @@ class LLMEngine:
             finished=req.detok.finished,
             metrics=metrics,
             num_cached_tokens=seq.num_cached_tokens or 0,
+            num_stored_tokens=seq.num_stored_tokens,
         )
 
     def pop_delta(self, rid: int) -> str:
@@ -329,6 +367,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.blocks.prefix_queries,
             prefix_cache_hits=self.blocks.prefix_hits,
+            kv_store_hits=self.blocks.store_hits,
             sp_bytes_sent=list(self._bytes_sent),
         )
 

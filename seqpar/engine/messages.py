@@ -32,6 +32,21 @@ class Step:
     seqs: list[SeqStep]
     strategy: str  # prefill attention over the caches: ring (pass-KV), pass_q or allgather
     finished: list[int] = field(default_factory=list)  # sequences gone since the last step: drop their state
+    # (SP rank, physical block, chained hash) of blocks this step fills: their owner writes them to the
+    # KV store after the step (kv_store_dir)
+    kv_save: list[tuple[int, int, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class KVLoad:
+    """Before a step: fill these blocks (SP rank, physical block, chained hash) from the KV store."""
+
+    blocks: list[tuple[int, int, bytes]]
+
+
+@dataclass
+class KVLoadResult:
+    failed: list[int]  # indices into KVLoad.blocks that some rank could not load (missing or bad file)
 
 
 @dataclass

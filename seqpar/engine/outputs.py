@@ -57,6 +57,7 @@ class RequestOutput:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Prompt tokens whose KV came from the prefix cache instead of being computed (vLLM's field).
     num_cached_tokens: int = 0
+    num_stored_tokens: int = 0  # of those, loaded from the KV store (kv_store_dir)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class EngineStats:
     num_preemptions: int = 0  # cumulative
     prefix_cache_queries: int = 0  # cumulative prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # cumulative prompt tokens found there
+    kv_store_hits: int = 0  # cumulative prompt tokens loaded from the KV store (kv_store_dir)
     sp_bytes_sent: list[int] = field(default_factory=list)  # cumulative bytes each SP rank sent
 
 

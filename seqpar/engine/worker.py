@@ -29,13 +29,14 @@ from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.decode_graph import StaticDecode
 from seqpar.engine.kv_cache import KVCache
-from seqpar.engine.messages import Sampled, Step, StepResult
+from seqpar.engine.kv_store import RankStore
+from seqpar.engine.messages import KVLoad, KVLoadResult, Sampled, Step, StepResult
 from seqpar.engine.parallel import ShardedModel
 from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
 from seqpar.engine.step_plan import StepPlan
 from seqpar.kernels.decode import DecodeBatch
-from seqpar.kernels.invariant import vocab_slices
 from seqpar.kernels.gpu.paged import PagedDecode, triton_usable
+from seqpar.kernels.invariant import vocab_slices
 from seqpar.model import deterministic as det
 from seqpar.model import load_config
 from seqpar.model.compiled import compile_tiles
@@ -90,6 +91,8 @@ class Worker:
             config.device,
         )
         self.device = torch.device(config.device)
+        # kv_store_dir: this rank's folder of full blocks (written in the background after steps)
+        self.kv_store = RankStore(config, self.mesh.sp_rank, self.mesh.tp_rank) if config.kv_store_dir else None
         self.scale = mc.head_dim**-0.5
         # Pass-KV messages (a rank's cached K/V of a step, per layer) through shared memory too.
         self.kv_exchange = None
@@ -334,6 +337,11 @@ class Worker:
         return merged
 
     def execute(self, msg: Step) -> StepResult:
+        if isinstance(msg, KVLoad) and self.kv_store is not None:
+            return KVLoadResult(self.kv_store.load(self.cache, msg))
         if not isinstance(msg, Step):
             raise TypeError(f"unknown engine message {type(msg).__name__}")
-        return self.step(msg)
+        result = self.step(msg)
+        if msg.kv_save and self.kv_store is not None:  # the blocks' K/V copied now, written in the background
+            self.kv_store.save(self.cache, msg.kv_save)
+        return result

@@ -1,0 +1,274 @@
+"""A second tier for full KV blocks: files in a local directory, so a long document is prefilled
+once, not after every restart (`kv_store_dir`, bounded by `kv_store_gb`).
+
+A block's file is named by its chained hash (`block_manager.chain_hash`: every token up to the
+block's end) under a fingerprint of everything else that changes its bits (model files, dtype,
+RoPE scaling, block size, placement, SP and TP degrees, deterministic mode, device), one folder
+per rank: `DIR/<fingerprint>/rank<r>/<hash hex>.kv`. The rank that holds a block writes it, on a
+background thread (a step never waits on the disk), through a temporary file and an atomic rename;
+the driver only asks `os.path.exists` which following blocks are there, and the ranks load them.
+A file that fails any check is deleted and counts as a miss: the block is computed again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import queue
+import struct
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqpar.model.loader import resolve_model
+
+if TYPE_CHECKING:
+    from seqpar.engine.config import EngineConfig
+    from seqpar.engine.kv_cache import KVCache
+    from seqpar.engine.messages import KVLoad
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SPKV"
+VERSION = 1
+_HEAD = struct.Struct("<4sII")  # magic, format version, bytes of the JSON header that follows
+SUFFIX = ".kv"
+
+
+class BadBlock(ValueError):
+    """A block file that must not be used (damaged, truncated, or written for something else)."""
+
+
+def fingerprint(config: EngineConfig) -> str:
+    """What a block's bits depend on besides its tokens; a new value means a new folder (old files
+    age out by the size bound). `config.dtype` must be resolved (not auto)."""
+    path = resolve_model(config.model)
+    weights = [] if path.is_file() else [f for f in path.iterdir() if f.suffix == ".safetensors"]
+    files = [path] if path.is_file() else sorted([*weights, path / "config.json"])
+    model = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    parts = {
+        "format": VERSION,
+        "model": model,
+        "dtype": config.dtype,
+        "rope_scaling": config.rope_scaling,
+        "block_size": config.block_size,
+        "shard_blocks": config.shard_blocks,
+        "scheme": config.scheme,
+        "sp": config.sp_size,
+        "tp": config.tp_size,
+        "deterministic": config.enable_deterministic_inference,
+        "device": config.device,
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def rank_dir(root: str, fp: str, sp_rank: int, tp_rank: int = 0, tp_size: int = 1) -> Path:
+    name = f"rank{sp_rank}" if tp_size == 1 else f"rank{sp_rank}-tp{tp_rank}"
+    return Path(root).expanduser() / fp / name
+
+
+def encode(fp: str, h: bytes, k: Tensor, v: Tensor) -> bytes:
+    """A block file: header (magic, version, JSON: fingerprint, hash, shape, dtype, payload size and
+    checksum), then K and V raw."""
+    payload = k.contiguous().view(torch.uint8).numpy().tobytes() + v.contiguous().view(torch.uint8).numpy().tobytes()
+    meta = {
+        "fingerprint": fp,
+        "hash": h.hex(),
+        "shape": list(k.shape),
+        "dtype": str(k.dtype).removeprefix("torch."),
+        "payload": len(payload),
+        "blake2b": hashlib.blake2b(payload, digest_size=16).hexdigest(),
+    }
+    head = json.dumps(meta, sort_keys=True).encode()
+    return _HEAD.pack(MAGIC, VERSION, len(head)) + head + payload
+
+
+def decode(data: bytes, fp: str, h: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """K, V of a block file, or BadBlock: every field must be what this reader expects."""
+    if len(data) < _HEAD.size:
+        raise BadBlock("truncated header")
+    magic, version, n = _HEAD.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise BadBlock(f"magic {magic!r} version {version}")
+    try:
+        meta = json.loads(data[_HEAD.size : _HEAD.size + n])
+    except ValueError:
+        raise BadBlock("unreadable header") from None
+    payload = data[_HEAD.size + n :]
+    want = {"fingerprint": fp, "hash": h.hex(), "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+    for key, val in want.items():
+        if not isinstance(meta, dict) or meta.get(key) != val:
+            raise BadBlock(f"{key}: {meta.get(key) if isinstance(meta, dict) else meta!r}, expected {val!r}")
+    half = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if meta.get("payload") != 2 * half or len(payload) != 2 * half:
+        raise BadBlock(f"payload of {len(payload)} bytes, expected {2 * half}")
+    if hashlib.blake2b(payload, digest_size=16).hexdigest() != meta.get("blake2b"):
+        raise BadBlock("checksum mismatch")
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    return raw[:half].view(dtype).reshape(shape), raw[half:].view(dtype).reshape(shape)
+
+
+def evict(root: str, max_bytes: int) -> int:
+    """Delete the least recently used block files (by mtime: loads touch theirs) of every fingerprint
+    under `root` until they fit `max_bytes`; returns the bytes left. Files gone meanwhile (another
+    rank evicting) are skipped."""
+    files = []
+    for f in Path(root).expanduser().glob(f"*/rank*/*{SUFFIX}"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        files.append((st.st_mtime_ns, st.st_size, f))
+    total = sum(size for _, size, _ in files)
+    for _, size, f in sorted(files, key=lambda t: t[0]):
+        if total <= max_bytes:
+            break
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+        total -= size
+    return total
+
+
+class DriverStore:
+    """The driver's view: which blocks are on disk (existence only; the ranks verify on load)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.root, self.fp, self.tp_size = config.kv_store_dir, fingerprint(config), config.tp_size
+        self.dirs = [
+            [rank_dir(self.root, self.fp, r, t, config.tp_size) for t in range(config.tp_size)]
+            for r in range(config.sp_size)
+        ]
+
+    def has(self, sp_rank: int, h: bytes) -> bool:
+        name = h.hex() + SUFFIX
+        return all(os.path.exists(d / name) for d in self.dirs[sp_rank])
+
+
+class RankStore:
+    """One rank's folder: blocks written in the background, loaded and checked on demand."""
+
+    def __init__(self, config: EngineConfig, sp_rank: int, tp_rank: int = 0) -> None:
+        self.root, self.fp = config.kv_store_dir, fingerprint(config)
+        self.dir = rank_dir(self.root, self.fp, sp_rank, tp_rank, config.tp_size)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.sp_rank, self.block_size = sp_rank, config.block_size
+        self.max_bytes = int(config.kv_store_gb * 2**30)
+        # Every rank writes into the same bound, but each sees only its own writes until it rescans:
+        # assume the others write as much, so the bound is checked no later than it is crossed.
+        self.writers = config.world_size
+        self.estimate = evict(self.root, self.max_bytes)
+        self.pending: set[bytes] = set()
+        # Copies waiting for the disk are held in memory: past this many bytes new blocks are skipped
+        # (a cache may forget; a step never waits and the rank never runs out of memory).
+        self.max_queued, self.queued, self._lock = 1 << 30, 0, threading.Lock()
+        self.stats = {"written": 0, "loaded": 0, "missing": 0, "bad": 0}
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._writer, name="kv-store-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # a shut-down engine's last blocks still reach the disk
+
+    def path(self, h: bytes) -> Path:
+        return self.dir / (h.hex() + SUFFIX)
+
+    def save(self, cache: KVCache, blocks: list[tuple[int, int, bytes]]) -> None:
+        """Queue this rank's blocks of (sp rank, physical block, hash): copied out now (the cache
+        slots may be reused by the next step), written later."""
+        bs = self.block_size
+        for r, b, h in blocks:
+            if r != self.sp_rank or h in self.pending or self.queued > self.max_queued or self.path(h).exists():
+                continue
+            k = cache.k[:, :, b * bs : (b + 1) * bs].to("cpu", copy=True)
+            v = cache.v[:, :, b * bs : (b + 1) * bs].to("cpu", copy=True)
+            self.pending.add(h)
+            with self._lock:
+                self.queued += 2 * k.nbytes
+            self._queue.put((h, k, v))
+
+    def _writer(self) -> None:
+        while (item := self._queue.get()) is not None:
+            h, k, v = item
+            try:
+                self._write(h, k, v)
+            except OSError as e:  # a full or read-only disk costs recomputation, never a step
+                log.warning("kv store: could not write %s: %s", self.path(h), e)
+            finally:
+                with self._lock:
+                    self.queued -= 2 * k.nbytes
+                self.pending.discard(h)
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _write(self, h: bytes, k: Tensor, v: Tensor) -> None:
+        path = self.path(h)
+        if path.exists():
+            return
+        data = encode(self.fp, h, k, v)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # readers see the whole file or none
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.stats["written"] += 1
+        self.estimate += len(data) * self.writers
+        if self.estimate > self.max_bytes:
+            self.estimate = evict(self.root, self.max_bytes)
+
+    def flush(self) -> None:
+        """Wait until every queued block is on disk."""
+        self._queue.join()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def load_one(self, cache: KVCache, b: int, h: bytes) -> bool:
+        """Block `b` of the cache from the file of hash `h`; False (and a bad file deleted) if it cannot be."""
+        path, bs = self.path(h), self.block_size
+        shape = (cache.k.shape[0], cache.k.shape[1], bs, cache.k.shape[3])
+        try:
+            data = path.read_bytes()
+        except OSError:
+            self.stats["missing"] += 1
+            return False
+        try:
+            k, v = decode(data, self.fp, h, shape, cache.dtype)
+        except BadBlock as e:
+            log.warning("kv store: %s ignored (%s)", path, e)
+            self.stats["bad"] += 1
+            path.unlink(missing_ok=True)
+            return False
+        with torch.no_grad():
+            cache.k[:, :, b * bs : (b + 1) * bs] = k.to(cache.k.device)
+            cache.v[:, :, b * bs : (b + 1) * bs] = v.to(cache.v.device)
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass
+        self.stats["loaded"] += 1
+        return True
+
+    def load(self, cache: KVCache, msg: KVLoad) -> list[int]:
+        """Load this rank's entries of `msg.blocks`; every rank learns which entries failed anywhere
+        (a collective: every rank runs it)."""
+        failed = [j for j, (r, b, h) in enumerate(msg.blocks) if r == self.sp_rank and not self.load_one(cache, b, h)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            every: list[list[int] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(every, failed)
+            failed = sorted({j for part in every for j in part or []})
+        return failed

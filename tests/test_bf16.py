@@ -69,17 +69,17 @@ def test_sp_in_bf16_stays_close_to_sp1(llama):
 
 
 @pytest.mark.slow
-def test_needle_in_bf16_at_sp2_and_sp3_answers_as_sp1():
+def test_needle_in_bf16_at_sp2_answers_as_sp1():
+    # SP 3 in bf16: test_sp_in_bf16_stays_close_to_sp1 (a third engine here cost ~28 s of the suite)
     from seqpar.cli import demo
 
     doc, _, _ = demo.document()
     params = SamplingParams(temperature=0.0, max_tokens=demo.MAX_TOKENS, stop=["\n"], logprobs=TOP)
     outs = {}
-    for sp in (1, 2, 3):
+    for sp in (1, 2):
         with LLM("smollm2-135m", sp_size=sp, dtype="bfloat16", kv_cache_gb=0.1) as llm:
             prompt = llm.chat_prompt(demo.conversation(doc))
             outs[sp] = llm.generate([prompt], params)[0].outputs[0]
     assert demo.CODE in outs[1].text
-    for sp in (2, 3):
-        assert outs[sp].text == outs[1].text
-        check_logprobs_close(outs[1], outs[sp], f"SP {sp}")
+    assert outs[2].text == outs[1].text
+    check_logprobs_close(outs[1], outs[2], "SP 2")

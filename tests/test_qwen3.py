@@ -125,12 +125,12 @@ def qwen3_tied(tmp_path_factory):
 
 
 # SP 1, 2 and 4 (prompts of 1 and 3 tokens: shorter than the world), TP 2 (heads sharded, norms
-# replicated); decode with packed q/k/v (decode_split) and without.
+# replicated, tied embeddings); decode with the MLP split over the ranks (SP 4: decode_split's default)
+# and without (SP 2).
 @pytest.mark.parametrize(
     "fixture, engine",
     [
         ("qwen3", dict(sp_size=1, strategy="ring")),
-        ("qwen3_tied", dict(sp_size=2, strategy="pass_q", decode_split=True)),
         ("qwen3", dict(sp_size=2, strategy="ring", decode_split=False, max_num_batched_tokens=3)),
         ("qwen3", dict(sp_size=4, strategy="allgather", decode_merge="tree")),
         ("qwen3_tied", dict(sp_size=1, tp_size=2, strategy="ring")),

@@ -316,6 +316,10 @@ class AsyncLLM:
             prefix_cache_queries=b.prefix_cache_queries + s.prefix_cache_queries,
             prefix_cache_hits=b.prefix_cache_hits + s.prefix_cache_hits,
             kv_store_hits=b.kv_store_hits + s.kv_store_hits,
+            kv_store_misses=b.kv_store_misses + s.kv_store_misses,
+            kv_store_bytes_read=b.kv_store_bytes_read + s.kv_store_bytes_read,
+            kv_store_bytes_written=b.kv_store_bytes_written + s.kv_store_bytes_written,
+            kv_store_load_seconds=b.kv_store_load_seconds + s.kv_store_load_seconds,
             sp_bytes_sent=_add(b.sp_bytes_sent, s.sp_bytes_sent),
         )
 

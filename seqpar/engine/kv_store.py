@@ -27,12 +27,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from seqpar.model import load_config
 from seqpar.model.loader import resolve_model
 
 if TYPE_CHECKING:
     from seqpar.engine.config import EngineConfig
     from seqpar.engine.kv_cache import KVCache
     from seqpar.engine.messages import KVLoad
+    from seqpar.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +141,57 @@ def evict(root: str, max_bytes: int) -> int:
     return total
 
 
-class DriverStore:
-    """The driver's view: which blocks are on disk (existence only; the ranks verify on load)."""
+def sweep_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writers that died mid-write (kill -9): never renamed, so never
+    read, but they would hold disk space outside the size bound forever."""
+    for f in folder.glob("*.tmp*"):
+        try:
+            os.kill(int(f.suffix.removeprefix(".tmp")), 0)
+        except (ValueError, ProcessLookupError):
+            f.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's process
+            pass
 
-    def __init__(self, config: EngineConfig) -> None:
+
+class DriverStore:
+    """The driver's view: which blocks are on disk (existence only; the ranks verify on load), and the
+    store's counters for metrics, kept here because the driver sends every load and every write."""
+
+    def __init__(self, config: EngineConfig, mc: ModelConfig | None = None) -> None:
         self.root, self.fp, self.tp_size = config.kv_store_dir, fingerprint(config), config.tp_size
         self.dirs = [
             [rank_dir(self.root, self.fp, r, t, config.tp_size) for t in range(config.tp_size)]
             for r in range(config.sp_size)
         ]
+        mc = mc or load_config(config.model, config.rope_scaling)
+        zeros = torch.zeros(mc.num_layers, mc.num_kv_heads // config.tp_size, config.block_size, mc.head_dim)
+        zeros = zeros.to(config.torch_dtype)
+        # A block's files (one per TP rank): the header's length does not depend on the K/V in it.
+        self.file_bytes = len(encode(self.fp, bytes(16), zeros, zeros)) * config.tp_size
+        self.misses = self.bytes_read = self.bytes_written = 0  # misses: listed blocks that failed to load
+        self.load_seconds = 0.0
+
+    def new_blocks(self, entries: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+        """The (SP rank, physical block, hash) entries not on disk yet: only those are sent to be
+        written (counted as written; a rank whose disk refuses one logs it)."""
+        out = [e for e in entries if not self.has(e[0], e[2])]
+        self.bytes_written += len(out) * self.file_bytes
+        return out
+
+    def counters(self) -> dict[str, int | float]:
+        """EngineStats' fields of the store (besides kv_store_hits, the block manager's)."""
+        return {
+            "kv_store_misses": self.misses,
+            "kv_store_bytes_read": self.bytes_read,
+            "kv_store_bytes_written": self.bytes_written,
+            "kv_store_load_seconds": self.load_seconds,
+        }
+
+    def loaded(self, listed: int, failed: int, seconds: float) -> None:
+        """Count one KVLoad: `listed` blocks asked for, `failed` of them missing or damaged."""
+        self.misses += failed
+        self.bytes_read += (listed - failed) * self.file_bytes
+        self.load_seconds += seconds
 
     def has(self, sp_rank: int, h: bytes) -> bool:
         name = h.hex() + SUFFIX
@@ -167,6 +211,7 @@ class RankStore:
         # assume the others write as much, so the bound is checked no later than it is crossed.
         self.writers = config.world_size
         self.estimate = evict(self.root, self.max_bytes)
+        sweep_temporaries(self.dir)
         self.pending: set[bytes] = set()
         # Copies waiting for the disk are held in memory: past this many bytes new blocks are skipped
         # (a cache may forget; a step never waits and the rank never runs out of memory).

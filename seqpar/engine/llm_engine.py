@@ -92,7 +92,7 @@ class LLMEngine:
                 f"kv_cache_gb={config.kv_cache_gb} holds {self.capacity} tokens per sequence; give it more"
             )
         # The second tier (kv_store.py): files the ranks write and load; the driver only asks which exist.
-        self.kv_store = DriverStore(config) if config.kv_store_dir else None
+        self.kv_store = DriverStore(config, mc) if config.kv_store_dir else None
         self.blocks = BlockManager(placement, self.num_blocks, config.enable_prefix_caching, self.kv_store)
         budget = config.max_num_batched_tokens
         self.scheduler = Scheduler(
@@ -180,7 +180,9 @@ class LLMEngine:
         strategy, predicted = self._strategy(scheduled)
         msg = Step([self._seq_step(s) for s in scheduled], strategy, self._gone)
         if self.kv_store is not None:
-            msg.kv_save = [e for s in scheduled for e in self.blocks.filled_blocks(s.seq, s.start + s.num_new)]
+            msg.kv_save = self.kv_store.new_blocks(
+                [e for s in scheduled for e in self.blocks.filled_blocks(s.seq, s.start + s.num_new)]
+            )
         self._gone = []
         t0 = time.perf_counter()
         result = self.executor.call(msg, on_progress)
@@ -222,7 +224,10 @@ class LLMEngine:
                 entries.append((owner(i), s.seq.blocks[i], s.seq.block_hashes[i]))
                 where.append((s.seq.seq_id, i))
         failed: dict[int, int] = {}
-        for j in self.executor.call(KVLoad(entries)).failed:
+        t0 = time.perf_counter()
+        result = self.executor.call(KVLoad(entries))
+        self.kv_store.loaded(len(entries), len(result.failed), time.perf_counter() - t0)
+        for j in result.failed:
             seq_id, i = where[j]
             failed[seq_id] = min(i, failed.get(seq_id, i))
         out = []
@@ -368,6 +373,7 @@ class LLMEngine:
             prefix_cache_queries=self.blocks.prefix_queries,
             prefix_cache_hits=self.blocks.prefix_hits,
             kv_store_hits=self.blocks.store_hits,
+            **(self.kv_store.counters() if self.kv_store is not None else {}),
             sp_bytes_sent=list(self._bytes_sent),
         )
 

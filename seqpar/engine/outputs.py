@@ -71,6 +71,10 @@ class EngineStats:
     prefix_cache_queries: int = 0  # cumulative prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # cumulative prompt tokens found there
     kv_store_hits: int = 0  # cumulative prompt tokens loaded from the KV store (kv_store_dir)
+    kv_store_misses: int = 0  # cumulative stored blocks that could not be loaded (damaged or gone): recomputed
+    kv_store_bytes_read: int = 0  # cumulative bytes of block files loaded
+    kv_store_bytes_written: int = 0  # cumulative bytes of block files sent to be written (in the background)
+    kv_store_load_seconds: float = 0.0  # cumulative seconds the driver waited for the ranks' loads
     sp_bytes_sent: list[int] = field(default_factory=list)  # cumulative bytes each SP rank sent
 
 

@@ -145,7 +145,9 @@ class _Job:
     def _usage(self, finals: list[RequestUpdate]) -> dict:
         us = [usage(u.output) for u in finals]
         total = {k: sum(u[k] for u in us) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        total["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"] for u in us)}
+        total["prompt_tokens_details"] = {
+            k: sum(u["prompt_tokens_details"][k] for u in us) for k in ("cached_tokens", "stored_tokens")
+        }
         return total
 
     async def complete(self) -> JSONResponse:

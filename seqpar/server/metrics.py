@@ -81,6 +81,22 @@ class _EngineCollector(Collector):
             "seqpar:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries
         )
         yield counter("seqpar:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        # The KV store (--kv-store-dir): zero without one.
+        yield counter("seqpar:kv_store_hits", "Prompt tokens loaded from the KV store.", s.kv_store_hits)
+        yield counter(
+            "seqpar:kv_store_misses",
+            "Stored blocks that could not be loaded (damaged, truncated, foreign or gone) and were recomputed.",
+            s.kv_store_misses,
+        )
+        yield counter("seqpar:kv_store_read_bytes", "Bytes of block files loaded.", s.kv_store_bytes_read)
+        yield counter(
+            "seqpar:kv_store_written_bytes",
+            "Bytes of block files sent to the ranks to write (in the background).",
+            s.kv_store_bytes_written,
+        )
+        yield counter(
+            "seqpar:kv_store_load_seconds", "Seconds steps waited for blocks to load.", s.kv_store_load_seconds
+        )
         yield counter(
             "seqpar:engine_restarts", "Times the engine rebuilt itself after a failure.", self.engine.num_restarts
         )

@@ -179,7 +179,9 @@ def usage(out: RequestOutput) -> dict:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
+        # cached_tokens counts both tiers, as vLLM's clients expect; stored_tokens: those loaded from
+        # the KV store (--kv-store-dir) rather than found in the running engine's cache
+        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens, "stored_tokens": out.num_stored_tokens},
     }
 
 

@@ -77,20 +77,30 @@ def rank_dir(root: str, fp: str, sp_rank: int, tp_rank: int = 0, tp_size: int = 
     return Path(root).expanduser() / fp / name
 
 
-def encode(fp: str, h: bytes, k: Tensor, v: Tensor) -> bytes:
-    """A block file: header (magic, version, JSON: fingerprint, hash, shape, dtype, payload size and
-    checksum), then K and V raw."""
-    payload = k.contiguous().view(torch.uint8).numpy().tobytes() + v.contiguous().view(torch.uint8).numpy().tobytes()
+def encode_parts(fp: str, h: bytes, k: Tensor, v: Tensor) -> list[memoryview | bytes]:
+    """A block file as the buffers to write one after the other: header (magic, version, JSON:
+    fingerprint, hash, shape, dtype, payload size and checksum), then K and V raw. K and V are not
+    copied into one payload: hashing and writing views of them keep the writer thread's own work
+    (and its hold on the GIL, which the rank's step needs) small."""
+    parts = [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in (k, v)]
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part)  # releases the GIL for buffers this size
     meta = {
         "fingerprint": fp,
         "hash": h.hex(),
         "shape": list(k.shape),
         "dtype": str(k.dtype).removeprefix("torch."),
-        "payload": len(payload),
-        "blake2b": hashlib.blake2b(payload, digest_size=16).hexdigest(),
+        "payload": sum(p.nbytes for p in parts),
+        "blake2b": digest.hexdigest(),
     }
     head = json.dumps(meta, sort_keys=True).encode()
-    return _HEAD.pack(MAGIC, VERSION, len(head)) + head + payload
+    return [_HEAD.pack(MAGIC, VERSION, len(head)) + head, *parts]
+
+
+def encode(fp: str, h: bytes, k: Tensor, v: Tensor) -> bytes:
+    """A block file's bytes (`encode_parts` joined)."""
+    return b"".join(encode_parts(fp, h, k, v))
 
 
 def decode(data: bytes, fp: str, h: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -257,19 +267,20 @@ class RankStore:
         path = self.path(h)
         if path.exists():
             return
-        data = encode(self.fp, h, k, v)
+        parts = encode_parts(self.fp, h, k, v)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
+            # No fsync: os.replace gives readers the whole file or none (kill -9 included); what a power
+            # loss could tear, the checksum refuses on reading. An fsync per block is work on the cores
+            # the running decode needs, for durability alone.
             with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # readers see the whole file or none
+                f.writelines(parts)
+            os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
         self.stats["written"] += 1
-        self.estimate += len(data) * self.writers
+        self.estimate += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts) * self.writers
         if self.estimate > self.max_bytes:
             self.estimate = evict(self.root, self.max_bytes)
 

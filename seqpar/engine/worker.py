@@ -341,7 +341,13 @@ class Worker:
             return KVLoadResult(self.kv_store.load(self.cache, msg))
         if not isinstance(msg, Step):
             raise TypeError(f"unknown engine message {type(msg).__name__}")
-        result = self.step(msg)
-        if msg.kv_save and self.kv_store is not None:  # the blocks' K/V copied now, written in the background
+        if self.kv_store is None:
+            return self.step(msg)
+        self.kv_store.idle.clear()  # the store's writer waits for the step to end
+        try:
+            result = self.step(msg)
+        finally:
+            self.kv_store.idle.set()
+        if msg.kv_save:  # the blocks' K/V copied now, written in the background
             self.kv_store.save(self.cache, msg.kv_save)
         return result

@@ -6,8 +6,9 @@ block's end) under a fingerprint of everything else that changes its bits (model
 RoPE scaling, block size, placement, SP and TP degrees, deterministic mode, device), one folder
 per rank: `DIR/<fingerprint>/rank<r>/<hash hex>.kv`. The rank that holds a block writes it, on a
 background thread between steps (a step never waits on the disk, and at most one block's write runs
-into a step), through a temporary file and an atomic rename; the driver only asks `os.path.exists` which following blocks are there, and the ranks load them.
-A file that fails any check is deleted and counts as a miss: the block is computed again.
+into a step), through a temporary file and an atomic rename; the driver only asks `os.path.exists`
+which following blocks are there, and the ranks load them. A file that fails any check is deleted
+and counts as a miss: the block is computed again.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def test_static_step_matches_the_model_over_the_same_cache(use_triton):
     slots = [ps[p // PAGE] * PAGE + p % PAGE for ps, p in zip(pages, positions)]
     for n in (3, 4, 1):  # 3 rows pad to the bucket of 4; then a smaller step after a larger one
         before = ours.k.clone()
-        out = step.run(ids[:n], positions[:n], slots[:n], pages[:n])
+        out = step.run(ids[:n], positions[:n], slots[:n], pages[:n], [p + 1 for p in positions[:n]])
         want = _dense_step(model, ref, ids[:n], positions[:n], slots[:n], pages[:n])
         torch.testing.assert_close(out.logits, want, atol=1e-4, rtol=0)
         assert torch.equal(out.greedy, want.argmax(-1))
@@ -101,4 +101,4 @@ def test_too_many_rows_is_a_clear_error():
     cache = KVCache(cfg.num_layers, NUM_BLOCKS + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
     step = StaticDecode(model, cache, PAGE, 8, 2, NUM_BLOCKS * PAGE, 0.3, False, False)
     with pytest.raises(ValueError, match="at most 2"):
-        step.run([1, 2, 3], [0, 0, 0], [0, 4, 8], [[0], [1], [2]])
+        step.run([1, 2, 3], [0, 0, 0], [0, 4, 8], [[0], [1], [2]], [1, 1, 1])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from seqpar.kernels.attention import reference_block
-from seqpar.kernels.gpu.paged import paged_decode_torch, triton_usable
+from seqpar.kernels.gpu.paged import page_table, paged_decode_torch, triton_usable
 from seqpar.kernels.merge import merge_many
 
 triton_decode = pytest.importorskip("seqpar.kernels.gpu.triton_decode", reason="Triton is not installed")
@@ -40,13 +40,6 @@ def _case(lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype, seed: 
     return q, k, v, pages
 
 
-def _table(pages: list[list[int]]) -> torch.Tensor:
-    table = torch.zeros(len(pages), max(1, max(map(len, pages))), dtype=torch.int32)
-    for b, p in enumerate(pages):
-        table[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
-    return table
-
-
 def _reference(q, k, v, pages, lens, scale):
     """Each row alone, dense, fp32; a row with no key: out 0, lse -inf."""
     outs, lses = [], []
@@ -65,7 +58,7 @@ def _reference(q, k, v, pages, lens, scale):
 
 
 def _run(kernel, q, k, v, pages, lens, scale, splits):
-    t, n = _table(pages).to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    t, n = page_table(pages).to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     if kernel == "torch":
         out, lse = paged_decode_torch(q, k, v, t, n, PAGE, scale)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from seqpar.engine.kv_cache import KVCache
-from seqpar.kernels.gpu.paged import decode_attention, num_splits
+from seqpar.kernels.gpu.paged import decode_attention, num_splits, page_table
 from seqpar.model.llama import LlamaForCausalLM
 
 
@@ -97,24 +97,24 @@ class StaticDecode:
         logprob = logits.gather(1, greedy[:, None])[:, 0] - logits.logsumexp(dim=-1)
         return DecodeOut(logits, greedy, logprob)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], pages: list[list[int]]) -> DecodeOut:
+    def run(
+        self, ids: list[int], positions: list[int], slots: list[int], pages: list[list[int]], lens: list[int]
+    ) -> DecodeOut:
         """One decode step of n = len(ids) rows; row b writes its new K/V at slots[b] and attends
-        over its pages' first positions[b] + 1 keys (the new one included)."""
+        over the first lens[b] keys of its pages (the new one included)."""
         n = len(ids)
         rows = self.bucket(n)
-        width = max(len(p) for p in pages)
-        if width > self.table.shape[1]:
-            raise ValueError(f"a decode row holds {width} blocks; the static table has {self.table.shape[1]}")
         # Host-side staging in one tensor per buffer, then one copy each: padding rows included,
         # so what a previous, larger step left there is overwritten.
-        table = torch.zeros(rows, width, dtype=torch.int32)
-        for b, p in enumerate(pages):
-            table[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
+        table = page_table(pages, rows)
+        width = table.shape[1]
+        if width > self.table.shape[1]:
+            raise ValueError(f"a decode row holds {width} blocks; the static table has {self.table.shape[1]}")
         pad = rows - n
         self.ids[:rows].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.positions[:rows].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slots[:rows].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
-        self.lens[:rows].copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32))
+        self.lens[:rows].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32))
         self.table[:rows, :width].copy_(table, non_blocking=True)
         if self.capture and rows not in self.graphs:
             try:

@@ -143,14 +143,12 @@ class Worker:
     def step(self, msg: Step) -> StepResult:
         cfg, mesh = self.config, self.mesh
         plan = StepPlan(msg, self.placement, mesh.sp_rank)
+        nd = len(plan.decode)
+        if nd and not plan.prefill and self.static_decode is not None:
+            return self._static_step(msg, plan)  # reads the plan on the host: before plan.to
         if self.device.type != "cpu":
             plan.to(self.device)
-        nd = len(plan.decode)
         num_layers = self.model.config.num_layers
-        # CPU: every decode row in one flash call per length bucket (kernels/decode.py), the
-        # gather index and masks built once for all layers.
-        if nd and not plan.prefill and self.static_decode is not None:
-            return self._static_step(msg, plan)
         # Every decode row in one call per layer: on CPU the flash kernel per length bucket
         # (kernels/decode.py), elsewhere the paged kernel over a block table (kernels/gpu/paged.py).
         batch = units = None
@@ -246,10 +244,10 @@ class Worker:
         """A decode-only step through the static buffers (one graph replay on CUDA). Rows that
         sample greedily without log-probs or banned tokens take the token chosen on the device
         (one small copy back); the others' logits go to the sampler as in any step."""
-        bs = self.config.block_size
-        slots = [s.blocks[s.start // bs] * bs + s.start % bs for s in plan.decode]
         with torch.inference_mode():
-            out = self.static_decode.run(plan.ids, [s.start for s in plan.decode], slots, plan.decode_pages)
+            out = self.static_decode.run(
+                plan.ids, plan.positions.tolist(), plan.write_slots.tolist(), plan.decode_pages, plan.decode_lens
+            )
             picked = torch.stack([out.greedy.double(), out.logprob.double()]).cpu()  # [2, n]
         result = StepResult(comm_bytes=[0])
         for j, s in enumerate(plan.decode):

@@ -16,6 +16,7 @@ The CPU engine keeps its own decode kernel (`decode.py`: the CPU flash kernel pe
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -40,6 +41,15 @@ def paged_decode_torch(
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = torch.einsum("hbgl,hbld->hbgd", probs, v)
     return out.transpose(0, 1).reshape(bsz, hq, d), lse.transpose(0, 1).reshape(bsz, hq)
+
+
+def page_table(pages: list[list[int]], rows: int | None = None) -> Tensor:
+    """Rows' pages as a block table [rows, widest] int32 on the host, zero past each row's pages (and in
+    rows past `pages`: padding rows of a static step)."""
+    table = torch.zeros(len(pages) if rows is None else rows, max(map(len, pages), default=0) or 1, dtype=torch.int32)
+    for b, p in enumerate(pages):
+        table[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
+    return table
 
 
 def num_splits(rows: int, kv_heads: int, device: torch.device, most: int = 64) -> int:
@@ -76,8 +86,6 @@ def triton_usable(device: torch.device) -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    import os
-
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -86,11 +94,7 @@ class PagedDecode:
     GPU's counterpart of `decode.DecodeBatch`, with the same `attend`)."""
 
     def __init__(self, pages: list[list[int]], lens: list[int], page: int, device: torch.device, kv_heads: int):
-        width = max((len(p) for p in pages), default=0) or 1
-        table = torch.zeros(len(pages), width, dtype=torch.int32)
-        for b, p in enumerate(pages):
-            table[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
-        self.table = table.to(device)
+        self.table = page_table(pages).to(device)
         self.lens = torch.tensor(lens, dtype=torch.int32).to(device)
         self.page = page
         self.splits = num_splits(len(pages), kv_heads, device)

@@ -245,7 +245,9 @@ class RankStore:
         slots may be reused by the next step), written later."""
         bs = self.block_size
         for r, b, h in blocks:
-            if r != self.sp_rank or h in self.pending or self.queued > self.max_queued or self.path(h).exists():
+            # no stat here: the driver sent only blocks not on disk (DriverStore.new_blocks), and the
+            # writer checks again before writing
+            if r != self.sp_rank or h in self.pending or self.queued > self.max_queued:
                 continue
             k = cache.k[:, :, b * bs : (b + 1) * bs].to("cpu", copy=True)
             v = cache.v[:, :, b * bs : (b + 1) * bs].to("cpu", copy=True)

@@ -14,6 +14,9 @@ import torch
 
 from seqpar.engine.decode_graph import StaticDecode, buckets
 from seqpar.engine.kv_cache import KVCache
+from seqpar.engine.messages import SeqStep, Step
+from seqpar.engine.placement import Placement
+from seqpar.engine.step_plan import StepPlan
 from seqpar.kernels.attention import reference_block
 from seqpar.kernels.gpu.paged import triton_usable
 from seqpar.model.config import ModelConfig
@@ -102,3 +105,25 @@ def test_too_many_rows_is_a_clear_error():
     step = StaticDecode(model, cache, PAGE, 8, 2, NUM_BLOCKS * PAGE, 0.3, False, False)
     with pytest.raises(ValueError, match="at most 2"):
         step.run([1, 2, 3], [0, 0, 0], [0, 4, 8], [[0], [1], [2]], [1, 1, 1])
+
+
+@pytest.mark.parametrize("world, scheme", [(1, "snake"), (2, "snake"), (3, "striped"), (4, "snake")])
+def test_decode_table_names_the_same_keys_as_the_slots(world, scheme):
+    """The GPU's view of a rank's decode keys (pages and a count: only the last page partial) lists
+    exactly the storage slots the CPU's view holds, in key order, for rows of every length (0 keys
+    on a rank, one partial block, many shard units)."""
+    placement = Placement(world, PAGE, 2, scheme)
+    used = [0] * world
+    seqs = []
+    for j, start in enumerate([0, 3, 7, 8, 29, 61]):
+        blocks = []
+        for i in range(start // PAGE + 1):  # each logical block on its owner's next free block
+            blocks.append(used[placement.owner(i)])
+            used[placement.owner(i)] += 1
+        seqs.append(SeqStep(j, [5], start, blocks, True, True, start))
+    for rank in range(world):
+        plan = StepPlan(Step(seqs, "ring"), placement, rank)
+        pages, lens = plan.decode_table()
+        for slots, ps, n in zip(plan.decode_slots, pages, lens):
+            from_pages = [p * PAGE + o for p in ps for o in range(PAGE)][:n]
+            assert from_pages == slots.tolist() and len(ps) == -(-n // PAGE)

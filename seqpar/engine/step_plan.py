@@ -46,12 +46,10 @@ class StepPlan:
         self.decode = [s for s in msg.seqs if s.decode]
         self.prefill = [s for s in msg.seqs if not s.decode]
         # Decode rows: queries replicated; keys are every cached position of the sequence on this
-        # rank, all visible to its one query. Two views of them: the storage slots of each row (the
-        # CPU's DecodeBatch) and its pages, in key order, with their count (the GPU's block table:
-        # only a sequence's last block is partial, so only a row's last page here can be).
+        # rank, all visible to its one query, as the storage slots of each row (the CPU's DecodeBatch;
+        # the GPU's block table is `decode_table`).
+        self.placement, self.me = placement, me
         self.decode_slots: list[Tensor] = []
-        self.decode_pages: list[list[int]] = []
-        self.decode_lens: list[int] = []
         write_rows, write_slots = [], []
         for j, s in enumerate(self.decode):
             runs: list[Run] = []
@@ -62,9 +60,6 @@ class StepPlan:
                 else:
                     runs.append(run)
             self.decode_slots.append(_slots(runs))
-            mine = [i for i in range(blocks_needed(s.start + 1, bs)) if placement.owner(i) == me]
-            self.decode_pages.append([s.blocks[i] for i in mine])
-            self.decode_lens.append(sum(min(bs, s.start + 1 - i * bs) for i in mine))
             if placement.owner(s.start // bs) == me:
                 write_rows.append(j)
                 write_slots.append(s.blocks[s.start // bs] * bs + s.start % bs)
@@ -112,6 +107,18 @@ class StepPlan:
                 row += r.length
             packed.append(TokenLayout.from_runs(joined))
         self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, slot_ranges(k_runs[me]))
+
+    def decode_table(self) -> tuple[list[list[int]], list[int]]:
+        """Each decode row's pages on this rank, in key order, and its key count there (the GPU's block
+        table; only a sequence's last block is partial, so only a row's last page here can be). Built
+        on demand: a loop over every block of every row, which the CPU's decode never needs."""
+        pages, lens = [], []
+        bs, owner = self.placement.block_size, self.placement.owner
+        for s in self.decode:
+            mine = [i for i in range(blocks_needed(s.start + 1, bs)) if owner(i) == self.me]
+            pages.append([s.blocks[i] for i in mine])
+            lens.append(sum(min(bs, s.start + 1 - i * bs) for i in mine))
+        return pages, lens
 
     def to(self, device: torch.device) -> None:
         """Move what indexes the model's inputs and the cache to `device`. Layouts stay on the host:

@@ -157,9 +157,7 @@ class Worker:
         elif nd and self.device.type == "cpu":
             batch = DecodeBatch(plan.decode_slots, self.decode_workspace)
         elif nd:
-            batch = PagedDecode(
-                plan.decode_pages, plan.decode_lens, cfg.block_size, self.device, self.cache.num_kv_heads
-            )
+            batch = PagedDecode(*plan.decode_table(), cfg.block_size, self.device, self.cache.num_kv_heads)
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
@@ -246,7 +244,7 @@ class Worker:
         (one small copy back); the others' logits go to the sampler as in any step."""
         with torch.inference_mode():
             out = self.static_decode.run(
-                plan.ids, plan.positions.tolist(), plan.write_slots.tolist(), plan.decode_pages, plan.decode_lens
+                plan.ids, plan.positions.tolist(), plan.write_slots.tolist(), *plan.decode_table()
             )
             picked = torch.stack([out.greedy.double(), out.logprob.double()]).cpu()  # [2, n]
         result = StepResult(comm_bytes=[0])

@@ -14,6 +14,7 @@ and counts as a miss: the block is computed again.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -257,6 +258,11 @@ class RankStore:
             self._queue.put((h, k, v))
 
     def _writer(self) -> None:
+        # The lowest CPU priority for this thread alone (Linux takes a thread id here): a write still
+        # running when the next step starts yields the core to the step's threads (hashing and file
+        # writes release the GIL). Elsewhere the thread keeps the process's priority.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (item := self._queue.get()) is not None:
             h, k, v = item
             self.idle.wait()

@@ -1,11 +1,16 @@
 """The KV store (`kv_store_dir`): a document prefilled once, against prefilling it again.
 
-    python scripts/kv_store_bench.py SP [ROUNDS] [PARTS]     # e.g. 1 2, then 2 2; PARTS: decode,restart
+    python scripts/kv_store_bench.py SP [ROUNDS] [PARTS]  # e.g. 1 2, then 2 2; PARTS: decode,restart,serve
 
 Default model, `dtype` auto, default engine options otherwise, through `seqpar.LLM` (a restart is a
-new `LLM` over the same folder: new rank processes, an empty paged cache, the store kept; what a
-`seqpar serve` restart does, less HTTP). Every engine first runs one unrelated 1,100-token prompt
+new `LLM` over the same folder: new rank processes, an empty paged cache, the store kept), or for
+`serve` through `seqpar serve` itself. Every engine first runs one unrelated 1,100-token prompt
 (compiled tiles warm), so TTFTs are the document's alone. Per round:
+0. serve: `python -m seqpar serve --sp SP --dtype float32 --kv-store-dir D` on a free port, the same
+   document and question through the `openai` client (streamed: TTFT is the first chunk's arrival),
+   the server stopped (SIGTERM) and started again over D, the same request: TTFT against the cold
+   one, and the 16 answer tokens and their log-probs compared (fp32, so any difference shows);
+   `serve_det`: the same with `--enable-deterministic-inference`.
 1. restart: a 7,900-token document (seqpar/data/harrowmere.txt's tokens repeated) and a question,
    cold (an empty store), then in a new engine over the same folder; the greedy tokens must be equal.
 2. evicted: a paged cache of ~1.1 documents of 4,000 tokens (`kv_cache_gb` from the model's block
@@ -17,10 +22,16 @@ Prints each round, the medians and the ratios against the issue's targets.
 """
 
 import json
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from importlib import resources
+
+import openai
 
 from seqpar import LLM, SamplingParams
 from seqpar.bench.prompts import make_prompt
@@ -56,6 +67,68 @@ def restart(sp: int) -> dict:
             warm, b = ttft(llm, prompt)
     same = a.outputs[0].token_ids == b.outputs[0].token_ids
     return {"cold_s": cold, "restart_s": warm, "restart_stored": b.num_stored_tokens, "same_tokens": same}
+
+
+def _serve(sp: int, store: str, *extra: str) -> tuple[subprocess.Popen, openai.OpenAI]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["--port", str(port), "--sp", str(sp), "--dtype", "float32", "--kv-store-dir", store, *extra]
+    proc = subprocess.Popen([sys.executable, "-m", "seqpar", "serve", *args], stdout=subprocess.DEVNULL)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300, max_retries=0)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("seqpar serve did not start") from None
+            time.sleep(0.5)
+    return proc, client
+
+
+def _ask(client: openai.OpenAI, prompt: list[int]) -> tuple[float, list, list, int]:
+    """(TTFT s, answer tokens, their log-probs, prompt tokens the store gave) of a streamed request."""
+    t0, first, tokens, lps, stored = time.perf_counter(), None, [], [], 0
+    model = client.models.list().data[0].id
+    stream = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=ANSWER.max_tokens,
+        temperature=0,
+        logprobs=1,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    for chunk in stream:
+        if chunk.choices and first is None:
+            first = time.perf_counter() - t0
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                lps += c.logprobs.token_logprobs
+        if chunk.usage is not None and chunk.usage.prompt_tokens_details is not None:
+            stored = getattr(chunk.usage.prompt_tokens_details, "stored_tokens", 0) or 0
+    return first, tokens, lps, stored
+
+
+def serve_restart(sp: int, *extra: str) -> dict:
+    prompt = (BOOK * 3)[:7900] + QUESTIONS[0]
+    got = []
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(2):  # cold, then after a restart over the same folder
+            proc, client = _serve(sp, d, *extra)
+            try:
+                _ask(client, WARM)
+                got.append(_ask(client, prompt))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+    (cold, a, la, _), (warm, b, lb, stored) = got
+    diff = max((abs(x - y) for x, y in zip(la, lb)), default=float("inf"))
+    return {"cold_s": cold, "restart_s": warm, "restart_stored": stored, "same_tokens": a == b, "max_lp_diff": diff}
 
 
 def evicted(sp: int) -> dict:
@@ -96,7 +169,7 @@ def main() -> None:
     asks = ("Who keeps the ledger?", "What happened at the mill?", "Where does the road end?")
     QUESTIONS = [TOK.encode(f"\n\nQuestion: {q}\nAnswer:", add_special_tokens=False) for q in asks]
     print(f"SP {sp}: the book is {len(BOOK)} tokens", flush=True)
-    rows: dict[str, list] = {"restart": [], "evicted": [], "decode": []}
+    rows: dict[str, list] = {"restart": [], "evicted": [], "decode": [], "serve": []}
     with tempfile.TemporaryDirectory() as d:
         llms = {"off": engine(sp), "on": engine(sp, kv_store_dir=d)} if "decode" in parts else {}
         rounds_decode = rounds if llms else 0
@@ -107,6 +180,9 @@ def main() -> None:
             print(f"round {r} decode ms/token:", rows["decode"][-1], flush=True)
         for llm in llms.values():
             llm.shutdown()
+    for r in range(rounds if "serve" in parts or "serve_det" in parts else 0):
+        rows["serve"].append(serve_restart(sp, *(["--enable-deterministic-inference"] if "serve_det" in parts else [])))
+        print(f"round {r} serve restart:", rows["serve"][-1], flush=True)
     for r in range(rounds if "restart" in parts else 0):
         rows["restart"].append(restart(sp))
         print(f"round {r} restart:", rows["restart"][-1], flush=True)
@@ -117,6 +193,16 @@ def main() -> None:
         off = statistics.median(x["off"] for x in rows["decode"])
         on = statistics.median(x["on"] for x in rows["decode"])
         summary |= {"decode_ms_off": round(off, 2), "decode_ms_on": round(on, 2), "decode_on_over_off": on / off}
+    if rows["serve"]:
+        cold = statistics.median(x["cold_s"] for x in rows["serve"])
+        warm = statistics.median(x["restart_s"] for x in rows["serve"])
+        summary |= {
+            "serve_cold_ttft_s": round(cold, 3),
+            "serve_restart_ttft_s": round(warm, 3),
+            "serve_restart_over_cold": warm / cold,
+            "serve_same_tokens": all(x["same_tokens"] for x in rows["serve"]),
+            "serve_max_logprob_diff": max(x["max_lp_diff"] for x in rows["serve"]),
+        }
     if rows["restart"]:
         cold = statistics.median(x["cold_s"] for x in rows["restart"])
         warm = statistics.median(x["restart_s"] for x in rows["restart"])
@@ -131,8 +217,10 @@ def main() -> None:
             "evicted_return_over_cold_max": max(ret),
             "evicted_return_stored_tokens": statistics.median(n for x in rows["evicted"] for n in x["return_stored"]),
         }
-    print(f"SP {sp} medians:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
+    shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in summary.items()}
+    print(f"SP {sp} medians:", json.dumps(shown))
     targets = [
+        ("serve restart <= 0.1x cold", "serve_restart_over_cold", 0.1),
         ("restart <= 0.1x cold", "restart_over_cold", 0.1),
         ("evicted return <= 0.15x cold", "evicted_return_over_cold_max", 0.15),
         ("decode <= 1.05x", "decode_on_over_off", 1.05),

@@ -173,3 +173,68 @@ def test_bad_files_are_recomputed(model, tmp_path):
     assert [_bits(o) for o in warm] == [_bits(o) for o in cold]
     for f in (truncated, flipped, foreign):  # recomputed, and written again whole
         decode(f.read_bytes(), fp, bytes.fromhex(f.stem), (2, 2, BS, 8), torch.float32)
+
+
+# ---- host memory (kv_store_host_gb) ------------------------------------------------------------
+def test_host_tier_follows_the_driver(model):
+    """The driver's mirror decides: blocks copied as they fill, the least recently used dropped, a
+    lookup makes a block the most recently used; the rank holds exactly what the mirror says."""
+    config = EngineConfig(model=model, kv_store_host_gb=1.0, **OPTS)
+    driver, store, cache = DriverStore(config), RankStore(config, 0), _Cache(8)
+    driver.host_capacity = 3  # blocks per rank
+    hs = [bytes([i]) * 16 for i in range(6)]
+    save, drop = driver.plan_saves([(0, i, hs[i]) for i in range(3)])
+    assert len(save) == 3 and drop == []
+    store.save(cache, save, drop)
+    assert driver.has(0, hs[0])  # found: now the most recently used
+    save, drop = driver.plan_saves([(0, 3, hs[3]), (0, 4, hs[4])])
+    assert drop == [(0, hs[1]), (0, hs[2])]
+    store.save(cache, save, drop)
+    assert set(store.host) == set(driver.host[0]) == {hs[0], hs[3], hs[4]}
+    assert driver.plan_saves([(0, 3, hs[3])]) == ([], [])  # held already: nothing to copy
+    fresh = _Cache(8)
+    assert store.load_one(fresh, 7, hs[0]) and store.stats["host_loaded"] == 1
+    assert torch.equal(fresh.k[:, :, 7 * BS :], cache.k[:, :, :BS])
+    assert torch.equal(fresh.v[:, :, 7 * BS :], cache.v[:, :, :BS])
+    want = cache.k[:, :, 3 * BS : 4 * BS].clone()
+    cache.k.zero_()  # the host copy is a copy, not a view of the cache
+    assert store.load_one(fresh, 6, hs[3]) and torch.equal(fresh.k[:, :, 6 * BS : 7 * BS], want)
+    assert not store.load_one(fresh, 0, hs[1]) and store.stats["missing"] == 1  # dropped, no disk behind it
+    assert driver.counters()["kv_store_host_bytes"] == 3 * driver.host_block_bytes
+
+
+@pytest.mark.parametrize("sp", [1, 2])
+def test_host_tier_returns_evicted_documents_bit_equal(model, tmp_path, sp):
+    """A cache too small for two documents, asked about in turn: each return loads its prefix from host
+    memory (nothing on disk), with the bits of the request alone; a host tier too small for a document
+    leaves the rest to the disk behind it."""
+    docs = [_prompt(20 + i, 181) for i in range(2)]
+    small = {**OPTS, "kv_cache_gb": 64 * 1024 / sp / 2**30}  # 64 blocks of this model over the ranks
+    alone = {}
+    for i, doc in enumerate(docs):
+        with LLM(model=model, sp_size=sp, **small) as llm:
+            alone[i] = _bits(llm.generate([doc], GREEDY)[0])
+    stored = (len(docs[0]) - 1) // BS * BS
+    with LLM(model=model, sp_size=sp, kv_store_host_gb=1.0, **small) as llm:
+        assert llm.engine.capacity < 2 * len(docs[0])  # the cache cannot hold both
+        outs = [llm.generate([docs[i % 2]], GREEDY)[0] for i in range(4)]
+        stats = llm.engine.stats()
+    assert [_bits(o) for o in outs] == [alone[i % 2] for i in range(4)]
+    # a return finds the head of its document still cached (tails are evicted first), the rest in host memory
+    assert [o.num_cached_tokens for o in outs] == [0, 0, stored, stored]
+    host = [o.num_host_tokens for o in outs]
+    assert host == [o.num_stored_tokens for o in outs] and host[:2] == [0, 0] and min(host[2:]) > 0
+    assert stats.kv_store_host_hits == sum(host) // BS and stats.kv_store_bytes_read == 0
+    # a host tier of 50 blocks in front of the disk, after a restart: blocks loaded from disk are copied
+    # to host memory too; a document evicted from both tiers in part comes back from both
+    opts = dict(model=model, sp_size=sp, kv_store_dir=str(tmp_path), **small)
+    with LLM(**opts) as llm:
+        llm.generate(docs, GREEDY)  # both documents on disk (the writes finish as the engine closes)
+    with LLM(**opts, kv_store_host_gb=1.0) as llm:
+        llm.engine.kv_store.host_capacity = 50 // sp  # per rank
+        outs = [llm.generate([docs[i % 2]], GREEDY)[0] for i in range(3)]
+    assert [_bits(o) for o in outs] == [alone[i % 2] for i in range(3)]
+    assert [(o.num_stored_tokens, o.num_host_tokens) for o in outs[:2]] == [(stored, 0)] * 2  # all from disk
+    # the third: docs[0]'s head still in the cache, the middle (dropped from host memory by docs[1]'s
+    # blocks) from disk, the last blocks from host memory
+    assert outs[2].num_cached_tokens == stored and 0 < outs[2].num_host_tokens < outs[2].num_stored_tokens

@@ -66,6 +66,7 @@ def test_restart_serves_the_stored_prefix(model, tmp_path):
         warm, usage = _ask(s, prompt)
         assert warm == cold
         assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens_details.stored_tokens == stored
+        assert usage.prompt_tokens_details.host_tokens == 0  # all from disk: no host memory tier here
         assert s.metric("seqpar:kv_store_hits_total") == stored
         assert s.metric("seqpar:kv_store_misses_total") == 0
         assert s.metric("seqpar:kv_store_read_bytes_total") > 0 and s.metric("seqpar:kv_store_load_seconds_total") > 0

@@ -320,6 +320,8 @@ class AsyncLLM:
             kv_store_bytes_read=b.kv_store_bytes_read + s.kv_store_bytes_read,
             kv_store_bytes_written=b.kv_store_bytes_written + s.kv_store_bytes_written,
             kv_store_load_seconds=b.kv_store_load_seconds + s.kv_store_load_seconds,
+            kv_store_host_hits=b.kv_store_host_hits + s.kv_store_host_hits,
+            kv_store_host_bytes_written=b.kv_store_host_bytes_written + s.kv_store_host_bytes_written,
             sp_bytes_sent=_add(b.sp_bytes_sent, s.sp_bytes_sent),
         )
 

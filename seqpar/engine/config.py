@@ -144,6 +144,12 @@ class EngineConfig:
     kv_store_gb: float = opt(
         16.0, "the KV store's size bound, GiB; least recently used files deleted first (default: %(default)s)"
     )
+    kv_store_host_gb: float = opt(
+        0.0,
+        "keep full KV blocks in this much host memory too (GiB over all ranks; the tier a GPU rank offloads "
+        "to), looked up before --kv-store-dir and kept until the next restart; least recently used out "
+        "first (default: off)",
+    )
     device: str = opt(
         "cpu",
         "where ranks keep the model and KV cache: cpu (gloo) or cuda (NCCL, rank i on GPU i of its host; "
@@ -200,6 +206,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if self.kv_store_gb <= 0:
             raise ValueError(f"kv_store_gb must be > 0, got {self.kv_store_gb}")
+        if self.kv_store_host_gb < 0:
+            raise ValueError(f"kv_store_host_gb must be >= 0 (0: off), got {self.kv_store_host_gb}")
+        if self.kv_store_host_gb > 0 and not self.enable_prefix_caching:
+            raise ValueError(
+                "kv_store_host_gb needs enable_prefix_caching: stored blocks are found by their prefix hash"
+            )
         if self.kv_store_dir is not None:
             if not self.enable_prefix_caching:
                 raise ValueError(

@@ -1,5 +1,12 @@
-"""A second tier for full KV blocks: files in a local directory, so a long document is prefilled
-once, not after every restart (`kv_store_dir`, bounded by `kv_store_gb`).
+"""Tiers for full KV blocks beyond the paged cache: host memory (`kv_store_host_gb`, the tier a GPU
+rank offloads to) and files in a local directory, so a long document is prefilled once, not after
+every restart (`kv_store_dir`, bounded by `kv_store_gb`). Either or both; a block is looked for in
+host memory first.
+
+Host memory: each rank keeps the blocks it holds as CPU tensors, keyed by chained hash. The driver
+decides what they hold: it mirrors every rank's tier as a least-recently-used list of hashes, sends
+the blocks to copy with the step that fills them and the hashes to drop when a tier is full, so its
+view is exact and a host block never fails to load.
 
 A block's file is named by its chained hash (`block_manager.chain_hash`: every token up to the
 block's end) under a fingerprint of everything else that changes its bits (model files, dtype,
@@ -22,6 +29,7 @@ import os
 import queue
 import struct
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +52,9 @@ MAGIC = b"SPKV"
 VERSION = 1
 _HEAD = struct.Struct("<4sII")  # magic, format version, bytes of the JSON header that follows
 SUFFIX = ".kv"
+
+
+Entry = tuple[int, int, bytes]  # (SP rank, physical block, chained hash)
 
 
 class BadBlock(ValueError):
@@ -166,29 +177,55 @@ def sweep_temporaries(folder: Path) -> None:
 
 
 class DriverStore:
-    """The driver's view: which blocks are on disk (existence only; the ranks verify on load), and the
-    store's counters for metrics, kept here because the driver sends every load and every write."""
+    """The driver's view: which blocks each rank holds in host memory (exactly: the driver decides), which
+    are on disk (existence only; the ranks verify on load), and the store's counters for metrics, kept
+    here because the driver sends every load and every write."""
 
     def __init__(self, config: EngineConfig, mc: ModelConfig | None = None) -> None:
-        self.root, self.fp, self.tp_size = config.kv_store_dir, fingerprint(config), config.tp_size
-        self.dirs = [
-            [rank_dir(self.root, self.fp, r, t, config.tp_size) for t in range(config.tp_size)]
-            for r in range(config.sp_size)
-        ]
+        self.root, self.tp_size = config.kv_store_dir, config.tp_size
+        self.fp = fingerprint(config) if self.root else ""
+        self.dirs = (
+            [
+                [rank_dir(self.root, self.fp, r, t, config.tp_size) for t in range(config.tp_size)]
+                for r in range(config.sp_size)
+            ]
+            if self.root
+            else None
+        )
         mc = mc or load_config(config.model, config.rope_scaling)
         zeros = torch.zeros(mc.num_layers, mc.num_kv_heads // config.tp_size, config.block_size, mc.head_dim)
         zeros = zeros.to(config.torch_dtype)
         # A block's files (one per TP rank): the header's length does not depend on the K/V in it.
         self.file_bytes = len(encode(self.fp, bytes(16), zeros, zeros)) * config.tp_size
+        # Host memory: the bound split evenly over every rank; a block takes K and V on each TP rank.
+        self.host_capacity = int(config.kv_store_host_gb * 2**30 / config.world_size) // (2 * zeros.nbytes)
+        self.host_block_bytes = 2 * zeros.nbytes * config.tp_size  # one block, all TP ranks together
+        self.host: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in range(config.sp_size)]
         self.misses = self.bytes_read = self.bytes_written = 0  # misses: listed blocks that failed to load
+        self.host_hits = self.host_bytes_written = 0  # blocks loaded from host memory; bytes copied there
         self.load_seconds = 0.0
 
-    def new_blocks(self, entries: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
-        """The (SP rank, physical block, hash) entries not on disk yet: only those are sent to be
-        written (counted as written; a rank whose disk refuses one logs it)."""
-        out = [e for e in entries if not self.has(e[0], e[2])]
-        self.bytes_written += len(out) * self.file_bytes
-        return out
+    def plan_saves(self, entries: list[Entry]) -> tuple[list[Entry], list[tuple[int, bytes]]]:
+        """Of the (SP rank, physical block, hash) entries a step fills: those some tier lacks (the ranks
+        copy them out after the step), and the (SP rank, hash) blocks host memory drops to make room,
+        least recently used first (applied after the copies). Disk writes are counted as sent (a rank
+        whose disk refuses one logs it)."""
+        save, drop = [], []
+        for r, b, h in entries:
+            to_host = self.host_capacity > 0 and h not in self.host[r]
+            to_disk = self.dirs is not None and not self._on_disk(r, h)
+            if to_host or to_disk:
+                save.append((r, b, h))
+            if to_disk:
+                self.bytes_written += self.file_bytes
+            if self.host_capacity > 0:
+                if to_host:
+                    self.host_bytes_written += self.host_block_bytes
+                self.host[r][h] = None
+                self.host[r].move_to_end(h)
+                while len(self.host[r]) > self.host_capacity:
+                    drop.append((r, self.host[r].popitem(last=False)[0]))
+        return save, drop
 
     def counters(self) -> dict[str, int | float]:
         """EngineStats' fields of the store (besides kv_store_hits, the block manager's)."""
@@ -197,27 +234,51 @@ class DriverStore:
             "kv_store_bytes_read": self.bytes_read,
             "kv_store_bytes_written": self.bytes_written,
             "kv_store_load_seconds": self.load_seconds,
+            "kv_store_host_hits": self.host_hits,
+            "kv_store_host_bytes": sum(map(len, self.host)) * self.host_block_bytes,
+            "kv_store_host_bytes_written": self.host_bytes_written,
         }
 
-    def loaded(self, listed: int, failed: int, seconds: float) -> None:
-        """Count one KVLoad: `listed` blocks asked for, `failed` of them missing or damaged."""
+    def loaded(self, listed: int, failed: int, host: int, seconds: float) -> None:
+        """Count one KVLoad: `listed` blocks asked for, `host` of them held in host memory, `failed` of
+        the others missing or damaged on disk."""
         self.misses += failed
-        self.bytes_read += (listed - failed) * self.file_bytes
+        self.host_hits += host
+        self.bytes_read += (listed - host - failed) * self.file_bytes
         self.load_seconds += seconds
 
+    def in_host(self, sp_rank: int, h: bytes) -> bool:
+        return h in self.host[sp_rank]
+
     def has(self, sp_rank: int, h: bytes) -> bool:
+        """Whether rank `sp_rank` can load block `h`; a block found in host memory becomes its most
+        recently used (it is about to be loaded)."""
+        if h in self.host[sp_rank]:
+            self.host[sp_rank].move_to_end(h)
+            return True
+        return self.dirs is not None and self._on_disk(sp_rank, h)
+
+    def _on_disk(self, sp_rank: int, h: bytes) -> bool:
         name = h.hex() + SUFFIX
         return all(os.path.exists(d / name) for d in self.dirs[sp_rank])
 
 
 class RankStore:
-    """One rank's folder: blocks written in the background, loaded and checked on demand."""
+    """One rank's tiers: its blocks in host memory (what the driver says to keep), and its folder,
+    written in the background, loaded and checked on demand."""
 
     def __init__(self, config: EngineConfig, sp_rank: int, tp_rank: int = 0) -> None:
-        self.root, self.fp = config.kv_store_dir, fingerprint(config)
+        self.sp_rank, self.block_size = sp_rank, config.block_size
+        self.host: dict[bytes, tuple[Tensor, Tensor]] | None = {} if config.kv_store_host_gb > 0 else None
+        self.stats = {"written": 0, "loaded": 0, "missing": 0, "bad": 0, "host_loaded": 0}
+        self.idle = threading.Event()
+        self.idle.set()
+        self.root = config.kv_store_dir
+        if self.root is None:
+            return
+        self.fp = fingerprint(config)
         self.dir = rank_dir(self.root, self.fp, sp_rank, tp_rank, config.tp_size)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.sp_rank, self.block_size = sp_rank, config.block_size
         self.max_bytes = int(config.kv_store_gb * 2**30)
         # Every rank writes into the same bound, but each sees only its own writes until it rescans:
         # assume the others write as much, so the bound is checked no later than it is crossed.
@@ -228,12 +289,9 @@ class RankStore:
         # Copies waiting for the disk are held in memory: past this many bytes new blocks are skipped
         # (a cache may forget; a step never waits and the rank never runs out of memory).
         self.max_queued, self.queued, self._lock = 1 << 30, 0, threading.Lock()
-        self.stats = {"written": 0, "loaded": 0, "missing": 0, "bad": 0}
         self._queue: queue.Queue = queue.Queue()
-        # Set between steps: the writer hashes and writes only then, so it never takes a core from a
-        # step's parallel regions (a decode on 2 cores ran 3-9% slower while writes overlapped it).
-        self.idle = threading.Event()
-        self.idle.set()
+        # `idle` is set between steps: the writer hashes and writes only then, so it never takes a core
+        # from a step's parallel regions (a decode on 2 cores ran 3-9% slower while writes overlapped it).
         self._thread = threading.Thread(target=self._writer, name="kv-store-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)  # a shut-down engine's last blocks still reach the disk
@@ -241,21 +299,30 @@ class RankStore:
     def path(self, h: bytes) -> Path:
         return self.dir / (h.hex() + SUFFIX)
 
-    def save(self, cache: KVCache, blocks: list[tuple[int, int, bytes]]) -> None:
-        """Queue this rank's blocks of (sp rank, physical block, hash): copied out now (the cache
-        slots may be reused by the next step), written later."""
+    def save(self, cache: KVCache, blocks: list[tuple[int, int, bytes]], drop: list[tuple[int, bytes]] = ()) -> None:
+        """This rank's blocks of (sp rank, physical block, hash): copied out now (the cache slots may be
+        reused by the next step) into host memory and the disk's queue; then host memory drops `drop`'s
+        (sp rank, hash) blocks (the driver's choice)."""
         bs = self.block_size
         for r, b, h in blocks:
-            # no stat here: the driver sent only blocks not on disk (DriverStore.new_blocks), and the
-            # writer checks again before writing
-            if r != self.sp_rank or h in self.pending or self.queued > self.max_queued:
+            if r != self.sp_rank:
                 continue
-            k = cache.k[:, :, b * bs : (b + 1) * bs].to("cpu", copy=True)
-            v = cache.v[:, :, b * bs : (b + 1) * bs].to("cpu", copy=True)
+            kv = self.host.get(h) if self.host is not None else None
+            if kv is None:
+                kv = tuple(t[:, :, b * bs : (b + 1) * bs].to("cpu", copy=True) for t in (cache.k, cache.v))
+            if self.host is not None:
+                self.host[h] = kv
+            # no stat here: the driver sent only blocks not on disk (DriverStore.plan_saves), and the
+            # writer checks again before writing
+            if self.root is None or h in self.pending or self.queued > self.max_queued:
+                continue
             self.pending.add(h)
             with self._lock:
-                self.queued += 2 * k.nbytes
-            self._queue.put((h, k, v))
+                self.queued += 2 * kv[0].nbytes
+            self._queue.put((h, *kv))
+        for r, h in drop:
+            if r == self.sp_rank and self.host is not None:
+                self.host.pop(h, None)
 
     def _writer(self) -> None:
         # The lowest CPU priority for this thread alone (Linux takes a thread id here): a write still
@@ -300,16 +367,29 @@ class RankStore:
 
     def flush(self) -> None:
         """Wait until every queued block is on disk."""
-        self._queue.join()
+        if self.root is not None:
+            self._queue.join()
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        if self.root is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
 
     def load_one(self, cache: KVCache, b: int, h: bytes) -> bool:
-        """Block `b` of the cache from the file of hash `h`; False (and a bad file deleted) if it cannot be."""
-        path, bs = self.path(h), self.block_size
+        """Block `b` of the cache from host memory, else from the file of hash `h`; False (and a bad file
+        deleted) if it cannot be."""
+        bs = self.block_size
+        kv = self.host.get(h) if self.host is not None else None
+        if kv is not None:
+            with torch.no_grad():
+                cache.k[:, :, b * bs : (b + 1) * bs] = kv[0].to(cache.k.device)
+                cache.v[:, :, b * bs : (b + 1) * bs] = kv[1].to(cache.v.device)
+            self.stats["host_loaded"] += 1
+            return True
+        if self.root is None:
+            self.stats["missing"] += 1
+            return False
+        path = self.path(h)
         shape = (cache.k.shape[0], cache.k.shape[1], bs, cache.k.shape[3])
         try:
             data = path.read_bytes()

@@ -91,8 +91,9 @@ class LLMEngine:
             raise ValueError(
                 f"kv_cache_gb={config.kv_cache_gb} holds {self.capacity} tokens per sequence; give it more"
             )
-        # The second tier (kv_store.py): files the ranks write and load; the driver only asks which exist.
-        self.kv_store = DriverStore(config, mc) if config.kv_store_dir else None
+        # The store's tiers (kv_store.py): host memory the driver tracks, files whose existence it asks.
+        store = config.kv_store_dir or config.kv_store_host_gb > 0
+        self.kv_store = DriverStore(config, mc) if store else None
         self.blocks = BlockManager(placement, self.num_blocks, config.enable_prefix_caching, self.kv_store)
         budget = config.max_num_batched_tokens
         self.scheduler = Scheduler(
@@ -172,16 +173,17 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        promoted: list[tuple[int, int, bytes]] = []  # blocks loaded from disk, copied to host memory after the step
         if any(s.seq.loads for s in scheduled):
-            scheduled = self._load_stored(scheduled)
+            scheduled = self._load_stored(scheduled, promoted)
         now = time.monotonic()
         for s in scheduled:
             self.requests[s.seq.seq_id].metrics.setdefault("scheduled", now)
         strategy, predicted = self._strategy(scheduled)
         msg = Step([self._seq_step(s) for s in scheduled], strategy, self._gone)
         if self.kv_store is not None:
-            msg.kv_save = self.kv_store.new_blocks(
-                [e for s in scheduled for e in self.blocks.filled_blocks(s.seq, s.start + s.num_new)]
+            msg.kv_save, msg.kv_drop = self.kv_store.plan_saves(
+                promoted + [e for s in scheduled for e in self.blocks.filled_blocks(s.seq, s.start + s.num_new)]
             )
         self._gone = []
         t0 = time.perf_counter()
@@ -215,21 +217,29 @@ class LLMEngine:
                 observe(record)
         return produced
 
-    def _load_stored(self, scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
+    def _load_stored(self, scheduled: list[ScheduledSeq], promoted: list) -> list[ScheduledSeq]:
         """Have the ranks fill the blocks admission found in the KV store; a sequence whose load failed
-        somewhere computes from its first failed block instead (the same tokens this step)."""
+        somewhere computes from its first failed block instead (the same tokens this step). The blocks
+        kept that came from disk are added to `promoted`: host memory takes them after the step."""
         owner, entries, where = self.blocks.placement.owner, [], []
         for s in scheduled:
             for i in s.seq.loads:
                 entries.append((owner(i), s.seq.blocks[i], s.seq.block_hashes[i]))
                 where.append((s.seq.seq_id, i))
+        in_host = [self.kv_store.in_host(r, h) for r, _, h in entries]
         failed: dict[int, int] = {}
         t0 = time.perf_counter()
         result = self.executor.call(KVLoad(entries))
-        self.kv_store.loaded(len(entries), len(result.failed), time.perf_counter() - t0)
+        self.kv_store.loaded(len(entries), len(result.failed), sum(in_host), time.perf_counter() - t0)
         for j in result.failed:
             seq_id, i = where[j]
             failed[seq_id] = min(i, failed.get(seq_id, i))
+        from_host: Counter[int] = Counter()  # per sequence, blocks loaded from host memory and kept
+        for entry, (seq_id, i), host in zip(entries, where, in_host):
+            if i < failed.get(seq_id, i + 1):
+                from_host[seq_id] += host
+                if not host:
+                    promoted.append(entry)
         out = []
         for s in scheduled:
             seq = s.seq
@@ -241,6 +251,7 @@ class LLMEngine:
             loaded = self.blocks.loaded(seq, failed.get(seq.seq_id))
             if first:
                 seq.num_stored_tokens = loaded
+                seq.num_host_tokens = from_host[seq.seq_id] * self.config.block_size
                 seq.num_cached_tokens = max(0, (seq.num_cached_tokens or 0) - (planned - loaded))
             if seq.seq_id in failed:
                 seq.num_computed_tokens = start = failed[seq.seq_id] * self.config.block_size
@@ -345,6 +356,7 @@ class LLMEngine:
             metrics=metrics,
             num_cached_tokens=seq.num_cached_tokens or 0,
             num_stored_tokens=seq.num_stored_tokens,
+            num_host_tokens=seq.num_host_tokens,
         )
 
     def pop_delta(self, rid: int) -> str:

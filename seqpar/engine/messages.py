@@ -32,14 +32,17 @@ class Step:
     seqs: list[SeqStep]
     strategy: str  # prefill attention over the caches: ring (pass-KV), pass_q or allgather
     finished: list[int] = field(default_factory=list)  # sequences gone since the last step: drop their state
-    # (SP rank, physical block, chained hash) of blocks this step fills: their owner writes them to the
-    # KV store after the step (kv_store_dir)
+    # (SP rank, physical block, chained hash) of blocks this step fills: their owner copies them to the
+    # KV store after the step (host memory, kv_store_dir); then host memory drops the (SP rank, hash) blocks
+    # of kv_drop
     kv_save: list[tuple[int, int, bytes]] = field(default_factory=list)
+    kv_drop: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 @dataclass
 class KVLoad:
-    """Before a step: fill these blocks (SP rank, physical block, chained hash) from the KV store."""
+    """Before a step: fill these blocks (SP rank, physical block, chained hash) from the KV store (host
+    memory first, else disk)."""
 
     blocks: list[tuple[int, int, bytes]]
 

@@ -57,7 +57,8 @@ class RequestOutput:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Prompt tokens whose KV came from the prefix cache instead of being computed (vLLM's field).
     num_cached_tokens: int = 0
-    num_stored_tokens: int = 0  # of those, loaded from the KV store (kv_store_dir)
+    num_stored_tokens: int = 0  # of those, loaded from the KV store (host memory or kv_store_dir)
+    num_host_tokens: int = 0  # of those, from host memory (kv_store_host_gb); the rest from disk
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,14 @@ class EngineStats:
     num_preemptions: int = 0  # cumulative
     prefix_cache_queries: int = 0  # cumulative prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # cumulative prompt tokens found there
-    kv_store_hits: int = 0  # cumulative prompt tokens loaded from the KV store (kv_store_dir)
+    kv_store_hits: int = 0  # cumulative prompt tokens loaded from the KV store (host memory or kv_store_dir)
     kv_store_misses: int = 0  # cumulative stored blocks that could not be loaded (damaged or gone): recomputed
     kv_store_bytes_read: int = 0  # cumulative bytes of block files loaded
     kv_store_bytes_written: int = 0  # cumulative bytes of block files sent to be written (in the background)
     kv_store_load_seconds: float = 0.0  # cumulative seconds the driver waited for the ranks' loads
+    kv_store_host_hits: int = 0  # cumulative blocks loaded from host memory (kv_store_host_gb)
+    kv_store_host_bytes: int = 0  # bytes of K/V the ranks hold in host memory now
+    kv_store_host_bytes_written: int = 0  # cumulative bytes of K/V copied to host memory
     sp_bytes_sent: list[int] = field(default_factory=list)  # cumulative bytes each SP rank sent
 
 

@@ -34,7 +34,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int | None = None  # prompt tokens reused from the prefix cache at first admission
-    num_stored_tokens: int = 0  # of those, loaded from the KV store (kv_store_dir)
+    num_stored_tokens: int = 0  # of those, loaded from the KV store (host memory or kv_store_dir)
+    num_host_tokens: int = 0  # of those, from host memory (kv_store_host_gb)
     loads: list[int] = field(default_factory=list)  # logical blocks to fill from the KV store before the next step
 
     def __post_init__(self) -> None:

@@ -92,7 +92,8 @@ class Worker:
         )
         self.device = torch.device(config.device)
         # kv_store_dir: this rank's folder of full blocks (written in the background after steps)
-        self.kv_store = RankStore(config, self.mesh.sp_rank, self.mesh.tp_rank) if config.kv_store_dir else None
+        store = config.kv_store_dir or config.kv_store_host_gb > 0
+        self.kv_store = RankStore(config, self.mesh.sp_rank, self.mesh.tp_rank) if store else None
         self.scale = mc.head_dim**-0.5
         # Pass-KV messages (a rank's cached K/V of a step, per layer) through shared memory too.
         self.kv_exchange = None
@@ -344,6 +345,6 @@ class Worker:
             result = self.step(msg)
         finally:
             self.kv_store.idle.set()
-        if msg.kv_save:  # the blocks' K/V copied now, written in the background
-            self.kv_store.save(self.cache, msg.kv_save)
+        if msg.kv_save or msg.kv_drop:  # the blocks' K/V copied now, written in the background
+            self.kv_store.save(self.cache, msg.kv_save, msg.kv_drop)
         return result

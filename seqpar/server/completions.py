@@ -146,7 +146,7 @@ class _Job:
         us = [usage(u.output) for u in finals]
         total = {k: sum(u[k] for u in us) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         total["prompt_tokens_details"] = {
-            k: sum(u["prompt_tokens_details"][k] for u in us) for k in ("cached_tokens", "stored_tokens")
+            k: sum(u["prompt_tokens_details"][k] for u in us) for k in ("cached_tokens", "stored_tokens", "host_tokens")
         }
         return total
 

@@ -81,8 +81,18 @@ class _EngineCollector(Collector):
             "seqpar:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries
         )
         yield counter("seqpar:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
-        # The KV store (--kv-store-dir): zero without one.
+        # The KV store (--kv-store-host-gb, --kv-store-dir): zero without one.
         yield counter("seqpar:kv_store_hits", "Prompt tokens loaded from the KV store.", s.kv_store_hits)
+        yield counter(
+            "seqpar:kv_store_host_hits", "Blocks loaded from the KV store's host memory.", s.kv_store_host_hits
+        )
+        yield counter(
+            "seqpar:kv_store_host_written_bytes",
+            "Bytes of K/V copied to the KV store's host memory.",
+            s.kv_store_host_bytes_written,
+        )
+        held = s.kv_store_host_bytes
+        yield gauge("seqpar:kv_store_host_bytes", "Bytes of K/V held in the KV store's host memory.", held)
         yield counter(
             "seqpar:kv_store_misses",
             "Stored blocks that could not be loaded (damaged, truncated, foreign or gone) and were recomputed.",

@@ -179,9 +179,14 @@ def usage(out: RequestOutput) -> dict:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        # cached_tokens counts both tiers, as vLLM's clients expect; stored_tokens: those loaded from
-        # the KV store (--kv-store-dir) rather than found in the running engine's cache
-        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens, "stored_tokens": out.num_stored_tokens},
+        # cached_tokens counts every tier, as vLLM's clients expect; stored_tokens: those loaded from
+        # the KV store rather than found in the running engine's cache; host_tokens: of those, the ones
+        # from host memory (--kv-store-host-gb), the rest from disk (--kv-store-dir)
+        "prompt_tokens_details": {
+            "cached_tokens": out.num_cached_tokens,
+            "stored_tokens": out.num_stored_tokens,
+            "host_tokens": out.num_host_tokens,
+        },
     }
 
 

@@ -155,11 +155,12 @@ def test_from_hf_validation_errors(changes: dict, message: str) -> None:
         ModelConfig.from_hf(_llama_dict(**changes))
 
 
-def test_mistral_sliding_window_is_refused() -> None:
+def test_mistral_sliding_window_on_every_layer() -> None:
     d = tiny_hf_model("mistral").config.to_dict()
+    assert not ModelConfig.from_hf(d).windowed  # sliding_window None: global
     d["sliding_window"] = 64
-    with pytest.raises(ConfigError, match=r"sliding_window=64 < max_position_embeddings=256"):
-        ModelConfig.from_hf(d)
+    config = ModelConfig.from_hf(d)
+    assert [config.window(i) for i in range(config.num_layers)] == [64] * config.num_layers
 
 
 def test_config_is_frozen_hashable_and_owns_its_rope_dict() -> None:

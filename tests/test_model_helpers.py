@@ -15,7 +15,7 @@ VOCAB = 101
 
 
 def tiny_hf_model(kind: str = "llama", seed: int = 0, **overrides: Any) -> nn.Module:
-    """A 2-layer random transformers model. kind: llama | qwen2 | qwen3 | mistral."""
+    """A 2-layer random transformers model. kind: llama | qwen2 | qwen3 | mistral | gemma3."""
     import transformers as tf
 
     fields: dict[str, Any] = dict(
@@ -39,6 +39,7 @@ def tiny_hf_model(kind: str = "llama", seed: int = 0, **overrides: Any) -> nn.Mo
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
     }[kind]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**fields)).eval()

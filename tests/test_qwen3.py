@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqpar.model import ConfigError, LlamaForCausalLM, ModelConfig, ModelLoadError, load_model
+from seqpar.model import LlamaForCausalLM, ModelConfig, ModelLoadError, load_model
 from seqpar.model.weights import build_model
 from test_engine import _save, check_against_hf
 from test_model_gguf import write_gguf
@@ -87,13 +87,16 @@ def test_published_config_and_key_shapes() -> None:
 
 def test_sliding_window_only_when_used() -> None:
     # A window named but switched off (many Qwen configs) is full attention.
-    assert ModelConfig.from_hf({**QWEN3_06B, "sliding_window": 4096}).architecture == "qwen3"
-    on = {**QWEN3_06B, "sliding_window": 4096, "use_sliding_window": True}
-    with pytest.raises(ConfigError, match=r"sliding-window attention is not supported yet .*use_sliding_window false"):
-        ModelConfig.from_hf(on)
-    layers = {**QWEN3_06B, "sliding_window": 4096, "layer_types": ["full_attention", "sliding_attention"]}
-    with pytest.raises(ConfigError, match=r"sliding-window attention is not supported yet"):
-        ModelConfig.from_hf(layers)
+    off = ModelConfig.from_hf({**QWEN3_06B, "sliding_window": 4096})
+    assert off.architecture == "qwen3" and not off.windowed
+    # On: the layers from max_window_layers on slide (transformers' rule), or those layer_types name.
+    on = ModelConfig.from_hf({**QWEN3_06B, "sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 20})
+    assert [on.window(i) for i in (19, 20, 27)] == [None, 4096, 4096]
+    types = ["full_attention", "sliding_attention"] * 14
+    listed = ModelConfig.from_hf(
+        {**QWEN3_06B, "sliding_window": 4096, "use_sliding_window": True, "layer_types": types}
+    )
+    assert [listed.window(i) for i in range(3)] == [None, 4096, None]
 
 
 def test_missing_norm_is_a_load_error(tmp_path: Path) -> None:

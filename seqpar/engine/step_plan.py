@@ -50,10 +50,13 @@ class StepPlan:
         # the GPU's block table is `decode_table`).
         self.placement, self.me = placement, me
         self.decode_slots: list[Tensor] = []
+        self.decode_runs: list[list[Run]] = []
         write_rows, write_slots = [], []
         for j, s in enumerate(self.decode):
             runs: list[Run] = []
-            for run in placement.key_runs(s.blocks, s.start + 1, j)[me]:
+            mine = placement.key_runs(s.blocks, s.start + 1, j)[me]
+            self.decode_runs.append(mine)  # with their positions (the joined runs below lose them)
+            for run in mine:
                 last = runs[-1] if runs else None
                 if last is not None and last.start + last.length == run.start:
                     runs[-1] = Run(last.start, last.length + run.length, j, last.pos, 1)
@@ -107,6 +110,20 @@ class StepPlan:
                 row += r.length
             packed.append(TokenLayout.from_runs(joined))
         self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, slot_ranges(k_runs[me]))
+
+    def decode_slots_within(self, window: int) -> list[Tensor]:
+        """`decode_slots` of a sliding-window layer: each row's keys at positions (p - window, p] only
+        (a rank that holds none of them has no key for the row: lse -inf, out 0, its merge weight 0)."""
+        out = []
+        for s, runs in zip(self.decode, self.decode_runs):
+            oldest = s.start - window + 1  # the first position the row's window holds
+            kept = []
+            for r in runs:
+                skip = max(0, oldest - r.pos)
+                if skip < r.length:
+                    kept.append(Run(r.start + skip, r.length - skip, r.seq, r.pos + skip, 1))
+            out.append(_slots(kept))
+        return out
 
     def decode_table(self) -> tuple[list[list[int]], list[int]]:
         """Each decode row's pages on this rank, in key order, and its key count there (the GPU's block

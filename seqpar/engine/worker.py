@@ -94,7 +94,8 @@ class Worker:
         # kv_store_dir: this rank's folder of full blocks (written in the background after steps)
         store = config.kv_store_dir or config.kv_store_host_gb > 0
         self.kv_store = RankStore(config, self.mesh.sp_rank, self.mesh.tp_rank) if store else None
-        self.scale = mc.head_dim**-0.5
+        self.scale = mc.attention_scale
+        self.windows = [mc.window(i) for i in range(mc.num_layers)]  # None: a global layer
         # Pass-KV messages (a rank's cached K/V of a step, per layer) through shared memory too.
         self.kv_exchange = None
         if self.exchange is not None:
@@ -136,6 +137,8 @@ class Worker:
         rows = -(-config.max_num_batched_tokens // config.sp_size)
         if config.enforce_eager or config.enable_deterministic_inference or rows < ROW_TILE:
             return
+        if self.model.config.architecture == "gemma3":  # its layers (four norms) run whole chunks, untiled
+            return
         seconds, why = compile_tiles(self.model)
         if dist.get_rank() == 0:
             said = f"compiled in {seconds:.1f} s" if why is None else f"eager: {why}"
@@ -153,10 +156,15 @@ class Worker:
         # Every decode row in one call per layer: on CPU the flash kernel per length bucket
         # (kernels/decode.py), elsewhere the paged kernel over a block table (kernels/gpu/paged.py).
         batch = units = None
+        batches: dict[int, DecodeBatch] = {}
         if nd and self.deterministic:
             units = self._decode_units(plan)  # the same for every layer
         elif nd and self.device.type == "cpu":
             batch = DecodeBatch(plan.decode_slots, self.decode_workspace)
+            # sliding-window layers: each row's keys within its window only (one batch per window size)
+            batches = {
+                w: DecodeBatch(plan.decode_slots_within(w), self.decode_workspace) for w in set(self.windows) - {None}
+            }
         elif nd:
             batch = PagedDecode(*plan.decode_table(), cfg.block_size, self.device, self.cache.num_kv_heads)
 
@@ -165,9 +173,9 @@ class Worker:
             kh, vh = self.cache.storage(layer)  # read in place through slot runs
             if self.deterministic:
                 return self._canonical_attention(q, kh, vh, plan, units)
-            outs = []
+            outs, window = [], self.windows[layer]
             if nd:
-                out, lse = batch.attend(q[:nd], kh, vh, self.scale)
+                out, lse = (batch if window is None else batches[window]).attend(q[:nd], kh, vh, self.scale)
                 out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange)
                 if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
                     # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
@@ -176,7 +184,16 @@ class Worker:
                 outs.append(out.to(q.dtype))
             if plan.prefill:
                 out = attention_over_cache(
-                    q[nd:], plan.q_layouts, kh, vh, plan.keys, mesh.sp_group, msg.strategy, self.scale, self.kv_exchange
+                    q[nd:],
+                    plan.q_layouts,
+                    kh,
+                    vh,
+                    plan.keys,
+                    mesh.sp_group,
+                    msg.strategy,
+                    self.scale,
+                    self.kv_exchange,
+                    window,
                 )
                 outs.append(out.to(q.dtype))
                 if self.progress is not None:

@@ -14,6 +14,11 @@ c = floor((a - b) / S) (a, b the first positions). So:
 - the rest is keys [0, d) fully visible plus a square causal block on the
   diagonal from key d, d = i0 + c. Rows past that square see every key.
 Fully masked pairs cost nothing: that is the block skipping of the causal ring.
+
+A sliding window W (`window`) adds "key position > query position - W" (transformers' rule). A
+pair then runs tile by tile over its queries, each tile against only the keys some row of it can
+see, under an explicit mask; rows that see none of the pair's keys, and pairs no row reaches, are
+skipped. A query's work is at most W + WINDOW_TILE keys, so a window layer costs T x W, not T^2 / 2.
 """
 
 from __future__ import annotations
@@ -56,6 +61,82 @@ def _fused_lse(q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float) ->
     return out[0].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
 
 
+# Query rows per masked call of a sliding-window pair: the mask is [rows, W + rows].
+WINDOW_TILE = 256
+
+
+@traced(KERNEL)
+def _masked_lse(q: Tensor, kh: Tensor, vh: Tensor, visible: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q [Lq, Hq, D] over kh/vh [Hkv, Lk, D] where visible [Lq, Lk] (every row sees a key) -> out, lse."""
+    if q.device.type != "cpu":
+        return reference_block(q, kh.transpose(0, 1), vh.transpose(0, 1), False, scale, mask=visible)
+    mask = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(0, 1).unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), 0.0, attn_mask=mask[None, None], scale=scale
+    )
+    return out[0].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
+
+
+def _attend_window_pair(
+    acc_out: Tensor,
+    acc_lse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qr: Run,
+    kr: Run,
+    scale: float,
+    window: int,
+    fresh: bool,
+) -> bool:
+    """`_attend_pair` under a sliding window: key positions in (p - window, p] for a query at p."""
+    qpos = qr.pos + qr.stride * torch.arange(qr.length)
+    kpos = kr.pos + kr.stride * torch.arange(kr.length)
+    first, last = kr.pos, _last_pos(kr)
+    # rows whose window meets the run's span at all (a contiguous range: qpos ascends)
+    lo = int(torch.searchsorted(qpos, first))  # first row with qpos >= first key
+    hi = int(torch.searchsorted(qpos, last + window))  # rows with qpos - window < last key
+    wrote = False
+    for a in range(lo, hi, WINDOW_TILE):
+        b = min(a + WINDOW_TILE, hi)
+        # keys any row of the tile sees: (qpos[a] - window, qpos[b - 1]]
+        ka = int(torch.searchsorted(kpos, qpos[a] - window, right=True))
+        kb = int(torch.searchsorted(kpos, qpos[b - 1], right=True))
+        if ka >= kb:
+            continue
+        d = qpos[a:b, None] - kpos[None, ka:kb]
+        visible = (d >= 0) & (d < window)
+        seen = visible.any(1)
+        if not bool(seen.all()):  # rows between keys of a strided run: drop them (kept contiguous)
+            idx = seen.nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            a, b = a + int(idx[0]), a + int(idx[-1]) + 1
+            visible = visible[int(idx[0]) : int(idx[-1]) + 1]
+            if not bool(visible.any(1).all()):  # rare: gaps inside; plain torch handles empty rows
+                rows = slice(qr.start + a, qr.start + b)
+                o, l = reference_block(
+                    q[rows],
+                    k[:, kr.start + ka : kr.start + kb].transpose(0, 1),
+                    v[:, kr.start + ka : kr.start + kb].transpose(0, 1),
+                    False,
+                    scale,
+                    mask=visible.to(q.device),
+                )
+                merge_into(acc_out[rows], acc_lse[rows], o, l)
+                wrote = True
+                continue
+        rows = slice(qr.start + a, qr.start + b)
+        keys = slice(kr.start + ka, kr.start + kb)
+        if bool(visible.all()):
+            o, l = _fused_lse(q[rows], k[:, keys], v[:, keys], False, scale)
+        else:
+            o, l = _masked_lse(q[rows], k[:, keys], v[:, keys], visible.to(q.device), scale)
+        _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
+        wrote = True
+    return wrote
+
+
 def reference_block(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -85,11 +166,14 @@ def _attend_pair(
     causal: bool,
     scale: float,
     fresh: bool = False,
+    window: int | None = None,
 ) -> bool:
     """Merge attention of query run `qr` over key run `kr` (k, v head-major) into the accumulators.
 
     `fresh`: nothing was merged into the run's rows yet, so the first block over each row is
     stored instead of merged. Returns whether any row was written."""
+    if window is not None:
+        return _attend_window_pair(acc_out, acc_lse, q, k, v, qr, kr, scale, window, fresh)
     qs, ks = qr.start, kr.start
     if not causal:
         rows = slice(qs, qs + qr.length)
@@ -167,11 +251,12 @@ def attend_into(
     causal: bool = True,
     scale: float | None = None,
     fresh: bool = False,
+    window: int | None = None,
 ) -> None:
     """Merge attention of q over one block of keys into running (out, lse) accumulators.
 
     k, v: [Tk, Hkv, D]. `fresh`: the accumulators hold nothing yet (lets the
-    diagonal block be stored instead of merged).
+    diagonal block be stored instead of merged). `window`: a sliding window (causal only).
     """
     _check_shapes(q, k, v, q_layout, k_layout)
     # The CPU flash kernel runs 3-6% faster on head-major contiguous K/V than on views of
@@ -187,6 +272,7 @@ def attend_into(
         causal,
         scale,
         fresh,
+        window,
     )
 
 
@@ -201,10 +287,13 @@ def attend_into_head_major(
     causal: bool = True,
     scale: float | None = None,
     fresh: bool = False,
+    window: int | None = None,
 ) -> None:
     """`attend_into` with K/V already head-major: kh, vh [Hkv, Tk, D] (as the ring ships them)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    same = causal and q_layout is k_layout
+    if window is not None and not causal:
+        raise ValueError("a sliding window needs causal attention")
+    same = causal and q_layout is k_layout and window is None
     for seq, q_runs in q_layout.by_seq.items():
         span = q_layout.ascending_span(seq) if same else None
         if span is not None:
@@ -216,7 +305,7 @@ def attend_into_head_major(
             continue
         k_runs = k_layout.by_seq.get(seq, ())
         for qr in q_runs:
-            _attend_run(acc_out, acc_lse, q, kh, vh, qr, k_runs, causal, scale, fresh)
+            _attend_run(acc_out, acc_lse, q, kh, vh, qr, k_runs, causal, scale, fresh, window)
 
 
 def _attend_run(
@@ -230,6 +319,7 @@ def _attend_run(
     causal: bool,
     scale: float,
     fresh: bool = False,
+    window: int | None = None,
 ) -> None:
     """Merge attention of query run `qr` over `k_runs` into the accumulators (`fresh`: nothing
     was merged into the run's rows yet).
@@ -240,9 +330,10 @@ def _attend_run(
     call per query run instead of one per pair of runs.
     """
     i, n = 0, len(k_runs)
+    oldest = -1 if window is None else _last_pos(qr) - window  # keys at or before it: outside some row's window
     while i < n:
         j = i
-        while j < n and (not causal or _last_pos(k_runs[j]) <= qr.pos):
+        while j < n and (not causal or (_last_pos(k_runs[j]) <= qr.pos and k_runs[j].pos > oldest)):
             if j > i and k_runs[j].start != k_runs[j - 1].start + k_runs[j - 1].length:
                 break
             j += 1
@@ -253,7 +344,7 @@ def _attend_run(
             _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
             fresh, i = False, j
         else:
-            wrote = _attend_pair(acc_out, acc_lse, q, kh, vh, qr, k_runs[i], causal, scale, fresh)
+            wrote = _attend_pair(acc_out, acc_lse, q, kh, vh, qr, k_runs[i], causal, scale, fresh, window)
             fresh = fresh and not wrote  # after the first pair that wrote, every later one merges
             i += 1
 
@@ -270,13 +361,15 @@ def attention_with_lse(
     k_layout: TokenLayout,
     causal: bool = True,
     scale: float | None = None,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Exact attention of each query over the keys of its own sequence.
+    """Exact attention of each query over the keys of its own sequence (`window`: only the keys at
+    positions (p - window, p] from a query at p).
 
     Returns out [Tq, Hq, D] in q's dtype and lse [Tq, Hq] fp32.
     """
     acc_out, acc_lse = new_accumulators(q)
-    attend_into(acc_out, acc_lse, q, k, v, q_layout, k_layout, causal, scale, fresh=True)
+    attend_into(acc_out, acc_lse, q, k, v, q_layout, k_layout, causal, scale, fresh=True, window=window)
     return acc_out.to(q.dtype), acc_lse
 
 
@@ -304,10 +397,13 @@ def reference_attention(
     k_layout: TokenLayout,
     causal: bool = True,
     scale: float | None = None,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The plain-torch definition every path is tested against: one dense masked softmax."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = q_layout.seq_ids.unsqueeze(1) == k_layout.seq_ids.unsqueeze(0)  # [Tq, Tk]
     if causal:
         mask &= k_layout.positions.unsqueeze(0) <= q_layout.positions.unsqueeze(1)
+    if window is not None:
+        mask &= k_layout.positions.unsqueeze(0) > q_layout.positions.unsqueeze(1) - window
     return reference_block(q, k, v, False, scale, mask=mask.to(q.device))

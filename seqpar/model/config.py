@@ -8,13 +8,16 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 # HF `model_type` -> our architecture name. SmolLM2 ships as model_type "llama".
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 _HF_CLASS_TO_ARCH = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
+_HF_MODEL_TYPES = {"gemma3_text": "gemma3"}
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # llama.cpp calls Mistral "llama"; the GGUF tensor layout is the same.
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # "freq_factors" is llama.cpp's way of storing llama3 scaling: a per-frequency
@@ -57,8 +60,16 @@ class ModelConfig:
     architecture: str
     o_proj_bias: bool = False  # Llama's attention_bias=True also biases o_proj; Qwen2's does not
     qk_norm: bool = False  # Qwen3: an RMSNorm over each q and k head before RoPE
+    hidden_act: str = "silu"  # the MLP's gate activation: silu (SwiGLU) or gelu_pytorch_tanh (Gemma 3)
+    # Sliding-window attention: the layers of type "sliding_attention" see the keys at positions
+    # (p - sliding_window, p] from a query at p (transformers' rule); () = every layer global.
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (no scaling); else the global
+    query_pre_attn_scalar: float | None = None  # Gemma 3: softmax scale = this ** -0.5 (else head_dim ** -0.5)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))  # hashable, whatever the caller gave
         if self.rope_scaling is not None:  # own copy: the caller's dict must not alias a frozen config
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
         for name in (
@@ -95,6 +106,40 @@ class ModelConfig:
             if not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"special token id {tok} is outside the vocabulary [0, {self.vocab_size})")
         _validate_rope_scaling(self.rope_scaling, self.head_dim)
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
+            if unknown:
+                raise ConfigError(
+                    f"layer types {unknown} are not supported; supported: sliding_attention, full_attention"
+                )
+            if "sliding_attention" in self.layer_types and not (
+                isinstance(self.sliding_window, int) and self.sliding_window > 0
+            ):
+                raise ConfigError(
+                    f"sliding_attention layers need a positive sliding_window, got {self.sliding_window!r}"
+                )
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (keys at positions (p - window, p]), None if global."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def windowed(self) -> bool:
+        """Whether any layer attends through a sliding window."""
+        return "sliding_attention" in self.layer_types
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale of every layer."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def __hash__(self) -> int:
         # Kept as a plain dict (picklable, JSON-like), so hash rope_scaling by its items.
@@ -110,25 +155,45 @@ class ModelConfig:
     def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """From a HF `config.json` dict (transformers 4.x or 5.x rope layout)."""
         arch = _hf_architecture(hf)
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
+        act = hf.get("hidden_activation" if arch == "gemma3" else "hidden_act") or hf.get("hidden_act", "silu")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"hidden_act {act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
         if hf.get("mlp_bias", False):
-            raise ConfigError("mlp_bias=True is not supported; Llama/Qwen2/Qwen3/Mistral checkpoints have none")
+            raise ConfigError("mlp_bias=True is not supported; Llama/Qwen2/Qwen3/Mistral/Gemma 3 checkpoints have none")
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if hf.get(key) is not None:
+                raise ConfigError(f"{key}={hf[key]} (Gemma 2's soft-capping) is not supported; Gemma 3 has none")
+        if hf.get("use_bidirectional_attention"):
+            raise ConfigError("use_bidirectional_attention (an embedding model) is not supported: seqpar is causal")
         window = hf.get("sliding_window")
-        # Qwen2/3 configs carry a `sliding_window` that only applies with use_sliding_window (or,
-        # transformers 5, "sliding_attention" layers); a window as long as the context changes nothing.
-        uses_window = hf.get("use_sliding_window", arch == "mistral") or "sliding_attention" in (
-            hf.get("layer_types") or ()
-        )
-        if uses_window and window is not None and window < hf["max_position_embeddings"]:
-            # Full attention past the window would silently give different tokens.
-            raise ConfigError(
-                f"sliding-window attention is not supported yet (sliding_window={window} < "
-                f"max_position_embeddings={hf['max_position_embeddings']}); use a checkpoint without a "
-                "window (Qwen2/Qwen3: use_sliding_window false)"
+        layer_types = tuple(hf.get("layer_types") or ())
+        if arch == "gemma3" and not layer_types:  # older configs: every n-th layer global
+            n = int(hf.get("sliding_window_pattern", 6))
+            layer_types = tuple(
+                "sliding_attention" if (i + 1) % n else "full_attention" for i in range(hf["num_hidden_layers"])
             )
-        # transformers 5 folds rope_theta into `rope_parameters`; 4.x has rope_theta + rope_scaling.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        elif not layer_types and window is not None and hf.get("use_sliding_window", arch == "mistral"):
+            # Mistral: every layer; Qwen2/3 with use_sliding_window: the layers from max_window_layers on
+            first = int(hf.get("max_window_layers", 0)) if arch != "mistral" else 0
+            layer_types = tuple(
+                "sliding_attention" if i >= first else "full_attention" for i in range(hf["num_hidden_layers"])
+            )
+        if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+            layer_types = ()  # the window is off whatever the layer types say (transformers' rule)
+        if "sliding_attention" not in layer_types:
+            layer_types, window = (), None
+        # transformers 5 folds rope_theta into `rope_parameters` (Gemma 3: one per layer type); 4.x has
+        # rope_theta + rope_scaling (Gemma 3: + rope_local_base_freq).
+        params = dict(hf.get("rope_parameters") or {})
+        local_theta = None
+        if arch == "gemma3":
+            local = dict(params.get("sliding_attention") or {})
+            if local.get("rope_type", "default") != "default":
+                raise ConfigError("Gemma 3's sliding layers take default RoPE; this config scales them")
+            local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+            params = dict(params.get("full_attention") or {})
+            params.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+        rope = dict(params or hf.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
@@ -148,13 +213,18 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=hf["max_position_embeddings"],
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma3")),
             attention_bias=bias,
             o_proj_bias=bias and arch != "qwen2",
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "gemma3"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
             architecture=arch,
+            hidden_act=act,
+            sliding_window=window,
+            layer_types=layer_types,
+            local_rope_theta=local_theta,
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if arch == "gemma3" else None,
         )
 
     @classmethod
@@ -255,6 +325,13 @@ def with_rope_scaling(config: ModelConfig, scaling: Mapping[str, Any] | None) ->
 
 def _hf_architecture(hf: Mapping[str, Any]) -> str:
     model_type = hf.get("model_type")
+    if model_type == "gemma3":
+        raise ConfigError(
+            "a gemma3 (image-text) checkpoint: seqpar serves the text model; load one saved as Gemma3ForCausalLM "
+            "(model_type gemma3_text: the 1B checkpoint, or the text part saved alone)"
+        )
+    if model_type in _HF_MODEL_TYPES:
+        return _HF_MODEL_TYPES[model_type]
     if model_type in SUPPORTED_ARCHITECTURES:
         return model_type
     for cls_name in hf.get("architectures") or []:

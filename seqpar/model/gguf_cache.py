@@ -45,6 +45,7 @@ def cache_dir(path: Path) -> Path:
 def _config_from_json(raw: dict[str, Any]) -> ModelConfig:
     # JSON turned the tuples into lists; ModelConfig wants them back.
     raw["eos_token_ids"] = tuple(raw["eos_token_ids"])
+    raw["layer_types"] = tuple(raw.get("layer_types", ()))
     scaling = raw.get("rope_scaling")
     if scaling and "factors" in scaling:
         scaling["factors"] = tuple(scaling["factors"])

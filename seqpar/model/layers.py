@@ -1,4 +1,5 @@
-"""Per-token layers: RMSNorm and the SwiGLU MLP. Neither mixes tokens."""
+"""Per-token layers: RMSNorm (and Gemma's, scaled by 1 + weight) and the gated MLP (SwiGLU, or
+Gemma's GELU-tanh). None mixes tokens."""
 
 from __future__ import annotations
 
@@ -25,12 +26,28 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class SwiGLUMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)). Under tensor parallelism gate/up become column-parallel
-    and down row-parallel; this module does not know."""
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the weight is an offset from 1, and the scaling is done in fp32 before the
+    cast back (transformers' Gemma3RMSNorm)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__(hidden_size, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor, fp32_out: bool = False) -> Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
+        return x32 if fp32_out else x32.to(x.dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or GELU with the tanh approximation (Gemma's
+    GeGLU). Under tensor parallelism gate/up become column-parallel and down row-parallel; this
+    module does not know."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu") -> None:
         super().__init__()
+        self.act = act
         self.gate_proj: nn.Module = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj: nn.Module = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj: nn.Module = nn.Linear(intermediate_size, hidden_size, bias=False)
@@ -39,6 +56,16 @@ class SwiGLUMLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act != "silu":
+            gate, up = (
+                self.gate_up_proj(x).chunk(2, dim=-1)
+                if self.gate_up_proj is not None
+                else (
+                    self.gate_proj(x),
+                    self.up_proj(x),
+                )
+            )
+            return self.down_proj(F.gelu(gate, approximate="tanh").mul_(up))
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate).mul_(up))

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2) in plain torch.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 3) in plain torch.
 
 The model knows nothing about parallelism or KV caches: tokens of a packed batch only
 meet inside the `attention` callable the caller passes to `forward`. Module and
@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqpar.model.config import ModelConfig
-from seqpar.model.layers import RMSNorm, SwiGLUMLP
+from seqpar.model.layers import GemmaRMSNorm, RMSNorm, SwiGLUMLP
 from seqpar.model.rope import RotaryEmbedding, apply_rotary
 
 # attention(layer_idx, q [T, Hq_local, D], k [T, Hkv_local, D], v [T, Hkv_local, D])
-#   -> out [T, Hq_local, D]; q and k already rotated; softmax scale is head_dim ** -0.5.
+#   -> out [T, Hq_local, D]; q and k already rotated; the softmax scale is the config's
+#   `attention_scale`, the layer's window `config.window(layer_idx)`.
 AttentionFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+def norm(config: ModelConfig, size: int) -> RMSNorm:
+    """The family's RMSNorm over `size` features (Gemma's scales by 1 + weight)."""
+    return (GemmaRMSNorm if config.architecture == "gemma3" else RMSNorm)(size, config.rms_norm_eps)
 
 
 class LlamaAttention(nn.Module):
@@ -46,8 +53,8 @@ class LlamaAttention(nn.Module):
         self.o_proj: nn.Module = nn.Linear(config.num_heads * d, hidden, bias=config.o_proj_bias)
         # Qwen3's per-head norms: over head_dim, so the same for every head and never sharded. None
         # for the other families, whose checkpoints have no such keys.
-        self.q_norm: nn.Module | None = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm: nn.Module | None = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm: nn.Module | None = norm(config, d) if config.qk_norm else None
+        self.k_norm: nn.Module | None = norm(config, d) if config.qk_norm else None
         # q, k and v as one layer of their weights stacked, where a copy of the model sets it (the
         # engine's decode copies: seqpar.engine.parallel): one GEMM reads the three.
         self.qkv_proj: nn.Module | None = None
@@ -85,14 +92,23 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = norm(config, config.hidden_size)
+        self.post_attention_layernorm = norm(config, config.hidden_size)
+        # Gemma 3's "sandwich": the attention's and the MLP's outputs are normed too before their
+        # residual adds, and the MLP's input by its own norm.
+        self.sandwich = config.architecture == "gemma3"
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm(config, config.hidden_size)
+            self.post_feedforward_layernorm = norm(config, config.hidden_size)
 
     # (tile_pre, tile_post) compiled, for full tiles: set by seqpar.model.compiled.
     tiles: tuple[Callable, Callable] | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attention))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         if x.shape[0] < ROW_TILE or x.device.type != "cpu":  # a GPU's GEMMs want the whole chunk
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -141,8 +157,14 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = norm(config, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config)
+        # Gemma 3: the sliding layers' own RoPE base, unscaled
+        self.local_rotary_emb: RotaryEmbedding | None = None
+        if config.local_rope_theta is not None:
+            self.local_rotary_emb = RotaryEmbedding(
+                replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
+            )
 
 
 # Logits per row recomputed in fp32 when the model runs in a half type (compute_logits).
@@ -168,9 +190,14 @@ class LlamaForCausalLM(nn.Module):
                 f"input_ids and positions must both be [T]; got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
             )
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        if self.config.architecture == "gemma3":  # scaled by sqrt(hidden), rounded to the dtype first (as HF)
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         cos, sin = self.model.rotary_emb(positions, x.dtype)  # [T, D] each, shared by all layers
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attention)
+        local = self.model.local_rotary_emb
+        cos_l, sin_l = (cos, sin) if local is None else local(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            sliding = self.config.window(i) is not None
+            x = layer(x, cos_l if sliding else cos, sin_l if sliding else sin, attention)
         return self.model.norm(x, fp32_out=True)
 
     @property

@@ -54,6 +54,7 @@ def allgather_over_cache(
     group: dist.ProcessGroup | None,
     scale: float | None,
     exchange: HostExchange | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """All-gather over the cache: every rank gathers every rank's packed K/V, then attends locally."""
     rank = group_rank(group)
@@ -65,7 +66,7 @@ def allgather_over_cache(
     runs = [run for lay, off in zip(keys.packed, offsets) for run in lay.shifted(off).runs]
     out, lse = new_accumulators(q)
     attend_into_head_major(
-        out, lse, q, full[:hkv], full[hkv:], q_layouts[rank], TokenLayout.from_runs(runs), True, scale
+        out, lse, q, full[:hkv], full[hkv:], q_layouts[rank], TokenLayout.from_runs(runs), True, scale, window=window
     )
     return out
 

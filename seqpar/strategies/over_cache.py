@@ -121,11 +121,13 @@ def attention_over_cache(
     strategy: str,
     scale: float | None,
     exchange: HostExchange | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """Exact causal attention of this rank's new-token queries over every rank's cache, by the
     registered strategy's `over_cache` (ring.py, pass_q.py, allgather.py).
 
     q_layouts[r]: rank r's queries (rows 0..T_r-1; true positions). Returns out [T_local, Hq, D] fp32.
     `exchange`: the group's shared-memory exchange for pass-KV and pass-Q messages, when its ranks share a host.
+    `window`: a sliding-window layer's window (keys at positions (p - window, p] from a query at p).
     """
-    return get(strategy, over_cache=True).over_cache(q, q_layouts, kh, vh, keys, group, scale, exchange)
+    return get(strategy, over_cache=True).over_cache(q, q_layouts, kh, vh, keys, group, scale, exchange, window)

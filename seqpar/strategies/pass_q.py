@@ -51,6 +51,7 @@ def pass_q_core(
     causal: bool,
     scale: float | None,
     exchange: HostExchange | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """This rank's queries q [T_local, Hq, D] over the K/V of every rank; returns fp32 out.
 
@@ -64,7 +65,7 @@ def pass_q_core(
     if exchange is not None and world > 1:
         # every rank's partials for every rank in one message: the larger of the two exchanges
         if exchange.fits_parts([(sum(counts), hq, d + 1)], torch.float32, q.device):
-            return _through_shared_memory(q, kh, vh, q_layouts, k_layout, exchange, causal, scale)
+            return _through_shared_memory(q, kh, vh, q_layouts, k_layout, exchange, causal, scale, window)
     partials: list[Tensor] = [q.new_empty(0)] * world  # partials[j]: [T_j, Hq, D + 1] fp32 for rank j
     ring = RingExchanger(group) if world > 1 else None
     q_block = q
@@ -74,7 +75,7 @@ def pass_q_core(
         if ring is not None and step + 1 < world:
             recv = ring.send_recv(q_block, (counts[(rank - step - 1) % world], hq, d))
         out, lse = new_accumulators(q_block)
-        attend_into_head_major(out, lse, q_block, kh, vh, q_layouts[owner], k_layout, causal, scale, fresh=True)
+        attend_into_head_major(out, lse, q_block, kh, vh, q_layouts[owner], k_layout, causal, scale, True, window)
         partials[owner] = torch.cat([out, lse.unsqueeze(-1)], dim=-1)  # out and lse in one message
         if recv is not None:
             ring.wait()
@@ -94,6 +95,7 @@ def _through_shared_memory(
     exchange: HostExchange,
     causal: bool,
     scale: float | None,
+    window: int | None = None,
 ) -> Tensor:
     """pass_q_core on one host: every rank publishes its queries once and reads the others' in
     place; then publishes its partials for every rank at once and reads its own rows of the
@@ -108,7 +110,7 @@ def _through_shared_memory(
         owner = (rank - step) % world
         block = q if owner == rank else blocks[owner]
         out, lse = new_accumulators(block)
-        attend_into_head_major(out, lse, block, kh, vh, q_layouts[owner], k_layout, causal, scale, fresh=True)
+        attend_into_head_major(out, lse, block, kh, vh, q_layouts[owner], k_layout, causal, scale, True, window)
         rows = partials[starts[owner] : starts[owner] + counts[owner]]
         rows[..., :d].copy_(out)
         rows[..., d].copy_(lse)
@@ -130,6 +132,7 @@ def pass_q_over_cache(
     group: dist.ProcessGroup | None,
     scale: float | None,
     exchange: HostExchange | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """Pass-Q over the cache: queries travel, cached K/V are read in place in the paged storage."""
     rank = group_rank(group)
@@ -137,8 +140,8 @@ def pass_q_over_cache(
         # Blocks scattered over storage (a cache that served other requests): one kernel call
         # per short stretch would cost more than packing them once for all W query blocks.
         kv = pack(kh, vh, keys)
-        return pass_q_core(q, kv[0], kv[1], q_layouts, keys.packed[rank], group, True, scale, exchange)
-    return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale, exchange)
+        return pass_q_core(q, kv[0], kv[1], q_layouts, keys.packed[rank], group, True, scale, exchange, window)
+    return pass_q_core(q, kh, vh, q_layouts, keys.in_storage[rank], group, True, scale, exchange, window)
 
 
 # ---- cost ------------------------------------------------------------------------------------

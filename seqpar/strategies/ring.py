@@ -59,6 +59,7 @@ def ring_core_packed(
     causal: bool,
     scale: float | None,
     kv_heads: list[int] | None = None,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`ring_core` with this rank's K/V already packed as one message kv [2, Hkv, T_local, D]."""
     world, rank = group_size(group), group_rank(group)
@@ -73,7 +74,7 @@ def ring_core_packed(
             recv = ring.send_recv(kv, (2, hkv, len(kv_layouts[nxt]), d))
         k_blk, v_blk = (kv[0], kv[1]) if kv_heads is None else (kv[0][kv_heads], kv[1][kv_heads])
         attend_into_head_major(
-            acc_out, acc_lse, q, k_blk, v_blk, q_layout, kv_layouts[src], causal, scale, fresh=step == 0
+            acc_out, acc_lse, q, k_blk, v_blk, q_layout, kv_layouts[src], causal, scale, step == 0, window
         )
         if recv is not None:
             ring.wait()
@@ -105,6 +106,7 @@ def ring_over_cache(
     group: dist.ProcessGroup | None,
     scale: float | None,
     exchange: HostExchange | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """Pass-KV over the cache: each rank packs its cached K/V of the step once and the messages
     travel the ring; ranks on one host publish them once in shared memory and read in place, in
@@ -113,7 +115,7 @@ def ring_over_cache(
     kv = pack(kh, vh, keys)
     shapes = kv_message_shapes(keys, kh.shape[0], kh.shape[2])
     if exchange is None or not exchange.fits_parts(shapes, kv.dtype, kv.device):
-        out, _ = ring_core_packed(q, kv, q_layouts[rank], keys.packed, group, True, scale)
+        out, _ = ring_core_packed(q, kv, q_layouts[rank], keys.packed, group, True, scale, window=window)
         return out
     parts = exchange.all_gather_views(kv, shapes)
     out, lse = new_accumulators(q)
@@ -121,7 +123,7 @@ def ring_over_cache(
         src = (rank - step) % len(parts)
         blk = kv if src == rank else parts[src]
         attend_into_head_major(
-            out, lse, q, blk[0], blk[1], q_layouts[rank], keys.packed[src], True, scale, fresh=step == 0
+            out, lse, q, blk[0], blk[1], q_layouts[rank], keys.packed[src], True, scale, step == 0, window
         )
     return out
 

@@ -1,0 +1,149 @@
+"""Gemma 3 (text) and sliding-window layers, against transformers: the model's logits, and the
+engine's prompt log-probs and greedy tokens at SP 1-4 under each strategy, chunked, with prompts
+several windows long, windows shorter than a shard and longer than the whole prompt; Mistral's
+window through the same path. Tolerances as in test_model.py / test_engine.py (1e-4 in fp32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqpar import LLM
+from seqpar.model import ConfigError, LlamaForCausalLM, ModelConfig, load_model
+from seqpar.model.reference import dense_causal_attention
+from test_engine import _save, check_against_hf
+from test_model_helpers import hf_logits, packed_batch, save_tiny
+
+# 3 layers, the middle one global; head_dim apart from hidden / heads, a query_pre_attn_scalar
+# apart from head_dim, RoPE bases apart per layer type: each mistake shows in the logits.
+GEMMA3 = dict(
+    num_hidden_layers=3,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=5,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+    tie_word_embeddings=True,
+)
+# google/gemma-3-1b-it's config.json, as published (transformers 4.50)
+GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "attention_bias": False,
+    "attn_logit_softcapping": None,
+    "bos_token_id": 2,
+    "eos_token_id": [1, 106],
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 32768,
+    "model_type": "gemma3_text",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "vocab_size": 262144,
+}
+
+
+@pytest.mark.parametrize("window", [1, 5, 100])
+def test_logits_match_transformers(tmp_path: Path, window: int) -> None:
+    hf, path = save_tiny(tmp_path, "gemma3", **{**GEMMA3, "sliding_window": window})
+    model, config = load_model(path)
+    assert config.architecture == "gemma3" and config.window(0) == window and config.window(1) is None
+    batch = packed_batch([17, 3, 9], starts=[0, 0, 0])
+    expected = hf_logits(hf, batch)
+    assert expected.abs().max() > 1.0  # the comparison is not between near-zero logits
+    with torch.no_grad():
+        ours = model.compute_logits(
+            model(batch.input_ids, batch.positions, dense_causal_attention(batch.seq_ids, batch.positions, config))
+        )
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_published_config_and_key_shapes() -> None:
+    config = ModelConfig.from_hf(GEMMA3_1B)
+    assert (config.architecture, config.head_dim, config.num_kv_heads, config.hidden_act) == (
+        "gemma3",
+        256,
+        1,
+        "gelu_pytorch_tanh",
+    )
+    assert config.layer_types.count("full_attention") == 4 and config.layer_types[5] == "full_attention"
+    assert config.window(0) == 512 and config.window(5) is None and config.attention_scale == 256**-0.5
+    assert (config.rope_theta, config.local_rope_theta, config.tie_word_embeddings) == (1e6, 1e4, True)
+    with torch.device("meta"):
+        state = LlamaForCausalLM(config).state_dict()
+    for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm", "self_attn.q_norm"):
+        assert f"model.layers.25.{name}.weight" in state
+    # transformers 5's layout of the same: rope_parameters per layer type, layer_types listed
+    new = {
+        k: v for k, v in GEMMA3_1B.items() if k not in ("rope_local_base_freq", "rope_theta", "sliding_window_pattern")
+    }
+    new["rope_parameters"] = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+    }
+    new["layer_types"] = list(config.layer_types)
+    again = ModelConfig.from_hf(new)
+    assert again.layer_types == config.layer_types and again.local_rope_theta == 1e4
+    assert again.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+
+
+def test_what_is_refused_is_named() -> None:
+    with pytest.raises(ConfigError, match="soft-capping"):
+        ModelConfig.from_hf({**GEMMA3_1B, "final_logit_softcapping": 30.0})
+    with pytest.raises(ConfigError, match="Gemma3ForCausalLM"):
+        ModelConfig.from_hf({"model_type": "gemma3", "text_config": GEMMA3_1B})
+    with pytest.raises(ConfigError, match="causal"):
+        ModelConfig.from_hf({**GEMMA3_1B, "use_bidirectional_attention": True})
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("gemma3"), "gemma3", **GEMMA3)
+
+
+@pytest.fixture(scope="module")
+def gemma3_wide(tmp_path_factory):  # a window longer than every prompt: global in effect
+    return _save(tmp_path_factory.mktemp("gemma3w"), "gemma3", **{**GEMMA3, "sliding_window": 64})
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("mistral"), "mistral", sliding_window=4)
+
+
+# Shards of 8 tokens (blocks of 4, two per shard) against a window of 5; SP 4 with prompts of 1
+# and 3 tokens (shorter than the world); chunks smaller than the window and than a block.
+@pytest.mark.parametrize(
+    "fixture, engine",
+    [
+        ("gemma3", dict(sp_size=1, strategy="ring")),
+        ("gemma3", dict(sp_size=2, strategy="ring", block_size=4, shard_blocks=2, max_num_batched_tokens=3)),
+        ("gemma3", dict(sp_size=3, strategy="pass_q", decode_merge="alltoall", max_num_batched_tokens=7)),
+        ("gemma3", dict(sp_size=4, strategy="allgather", decode_merge="tree", decode_split=False)),
+        ("gemma3_wide", dict(sp_size=2, strategy="pass_q")),
+        ("gemma3", dict(sp_size=1, tp_size=2, strategy="ring")),
+        ("mistral", dict(sp_size=2, strategy="ring", max_num_batched_tokens=5)),
+    ],
+)
+def test_engine_matches_hf(request, fixture: str, engine: dict) -> None:
+    check_against_hf(*request.getfixturevalue(fixture), **engine)
+
+
+def test_engine_refuses_what_has_no_window_yet(gemma3) -> None:
+    with pytest.raises(ValueError, match="enable_deterministic_inference does not support gemma3's sliding-window"):
+        LLM(model=gemma3[1], enable_deterministic_inference=True)

@@ -121,3 +121,21 @@ def test_hardware_profile_from_json(tmp_path):
         Hardware.from_json(path)
     with pytest.raises(ValueError, match="gemm_efficiency is a share of peak"):
         replace(H100, gemm_efficiency=2.0)
+
+
+def test_sliding_window_layers_in_the_formulas_and_plan():
+    for new, cached, w in ((7, 0, 3), (5, 11, 4), (20, 3, 100), (9, 2, 1)):
+        mask = torch.ones(new, cached + new).tril(diagonal=cached).triu(diagonal=cached - w + 1)
+        assert f.window_pairs(new, cached, w) == int(mask.sum())
+    mc = preset_config("gemma-3-1b")
+    assert abs(f.weight_params(mc) / 1.0e9 - 1) < 0.01  # "1B"
+    assert mc.layer_types.count("full_attention") == 4  # layers 5, 11, 17, 23; the other 22 slide over 512
+    t = 32768
+    assert f.prefill_attention_flops(mc, t) == 4 * 256 * 4 * (4 * f.causal_pairs(t) + 22 * f.window_pairs(t, 0, 512))
+    assert f.kv_read_bytes(mc, 1, 2, t) == 2 * 256 * 2 * (4 * t + 22 * 512)
+    every_global = replace(mc, layer_types=(), sliding_window=None)
+    assert f.prefill_attention_flops(every_global, t) == f.attention_flops(every_global, f.causal_pairs(t))
+    windowed, whole = (predict(m, H200, Layout(1, 1, 8), "local", t) for m in (mc, every_global))
+    assert windowed.attention_s < whole.attention_s / 5  # 4 of 26 layers pay T^2 / 2
+    assert windowed.decode_ms_per_token < whole.decode_ms_per_token
+    assert windowed.kv_bytes_per_rank == whole.kv_bytes_per_rank  # the cache keeps every layer's blocks

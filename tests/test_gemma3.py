@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqpar import LLM
+from seqpar import LLM, SamplingParams
 from seqpar.model import ConfigError, LlamaForCausalLM, ModelConfig, load_model
 from seqpar.model.reference import dense_causal_attention
 from test_engine import _save, check_against_hf
-from test_model_helpers import hf_logits, packed_batch, save_tiny
+from test_model_helpers import hf_logits, packed_batch, save_tiny, tiny_hf_model
 
 # 3 layers, the middle one global; head_dim apart from hidden / heads, a query_pre_attn_scalar
 # apart from head_dim, RoPE bases apart per layer type: each mistake shows in the logits.
@@ -102,6 +102,33 @@ def test_published_config_and_key_shapes() -> None:
     assert again.rope_scaling == {"rope_type": "linear", "factor": 8.0}
 
 
+def test_gguf_matches_transformers(tmp_path: Path, monkeypatch) -> None:
+    """llama.cpp's gemma3 GGUF: norms stored as 1 + weight, the MLP's input norm named ffn_norm, the
+    window stored; every 6th layer global, the local RoPE base and the softmax scale as llama.cpp
+    assumes them (the config here uses its defaults, which are those)."""
+    from test_model_gguf import write_gguf
+
+    monkeypatch.setenv("SEQPAR_CACHE_DIR", str(tmp_path / "cache"))
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    hf = tiny_hf_model(
+        "gemma3",
+        num_hidden_layers=6,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=types,
+        tie_word_embeddings=True,
+    )
+    file = write_gguf(hf, tmp_path / "tiny.gguf", "gemma3")
+    model, config = load_model(file)
+    assert config.layer_types == tuple(types) and config.window(0) == 4 and config.attention_scale == 16**-0.5
+    batch = packed_batch([13, 6], starts=[0, 0])
+    with torch.no_grad():
+        attention = dense_causal_attention(batch.seq_ids, batch.positions, config)
+        ours = model.compute_logits(model(batch.input_ids, batch.positions, attention))
+    torch.testing.assert_close(ours, hf_logits(hf, batch), atol=1e-4, rtol=0)
+
+
 def test_what_is_refused_is_named() -> None:
     with pytest.raises(ConfigError, match="soft-capping"):
         ModelConfig.from_hf({**GEMMA3_1B, "final_logit_softcapping": 30.0})
@@ -147,3 +174,58 @@ def test_engine_matches_hf(request, fixture: str, engine: dict) -> None:
 def test_engine_refuses_what_has_no_window_yet(gemma3) -> None:
     with pytest.raises(ValueError, match="enable_deterministic_inference does not support gemma3's sliding-window"):
         LLM(model=gemma3[1], enable_deterministic_inference=True)
+
+
+@pytest.fixture(scope="module")
+def all_sliding(tmp_path_factory):  # every layer a window of 4: a step's bytes are the windows' alone
+    types = ["sliding_attention"] * 3
+    return _save(tmp_path_factory.mktemp("sliding"), "gemma3", **{**GEMMA3, "sliding_window": 4, "layer_types": types})
+
+
+DOC = list(range(40, 72))
+SECOND = DOC[:24] + [5, 6, 7, 8, 9, 10]
+WINDOW_OPTS = dict(sp_size=2, block_size=4, shard_blocks=4, kv_cache_gb=2**-12, dtype="float32")
+WINDOW_PARAMS = SamplingParams(temperature=0.0, max_tokens=3, logprobs=1, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def second_alone(all_sliding):
+    with LLM(model=all_sliding[1], **WINDOW_OPTS) as llm:
+        return llm.generate([SECOND], WINDOW_PARAMS)[0]
+
+
+@pytest.mark.parametrize("strategy, shm", [("ring", True), ("ring", False), ("allgather", False)])
+def test_window_layers_move_only_what_a_window_reaches(all_sliding, second_alone, strategy: str, shm: bool) -> None:
+    """SP 2, shard units of 16 tokens (blocks of 4, 4 per unit): a 32-token document lies [0, 16) on
+    rank 0 and [16, 32) on rank 1. A second request reuses its first 24 tokens from the prefix cache
+    and computes [24, 30) on rank 1, whose windows reach back to 21: no query's window crosses into
+    rank 0's keys, so the step sends no K/V, and its tokens are those of the request alone."""
+    opts = dict(model=all_sliding[1], strategy=strategy, shared_memory=shm, **WINDOW_OPTS)
+    alone = second_alone
+    with LLM(**opts) as llm:
+        llm.generate([DOC], WINDOW_PARAMS)
+        records = []
+        llm.engine.observers.append(records.append)
+        out = llm.generate([SECOND], WINDOW_PARAMS)[0]
+    assert out.num_cached_tokens == 24
+    assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+    for a, b in zip(out.outputs[0].logprobs, alone.outputs[0].logprobs):
+        assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)
+    prefill = [r for r in records if r.prefill_spans]
+    assert [r.prefill_spans for r in prefill] == [[(24, 30)]]
+    assert prefill[0].comm_bytes == [0, 0]
+
+
+def test_bf16_sp_stays_close_to_sp1(gemma3) -> None:
+    """bf16, vLLM's check (test_bf16.py): SP 2 against SP 1, prompts several windows long."""
+    from test_bf16 import TOP, check_logprobs_close
+    from test_engine import SMALL
+
+    prompts = [[5, 17, 3, 99, 42, 8, 8, 23, 61, 7, 14] * 3, [9, 4], list(range(30, 72))]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=TOP)
+    outs = {}
+    for sp in (1, 2):
+        with LLM(model=gemma3[1], sp_size=sp, dtype="bfloat16", **SMALL) as llm:
+            outs[sp] = [o.outputs[0] for o in llm.generate(prompts, params)]
+    for want, got in zip(outs[1], outs[2]):
+        check_logprobs_close(want, got, "SP 2")

@@ -105,10 +105,45 @@ def test_decode_graphs_match_eager_steps(llama):
     params = [SamplingParams(temperature=0.0, max_tokens=3 + 2 * i, ignore_eos=True) for i in range(6)]
     params.append(SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=9, ignore_eos=True, logprobs=2))
     runs = []
+    # (unseeded non-greedy rows sample on the device: other draws than eager steps, so not compared)
     for eager in (False, True):
         with LLM(model=llama[1], device="cuda", enforce_eager=eager, kv_cache_gb=0.05) as llm:
             runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
     assert runs[0] == runs[1]
+
+
+@needs_gpu
+def test_sampler_on_the_device():
+    """The static step's unseeded non-greedy rows sample on the GPU with the host sampler's code:
+    greedy and top-k 1 are the argmax, top-p's draws stay in its nucleus, banned ids never come,
+    log-probs are the raw distribution's, as on the host."""
+    from seqpar.engine.sampling import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=g) * 3
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3),
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=0.7, top_p=0.5, logprobs=2),
+        SamplingParams(temperature=1.3),
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=1.0),
+    ]
+    banned = [[], [], [], [], [], [int(logits[5].argmax())]]
+    host = Sampler(0)(logits, params, None, banned)
+    for _ in range(20):
+        dev = Sampler(1, "cuda")(logits.cuda(), params, None, banned)
+        assert dev.token_ids[:2] == host.token_ids[:2] == logits[:2].argmax(-1).tolist()
+        probs = logits[2].div(0.7).softmax(-1)
+        order = probs.argsort(descending=True)
+        nucleus = order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1].tolist()
+        assert dev.token_ids[2] in nucleus
+        assert dev.token_ids[4] in logits[4].topk(5).indices.tolist()
+        assert dev.token_ids[5] != banned[5][0]
+        assert dev.top_logprobs[0] == host.top_logprobs[0]
+        raw = logits.log_softmax(-1)
+        for i, t in enumerate(dev.token_ids):
+            assert abs(dev.logprobs[i] - float(raw[i, t])) < 1e-5
 
 
 # SP 2 over NCCL: each prefill strategy, the decode merges over the process group (shared memory

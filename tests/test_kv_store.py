@@ -203,17 +203,23 @@ def test_host_tier_follows_the_driver(model):
     assert driver.counters()["kv_store_host_bytes"] == 3 * driver.host_block_bytes
 
 
+DOCS = [_prompt(20 + i, 181) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def docs_alone(model):
+    """Each document alone (deterministic mode: the same bits at every SP degree, cached or not)."""
+    with LLM(model=model, **OPTS) as llm:
+        return {i: _bits(llm.generate([doc], GREEDY)[0]) for i, doc in enumerate(DOCS)}
+
+
 @pytest.mark.parametrize("sp", [1, 2])
-def test_host_tier_returns_evicted_documents_bit_equal(model, tmp_path, sp):
+def test_host_tier_returns_evicted_documents_bit_equal(model, docs_alone, tmp_path, sp):
     """A cache too small for two documents, asked about in turn: each return loads its prefix from host
     memory (nothing on disk), with the bits of the request alone; a host tier too small for a document
     leaves the rest to the disk behind it."""
-    docs = [_prompt(20 + i, 181) for i in range(2)]
+    docs, alone = DOCS, docs_alone
     small = {**OPTS, "kv_cache_gb": 64 * 1024 / sp / 2**30}  # 64 blocks of this model over the ranks
-    alone = {}
-    for i, doc in enumerate(docs):
-        with LLM(model=model, sp_size=sp, **small) as llm:
-            alone[i] = _bits(llm.generate([doc], GREEDY)[0])
     stored = (len(docs[0]) - 1) // BS * BS
     with LLM(model=model, sp_size=sp, kv_store_host_gb=1.0, **small) as llm:
         assert llm.engine.capacity < 2 * len(docs[0])  # the cache cannot hold both

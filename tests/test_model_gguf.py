@@ -58,8 +58,11 @@ def write_gguf(hf: nn.Module, file: Path, arch: str, extra: dict[str, np.ndarray
     import gguf
 
     c = hf.config
-    n_heads, n_kv, theta = c.num_attention_heads, c.num_key_value_heads, c.rope_parameters["rope_theta"]
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # Gemma 3: the global layers'
+    n_heads, n_kv, theta = c.num_attention_heads, c.num_key_value_heads, rope["rope_theta"]
     w = gguf.GGUFWriter(str(file), arch)
+    if arch == "gemma3":
+        w.add_sliding_window(c.sliding_window)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -80,6 +83,8 @@ def write_gguf(hf: nn.Module, file: Path, arch: str, extra: dict[str, np.ndarray
             t = _llamacpp_permute(t, n_heads)
         elif arch == "llama" and ".k_proj." in name:
             t = _llamacpp_permute(t, n_kv)
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            t = t + 1  # the converter stores Gemma's (1 + weight)
         w.add_tensor(gguf_name, t.float().numpy())
     for name, array in (extra or {}).items():
         w.add_tensor(name, array)

@@ -49,13 +49,42 @@ def attention_flops(mc: ModelConfig, pairs: int) -> int:
     return 4 * mc.head_dim * mc.num_heads * pairs * mc.num_layers
 
 
+def window_pairs(new: int, cached: int, window: int) -> int:
+    """`causal_pairs` under a sliding window: the query at position p sees min(p + 1, window) keys."""
+
+    def upto(n: int) -> int:  # sum of min(x, window) for x in 1..n
+        k = min(n, window)
+        return k * (k + 1) // 2 + max(0, n - window) * window
+
+    return upto(cached + new) - upto(cached)
+
+
+def prefill_attention_flops(mc: ModelConfig, new: int, cached: int = 0) -> int:
+    """`attention_flops` of `new` tokens after `cached` ones, each layer by its own rule: global
+    layers see every earlier key, sliding-window layers the last `window` (Gemma 3: 5 of 6 layers)."""
+    per_layer = [
+        causal_pairs(new, cached) if (w := mc.window(i)) is None else window_pairs(new, cached, w)
+        for i in range(mc.num_layers)
+    ]
+    return 4 * mc.head_dim * mc.num_heads * sum(per_layer)
+
+
+def kv_read_bytes(mc: ModelConfig, tp: int, dtype_bytes: int, tokens: int) -> int:
+    """K/V bytes one decode step reads from `tokens` cached keys on one TP rank: every key in a global
+    layer, at most a window's in a sliding one."""
+    per_key = 2 * kv_heads_per_tp_rank(mc, tp) * mc.head_dim * dtype_bytes
+    seen = [tokens if (w := mc.window(i)) is None else min(tokens, w) for i in range(mc.num_layers)]
+    return per_key * sum(seen)
+
+
 def kv_heads_per_tp_rank(mc: ModelConfig, tp: int) -> int:
     # TP wider than the KV heads replicates them (vLLM does the same): each rank still holds one.
     return max(1, mc.num_kv_heads // tp)
 
 
 def kv_bytes_per_token(mc: ModelConfig, tp: int, dtype_bytes: int) -> int:
-    """KV cache bytes one TP rank holds per token: K and V of its heads in every layer."""
+    """KV cache bytes one TP rank holds per token: K and V of its heads in every layer (sliding-window
+    layers too: the engine's cache keeps every layer's blocks)."""
     return 2 * mc.num_layers * kv_heads_per_tp_rank(mc, tp) * mc.head_dim * dtype_bytes
 
 

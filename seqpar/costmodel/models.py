@@ -35,6 +35,29 @@ _LLAMA31 = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # google/gemma-3-1b-it config.json: 5 of every 6 layers attend through a 512-token window
+    "gemma-3-1b": {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "vocab_size": 262144,
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "bos_token_id": 2,
+        "eos_token_id": [1, 106],
+    },
     # meta-llama/Llama-3.1-8B config.json
     "llama-3.1-8b": {
         **_LLAMA31,
@@ -92,6 +115,7 @@ ALIASES = {
     "meta-llama/llama-3.1-70b": "llama-3.1-70b",
     "meta-llama/llama-3.1-405b": "llama-3.1-405b",
     "smollm2-135m-instruct": DEFAULT_MODEL,
+    "google/gemma-3-1b-it": "gemma-3-1b",
 }
 
 

@@ -64,7 +64,8 @@ def prefill(mc: ModelConfig, hw: Hardware, layout: Layout, strategy: str, tokens
     hq, hkv = mc.num_heads // tp, f.kv_heads_per_tp_rank(mc, tp)
     linear = f.linear_flops(mc, t_local, logit_rows=1) / tp / (hw.peak_flops * hw.gemm_efficiency)
     tp_comm = 2 * L * all_reduce_s(t_local * mc.hidden_size * b, tp, hw.intra_bandwidth, hw.intra_latency)
-    attn_layer = f.attention_flops(mc, f.causal_pairs(tokens)) / L / tp / cp / (hw.peak_flops * hw.attention_efficiency)
+    # per layer on average (a sliding-window layer's is T x W, a global one's T^2 / 2)
+    attn_layer = f.prefill_attention_flops(mc, tokens) / L / tp / cp / (hw.peak_flops * hw.attention_efficiency)
     if strategy == "local":  # one sequence rank: nothing to exchange
         layer = attn_layer
     else:
@@ -84,7 +85,8 @@ def prefill(mc: ModelConfig, hw: Hardware, layout: Layout, strategy: str, tokens
 def decode_s(mc: ModelConfig, hw: Hardware, layout: Layout, context: int, weight_dtype: str = "bf16") -> float:
     """Seconds per output token at `context` tokens: memory-bound reads plus per-layer collectives."""
     tp, cp, b = layout.tp, layout.cp, hw.dtype_bytes
-    reads = weight_bytes_per_rank(mc, tp, weight_dtype) + f.kv_bytes_per_token(mc, tp, b) * -(-context // cp)
+    # a rank's share of the context; a window may lie on one rank whole
+    reads = weight_bytes_per_rank(mc, tp, weight_dtype) + f.kv_read_bytes(mc, tp, b, -(-context // cp))
     tp_comm = 2 * all_reduce_s(mc.hidden_size * b, tp, hw.intra_bandwidth, hw.intra_latency)
     bw, lat = _link(hw, layout)
     merge = f.decode_merge_bytes(mc.num_heads // tp, mc.head_dim, cp) / bw + (cp - 1) * lat if cp > 1 else 0.0

@@ -20,11 +20,12 @@ from seqpar.engine.sampling_params import SamplingParams
 _PROMPT_LOGPROB_CHUNK = 1024
 
 
-def make_generator(seed: int | None) -> torch.Generator | None:
-    """The per-request generator: seeded requests sample the same tokens in any batch."""
+def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:
+    """The per-request generator (on the device whose logits it samples): seeded requests sample the
+    same tokens in any batch."""
     if seed is None:
         return None
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device).manual_seed(seed)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     # Stable descending sort: among equal logits the lower token id ranks first.
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # [B, V]
     k = torch.where(top_k <= 0, V, top_k.clamp(max=V))
-    sorted_logits = sorted_logits.masked_fill(torch.arange(V).unsqueeze(0) >= k.unsqueeze(1), float("-inf"))
+    cols = torch.arange(V, device=logits.device)
+    sorted_logits = sorted_logits.masked_fill(cols.unsqueeze(0) >= k.unsqueeze(1), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # [B, V]
     drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
@@ -83,11 +85,12 @@ class Sampler:
 
     Unseeded rows draw from the sampler's own generator, seeded at construction:
     SP ranks that build the sampler with the same seed and see the same logits
-    then agree on every token without a broadcast.
+    then agree on every token without a broadcast. `device`: where the logits it gets live (a GPU's
+    decode step samples there; its generators draw other numbers than the CPU's for the same seed).
     """
 
-    def __init__(self, seed: int = 0) -> None:
-        self._generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        self._generator = torch.Generator(device).manual_seed(seed)
 
     def __call__(
         self,
@@ -114,12 +117,13 @@ class Sampler:
         tokens = torch.argmax(logits, dim=-1)  # [B]
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
-            sel = torch.tensor(rows)
+            dev = logits.device
+            sel = torch.tensor(rows, device=dev)
             probs = filter_logits(
                 logits[sel],
-                torch.tensor([params[i].temperature for i in rows], dtype=torch.float32),
-                torch.tensor([params[i].top_k for i in rows]),
-                torch.tensor([params[i].top_p for i in rows], dtype=torch.float32),
+                torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=dev),
+                torch.tensor([params[i].top_k for i in rows], device=dev),
+                torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=dev),
             ).softmax(dim=-1)  # [R, V]
             shared = [j for j, i in enumerate(rows) if gens[i] is None]
             if shared:
@@ -129,12 +133,14 @@ class Sampler:
                 if gens[i] is not None:
                     # One draw per seeded row from its own generator: independent of the batch.
                     tokens[i] = torch.multinomial(probs[j], 1, generator=gens[i])[0]
-        token_list = tokens.tolist()
-        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()  # [B]
-        top = [
-            _logprob_dict(logprobs[i], token_list[i], p.logprobs) if p.logprobs is not None else None
-            for i, p in enumerate(params)
-        ]
+        chosen_t = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B]
+        token_list, chosen = tokens.tolist(), chosen_t.tolist()  # the step's one wait on the device
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        top: list[LogprobDict | None] = [None] * B
+        if wanted:  # on the host: a few rows' log-probs, not [B, V]
+            lp = logprobs[torch.tensor(wanted, device=logprobs.device)].cpu()
+            for j, i in enumerate(wanted):
+                top[i] = _logprob_dict(lp[j], token_list[i], params[i].logprobs)
         return SamplerOutput(token_list, chosen, top)
 
 

@@ -38,6 +38,43 @@ def _slots(runs: list[Run]) -> Tensor:
     return torch.cat([torch.arange(r.start, r.start + r.length) for r in runs])
 
 
+def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive [a, b] intervals, sorted and joined where they overlap or touch."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _within(runs: list[Run], reach: list[list[tuple[int, int]]]) -> list[Run]:
+    """The parts of key runs (of stride 1; run.seq indexes `reach`) inside their sequence's intervals."""
+    kept = []
+    for r in runs:
+        for a, b in reach[r.seq]:
+            lo, hi = max(a, r.pos), min(b, r.pos + r.length - 1)
+            if lo <= hi:
+                kept.append(Run(r.start + lo - r.pos, hi - lo + 1, r.seq, lo, 1))
+    return kept
+
+
+def _cached_keys(k_runs: list[list[Run]], me: int) -> CachedKeys:
+    """Every rank's cached key runs (storage slots) as the strategies read them."""
+    packed = []
+    for runs in k_runs:
+        # Packed rows are consecutive, so blocks scattered in storage join into one run per
+        # stretch of consecutive positions.
+        joined: list[Run] = []
+        row = 0
+        for r in runs:
+            _append(joined, Run(row, r.length, r.seq, r.pos, 1))
+            row += r.length
+        packed.append(TokenLayout.from_runs(joined))
+    return CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, slot_ranges(k_runs[me]))
+
+
 class StepPlan:
     """Where this step's rows and keys are, on every rank (built from the message alone)."""
 
@@ -99,17 +136,36 @@ class StepPlan:
         if not self.prefill:  # a decode-only step needs none of the prefill layouts
             return
         self.q_layouts = [TokenLayout.from_runs(r) for r in q_runs]
-        packed = []
-        for runs in k_runs:
-            # Packed rows are consecutive, so blocks scattered in storage join into one run per
-            # stretch of consecutive positions.
-            joined: list[Run] = []
-            row = 0
-            for r in runs:
-                _append(joined, Run(row, r.length, r.seq, r.pos, 1))
-                row += r.length
-            packed.append(TokenLayout.from_runs(joined))
-        self.keys = CachedKeys([TokenLayout.from_runs(r) for r in k_runs], packed, slot_ranges(k_runs[me]))
+        self.k_runs = k_runs
+        self.keys = _cached_keys(k_runs, me)
+        self._window_keys: dict[int, CachedKeys] = {}
+
+    def keys_within(self, window: int) -> CachedKeys:
+        """`keys` of a sliding-window layer: only the cached keys some query of the step can see. A
+        rank attends in place those its own queries or others' can see, and sends only those the other
+        ranks' queries can see: where no query's window crosses into another rank's keys, no K/V moves."""
+        if window not in self._window_keys:
+            # per rank, per sequence: the positions its queries' windows cover, as merged intervals
+            reach: list[dict[int, list[tuple[int, int]]]] = []
+            for lay in self.q_layouts:
+                spans: dict[int, list[tuple[int, int]]] = {}
+                for q in lay.runs:
+                    spans.setdefault(q.seq, []).append((q.pos - window + 1, q.pos + (q.length - 1) * q.stride))
+                reach.append({j: _merged(iv) for j, iv in spans.items()})
+            union = [_merged([iv for r in reach for iv in r.get(j, [])]) for j in range(len(self.prefill))]
+            local, sent = [], []
+            for me, runs in enumerate(self.k_runs):
+                others = [
+                    _merged([iv for r, by in enumerate(reach) if r != me for iv in by.get(j, [])])
+                    for j in range(len(self.prefill))
+                ]
+                local.append(_within(runs, union))
+                sent.append(_within(runs, others))
+            keys = _cached_keys(sent, self.me)
+            self._window_keys[window] = CachedKeys(
+                [TokenLayout.from_runs(r) for r in local], keys.packed, keys.slot_ranges, local_in_place=True
+            )
+        return self._window_keys[window]
 
     def decode_slots_within(self, window: int) -> list[Tensor]:
         """`decode_slots` of a sliding-window layer: each row's keys at positions (p - window, p] only

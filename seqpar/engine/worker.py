@@ -118,6 +118,8 @@ class Worker:
             self.vocab_slice = vocab_slices(vocab, config.sp_size)[self.mesh.sp_rank]
         self.decode_head = self.sharded.decode_head(self.vocab_slice)  # None unless decode steps pack
         self.static_decode = None
+        # the static step's unseeded rows that do not sample greedily sample on its device
+        self.device_sampler = Sampler(config.seed, self.device)
         if graphs:
             self.static_decode = StaticDecode(
                 self.sharded.decode_model or self.model,
@@ -188,7 +190,7 @@ class Worker:
                     plan.q_layouts,
                     kh,
                     vh,
-                    plan.keys,
+                    plan.keys if window is None else plan.keys_within(window),
                     mesh.sp_group,
                     msg.strategy,
                     self.scale,
@@ -266,12 +268,25 @@ class Worker:
             )
             picked = torch.stack([out.greedy.double(), out.logprob.double()]).cpu()  # [2, n]
         result = StepResult(comm_bytes=[0])
+        # Unseeded rows that sample otherwise do so on the device too (their [V] logits never copied,
+        # top-p's sort not on the host). Seeded rows keep their host generator: a seed's tokens must
+        # not depend on which of a request's steps ran here and which in a mixed step.
+        others = []
         for j, s in enumerate(plan.decode):
             p = s.sampling
             if p is not None and p.greedy and p.logprobs is None and not s.banned:
                 result.sampled[s.seq_id] = Sampled(int(picked[0, j]), float(picked[1, j]), None)
+            elif p is not None and p.seed is None and not self.deterministic:
+                others.append((j, s))
             elif s.logits:
                 result.logits[s.seq_id] = out.logits[j].cpu()
+        if others:
+            rows = torch.tensor([j for j, _ in others], device=self.device)
+            drawn = self.device_sampler(
+                out.logits.index_select(0, rows), [s.sampling for _, s in others], None, [s.banned for _, s in others]
+            )
+            for i, (_, s) in enumerate(others):
+                result.sampled[s.seq_id] = Sampled(drawn.token_ids[i], drawn.logprobs[i], drawn.top_logprobs[i])
         self._sample(msg, result)
         return result
 

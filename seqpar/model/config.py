@@ -19,7 +19,7 @@ _HF_CLASS_TO_ARCH = {
 _HF_MODEL_TYPES = {"gemma3_text": "gemma3"}
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # llama.cpp calls Mistral "llama"; the GGUF tensor layout is the same.
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 # "freq_factors" is llama.cpp's way of storing llama3 scaling: a per-frequency
 # divisor tensor (`rope_freqs.weight`) instead of the four llama3 numbers.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "freq_factors")
@@ -269,14 +269,29 @@ class ModelConfig:
                 f"GGUF rope scaling {scaling_type!r} is not supported; supported: none, linear, llama3 (rope_freqs)"
             )
         eos = [metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+        layers, head_dim = int(get("block_count")), int(get("attention.key_length", hidden // num_heads))
+        gemma: dict[str, Any] = {}
+        if arch == "gemma3":
+            # What llama.cpp assumes and its converter does not store: every 6th layer global, the
+            # sliding layers' RoPE base 10000, the softmax scale head_dim ** -0.5 (hidden / heads in
+            # the 62-layer 27B).
+            window = metadata.get(f"{arch}.attention.sliding_window")
+            types = tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers))
+            gemma = dict(
+                hidden_act="gelu_pytorch_tanh",
+                sliding_window=None if window is None else int(window),
+                layer_types=types if window is not None else (),
+                local_rope_theta=10000.0,
+                query_pre_attn_scalar=float(hidden // num_heads if layers == 62 else head_dim),
+            )
         return cls(
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")),
+            num_layers=layers,
             num_heads=num_heads,
             num_kv_heads=int(get("attention.head_count_kv", num_heads)),
-            head_dim=int(get("attention.key_length", hidden // num_heads)),
+            head_dim=head_dim,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
             rope_theta=float(get("rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
@@ -285,10 +300,11 @@ class ModelConfig:
             attention_bias="blk.0.attn_q.bias" in tensor_shapes,
             o_proj_bias="blk.0.attn_output.bias" in tensor_shapes,
             # By architecture, not by tensor: a qwen3 file without the norms is then a missing-key error.
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "gemma3"),
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
             architecture=arch,
+            **gemma,
         )
 
 

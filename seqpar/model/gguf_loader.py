@@ -31,6 +31,13 @@ _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3's four norms per layer: llama.cpp's "ffn_norm" is the MLP's input norm there.
+_GEMMA3_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tokenizer arrays hold ~50k-150k entries each and the config needs none of their values.
 _SKIPPED_FIELDS = (
@@ -41,11 +48,12 @@ _SKIPPED_FIELDS = (
 )
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, kind, suffix = m.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[kind]}.{suffix}" if kind in _BLOCK_NAMES else None
+        names = _GEMMA3_NAMES if architecture == "gemma3" else _BLOCK_NAMES
+        return f"model.layers.{layer}.{names[kind]}.{suffix}" if kind in names else None
     base, _, suffix = gguf_name.rpartition(".")
     return f"{_GLOBAL_NAMES[base]}.{suffix}" if base in _GLOBAL_NAMES else None
 
@@ -92,10 +100,12 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     tensors: dict[str, Tensor] = {}
     for name, t in by_name.items():
         w = _dequantize(gguf, t, path)
-        hf_name = hf_tensor_name(name)
+        hf_name = hf_tensor_name(name, config.architecture)
         if hf_name is None:  # passed through under its GGUF name: reported as unexpected
             tensors[name] = w
             continue
+        if config.architecture == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp's converter stores Gemma's (1 + weight) whole
         # Only llama-architecture conversion permutes q/k (Qwen2's and Qwen3's converters do not).
         if config.architecture == "llama" and ".attn_q." in name:
             w = unpermute_rotary_rows(w, config.num_heads)

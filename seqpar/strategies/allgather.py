@@ -61,10 +61,14 @@ def allgather_over_cache(
     hkv, d = kh.shape[0], kh.shape[2]
     mine = pack(kh, vh, keys).permute(2, 0, 1, 3).reshape(keys.num_local, 2 * hkv, d)  # [n, 2 Hkv, D]
     parts = all_gather_uneven(mine.contiguous(), [len(lay) for lay in keys.packed], group)
-    full = torch.cat(parts).transpose(0, 1).contiguous()  # [2 Hkv, sum n, D]
-    offsets = torch.cumsum(torch.tensor([0] + [len(lay) for lay in keys.packed]), 0).tolist()
-    runs = [run for lay, off in zip(keys.packed, offsets) for run in lay.shifted(off).runs]
+    layouts = list(keys.packed)
     out, lse = new_accumulators(q)
+    if keys.local_in_place:  # this rank's own keys from its storage; its message only for the others
+        attend_into_head_major(out, lse, q, kh, vh, q_layouts[rank], keys.in_storage[rank], True, scale, True, window)
+        parts[rank], layouts[rank] = parts[rank][:0], TokenLayout.from_runs([])
+    full = torch.cat(parts).transpose(0, 1).contiguous()  # [2 Hkv, sum n, D]
+    offsets = torch.cumsum(torch.tensor([0] + [len(lay) for lay in layouts]), 0).tolist()
+    runs = [run for lay, off in zip(layouts, offsets) for run in lay.shifted(off).runs]
     attend_into_head_major(
         out, lse, q, full[:hkv], full[hkv:], q_layouts[rank], TokenLayout.from_runs(runs), True, scale, window=window
     )

@@ -44,11 +44,15 @@ class CachedKeys:
     in_storage[r]: rank r's keys, rows = slots of rank r's storage (read in place there);
     packed[r]: the same keys, rows 0..n_r-1, the order `slot_ranges` packs them in;
     slot_ranges: this rank's key slots in packed order, as [start, end) ranges of storage.
+    `local_in_place` (a sliding-window layer's keys): packed[r] holds only the keys of rank r that
+    queries of other ranks can see, the messages it sends; rank r attends its own keys in place
+    through in_storage[r] (those its own queries can see, and the others').
     """
 
     in_storage: list[TokenLayout]
     packed: list[TokenLayout]
     slot_ranges: list[tuple[int, int]]
+    local_in_place: bool = False
 
     @property
     def num_local(self) -> int:

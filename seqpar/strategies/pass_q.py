@@ -136,7 +136,7 @@ def pass_q_over_cache(
 ) -> Tensor:
     """Pass-Q over the cache: queries travel, cached K/V are read in place in the paged storage."""
     rank = group_rank(group)
-    if len(keys.slot_ranges) > SLICE_PACK_MAX:
+    if len(keys.slot_ranges) > SLICE_PACK_MAX and not keys.local_in_place:
         # Blocks scattered over storage (a cache that served other requests): one kernel call
         # per short stretch would cost more than packing them once for all W query blocks.
         kv = pack(kh, vh, keys)

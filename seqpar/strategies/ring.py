@@ -60,8 +60,10 @@ def ring_core_packed(
     scale: float | None,
     kv_heads: list[int] | None = None,
     window: int | None = None,
+    own: tuple[Tensor, Tensor, TokenLayout] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`ring_core` with this rank's K/V already packed as one message kv [2, Hkv, T_local, D]."""
+    """`ring_core` with this rank's K/V already packed as one message kv [2, Hkv, T_local, D].
+    `own`: (kh, vh, layout) this rank attends instead of its message (its keys read in place)."""
     world, rank = group_size(group), group_rank(group)
     acc_out, acc_lse = new_accumulators(q)
     hkv, d = kv.shape[1], kv.shape[3]
@@ -73,9 +75,10 @@ def ring_core_packed(
             nxt = (rank - step - 1) % world
             recv = ring.send_recv(kv, (2, hkv, len(kv_layouts[nxt]), d))
         k_blk, v_blk = (kv[0], kv[1]) if kv_heads is None else (kv[0][kv_heads], kv[1][kv_heads])
-        attend_into_head_major(
-            acc_out, acc_lse, q, k_blk, v_blk, q_layout, kv_layouts[src], causal, scale, step == 0, window
-        )
+        layout = kv_layouts[src]
+        if step == 0 and own is not None:
+            k_blk, v_blk, layout = own
+        attend_into_head_major(acc_out, acc_lse, q, k_blk, v_blk, q_layout, layout, causal, scale, step == 0, window)
         if recv is not None:
             ring.wait()
             kv = recv
@@ -114,17 +117,16 @@ def ring_over_cache(
     rank = group_rank(group)
     kv = pack(kh, vh, keys)
     shapes = kv_message_shapes(keys, kh.shape[0], kh.shape[2])
+    own = (kh, vh, keys.in_storage[rank]) if keys.local_in_place else (kv[0], kv[1], keys.packed[rank])
     if exchange is None or not exchange.fits_parts(shapes, kv.dtype, kv.device):
-        out, _ = ring_core_packed(q, kv, q_layouts[rank], keys.packed, group, True, scale, window=window)
+        out, _ = ring_core_packed(q, kv, q_layouts[rank], keys.packed, group, True, scale, window=window, own=own)
         return out
     parts = exchange.all_gather_views(kv, shapes)
     out, lse = new_accumulators(q)
     for step in range(len(parts)):  # the ring's order: the same sums as over the process group
         src = (rank - step) % len(parts)
-        blk = kv if src == rank else parts[src]
-        attend_into_head_major(
-            out, lse, q, blk[0], blk[1], q_layouts[rank], keys.packed[src], True, scale, step == 0, window
-        )
+        k_blk, v_blk, layout = own if src == rank else (parts[src][0], parts[src][1], keys.packed[src])
+        attend_into_head_major(out, lse, q, k_blk, v_blk, q_layouts[rank], layout, True, scale, step == 0, window)
     return out
 
 

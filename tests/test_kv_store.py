@@ -213,7 +213,7 @@ def docs_alone(model):
         return {i: _bits(llm.generate([doc], GREEDY)[0]) for i, doc in enumerate(DOCS)}
 
 
-@pytest.mark.parametrize("sp", [1, 2])
+@pytest.mark.parametrize("sp", [2])  # SP 1's bookkeeping is the same per rank (the mirror's test above)
 def test_host_tier_returns_evicted_documents_bit_equal(model, docs_alone, tmp_path, sp):
     """A cache too small for two documents, asked about in turn: each return loads its prefix from host
     memory (nothing on disk), with the bits of the request alone; a host tier too small for a document

@@ -269,9 +269,10 @@ class ModelConfig:
                 f"GGUF rope scaling {scaling_type!r} is not supported; supported: none, linear, llama3 (rope_freqs)"
             )
         eos = [metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
-        layers, head_dim = int(get("block_count")), int(get("attention.key_length", hidden // num_heads))
+        head_dim = int(get("attention.key_length", hidden // num_heads))
         gemma: dict[str, Any] = {}
         if arch == "gemma3":
+            layers = int(get("block_count"))
             # What llama.cpp assumes and its converter does not store: every 6th layer global, the
             # sliding layers' RoPE base 10000, the softmax scale head_dim ** -0.5 (hidden / heads in
             # the 62-layer 27B).
@@ -288,7 +289,7 @@ class ModelConfig:
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
-            num_layers=layers,
+            num_layers=int(get("block_count")),
             num_heads=num_heads,
             num_kv_heads=int(get("attention.head_count_kv", num_heads)),
             head_dim=head_dim,

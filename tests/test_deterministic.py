@@ -68,7 +68,6 @@ CASES = [
     ("float32", 3, "pass_q", "tree", 7, True),
     ("float32", 4, "allgather", "allgather", 5, False),
     ("bfloat16", 2, "allgather", "tree", 3, False),
-    ("bfloat16", 3, "ring", "allgather", 2048, True),
     ("bfloat16", 4, "pass_q", "alltoall", 7, True),
 ]
 

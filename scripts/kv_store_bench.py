@@ -141,20 +141,16 @@ def evicted(sp: int, host: bool = False) -> dict:
     got: dict = {"cold_s": {}, "return_ratio": [], "return_stored": []}
     with tempfile.TemporaryDirectory() as d:
         store = {"kv_store_host_gb": 4.0} if host else {"kv_store_dir": d}
-        return _alternate(engine(sp, kv_cache_gb=gb, **store), docs, got)
-
-
-def _alternate(llm: LLM, docs: dict, got: dict) -> dict:
-    with llm:
-        for i in range(6):
-            name = "AB"[i % 2]
-            t, out = ttft(llm, docs[name] + QUESTIONS[i // 2])
-            if name not in got["cold_s"]:
-                got["cold_s"][name] = t
-            else:
-                got["return_ratio"].append(t / got["cold_s"][name])
-                got["return_stored"].append(out.num_stored_tokens)
-                got.setdefault("return_host", []).append(out.num_host_tokens)
+        with engine(sp, kv_cache_gb=gb, **store) as llm:
+            for i in range(6):
+                name = "AB"[i % 2]
+                t, out = ttft(llm, docs[name] + QUESTIONS[i // 2])
+                if name not in got["cold_s"]:
+                    got["cold_s"][name] = t
+                else:
+                    got["return_ratio"].append(t / got["cold_s"][name])
+                    got["return_stored"].append(out.num_stored_tokens)
+                    got.setdefault("return_host", []).append(out.num_host_tokens)
     return got
 
 

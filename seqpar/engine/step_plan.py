@@ -170,16 +170,8 @@ class StepPlan:
     def decode_slots_within(self, window: int) -> list[Tensor]:
         """`decode_slots` of a sliding-window layer: each row's keys at positions (p - window, p] only
         (a rank that holds none of them has no key for the row: lse -inf, out 0, its merge weight 0)."""
-        out = []
-        for s, runs in zip(self.decode, self.decode_runs):
-            oldest = s.start - window + 1  # the first position the row's window holds
-            kept = []
-            for r in runs:
-                skip = max(0, oldest - r.pos)
-                if skip < r.length:
-                    kept.append(Run(r.start + skip, r.length - skip, r.seq, r.pos + skip, 1))
-            out.append(_slots(kept))
-        return out
+        reach = [[(s.start - window + 1, s.start)] for s in self.decode]  # row j's runs have seq j
+        return [_slots(_within(runs, reach)) for runs in self.decode_runs]
 
     def decode_table(self) -> tuple[list[list[int]], list[int]]:
         """Each decode row's pages on this rank, in key order, and its key count there (the GPU's block

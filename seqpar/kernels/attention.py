@@ -33,15 +33,20 @@ from seqpar.profiling import KERNEL, traced
 
 
 @traced(KERNEL)  # the one entry of every dense block: a profiler range, not nested
-def _fused_lse(q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _fused_lse(
+    q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float, visible: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One dense block: q [Lq, Hq, D], kh/vh [Hkv, Lk, D] (head-major) -> out [Lq, Hq, D], lse [Lq, Hq].
 
-    causal means a square top-left triangle (only called with Lq == Lk).
+    causal means a square top-left triangle (only called with Lq == Lk); `visible` [Lq, Lk] bool, an
+    explicit mask instead (a sliding window's tile; every row must see a key).
     """
+    if visible is not None and q.device.type != "cpu":
+        return reference_block(q, kh.transpose(0, 1), vh.transpose(0, 1), False, scale, mask=visible)
     qb = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
     kb, vb = kh.unsqueeze(0), vh.unsqueeze(0)  # [1, Hkv, Lk, D]
     lq, hq, hkv = q.shape[0], q.shape[1], kh.shape[0]
-    if not causal and hq > hkv and q.device.type == "cpu":
+    if not causal and visible is None and hq > hkv and q.device.type == "cpu":
         # No mask: the g query heads of one KV head are g times the rows against the same keys.
         # The kernel tiles rows more coarsely with more of them (~13% faster at 256 rows), and a
         # decode row reads each KV head once for its g query heads (2.4x faster at 1K keys).
@@ -50,8 +55,11 @@ def _fused_lse(q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float) ->
         return out.reshape(hq, lq, -1).transpose(0, 1), lse.reshape(hq, -1)[:, :lq].transpose(0, 1).float()
     if q.device.type == "cpu":
         # The CPU flash kernel takes GQA natively and returns the LSE; ~10x a matmul+softmax.
+        mask = None
+        if visible is not None:  # additive, in q's dtype (the kernel's rule)
+            mask = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))[None, None]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qb, kb, vb, 0.0, is_causal=causal, attn_mask=None, scale=scale
+            qb, kb, vb, 0.0, is_causal=causal, attn_mask=mask, scale=scale
         )
     elif q.device.type == "cuda":
         out, lse = flash_lse(qb, kb, vb, causal, scale)  # the GPU's (kernels/gpu/flash.py)
@@ -63,18 +71,6 @@ def _fused_lse(q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float) ->
 
 # Query rows per masked call of a sliding-window pair: the mask is [rows, W + rows].
 WINDOW_TILE = 256
-
-
-@traced(KERNEL)
-def _masked_lse(q: Tensor, kh: Tensor, vh: Tensor, visible: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """q [Lq, Hq, D] over kh/vh [Hkv, Lk, D] where visible [Lq, Lk] (every row sees a key) -> out, lse."""
-    if q.device.type != "cpu":
-        return reference_block(q, kh.transpose(0, 1), vh.transpose(0, 1), False, scale, mask=visible)
-    mask = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(0, 1).unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), 0.0, attn_mask=mask[None, None], scale=scale
-    )
-    return out[0].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
 
 
 def _attend_window_pair(
@@ -106,33 +102,18 @@ def _attend_window_pair(
             continue
         d = qpos[a:b, None] - kpos[None, ka:kb]
         visible = (d >= 0) & (d < window)
-        seen = visible.any(1)
-        if not bool(seen.all()):  # rows between keys of a strided run: drop them (kept contiguous)
-            idx = seen.nonzero().flatten()
-            if idx.numel() == 0:
-                continue
-            a, b = a + int(idx[0]), a + int(idx[-1]) + 1
-            visible = visible[int(idx[0]) : int(idx[-1]) + 1]
-            if not bool(visible.any(1).all()):  # rare: gaps inside; plain torch handles empty rows
-                rows = slice(qr.start + a, qr.start + b)
-                o, l = reference_block(
-                    q[rows],
-                    k[:, kr.start + ka : kr.start + kb].transpose(0, 1),
-                    v[:, kr.start + ka : kr.start + kb].transpose(0, 1),
-                    False,
-                    scale,
-                    mask=visible.to(q.device),
-                )
-                merge_into(acc_out[rows], acc_lse[rows], o, l)
-                wrote = True
-                continue
         rows = slice(qr.start + a, qr.start + b)
         keys = slice(kr.start + ka, kr.start + kb)
-        if bool(visible.all()):
-            o, l = _fused_lse(q[rows], k[:, keys], v[:, keys], False, scale)
+        if not bool(visible.any(1).all()):
+            # rows that see none of these keys (a strided run's rows between its keys, rare): plain
+            # torch, which leaves such rows lse -inf, merged
+            o, l = reference_block(
+                q[rows], k[:, keys].transpose(0, 1), v[:, keys].transpose(0, 1), False, scale, mask=visible.to(q.device)
+            )
+            merge_into(acc_out[rows], acc_lse[rows], o, l)
         else:
-            o, l = _masked_lse(q[rows], k[:, keys], v[:, keys], visible.to(q.device), scale)
-        _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
+            o, l = _fused_lse(q[rows], k[:, keys], v[:, keys], False, scale, None if bool(visible.all()) else visible)
+            _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
         wrote = True
     return wrote
 

@@ -11,9 +11,10 @@ def check_books(bm: BlockManager, live: list[Sequence]) -> None:
     for r, pool in enumerate(bm.pools):
         refs = [0] * pool.num_blocks
         for seq in live:
-            for i, b in enumerate(seq.blocks):
-                if bm.placement.owner(i) == r:
-                    refs[b] += 1
+            for table in seq.blocks:
+                for i, b in enumerate(table):
+                    if b >= 0 and bm.placement.owner(i) == r:
+                        refs[b] += 1
         assert refs == pool.ref, f"rank {r}: reference counts {pool.ref} but live sequences hold {refs}"
         free = set(pool.free)
         states = [(b in free) + (b in pool.cached) + (pool.ref[b] > 0) for b in range(pool.num_blocks)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,9 +11,9 @@ from hypothesis import strategies as st
 
 from engine_util import check_books
 from seqpar.engine.admission import PromptRefused, check_prompt
-from seqpar.engine.block_manager import BlockManager
+from seqpar.engine.block_manager import BlockManager, chain_hash
 from seqpar.engine.config import EngineConfig
-from seqpar.engine.kv_cache import KVCache, size_cache
+from seqpar.engine.kv_cache import KVCache, KVGroups, size_cache
 from seqpar.engine.placement import SHARD_SCHEMES, Placement, blocks_needed
 from seqpar.engine.sampling_params import SamplingParams
 from seqpar.engine.scheduler import Scheduler, SchedulerConfig
@@ -88,9 +90,10 @@ def _seq(sid: int, tokens: list[int], **params) -> Sequence:
     num_blocks=st.integers(1, 10),
     world=st.integers(1, 3),
     prefix=st.booleans(),
+    windows=st.sampled_from([[None], [None, 3, 3], [4, 4]]),  # one group; global + window; windows alone
 )
-def test_books_balance_under_any_sequence_of_operations(ops, num_blocks, world, prefix):
-    bm = BlockManager(Placement(world, 2, 1), num_blocks, prefix)
+def test_books_balance_under_any_sequence_of_operations(ops, num_blocks, world, prefix, windows):
+    bm = BlockManager(Placement(world, 2, 1), num_blocks, prefix, groups=KVGroups.of(windows))
     seqs: dict[int, Sequence] = {}
     for op, sid, n in ops:
         if op == "alloc":
@@ -104,7 +107,7 @@ def test_books_balance_under_any_sequence_of_operations(ops, num_blocks, world, 
                 assert [p.available() for p in bm.pools] == before  # all or nothing
         elif op == "compute" and sid in seqs:
             seq = seqs[sid]
-            seq.num_computed_tokens = min(len(seq.blocks) * 2, seq.num_tokens)
+            seq.num_computed_tokens = min(len(seq.blocks[0]) * 2 if seq.blocks else 0, seq.num_tokens)
             bm.cache_full_blocks(seq)
         elif op == "free" and sid in seqs:
             bm.free(seqs.pop(sid))
@@ -113,6 +116,58 @@ def test_books_balance_under_any_sequence_of_operations(ops, num_blocks, world, 
         bm.free(seq)
     check_books(bm, [])
     assert all(p.available() == num_blocks for p in bm.pools)
+
+
+def test_window_groups_hold_only_their_window_and_a_prefix_needs_only_the_last_window():
+    """Layers [global, window 6, window 6] in groups of one, blocks of 2 tokens, on 2 ranks: a window
+    group frees what left its window as the sequence advances; a prefix hit needs every global block
+    but only the window's blocks before the hit; where those are gone, the hit is shorter."""
+    groups = KVGroups.of([None, 6, 6])
+    assert groups.layers == ((0,), (1,), (2,)) and groups.windows == (None, 6, 6) and groups.size == 1
+    bm = BlockManager(Placement(2, 2, 1), num_blocks=40, groups=groups)
+    doc = list(range(100, 130))  # 30 tokens: 15 blocks
+    a = _seq(0, doc + [1])
+    assert bm.match_prefix(a) == 0
+    for end in (8, 16, 24, 31):  # chunks of 8
+        assert bm.allocate(a, end)
+        a.num_computed_tokens = end
+        bm.cache_full_blocks(a)
+        # the next query is at `end`: it sees positions > end - 6, from block (end - 5) // 2 on
+        first = (end - 5) // 2
+        for table in a.blocks[1:]:
+            assert all(b < 0 for b in table[:first]) and all(b >= 0 for b in table[first:])
+        assert all(b >= 0 for b in a.blocks[0])
+    assert sum(bm.held(a)) == 16 + 2 * (16 - 13)  # every block of the global group, 3 of each window group
+    check_books(bm, [a])
+    bm.free(a)
+    check_books(bm, [])
+    b = _seq(1, doc + [2])  # the whole document is a hit: the window groups' last blocks are still cached
+    assert bm.match_prefix(b) == 30
+    assert [sum(b >= 0 for b in t) for t in b.blocks] == [15, 3, 3]  # positions 25..29 seen by query 30
+    check_books(bm, [b])
+    bm.free(b)
+    # forget the window groups' blocks 12..14 (a late part of the document, still held by its global group)
+    for i in (12, 13, 14):
+        for g in (1, 2):
+            pool = bm.pools[bm.placement.owner(i)]
+            page = pool.by_hash.pop(groups.key(b_hash(doc, i), g))
+            del pool.hash_of[page]
+            pool.cached.pop(page)
+            heapq.heappush(pool.free, page)
+    c = _seq(2, doc + [3])
+    # a prefix of n blocks needs the window groups' blocks (2n - 5) // 2 .. n - 1: the longest with
+    # none of 12..14 among them is n = 12
+    assert bm.match_prefix(c) == 24
+    assert [sum(b >= 0 for b in t) for t in c.blocks] == [12, 3, 3]
+    check_books(bm, [c])
+
+
+def b_hash(tokens: list[int], i: int) -> bytes:
+    """The chained hash of block i (blocks of 2 tokens)."""
+    h = None
+    for j in range(i + 1):
+        h = chain_hash(h, tokens[2 * j : 2 * j + 2])
+    return h
 
 
 def test_prefix_reuse_across_ranks_and_lru_eviction():

@@ -84,7 +84,7 @@ def _sent(rank: int, world: int) -> dict[str, tuple[int, int]]:
         for i in range(-(-end // bs)):  # each logical block on its owner's next free block
             blocks.append(used[placement.owner(i)])
             used[placement.owner(i)] += 1
-        seqs.append(SeqStep(j, list(range(start, end)), start, blocks, False, False, end))
+        seqs.append(SeqStep(j, list(range(start, end)), start, [blocks], False, False, end))
     plan = StepPlan(Step(seqs, "ring"), placement, rank)
     slots = max(used) * bs
     kh, vh = torch.randn(hkv, slots, d), torch.randn(hkv, slots, d)

@@ -120,7 +120,7 @@ def test_decode_table_names_the_same_keys_as_the_slots(world, scheme):
         for i in range(start // PAGE + 1):  # each logical block on its owner's next free block
             blocks.append(used[placement.owner(i)])
             used[placement.owner(i)] += 1
-        seqs.append(SeqStep(j, [5], start, blocks, True, True, start))
+        seqs.append(SeqStep(j, [5], start, [blocks], True, True, start))
     for rank in range(world):
         plan = StepPlan(Step(seqs, "ring"), placement, rank)
         pages, lens = plan.decode_table()

@@ -223,3 +223,29 @@ def test_bf16_sp_stays_close_to_sp1(gemma3) -> None:
             outs[sp] = [o.outputs[0] for o in llm.generate(prompts, params)]
     for want, got in zip(outs[1], outs[2]):
         check_logprobs_close(want, got, "SP 2")
+
+
+def test_window_groups_free_their_blocks_and_the_store_restores_them(gemma3, tmp_path) -> None:
+    """The cache keeps a window layer's blocks only while some later query can see them (the tiny
+    Gemma 3: layers [window 5, global, window 5], one layer per block group), at SP 2 in chunks of 8
+    tokens; a restart loads the document's blocks from the KV store (every global block, the window
+    groups' last window) and generates what the first engine did, within fp32's reordering."""
+    from seqpar.engine.kv_cache import block_bytes
+
+    prompt = [(7 * i) % 97 + 3 for i in range(61)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=1, ignore_eos=True)
+    bs, w = 4, 5
+    opts = dict(sp_size=2, block_size=bs, shard_blocks=1, max_num_batched_tokens=8, dtype="float32")
+    with LLM(model=gemma3[1], kv_store_dir=str(tmp_path), **opts) as llm:
+        cold = llm.generate([prompt], params)[0]
+        mc = llm.engine.model_config
+        page = block_bytes(1, mc.num_kv_heads, mc.head_dim, torch.float32, bs)
+    n = len(prompt) + 3  # positions computed when the last token was drawn
+    held = -(-n // bs) + 2 * (-(-n // bs) - (n - w + 1) // bs)  # every global block; the windows' last
+    assert sum(cold.metrics["kv_cache_bytes_per_rank"]) == held * page
+    with LLM(model=gemma3[1], kv_store_dir=str(tmp_path), **opts) as llm:
+        warm = llm.generate([prompt], params)[0]
+    assert warm.num_stored_tokens == (len(prompt) - 1) // bs * bs
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+    for a, b in zip(warm.outputs[0].logprobs, cold.outputs[0].logprobs):
+        assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)

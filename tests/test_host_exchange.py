@@ -143,7 +143,7 @@ def _ring_over_cache(rank: int, world: int) -> int:
             blocks.append(used[placement.owner(i)])
             used[placement.owner(i)] += 1
         plan = StepPlan(
-            Step([SeqStep(0, list(range(cached, end)), cached, blocks, False, False, end)], "ring"), placement, rank
+            Step([SeqStep(0, list(range(cached, end)), cached, [blocks], False, False, end)], "ring"), placement, rank
         )
         gen = torch.Generator().manual_seed(end)
         kh, vh = torch.randn(hkv, max(used) * bs, d, generator=gen), torch.randn(hkv, max(used) * bs, d, generator=gen)

@@ -90,7 +90,7 @@ class AutoStrategy:
         if not prefill:
             return "ring", None  # a decode-only step runs no prefill strategy
         spans = [(s.start, s.start + s.num_new) for s in prefill]
-        cost = self.predict(spans, len(scheduled) - len(prefill), [s.seq.blocks for s in prefill])
+        cost = self.predict(spans, len(scheduled) - len(prefill), [s.seq.blocks[0] for s in prefill])
         choice = cost.best()
         if log.isEnabledFor(logging.DEBUG):
             new = sum(b - a for a, b in spans)

@@ -1,4 +1,5 @@
-"""The KV cache of ONE sequence-parallel rank: its storage, and what a block of it costs.
+"""The KV cache of ONE sequence-parallel rank: its storage, what a block of it costs, and how the
+layers share its blocks (`KVGroups`).
 
 Which rank holds which block is `placement.py`; the driver's block manager decides which
 physical block holds each logical block (`blocks[i]` holds positions
@@ -12,12 +13,73 @@ in place instead of copying every cached token once per layer and step.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class KVGroups:
+    """The layers in groups of equal size that share one pool of blocks (vLLM's hybrid KV cache).
+
+    A block holds `block_size` positions of K/V for the `size` layers of one group; each group has
+    its own block table per sequence. Global layers need every position, so their groups hold a
+    block for every block of a sequence; a sliding-window layer's queries see only the last
+    `window` positions, so its groups free the blocks that have left every window. Groups are the
+    size of the smallest set of layers of one kind (global, or one window size), so a model
+    without windows has one group of every layer and a block is what it always was.
+    """
+
+    layers: tuple[tuple[int, ...], ...]  # per group, its layers (the last group of a kind may be short)
+    windows: tuple[int | None, ...]  # per group, its layers' window (None: global)
+    size: int  # layers per block
+    _where: dict[int, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, windows: list[int | None]) -> KVGroups:
+        """Groups for layers with these windows (None: a global layer); global groups first."""
+        if not windows:
+            raise ValueError("KVGroups: a model needs at least one layer")
+        kinds: dict[int | None, list[int]] = {}
+        for layer, w in enumerate(windows):
+            kinds.setdefault(w, []).append(layer)
+        size = min(len(v) for v in kinds.values())
+        layers, wins = [], []
+        for w in sorted(kinds, key=lambda w: -1 if w is None else w):
+            for a in range(0, len(kinds[w]), size):
+                layers.append(tuple(kinds[w][a : a + size]))
+                wins.append(w)
+        groups = cls(tuple(layers), tuple(wins), size)
+        for g, ls in enumerate(layers):
+            groups._where.update((layer, (g, j)) for j, layer in enumerate(ls))
+        return groups
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def where(self, layer: int) -> tuple[int, int]:
+        """(group, index in the cache's storage) of a layer."""
+        return self._where[layer]
+
+    def first_block(self, g: int, position: int, block_size: int) -> int:
+        """The first logical block group `g` must hold for queries at `position` and after."""
+        w = self.windows[g]
+        return 0 if w is None else max(0, position - w + 1) // block_size
+
+    def key(self, h: bytes, g: int) -> bytes:
+        """The hash group `g`'s block of a chained token hash is known by (prefix cache, KV store)."""
+        return h if g == 0 else hashlib.blake2b(h + g.to_bytes(4, "little"), digest_size=16).digest()
+
+
+def kv_groups(mc) -> KVGroups:
+    """A model's layer groups (`mc`: its ModelConfig)."""
+    return KVGroups.of([mc.window(i) for i in range(mc.num_layers)])
+
+
 def block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int) -> int:
-    """Bytes one block costs: K and V for every layer."""
+    """Bytes one block costs: K and V for `num_layers` layers (a group's, `KVGroups.size`)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 

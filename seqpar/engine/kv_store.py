@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from seqpar.engine.kv_cache import kv_groups
 from seqpar.model import load_config
 from seqpar.model.loader import resolve_model
 
@@ -193,7 +194,7 @@ class DriverStore:
             else None
         )
         mc = mc or load_config(config.model, config.rope_scaling)
-        zeros = torch.zeros(mc.num_layers, mc.num_kv_heads // config.tp_size, config.block_size, mc.head_dim)
+        zeros = torch.zeros(kv_groups(mc).size, mc.num_kv_heads // config.tp_size, config.block_size, mc.head_dim)
         zeros = zeros.to(config.torch_dtype)
         # A block's files (one per TP rank): the header's length does not depend on the K/V in it.
         self.file_bytes = len(encode(self.fp, bytes(16), zeros, zeros)) * config.tp_size

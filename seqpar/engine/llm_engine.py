@@ -25,7 +25,7 @@ from seqpar.engine.config import EngineConfig
 from seqpar.engine.detokenize import IncrementalDetokenizer, decode_logprobs
 from seqpar.engine.dtype import resolve_dtype
 from seqpar.engine.executor import EngineDeadError, LocalExecutor, ProgressFn, TorchrunExecutor
-from seqpar.engine.kv_cache import block_bytes, size_cache
+from seqpar.engine.kv_cache import block_bytes, kv_groups, size_cache
 from seqpar.engine.kv_store import DriverStore
 from seqpar.engine.messages import KVLoad, SeqStep, Step, StepResult
 from seqpar.engine.outputs import EngineStats, RequestOutput, StepRecord
@@ -50,7 +50,7 @@ def kv_blocks_per_rank(config: EngineConfig, mc: ModelConfig, local: bool = True
     config, _ = resolve_dtype(config)  # the cache's bytes per block depend on it
     check_parallelism(config, mc, local=local)
     return size_cache(
-        mc.num_layers,
+        kv_groups(mc).size,
         mc.num_kv_heads // config.tp_size,
         mc.head_dim,
         config.torch_dtype,
@@ -102,17 +102,18 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > context:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context of {context} tokens")
         placement = config.placement()
+        groups = kv_groups(mc)
+        # The store's tiers (kv_store.py): host memory the driver tracks, files whose existence it asks.
+        store = config.kv_store_dir or config.kv_store_host_gb > 0
+        self.kv_store = DriverStore(config, mc) if store else None
+        self.blocks = BlockManager(placement, self.num_blocks, config.enable_prefix_caching, self.kv_store, groups)
         # The longest sequence the cache can hold alone, its blocks spread over the SP ranks.
-        self.capacity = placement.max_tokens(self.num_blocks)
+        self.capacity = self.blocks.max_tokens(config.max_num_batched_tokens, context)
         self.max_model_len = min(config.max_model_len or context, self.capacity)
         if self.max_model_len < 2:
             raise ValueError(
                 f"kv_cache_gb={config.kv_cache_gb} holds {self.capacity} tokens per sequence; give it more"
             )
-        # The store's tiers (kv_store.py): host memory the driver tracks, files whose existence it asks.
-        store = config.kv_store_dir or config.kv_store_host_gb > 0
-        self.kv_store = DriverStore(config, mc) if store else None
-        self.blocks = BlockManager(placement, self.num_blocks, config.enable_prefix_caching, self.kv_store)
         budget = config.max_num_batched_tokens
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -123,7 +124,7 @@ class LLMEngine:
             self.blocks,
         )
         self.block_bytes = block_bytes(
-            mc.num_layers, mc.num_kv_heads // config.tp_size, mc.head_dim, config.torch_dtype, config.block_size
+            groups.size, mc.num_kv_heads // config.tp_size, mc.head_dim, config.torch_dtype, config.block_size
         )
         self._gone: list[int] = []
         self.requests: dict[int, Request] = {}
@@ -239,10 +240,10 @@ class LLMEngine:
         """Have the ranks fill the blocks admission found in the KV store; a sequence whose load failed
         somewhere computes from its first failed block instead (the same tokens this step). The blocks
         kept that came from disk are added to `promoted`: host memory takes them after the step."""
-        owner, entries, where = self.blocks.placement.owner, [], []
+        owner, key, entries, where = self.blocks.placement.owner, self.blocks.groups.key, [], []
         for s in scheduled:
-            for i in s.seq.loads:
-                entries.append((owner(i), s.seq.blocks[i], s.seq.block_hashes[i]))
+            for i, g in s.seq.loads:
+                entries.append((owner(i), s.seq.blocks[g][i], key(s.seq.block_hashes[i], g)))
                 where.append((s.seq.seq_id, i))
         in_host = [self.kv_store.in_host(r, h) for r, _, h in entries]
         failed: dict[int, int] = {}
@@ -252,28 +253,29 @@ class LLMEngine:
         for j in result.failed:
             seq_id, i = where[j]
             failed[seq_id] = min(i, failed.get(seq_id, i))
-        from_host: Counter[int] = Counter()  # per sequence, blocks loaded from host memory and kept
-        for entry, (seq_id, i), host in zip(entries, where, in_host):
-            if i < failed.get(seq_id, i + 1):
-                from_host[seq_id] += host
-                if not host:
-                    promoted.append(entry)
-        out = []
+        out, bs = [], self.config.block_size
         for s in scheduled:
             seq = s.seq
             if not seq.loads:
                 out.append(s)
                 continue
-            planned = len(seq.loads) * self.config.block_size
+            planned = len({i for i, _ in seq.loads}) * bs
             first = "scheduled" not in self.requests[seq.seq_id].metrics  # its first admission
             loaded = self.blocks.loaded(seq, failed.get(seq.seq_id))
+            kept = len(seq.block_hashes)  # blocks below this are computed (cached, or loaded and kept)
+            mine = [(e, i, host) for e, (sid, i), host in zip(entries, where, in_host) if sid == seq.seq_id]
+            promoted += [e for e, i, host in mine if i < kept and not host]
             if first:
                 seq.num_stored_tokens = loaded
-                seq.num_host_tokens = from_host[seq.seq_id] * self.config.block_size
+                seq.num_host_tokens = len({i for _, i, host in mine if i < kept and host}) * bs
                 seq.num_cached_tokens = max(0, (seq.num_cached_tokens or 0) - (planned - loaded))
             if seq.seq_id in failed:
-                seq.num_computed_tokens = start = failed[seq.seq_id] * self.config.block_size
+                seq.num_computed_tokens = start = kept * bs
                 s = ScheduledSeq(seq, start, s.num_new, decode=False)
+                # a window group may lack blocks the recomputation writes or reads back to: none free
+                # now, the sequence waits for the next schedule (which preempts if it must)
+                if not self.blocks.allocate(seq, start + s.num_new):
+                    continue
             out.append(s)
         return out
 
@@ -286,7 +288,7 @@ class LLMEngine:
             seq.seq_id,
             tokens[s.start : end],
             s.start,
-            list(seq.blocks),
+            [list(t) for t in seq.blocks],
             s.decode,
             s.wants_logits,
             seq.num_prompt_tokens,
@@ -325,10 +327,8 @@ class LLMEngine:
                 seq.output_logprobs.append(got.top_logprobs)
             req.delta += req.detok.update(seq.output_token_ids)
             req.metrics["last_token"] = now
-            held = [0] * self.config.sp_size  # this request's KV blocks per SP rank
-            for i in range(len(seq.blocks)):
-                held[self.blocks.placement.owner(i)] += 1
-            req.metrics["kv_bytes_per_rank"] = [n * self.block_bytes for n in held]
+            # this request's KV blocks per SP rank, every layer group's
+            req.metrics["kv_bytes_per_rank"] = [n * self.block_bytes for n in self.blocks.held(seq)]
 
     def _banned(self, req: Request) -> list[int]:
         """Before `min_tokens` outputs, EOS (unless ignored) and the stop ids cannot be drawn (vLLM)."""

@@ -89,10 +89,13 @@ class Placement:
 
     def key_runs(self, blocks: list[int], num_tokens: int, seq: int) -> list[list[Run]]:
         """Per rank: the cached positions [0, num_tokens) of one sequence (batch row `seq`) as runs over
-        storage slots. Neighbouring blocks that are adjacent both in position and in storage form one run."""
+        storage slots. Neighbouring blocks that are adjacent both in position and in storage form one run.
+        Blocks given as -1 (a window group's freed ones) hold no keys."""
         per_rank: list[list[Run]] = [[] for _ in range(self.sp_size)]
         bs = self.block_size
         for i in range(blocks_needed(num_tokens, bs)):
+            if blocks[i] < 0:
+                continue
             runs = per_rank[self.owner(i)]
             n = min(bs, num_tokens - i * bs)
             slot = blocks[i] * bs

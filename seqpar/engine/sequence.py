@@ -30,13 +30,16 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     cumulative_logprob: float = 0.0
     output_logprobs: list[LogprobDict] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)  # physical block of each logical block, on its owner rank
+    # per layer group (KVGroups), the block of each logical block on its owner rank; -1: freed (out of
+    # a window group's reach) or not held
+    blocks: list[list[int]] = field(default_factory=list)
+    released: dict[int, int] = field(default_factory=dict)  # per window group, blocks below this are freed
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int | None = None  # prompt tokens reused from the prefix cache at first admission
     num_stored_tokens: int = 0  # of those, loaded from the KV store (host memory or kv_store_dir)
     num_host_tokens: int = 0  # of those, from host memory (kv_store_host_gb)
-    loads: list[int] = field(default_factory=list)  # logical blocks to fill from the KV store before the next step
+    loads: list[tuple[int, int]] = field(default_factory=list)  # (logical block, group) to load before the next step
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -78,20 +78,22 @@ def _cached_keys(k_runs: list[list[Run]], me: int) -> CachedKeys:
 class StepPlan:
     """Where this step's rows and keys are, on every rank (built from the message alone)."""
 
-    def __init__(self, msg: Step, placement: Placement, me: int) -> None:
+    def __init__(self, msg: Step, placement: Placement, me: int, group: int = 0) -> None:
+        """The plan of layer group `group`'s blocks (`KVGroups`): the rows are every group's, the slots
+        its own; a window group's freed blocks (-1) hold no keys."""
         world, bs = placement.sp_size, placement.block_size
         self.decode = [s for s in msg.seqs if s.decode]
         self.prefill = [s for s in msg.seqs if not s.decode]
         # Decode rows: queries replicated; keys are every cached position of the sequence on this
         # rank, all visible to its one query, as the storage slots of each row (the CPU's DecodeBatch;
         # the GPU's block table is `decode_table`).
-        self.placement, self.me = placement, me
+        self.placement, self.me, self.group = placement, me, group
         self.decode_slots: list[Tensor] = []
         self.decode_runs: list[list[Run]] = []
         write_rows, write_slots = [], []
         for j, s in enumerate(self.decode):
             runs: list[Run] = []
-            mine = placement.key_runs(s.blocks, s.start + 1, j)[me]
+            mine = placement.key_runs(s.blocks[group], s.start + 1, j)[me]
             self.decode_runs.append(mine)  # with their positions (the joined runs below lose them)
             for run in mine:
                 last = runs[-1] if runs else None
@@ -102,7 +104,7 @@ class StepPlan:
             self.decode_slots.append(_slots(runs))
             if placement.owner(s.start // bs) == me:
                 write_rows.append(j)
-                write_slots.append(s.blocks[s.start // bs] * bs + s.start % bs)
+                write_slots.append(s.blocks[group][s.start // bs] * bs + s.start % bs)
         # Prefill rows: rank r computes the new positions it owns (rows in sequence order).
         q_runs: list[list[Run]] = [[] for _ in range(world)]
         k_runs: list[list[Run]] = [[] for _ in range(world)]
@@ -121,12 +123,12 @@ class StepPlan:
                     if r == me:
                         local.append(torch.arange(p, p + n))
                         self.ids += s.token_ids[p - s.start : p - s.start + n]
-            for r, runs in enumerate(placement.key_runs(s.blocks, end, j)):
+            for r, runs in enumerate(placement.key_runs(s.blocks[group], end, j)):
                 k_runs[r].extend(runs)
             pos = torch.cat(local) if local else torch.empty(0, dtype=torch.long)
             positions.append(pos)
             self.prefill_rows.append((s, pos))
-            table = torch.tensor(s.blocks, dtype=torch.long)
+            table = torch.tensor(s.blocks[group], dtype=torch.long)
             write_rows += range(local_rows, local_rows + len(pos))
             local_rows += len(pos)
             write_slots += (table[pos // bs] * bs + pos % bs).tolist()
@@ -181,7 +183,7 @@ class StepPlan:
         bs, owner = self.placement.block_size, self.placement.owner
         for s in self.decode:
             mine = [i for i in range(blocks_needed(s.start + 1, bs)) if owner(i) == self.me]
-            pages.append([s.blocks[i] for i in mine])
+            pages.append([s.blocks[self.group][i] for i in mine])
             lens.append(sum(min(bs, s.start + 1 - i * bs) for i in mine))
         return pages, lens
 

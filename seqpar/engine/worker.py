@@ -28,7 +28,7 @@ from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
 from seqpar.engine.decode_graph import StaticDecode
-from seqpar.engine.kv_cache import KVCache
+from seqpar.engine.kv_cache import KVCache, kv_groups
 from seqpar.engine.kv_store import RankStore
 from seqpar.engine.messages import KVLoad, KVLoadResult, Sampled, Step, StepResult
 from seqpar.engine.parallel import ShardedModel
@@ -81,8 +81,10 @@ class Worker:
             and not config.enforce_eager
             and not config.enable_deterministic_inference
         )
+        # layer groups sharing the cache's blocks (a window group frees what left its window)
+        self.groups = kv_groups(mc)
         self.cache = KVCache(
-            mc.num_layers,
+            self.groups.size,
             num_blocks + graphs,
             config.block_size,
             self.sharded.num_kv_heads_cached,
@@ -149,11 +151,14 @@ class Worker:
     def step(self, msg: Step) -> StepResult:
         cfg, mesh = self.config, self.mesh
         plan = StepPlan(msg, self.placement, mesh.sp_rank)
+        # every other layer group's blocks (a model without sliding windows has one group)
+        plans = [plan] + [StepPlan(msg, self.placement, mesh.sp_rank, g) for g in range(1, len(self.groups))]
         nd = len(plan.decode)
         if nd and not plan.prefill and self.static_decode is not None:
             return self._static_step(msg, plan)  # reads the plan on the host: before plan.to
         if self.device.type != "cpu":
-            plan.to(self.device)
+            for p in plans:
+                p.to(self.device)
         num_layers = self.model.config.num_layers
         # Every decode row in one call per layer: on CPU the flash kernel per length bucket
         # (kernels/decode.py), elsewhere the paged kernel over a block table (kernels/gpu/paged.py).
@@ -162,22 +167,24 @@ class Worker:
         if nd and self.deterministic:
             units = self._decode_units(plan)  # the same for every layer
         elif nd and self.device.type == "cpu":
-            batch = DecodeBatch(plan.decode_slots, self.decode_workspace)
-            # sliding-window layers: each row's keys within its window only (one batch per window size)
+            # per layer group; a sliding window's: each row's keys within its window only
             batches = {
-                w: DecodeBatch(plan.decode_slots_within(w), self.decode_workspace) for w in set(self.windows) - {None}
+                g: DecodeBatch(p.decode_slots if w is None else p.decode_slots_within(w), self.decode_workspace)
+                for g, (p, w) in enumerate(zip(plans, self.groups.windows))
             }
         elif nd:
             batch = PagedDecode(*plan.decode_table(), cfg.block_size, self.device, self.cache.num_kv_heads)
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.cache.write(layer, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
-            kh, vh = self.cache.storage(layer)  # read in place through slot runs
+            g, j = self.groups.where(layer)
+            p = plans[g]
+            self.cache.write(j, p.write_slots, k[p.write_rows], v[p.write_rows])
+            kh, vh = self.cache.storage(j)  # read in place through slot runs
             if self.deterministic:
                 return self._canonical_attention(q, kh, vh, plan, units)
             outs, window = [], self.windows[layer]
             if nd:
-                out, lse = (batch if window is None else batches[window]).attend(q[:nd], kh, vh, self.scale)
+                out, lse = (batches[g] if batch is None else batch).attend(q[:nd], kh, vh, self.scale)
                 out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange)
                 if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
                     # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
@@ -190,7 +197,7 @@ class Worker:
                     plan.q_layouts,
                     kh,
                     vh,
-                    plan.keys if window is None else plan.keys_within(window),
+                    p.keys if window is None else p.keys_within(window),
                     mesh.sp_group,
                     msg.strategy,
                     self.scale,
@@ -249,7 +256,7 @@ class Worker:
     def _decode_units(self, plan: StepPlan) -> canonical.DecodeUnits:
         pl = self.placement
         return canonical.DecodeUnits(
-            [(s.start, s.blocks) for s in plan.decode],
+            [(s.start, s.blocks[0]) for s in plan.decode],
             lambda u: pl.owner(u * pl.shard_blocks),
             pl.block_size,
             pl.shard_blocks,

@@ -84,6 +84,10 @@ def test_flops_equal_direct_counts():
     assert f.attention_flops(mc, 6) == 4 * 64 * 9 * 6 * 30
     assert f.kv_bytes_per_token(mc, 1, 4) == 2 * 30 * 3 * 64 * 4  # SmolLM2 fp32: 46,080 bytes per token
     assert f.kv_bytes_per_token(preset_config("llama-3.1-405b"), 16, 2) == 2 * 126 * 1 * 128 * 2  # replicated KV head
+    gemma, layer = preset_config("gemma-3-1b"), 2 * 256 * 2  # 4 global layers, 22 with a window of 512
+    assert f.kv_bytes_per_rank(gemma, 1, 2, 32768, 2) == layer * (4 * 16384 + 22 * 512)
+    assert f.kv_bytes_per_rank(gemma, 1, 2, 300, 1) == layer * 26 * 300  # shorter than the window
+    assert f.kv_bytes_per_rank(mc, 1, 4, 1000, 4) == f.kv_bytes_per_token(mc, 1, 4) * 250
 
 
 def test_presets_are_the_published_shapes():
@@ -138,4 +142,14 @@ def test_sliding_window_layers_in_the_formulas_and_plan():
     windowed, whole = (predict(m, H200, Layout(1, 1, 8), "local", t) for m in (mc, every_global))
     assert windowed.attention_s < whole.attention_s / 5  # 4 of 26 layers pay T^2 / 2
     assert windowed.decode_ms_per_token < whole.decode_ms_per_token
-    assert windowed.kv_bytes_per_rank == whole.kv_bytes_per_rank  # the cache keeps every layer's blocks
+    # the cache keeps a window layer's last window only
+    assert windowed.kv_bytes_per_rank == 2 * 256 * 2 * (4 * t + 22 * 512) < whole.kv_bytes_per_rank / 5
+    # memory for 8,000 tokens of every layer beside the weights holds the model's whole context windowed
+    weights = f.weight_params(mc) * 2
+    small = replace(H200, memory_bytes=(weights + 8000 * f.kv_bytes_per_token(mc, 1, 2)) / H200.memory_fraction)
+    windowed, whole = (predict(m, small, Layout(1, 1, 8), "local", t) for m in (mc, every_global))
+    assert 7990 < whole.max_context_tokens <= 8000 and windowed.max_context_tokens == mc.max_position_embeddings
+    # 4,000 tokens of every layer: T tokens of the 4 global layers and 512 of the other 22 fit
+    small = replace(H200, memory_bytes=(weights + 4000 * f.kv_bytes_per_token(mc, 1, 2)) / H200.memory_fraction)
+    windowed = predict(mc, small, Layout(1, 1, 8), "local", t)
+    assert abs(windowed.max_context_tokens - (4000 * 26 - 22 * 512) / 4) < 30

@@ -83,9 +83,20 @@ def kv_heads_per_tp_rank(mc: ModelConfig, tp: int) -> int:
 
 
 def kv_bytes_per_token(mc: ModelConfig, tp: int, dtype_bytes: int) -> int:
-    """KV cache bytes one TP rank holds per token: K and V of its heads in every layer (sliding-window
-    layers too: the engine's cache keeps every layer's blocks)."""
+    """KV cache bytes one TP rank holds per token counting every layer: K and V of its heads (what a
+    model without sliding windows holds; `kv_bytes_per_rank` knows windows)."""
     return 2 * mc.num_layers * kv_heads_per_tp_rank(mc, tp) * mc.head_dim * dtype_bytes
+
+
+def kv_bytes_per_rank(mc: ModelConfig, tp: int, dtype_bytes: int, context: int, cp: int) -> int:
+    """KV cache bytes the busiest rank holds for one sequence of `context` tokens over `cp` ranks: a
+    global layer's tokens spread over the ranks; a sliding-window layer keeps only its last window
+    (the engine's cache frees the rest), which may all lie on one rank."""
+    layer = kv_bytes_per_token(mc, tp, dtype_bytes) // mc.num_layers
+    windows = [mc.window(i) for i in range(mc.num_layers)]
+    global_layers = windows.count(None)
+    kept = sum(min(context, w) for w in windows if w is not None)
+    return layer * (global_layers * -(-context // cp) + kept)
 
 
 # ---- communication of one layer's attention, per rank -----------------------------------------

@@ -100,9 +100,23 @@ def weight_bytes_per_rank(mc: ModelConfig, tp: int, weight_dtype: str = "bf16") 
 
 
 def max_context(mc: ModelConfig, hw: Hardware, layout: Layout, weight_dtype: str = "bf16") -> int:
-    """Tokens whose KV fits beside the weights in each rank's usable memory, over the CP ranks."""
+    """Tokens whose KV fits beside the weights in each rank's usable memory, over the CP ranks (at most
+    the model's context when every layer has a sliding window: their KV stops growing)."""
     free = hw.memory_bytes * hw.memory_fraction - weight_bytes_per_rank(mc, layout.tp, weight_dtype)
-    return max(0, int(free // f.kv_bytes_per_token(mc, layout.tp, hw.dtype_bytes))) * layout.cp
+    whole = max(0, int(free // f.kv_bytes_per_token(mc, layout.tp, hw.dtype_bytes))) * layout.cp
+    if not mc.windowed:
+        return whole
+
+    def fits(n: int) -> bool:
+        return f.kv_bytes_per_rank(mc, layout.tp, hw.dtype_bytes, n, layout.cp) <= free
+
+    lo, hi = whole, mc.max_position_embeddings  # the first fits (every layer counted whole)
+    if hi <= lo or fits(hi):
+        return max(lo, hi) if fits(max(lo, hi)) else lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def predict(
@@ -117,7 +131,7 @@ def predict(
         strategy=strategy,
         ttft_s=sum(parts.values()),
         decode_ms_per_token=1e3 * decode_s(mc, hw, layout, context, weight_dtype),
-        kv_bytes_per_rank=f.kv_bytes_per_token(mc, layout.tp, hw.dtype_bytes) * -(-context // layout.cp),
+        kv_bytes_per_rank=f.kv_bytes_per_rank(mc, layout.tp, hw.dtype_bytes, context, layout.cp),
         max_context_tokens=longest,
         fits=context <= longest,
         **parts,

@@ -222,3 +222,16 @@ def test_tune_quick_writes_a_loadable_profile(model, tmp_path, monkeypatch, caps
     profile = MachineProfile.load(path)
     assert 1 in profile.compute and set(profile.links) == {"p2p", "all_to_all", "all_gather", "shm"}
     assert load_profile().to_dict() == profile.to_dict()
+
+
+def test_window_layers_are_priced_over_their_window() -> None:
+    """A sliding-window layer's step sees only the keys its queries reach: a 2,048-token chunk after
+    6,000 cached tokens costs a window model's layers far less attention and bytes than global ones."""
+    windowed = dataclasses.replace(MC, sliding_window=64, layer_types=("sliding_attention",) * MC.num_layers)
+    work, slow = _work(2, 2048, 6000), _profile(1e-5, 1e9)
+    whole, win = (predict_step(work, m, slow, threads=1) for m in (MC, windowed))
+    assert all(win.attention_s[s] < whole.attention_s[s] / 10 for s in whole.attention_s)
+    assert win.linear_s == whole.linear_s
+    assert step_bytes("ring", work, windowed, 0) < step_bytes("ring", work, MC, 0) / 3
+    cut = work.within(64)  # keys from position 6000 - 63 on
+    assert sum(cut.key_counts()) == 2048 + 63

@@ -34,7 +34,7 @@ choice. Byte counts are exactly those the counted collectives record (`formulas`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from seqpar.costmodel import formulas as f
 from seqpar.costmodel.profile import MachineProfile
@@ -66,12 +66,28 @@ class StepWork:
     dtype_bytes: int = 4
     pass_q_packs: bool = False  # keys too scattered in storage: pass-Q packs them first, as ring does
     kv_exchange_bytes: int = 0  # pass-KV messages up to this size go through shared memory (0: none)
+    window: int | None = None  # a sliding-window layer's work (`within`): a query sees its last `window` keys
 
     def query_counts(self) -> list[int]:
         return [sum(n for s in self.prefill for _, n in s.queries[r]) for r in range(self.world)]
 
     def key_counts(self) -> list[int]:
         return [sum(n for s in self.prefill for _, n in s.keys[r]) for r in range(self.world)]
+
+    def within(self, window: int) -> StepWork:
+        """The work of a sliding-window layer: each sequence's keys cut to those some query of the step
+        can see (what the engine's window layers attend and send; `StepPlan.keys_within`)."""
+        seqs = []
+        for s in self.prefill:
+            reach = [(a - window + 1, a + n) for runs in s.queries for a, n in runs]
+            lo, hi = min((a for a, _ in reach), default=0), max((b for _, b in reach), default=0)
+
+            def cut(runs: Runs, lo: int = lo, hi: int = hi) -> Runs:
+                return tuple((max(a, lo), min(a + n, hi) - max(a, lo)) for a, n in runs if min(a + n, hi) > max(a, lo))
+
+            stored = None if s.stored is None else tuple(cut(r) for r in s.stored)
+            seqs.append(SeqWork(s.queries, tuple(cut(r) for r in s.keys), stored))
+        return replace(self, prefill=tuple(seqs), window=window)
 
 
 def engine_strategies() -> tuple[str, ...]:
@@ -85,18 +101,28 @@ def engine_strategies() -> tuple[str, ...]:
 
 
 def step_bytes(strategy: str, work: StepWork, mc: ModelConfig, rank: int) -> int:
-    """Bytes `rank` sends in this step's prefill attention, all layers (the formulas' counts)."""
-    counts = work.query_counts() if costs()[strategy].counts == "queries" else work.key_counts()
-    per_layer = f.attention_bytes(strategy, counts, rank, mc.num_heads, mc.num_kv_heads, mc.head_dim, work.dtype_bytes)
-    return mc.num_layers * per_layer
+    """Bytes `rank` sends in this step's prefill attention, all layers (the formulas' counts; a sliding
+    window layer's over the keys some query of the step can see: at most what the engine sends)."""
+    total = 0
+    for i in range(mc.num_layers):
+        lw = work if mc.window(i) is None else work.within(mc.window(i))
+        counts = lw.query_counts() if costs()[strategy].counts == "queries" else lw.key_counts()
+        total += f.attention_bytes(strategy, counts, rank, mc.num_heads, mc.num_kv_heads, mc.head_dim, lw.dtype_bytes)
+    return total
 
 
-def _pair_seconds(q: tuple[int, int], k: tuple[int, int], profile: MachineProfile, threads: int, flop: int) -> float:
-    """Kernel time of query run q over key run k of one sequence (causal by position)."""
+def _pair_seconds(
+    q: tuple[int, int], k: tuple[int, int], profile: MachineProfile, threads: int, flop: int, window: int | None = None
+) -> float:
+    """Kernel time of query run q over key run k of one sequence (causal by position; a window's pairs
+    at the unmasked kernel's rate, as its tiles run under a mask)."""
     a, n = q
     b, m = k
     if b > a + n - 1:  # every key after every query
         return 0.0
+    if window is not None:  # row p sees keys [max(b, p - window + 1), min(b + m, p + 1))
+        pairs = sum(max(0, min(b + m, p + 1) - max(b, p - window + 1)) for p in range(a, a + n))
+        return pairs * flop / profile.rate("attention_full", n, threads) + profile.call_s if pairs else 0.0
     # rows p in [a, a + n) see keys [b, min(b + m, p + 1)): the keys before the run are seen by
     # every row; the positions both runs hold form the causal square; rows past the square's end
     # see all of it.
@@ -120,6 +146,7 @@ def _attention_seconds(
     threads: int,
     flop: int,
     in_place: bool = False,
+    window: int | None = None,
 ) -> float:
     """One layer's kernel time of rank q_rank's queries over rank k_rank's keys (in_place: read
     from the paged storage, stretch by stretch)."""
@@ -128,7 +155,7 @@ def _attention_seconds(
         keys = s.stored if in_place and s.stored is not None else s.keys
         for q in s.queries[q_rank]:
             for k in keys[k_rank]:
-                total += _pair_seconds(q, k, profile, threads, flop)
+                total += _pair_seconds(q, k, profile, threads, flop, window)
     return total
 
 
@@ -147,43 +174,49 @@ class StepCost:
 
 
 def predict_step(work: StepWork, mc: ModelConfig, profile: MachineProfile, threads: int) -> StepCost:
-    w, hq, hkv, d, b, layers = work.world, mc.num_heads, mc.num_kv_heads, mc.head_dim, work.dtype_bytes, mc.num_layers
-    flop = 4 * d * hq
+    w, layers = work.world, [mc.window(i) for i in range(mc.num_layers)]
     rate = profile.rate
-    qc, kc = work.query_counts(), work.key_counts()
+    names = engine_strategies()
+    priced = costs()
+    # one layer of each kind (global, each window size), priced by every strategy; times its layers
+    attention = dict.fromkeys(names, 0.0)
+    for window in set(layers):
+        frame = _frame(work if window is None else work.within(window), mc, profile, threads)
+        for s in names:
+            attention[s] += layers.count(window) * priced[s].step_s(frame)
+    qc = work.query_counts()
+    rows = [qc[r] + work.decode_rows for r in range(w)]
+    linear = max(f.linear_flops(mc, n) / rate("linear", n, threads) if n else 0.0 for n in rows)
+    logits = f.linear_flops(mc, 0, logit_rows=len(work.prefill) + work.decode_rows) / w
+    linear += logits / rate("gemm", max(1, len(work.prefill) + work.decode_rows), threads)
+    return StepCost({s: linear + attention[s] for s in names}, linear, attention)
+
+
+def _frame(work: StepWork, mc: ModelConfig, profile: MachineProfile, threads: int) -> StepLayer:
+    """What one layer's strategies are priced from: kernel times, counts, links."""
+    w, rate, flop = work.world, profile.rate, 4 * mc.head_dim * mc.num_heads
 
     def copy_s(nbytes: float) -> float:
         return nbytes / rate("copy", max(nbytes, 1.0), threads) if nbytes else 0.0
 
-    # comp[r][j]: rank r's queries over rank j's keys, one layer
-    comp = [[_attention_seconds(work.prefill, r, j, profile, threads, flop) for j in range(w)] for r in range(w)]
-    # the same over keys read where they lie in storage (pass-Q), unless too scattered to
-    in_place = [
-        [_attention_seconds(work.prefill, r, j, profile, threads, flop, not work.pass_q_packs) for j in range(w)]
-        for r in range(w)
-    ]
-    frame = StepLayer(
+    def kernel(r: int, j: int, in_place: bool = False) -> float:
+        return _attention_seconds(work.prefill, r, j, profile, threads, flop, in_place, work.window)
+
+    return StepLayer(
         world=w,
-        hq=hq,
-        hkv=hkv,
-        d=d,
-        b=b,
-        query_counts=qc,
-        key_counts=kc,
-        comp=comp,
-        comp_in_place=in_place,
+        hq=mc.num_heads,
+        hkv=mc.num_kv_heads,
+        d=mc.head_dim,
+        b=work.dtype_bytes,
+        query_counts=work.query_counts(),
+        key_counts=work.key_counts(),
+        # comp[r][j]: rank r's queries over rank j's keys, one layer; comp_in_place: the same over keys
+        # read where they lie in storage (pass-Q), unless too scattered to
+        comp=[[kernel(r, j) for j in range(w)] for r in range(w)],
+        comp_in_place=[[kernel(r, j, not work.pass_q_packs) for j in range(w)] for r in range(w)],
         packs_keys=work.pass_q_packs,
         kv_exchange_bytes=work.kv_exchange_bytes,
         links=profile.links,
         copy_s=copy_s,
         overlap=profile.overlap,
     )
-    names = engine_strategies()
-    priced = costs()
-    layer = {s: priced[s].step_s(frame) for s in names}
-    rows = [qc[r] + work.decode_rows for r in range(w)]
-    linear = max(f.linear_flops(mc, n) / rate("linear", n, threads) if n else 0.0 for n in rows)
-    logits = f.linear_flops(mc, 0, logit_rows=len(work.prefill) + work.decode_rows) / w
-    linear += logits / rate("gemm", max(1, len(work.prefill) + work.decode_rows), threads)
-    attention = {s: layers * layer[s] for s in names}
-    return StepCost({s: linear + attention[s] for s in names}, linear, attention)

@@ -15,6 +15,7 @@ import pytest
 
 from engine_util import check_books
 from seqpar import LLM, SamplingParams
+from seqpar.engine.kv_cache import kv_groups
 from seqpar.model import load_config
 from test_engine import _save
 
@@ -35,10 +36,22 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def alone(model):
+def gemma3(tmp_path_factory):
+    """Layers [window 5, global, window 5]: the cache frees a window layer's blocks as it goes."""
+    from test_gemma3 import GEMMA3
+
+    return _save(Path(tmp_path_factory.mktemp("core-gemma3")), "gemma3", **GEMMA3)[1]
+
+
+_ALONE: dict[str, list] = {}
+
+
+def _alone(model: str) -> list:
     """Each request on its own, one rank, no prefix caching, no chunking."""
-    with LLM(model=model, block_size=BS, enable_prefix_caching=False) as llm:
-        return [llm.generate([p], PARAMS)[0] for p in FIRST + THEN]
+    if model not in _ALONE:
+        with LLM(model=model, block_size=BS, enable_prefix_caching=False) as llm:
+            _ALONE[model] = [llm.generate([p], PARAMS)[0] for p in FIRST + THEN]
+    return _ALONE[model]
 
 
 def _same(outs, refs) -> None:
@@ -52,23 +65,26 @@ def _same(outs, refs) -> None:
 def _blocks(model: str, n: int) -> float:
     """kv_cache_gb that gives exactly n blocks per rank (half a block of slack)."""
     mc = load_config(model)
-    return (n + 0.5) * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 4 * BS / 2**30
+    return (n + 0.5) * 2 * kv_groups(mc).size * mc.num_kv_heads * mc.head_dim * 4 * BS / 2**30
 
 
-# (sp, budget, strategy, blocks per rank): budgets smaller than a block (1, 3), than a shard
-# of the prompt, than the prompt, and none; tiny caches force eviction and preemption.
+# (model, sp, budget, strategy, blocks per rank): budgets smaller than a block (1, 3), than a
+# shard of the prompt, than the prompt, and none; tiny caches force eviction and preemption (for
+# Gemma 3's window layers too: blocks of three groups, one layer each).
 CASES = [
-    (1, 2048, "ring", None),
-    (2, 3, "pass_q", None),
-    (3, 9, "ring", None),
-    (4, 1, "allgather", None),
-    (2, 2048, "ring", 12),
-    (3, 5, "pass_q", 5),
+    ("model", 1, 2048, "ring", None),
+    ("model", 2, 3, "pass_q", None),
+    ("model", 3, 9, "ring", None),
+    ("model", 4, 1, "allgather", None),
+    ("model", 2, 2048, "ring", 12),
+    ("gemma3", 3, 5, "pass_q", 12),
 ]
 
 
-@pytest.mark.parametrize("sp, budget, strategy, blocks", CASES)
-def test_prefix_caching_chunking_preemption_are_exact(model, alone, sp, budget, strategy, blocks):
+@pytest.mark.parametrize("fixture, sp, budget, strategy, blocks", CASES)
+def test_prefix_caching_chunking_preemption_are_exact(request, fixture, sp, budget, strategy, blocks):
+    model = request.getfixturevalue(fixture)
+    alone = _alone(model)
     kv = {} if blocks is None else {"kv_cache_gb": _blocks(model, blocks)}
     with LLM(
         model=model, sp_size=sp, block_size=BS, shard_blocks=1, strategy=strategy, max_num_batched_tokens=budget, **kv

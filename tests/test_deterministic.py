@@ -52,28 +52,38 @@ def model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(model) -> dict[str, list[tuple]]:
-    """Each request alone, one rank, one chunk, nothing cached; fp32 and bf16."""
-    refs = {}
-    for dtype in ("float32", "bfloat16"):
+def gemma3(tmp_path_factory) -> str:
+    """Layers [window 5, global, window 5]: window units, freed blocks, GELU-tanh, four norms."""
+    from test_gemma3 import GEMMA3
+
+    return _save(tmp_path_factory.mktemp("gemma3"), "gemma3", **GEMMA3)[1]
+
+
+_REFERENCE: dict[tuple[str, str], list[tuple]] = {}
+
+
+def reference(model: str, dtype: str) -> list[tuple]:
+    """Each request alone, one rank, one chunk, nothing cached."""
+    if (model, dtype) not in _REFERENCE:
         with LLM(model=model, dtype=dtype, enable_prefix_caching=False, **SMALL) as llm:
-            refs[dtype] = [_bits(llm.generate([p], _params(i))[0]) for i, p in enumerate(PROMPTS)]
-    return refs
+            _REFERENCE[model, dtype] = [_bits(llm.generate([p], _params(i))[0]) for i, p in enumerate(PROMPTS)]
+    return _REFERENCE[model, dtype]
 
 
-# (dtype, sp, strategy, decode merge, max_num_batched_tokens, shared memory)
+# (model, dtype, sp, strategy, decode merge, max_num_batched_tokens, shared memory)
 CASES = [
-    ("float32", 1, "ring", "allgather", 3, True),
-    ("float32", 2, "ring", "alltoall", 2048, True),
-    ("float32", 3, "pass_q", "tree", 7, True),
-    ("float32", 4, "allgather", "allgather", 5, False),
-    ("bfloat16", 2, "allgather", "tree", 3, False),
-    ("bfloat16", 4, "pass_q", "alltoall", 7, True),
+    ("model", "float32", 1, "ring", "allgather", 3, True),
+    ("model", "float32", 2, "ring", "alltoall", 2048, True),
+    ("gemma3", "float32", 3, "pass_q", "tree", 7, True),
+    ("model", "float32", 4, "allgather", "allgather", 5, False),
+    ("model", "bfloat16", 2, "allgather", "tree", 3, False),
+    ("gemma3", "bfloat16", 4, "pass_q", "alltoall", 7, True),
 ]
 
 
-@pytest.mark.parametrize("dtype, sp, strategy, merge, budget, shm", CASES)
-def test_same_bits_in_any_layout(model, reference, dtype, sp, strategy, merge, budget, shm):
+@pytest.mark.parametrize("fixture, dtype, sp, strategy, merge, budget, shm", CASES)
+def test_same_bits_in_any_layout(request, fixture, dtype, sp, strategy, merge, budget, shm):
+    model = request.getfixturevalue(fixture)
     with LLM(
         model=model,
         dtype=dtype,
@@ -89,8 +99,8 @@ def test_same_bits_in_any_layout(model, reference, dtype, sp, strategy, merge, b
         cached = llm.generate(PROMPTS, params)
     assert sum(o.num_cached_tokens for o in cached) > 0
     for i, (a, b) in enumerate(zip(cold, cached)):
-        assert _bits(a) == reference[dtype][i], f"request {i} (cold) differs from the reference"
-        assert _bits(b) == reference[dtype][i], f"request {i} (cached prefix) differs from the reference"
+        assert _bits(a) == reference(model, dtype)[i], f"request {i} (cold) differs from the reference"
+        assert _bits(b) == reference(model, dtype)[i], f"request {i} (cached prefix) differs from the reference"
 
 
 def test_what_the_mode_does_not_run_is_refused():
@@ -101,7 +111,7 @@ def test_what_the_mode_does_not_run_is_refused():
             EngineConfig(enable_deterministic_inference=True, **bad)
 
 
-def test_bf16_differs_without_the_mode(model, reference):
+def test_bf16_differs_without_the_mode(model):
     """The mode is what makes bf16 agree: without it, SP 2 in chunks moves some bf16 logprob."""
     with LLM(
         model=model,
@@ -111,7 +121,7 @@ def test_bf16_differs_without_the_mode(model, reference):
         **{**SMALL, "enable_deterministic_inference": False},
     ) as llm:
         outs = llm.generate(PROMPTS, [_params(i) for i in range(len(PROMPTS))])
-    assert any(_bits(o) != r for o, r in zip(outs, reference["bfloat16"]))
+    assert any(_bits(o) != r for o, r in zip(outs, reference(model, "bfloat16")))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -155,6 +165,20 @@ def test_a_unit_partial_does_not_depend_on_the_rows_beside_it(dtype):
     o, _ = canonical.unit_partials(rows, ks, vs, torch.tensor([unit, 37, 5]), 0.3)
     results.append(o[1])
     assert all(torch.equal(r, results[0]) for r in results)
+    # A sliding window's row: keys [9, 37) of the unit, among rows whose windows start elsewhere.
+    windowed = []
+    for n, at in [(1, 0), (40, 17)]:
+        rows = torch.randn(n, hq, d, generator=gen).to(dtype)
+        rows[at] = q[0]
+        vis, lo = torch.full((n,), 37), torch.arange(n).clamp(max=30)
+        lo[at] = 9
+        merge = canonical.OrderedMerge(n, hq, d, q.device)
+        canonical.attend_unit(merge, 0, rows, vis, k, v, 0.3, lo)
+        windowed.append(merge.result()[at])
+    rows = torch.stack([torch.randn_like(q[0]), q[0], torch.randn_like(q[0])])  # and in a decode step
+    o, _ = canonical.unit_partials(rows, ks, vs, torch.tensor([unit, 37, 5]), 0.3, lo=torch.tensor([0, 9, 2]))
+    windowed.append(o[1])
+    assert all(torch.equal(r, windowed[0]) for r in windowed) and not torch.equal(windowed[0], results[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

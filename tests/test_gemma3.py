@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from seqpar import LLM, SamplingParams
-from seqpar.model import ConfigError, LlamaForCausalLM, ModelConfig, load_model
+from seqpar.model import ConfigError, LlamaForCausalLM, ModelConfig, load_config, load_model
 from seqpar.model.reference import dense_causal_attention
 from test_engine import _save, check_against_hf
 from test_model_helpers import hf_logits, packed_batch, save_tiny, tiny_hf_model
@@ -149,7 +149,8 @@ def mistral(tmp_path_factory):
 
 
 # Shards of 8 tokens (blocks of 4, two per shard) against a window of 5; SP 4 with prompts of 1
-# and 3 tokens (shorter than the world); chunks smaller than the window and than a block.
+# and 3 tokens (shorter than the world); chunks smaller than the window and than a block; the
+# canonical order of deterministic inference (units of 4 tokens, those before a window skipped).
 @pytest.mark.parametrize(
     "fixture, engine",
     [
@@ -158,6 +159,7 @@ def mistral(tmp_path_factory):
         ("gemma3", dict(sp_size=3, strategy="pass_q", decode_merge="alltoall", max_num_batched_tokens=7)),
         ("gemma3", dict(sp_size=4, strategy="allgather", decode_merge="tree", decode_split=False)),
         ("gemma3", dict(sp_size=1, tp_size=2, strategy="ring")),
+        ("gemma3", dict(sp_size=2, enable_deterministic_inference=True, max_num_batched_tokens=5)),
         ("mistral", dict(sp_size=2, strategy="ring", max_num_batched_tokens=5)),
     ],
 )
@@ -166,8 +168,13 @@ def test_engine_matches_hf(request, fixture: str, engine: dict) -> None:
 
 
 def test_engine_refuses_what_has_no_window_yet(gemma3) -> None:
-    with pytest.raises(ValueError, match="enable_deterministic_inference does not support gemma3's sliding-window"):
-        LLM(model=gemma3[1], enable_deterministic_inference=True)
+    from seqpar.engine.config import EngineConfig
+    from seqpar.engine.llm_engine import check_model_support
+
+    config = EngineConfig(model=gemma3[1])
+    object.__setattr__(config, "device", "cuda")  # a machine without a GPU refuses cuda before this check
+    with pytest.raises(ValueError, match="device='cuda' does not support gemma3's sliding-window"):
+        check_model_support(config, load_config(gemma3[1]))
 
 
 @pytest.fixture(scope="module")

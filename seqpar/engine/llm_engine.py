@@ -74,11 +74,6 @@ def check_model_support(config: EngineConfig, mc: ModelConfig) -> None:
     if not mc.windowed:
         return
     what = f"{mc.architecture}'s sliding-window layers (window {mc.sliding_window})"
-    if config.enable_deterministic_inference:
-        raise ValueError(
-            f"enable_deterministic_inference does not support {what}: its canonical attention order knows "
-            "no window yet; run without it"
-        )
     if config.device != "cpu":
         raise ValueError(
             f"device={config.device!r} does not support {what}: the GPU's decode kernels and graphs know no "

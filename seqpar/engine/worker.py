@@ -164,8 +164,8 @@ class Worker:
         # (kernels/decode.py), elsewhere the paged kernel over a block table (kernels/gpu/paged.py).
         batch = units = None
         batches: dict[int, DecodeBatch] = {}
-        if nd and self.deterministic:
-            units = self._decode_units(plan)  # the same for every layer
+        if nd and self.deterministic:  # per layer group, the same for every layer of it
+            units = {g: self._decode_units(p, w) for g, (p, w) in enumerate(zip(plans, self.groups.windows))}
         elif nd and self.device.type == "cpu":
             # per layer group; a sliding window's: each row's keys within its window only
             batches = {
@@ -180,9 +180,10 @@ class Worker:
             p = plans[g]
             self.cache.write(j, p.write_slots, k[p.write_rows], v[p.write_rows])
             kh, vh = self.cache.storage(j)  # read in place through slot runs
+            window = self.windows[layer]
             if self.deterministic:
-                return self._canonical_attention(q, kh, vh, plan, units)
-            outs, window = [], self.windows[layer]
+                return self._canonical_attention(q, kh, vh, p, units and units[g], window)
+            outs = []
             if nd:
                 out, lse = (batches[g] if batch is None else batch).attend(q[:nd], kh, vh, self.scale)
                 out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange)
@@ -238,9 +239,11 @@ class Worker:
             return det.logits(self.model, hidden, vocab)
         return self.model.compute_logits(hidden, vocab, head)
 
-    def _canonical_attention(self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan, units) -> Tensor:
+    def _canonical_attention(
+        self, q: Tensor, kh: Tensor, vh: Tensor, plan: StepPlan, units, window: int | None
+    ) -> Tensor:
         """Deterministic inference: every row in the canonical order (seqpar.strategies.canonical);
-        `units`: the step's `canonical.DecodeUnits` (None without decode rows)."""
+        `plan`: the layer group's; `units`: its `canonical.DecodeUnits` (None without decode rows)."""
         nd, outs = len(plan.decode), []
         pl = self.placement
         if nd:
@@ -248,21 +251,31 @@ class Worker:
         if plan.prefill:
             rows = [(s.start + len(s.token_ids), pos) for s, pos in plan.prefill_rows]
             out = canonical.prefill(
-                q[nd:], rows, kh, vh, plan.keys, pl.unit_tokens, self.mesh.sp_group, self.scale, self.kv_exchange
+                q[nd:],
+                rows,
+                kh,
+                vh,
+                plan.keys,
+                pl.unit_tokens,
+                self.mesh.sp_group,
+                self.scale,
+                self.kv_exchange,
+                window,
             )
             outs.append(out.to(q.dtype))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _decode_units(self, plan: StepPlan) -> canonical.DecodeUnits:
+    def _decode_units(self, plan: StepPlan, window: int | None) -> canonical.DecodeUnits:
         pl = self.placement
         return canonical.DecodeUnits(
-            [(s.start, s.blocks[0]) for s in plan.decode],
+            [(s.start, s.blocks[plan.group]) for s in plan.decode],
             lambda u: pl.owner(u * pl.shard_blocks),
             pl.block_size,
             pl.shard_blocks,
             self.mesh.sp_group,
             self.scale,
             self.exchange,
+            window,
         )
 
     def _static_step(self, msg: Step, plan: StepPlan) -> StepResult:

@@ -51,9 +51,18 @@ def padded_rows(n: int, items: int) -> int:
         n += block - tail if items == 1 else 4 - tail
 
 
+def _hidden(cols: Tensor, vis: Tensor, lo: Tensor | None) -> Tensor:
+    """[n, U] True where a row does not see a key: past its keys [lo, vis) of the unit."""
+    out = cols.unsqueeze(0) >= vis.unsqueeze(1)
+    return out if lo is None else out | (cols.unsqueeze(0) < lo.unsqueeze(1))
+
+
 @traced(KERNEL)
-def _call(q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """q [n, Hq, D] over one unit kh, vh [Hkv, U, D]; vis [n] keys each row sees (None: all U).
+def _call(
+    q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor | None, scale: float, lo: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """q [n, Hq, D] over one unit kh, vh [Hkv, U, D]; row i sees keys [lo[i], vis[i]) of it (vis None:
+    all U; lo None: from 0, a sliding window's rows from where it starts).
     -> o [n, Hq, D] fp32, lse [n, Hq] fp32."""
     n, hq, d = q.shape
     hkv, u = kh.shape[0], kh.shape[1]
@@ -66,7 +75,7 @@ def _call(q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor | None, scale: float) -
     if vis is not None:
         cols = torch.arange(u, device=q.device)
         rowmask = torch.zeros(n, u, dtype=q.dtype, device=q.device)
-        rowmask.masked_fill_(cols.unsqueeze(0) >= vis.unsqueeze(1), float("-inf"))  # [n, U]
+        rowmask.masked_fill_(_hidden(cols, vis, lo), float("-inf"))  # [n, U]
         mask = q.new_zeros(1, 1, rows, u)
         mask[0, 0, : g * n] = rowmask.repeat(g, 1)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -76,23 +85,24 @@ def _call(q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor | None, scale: float) -
     return o, lse[0, :, : g * n].reshape(hq, n).transpose(0, 1).float()
 
 
-def unit_mask(vis: Tensor, unit: int, hkv: int, g: int, dtype: torch.dtype) -> Tensor | None:
-    """The additive mask `unit_partials` gives the kernel for rows seeing keys [0, vis[i]) of
-    their unit: [P, 1, rows, unit], or None when every row sees the whole unit."""
-    if not bool((vis < unit).any()):
+def unit_mask(vis: Tensor, unit: int, hkv: int, g: int, dtype: torch.dtype, lo: Tensor | None = None) -> Tensor | None:
+    """The additive mask `unit_partials` gives the kernel for rows seeing keys [lo[i], vis[i]) of
+    their unit (lo None: from 0): [P, 1, rows, unit], or None when every row sees the whole unit."""
+    if not bool((vis < unit).any()) and (lo is None or not bool((lo > 0).any())):
         return None
     mask = torch.zeros(vis.shape[0], 1, padded_rows(g, vis.shape[0] * hkv), unit, dtype=dtype, device=vis.device)
     cols = torch.arange(unit, device=vis.device)
-    return mask.masked_fill_((cols.unsqueeze(0) >= vis.unsqueeze(1))[:, None, None], float("-inf"))
+    return mask.masked_fill_(_hidden(cols, vis, lo)[:, None, None], float("-inf"))
 
 
 @traced(KERNEL)
 def unit_partials(
-    q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor, scale: float, mask: Tensor | None = None
+    q: Tensor, kh: Tensor, vh: Tensor, vis: Tensor, scale: float, mask: Tensor | None = None, lo: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """One query row per unit, all in one flash call (a decode step's units, the units as the
     batch): row i of q [P, Hq, D] over unit i of kh, vh [P, Hkv, U, D], seeing its keys
-    [0, vis[i]) (`mask`: `unit_mask` of vis, when the caller keeps it across layers).
+    [lo[i], vis[i]) (lo None: from 0; `mask`: `unit_mask` of them, when the caller keeps it across
+    layers).
     -> o [P, Hq, D] fp32, lse [P, Hq] fp32, each row the bits `_call` gives it."""
     p, hq, d = q.shape
     hkv, u = kh.shape[1], kh.shape[2]
@@ -101,7 +111,7 @@ def unit_partials(
     qp = q.new_zeros(p, hkv, rows, d)
     qp[:, :, :g] = q.view(p, hkv, g, d)  # query head h = KV head h // g, row h % g
     if mask is None:
-        mask = unit_mask(vis, u, hkv, g, q.dtype)
+        mask = unit_mask(vis, u, hkv, g, q.dtype, lo)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kh, vh, 0.0, attn_mask=mask, scale=scale)
     return out[:, :, :g].reshape(p, hq, d).float(), lse[:, :, :g].reshape(p, hq).float()
 
@@ -121,6 +131,7 @@ class OrderedMerge:
         m = self.m[rows]
         top = torch.maximum(m, lse)
         wa = (m - top).exp_()  # a row's first unit: exp(-inf) = 0, so acc starts at o exactly
+        wa = wa.masked_fill_(torch.isneginf(top), 0.0)  # nothing yet, nor now: -inf - -inf is nan
         wb = (lse - top).exp_()
         wb = wb.masked_fill_(torch.isneginf(lse), 0.0)  # an absent unit (lse -inf) adds nothing
         acc = self.acc[rows]
@@ -142,6 +153,7 @@ def merge_in_order(o: Tensor, lse: Tensor) -> Tensor:
     top = torch.cummax(lse, 0).values  # m after unit u
     prev = torch.cat([torch.full_like(top[:1], float("-inf")), top[:-1]])  # m before it
     wa = (prev - top).exp_()
+    wa = wa.masked_fill_(torch.isneginf(top), 0.0)  # no unit yet (a window's row skips the first)
     wb = (lse - top).exp_()
     wb = wb.masked_fill_(torch.isneginf(lse), 0.0)
     ow = o * wb.unsqueeze(-1)
@@ -154,9 +166,23 @@ def merge_in_order(o: Tensor, lse: Tensor) -> Tensor:
     return acc / s.unsqueeze(-1)
 
 
-def attend_unit(merge: OrderedMerge, row: int, q: Tensor, vis: Tensor, kh: Tensor, vh: Tensor, scale: float) -> None:
+def attend_unit(
+    merge: OrderedMerge,
+    row: int,
+    q: Tensor,
+    vis: Tensor,
+    kh: Tensor,
+    vh: Tensor,
+    scale: float,
+    lo: Tensor | None = None,
+) -> None:
     """Merge the partials of q [k, Hq, D] (rows [row, row + k) of `merge`) over one unit kh, vh
-    [Hkv, U, D]; vis [k] (non-decreasing, >= 1): keys [0, vis) of the unit each row sees."""
+    [Hkv, U, D]; vis [k] (non-decreasing, >= 1): keys [0, vis) of the unit each row sees, from
+    lo [k] on (a sliding window's rows; None: 0) where given, masked in one call."""
+    if lo is not None and bool((lo > 0).any()):
+        o, lse = _call(q, kh, vh, vis, scale, lo)
+        merge.add(row, o, lse)
+        return
     u = kh.shape[1]
     full = int((vis < u).sum())  # rows before this see part of the unit: a masked call
     if full:

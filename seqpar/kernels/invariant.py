@@ -43,6 +43,8 @@ div, addcmul agree). `silu_` is therefore composed of ops that agree.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -132,6 +134,27 @@ def silu_(h: Tensor) -> Tensor:
     h32 = h.float()
     den = torch.neg(h32).exp_().add_(1.0)
     return h.copy_(h32.div_(den))
+
+
+def gelu_tanh_(h: Tensor) -> Tensor:
+    """GELU with the tanh approximation in place, from the same ops as `silu_`:
+    0.5 h (1 + tanh(y)) = h / (1 + exp(-2 y)), y = sqrt(2 / pi) (h + 0.044715 h^3). fp32 for half types."""
+    x = h if h.dtype == torch.float32 else h.float()
+    den = (x * x).mul_(x).mul_(0.044715).add_(x).mul_(-2.0 * math.sqrt(2.0 / math.pi)).exp_().add_(1.0)
+    if h.dtype == torch.float32:
+        return h.div_(den)
+    return h.copy_(x.div(den))
+
+
+def activation_(act: str):
+    """The row-invariant in-place form of an MLP's activation (a config's `hidden_act`)."""
+    if act == "silu":
+        return silu_
+    if act == "gelu_pytorch_tanh":
+        return gelu_tanh_
+    raise ValueError(
+        f"no row-invariant form of the activation {act!r} (deterministic inference knows silu, gelu_pytorch_tanh)"
+    )
 
 
 def row_dots(x: Tensor, w: Tensor) -> Tensor:

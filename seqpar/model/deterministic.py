@@ -1,10 +1,10 @@
 """The model's per-token work made row-invariant, for deterministic inference.
 
 `make_row_invariant` swaps every linear layer for one whose rows do not depend on the rows
-computed with them (`seqpar.kernels.invariant.linear`) and the MLP's SiLU for one whose bits do
-not depend on where an element sits. The rest of the per-token work already is row-invariant
-(measured: RMSNorm's fused fp32 op and its bf16 path, RoPE's cos / sin / multiply-adds, the
-embedding gather, the residual adds). Attention is the caller's (seqpar.kernels.canonical).
+computed with them (`seqpar.kernels.invariant.linear`) and the MLP's activation (SiLU, Gemma's
+GELU-tanh) for one whose bits do not depend on where an element sits. The rest of the per-token
+work already is row-invariant (measured: RMSNorm's fused fp32 op and its bf16 path, RoPE's cos /
+sin / multiply-adds, the embedding gather, the residual adds). Attention is the caller's (seqpar.kernels.canonical).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class InvariantLinear(nn.Module):
 
 class InvariantSwiGLU(SwiGLUMLP):
     def forward(self, x: Tensor) -> Tensor:
-        h = invariant.silu_(self.gate_proj(x))
+        h = invariant.activation_(self.act)(self.gate_proj(x))
         return self.down_proj(h.mul_(self.up_proj(x)))
 
 
@@ -72,7 +72,7 @@ class InvariantSplitMLP(nn.Module):
         self.width = max(hi - lo for lo, hi in bounds)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = invariant.silu_(invariant.linear(x, self.gate)).mul_(invariant.linear(x, self.up))
+        h = invariant.activation_(self.full.act)(invariant.linear(x, self.gate)).mul_(invariant.linear(x, self.up))
         padded = h.new_zeros(h.shape[0], self.width)
         padded[:, : h.shape[1]] = h
         parts = self.gather(padded)  # [W, B, width]

@@ -18,7 +18,7 @@ any size, alone or in a batch, from a cached prefix or not.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 
 import torch
@@ -34,12 +34,14 @@ from seqpar.strategies.over_cache import CachedKeys, kv_message_shapes, pack
 
 
 def _unit_view(part: Tensor, start: int, unit: int) -> tuple[Tensor, Tensor]:
-    """Keys [start, start + unit) of a rank's message [2, Hkv, n, D]; rows past its end padded
-    with zeros (finite: masked keys only add exact zeros)."""
-    if start + unit <= part.shape[2]:
+    """Keys [start, start + unit) of a rank's message [2, Hkv, n, D]; rows before its start (a window
+    layer's unit whose first blocks were freed) or past its end padded with zeros (finite: masked
+    keys only add exact zeros)."""
+    if 0 <= start and start + unit <= part.shape[2]:
         return part[0, :, start : start + unit], part[1, :, start : start + unit]
     pad = part.new_zeros(2, part.shape[1], unit, part.shape[3])
-    pad[:, :, : part.shape[2] - start] = part[:, :, start:]
+    a, b = max(0, start), min(part.shape[2], start + unit)
+    pad[:, :, a - start : b - start] = part[:, :, a:b]
     return pad[0], pad[1]
 
 
@@ -53,11 +55,13 @@ def prefill(
     group: dist.ProcessGroup | None,
     scale: float,
     exchange: HostExchange | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """This rank's prefill queries q [T_local, Hq, D] -> out [T_local, Hq, D] fp32.
 
     rows: per sequence (batch row j of `keys`), in q's order, (cached positions after the step,
-    this rank's query positions ascending).
+    this rank's query positions ascending). window: a sliding-window layer's (a query at p sees
+    keys (p - window, p]): the units before a row's window are not among its partials.
     """
     hkv, d = kh.shape[0], kh.shape[2]
     kv = pack(kh, vh, keys)  # [2, Hkv, n, D]
@@ -74,21 +78,26 @@ def prefill(
     where: dict[tuple[int, int], tuple[int, int]] = {}  # (seq, unit) -> (rank, first row in its message)
     for r, lay in enumerate(keys.packed):
         for run in lay.runs:
-            first = -(-run.pos // unit) * unit
-            for p in range(first, run.pos + run.length, unit):
-                where[(run.seq, p // unit)] = (r, run.start + p - run.pos)
+            # a unit's keys are one run (a window layer's may lack its first blocks: the run starts
+            # inside the unit, and the unit's first row lies before it)
+            for u in range(run.pos // unit, -(-(run.pos + run.length) // unit)):
+                where.setdefault((run.seq, u), (r, run.start + u * unit - run.pos))
     merge = OrderedMerge(q.shape[0], q.shape[1], d, q.device)
     row = 0
     for j, (end, pos) in enumerate(rows):
         plist = pos.tolist()
         if plist:
             p = torch.tensor(plist)
-            for u in range(plist[-1] // unit + 1):
+            reach = 0 if window is None else max(0, plist[0] - window + 1)
+            for u in range(reach // unit, plist[-1] // unit + 1):
                 first = bisect_left(plist, u * unit)  # rows from here see unit u
+                # ... up to those whose window starts past it
+                last = len(plist) if window is None else bisect_right(plist, u * unit + unit + window - 2)
                 r, start = where[(j, u)]
                 k_u, v_u = _unit_view(parts[r], start, unit)
-                vis = torch.clamp(p[first:] - u * unit + 1, max=min(unit, end - u * unit))
-                attend_unit(merge, row + first, q[row + first : row + len(plist)], vis, k_u, v_u, scale)
+                vis = torch.clamp(p[first:last] - u * unit + 1, max=min(unit, end - u * unit))
+                lo = None if window is None else torch.clamp(p[first:last] - window + 1 - u * unit, min=0)
+                attend_unit(merge, row + first, q[row + first : row + last], vis, k_u, v_u, scale, lo)
         row += len(plist)
     return merge.result()
 
@@ -99,7 +108,9 @@ class DecodeUnits:
     seqs[j]: (the new token's position p, the block table); keys [0, p] are cached, unit u on
     rank owner(u). This rank's units of every row go through one flash call per layer
     (`unit_partials`); which (row, unit) pairs those are, their keys' places in the cache, the
-    mask and the owners are the same in every layer, so they are found here once."""
+    mask and the owners are the same in every layer, so they are found here once. window: a
+    sliding-window layer's: a row's units start at its window's (keys (p - window, p]; blocks
+    before it may be freed, -1 in the table)."""
 
     def __init__(
         self,
@@ -110,22 +121,28 @@ class DecodeUnits:
         group: dist.ProcessGroup | None,
         scale: float,
         exchange: HostExchange | None = None,
+        window: int | None = None,
     ) -> None:
         self.unit = unit = block_size * unit_blocks
         self.block_size, self.group, self.scale, self.exchange = block_size, group, scale, exchange
         me, self.world = group_rank(group), group_size(group)
         self.b, self.n_units = len(seqs), max(p // unit + 1 for p, _ in seqs)
-        rows, units, vis, tables = [], [], [], []
+        rows, units, vis, los, tables = [], [], [], [], []
         for j, (p, blocks) in enumerate(seqs):
-            for u in range(p // unit + 1):
+            reach = 0 if window is None else max(0, p - window + 1)
+            for u in range(reach // unit, p // unit + 1):
                 if owner(u) == me:
                     n_keys = min(unit, p + 1 - u * unit)
                     rows.append(j)
                     units.append(u)
                     vis.append(n_keys)
-                    tables.append(blocks[u * unit_blocks : u * unit_blocks + -(-n_keys // block_size)])
+                    los.append(max(0, reach - u * unit))
+                    # a freed block (before the window: masked) read as block 0
+                    held = blocks[u * unit_blocks : u * unit_blocks + -(-n_keys // block_size)]
+                    tables.append([max(b, 0) for b in held] if window is not None else held)
         self.rows, self.units, self.tables = rows, units, tables
         self.vis = torch.tensor(vis, dtype=torch.long)
+        self.lo = torch.tensor(los, dtype=torch.long) if window is not None else None
         self.owners = [owner(u) for u in range(self.n_units)]
         self._keys: tuple | None = None  # (in place: (start, step)) or the slots to gather, at the first layer
         self._mask: dict[tuple, Tensor | None] = {}
@@ -166,9 +183,10 @@ class DecodeUnits:
             k_u, v_u = self._unit_keys(kh, vh)
             vis = self.vis.to(q.device)
             key = (q.dtype, q.device, hq)
+            lo = None if self.lo is None else self.lo.to(q.device)
             if key not in self._mask:
-                self._mask[key] = unit_mask(vis, self.unit, kh.shape[0], hq // kh.shape[0], q.dtype)
-            o, lse = unit_partials(q[self.rows], k_u, v_u, vis, self.scale, self._mask[key])
+                self._mask[key] = unit_mask(vis, self.unit, kh.shape[0], hq // kh.shape[0], q.dtype, lo)
+            o, lse = unit_partials(q[self.rows], k_u, v_u, vis, self.scale, self._mask[key], lo)
             table[self.units, self.rows, :, :d] = o
             table[self.units, self.rows, :, d] = lse
         if self.world > 1:

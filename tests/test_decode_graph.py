@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpar.engine.decode_graph import StaticDecode, buckets
-from seqpar.engine.kv_cache import KVCache
+from seqpar.engine.decode_graph import GroupRows, StaticDecode, buckets
+from seqpar.engine.kv_cache import KVCache, KVGroups
 from seqpar.engine.messages import SeqStep, Step
 from seqpar.engine.placement import Placement
 from seqpar.engine.step_plan import StepPlan
@@ -25,11 +25,13 @@ from seqpar.model.llama import LlamaForCausalLM
 PAGE, NUM_BLOCKS = 4, 24
 
 
-def _model() -> LlamaForCausalLM:
+def _model(window: int | None = None) -> LlamaForCausalLM:
+    """Two layers; with a window, layer 0 attends through it (two layer groups of one layer each)."""
     cfg = ModelConfig(
         vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=6, num_kv_heads=2,
         head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4, rope_scaling=None, max_position_embeddings=256,
         tie_word_embeddings=False, attention_bias=False, bos_token_id=1, eos_token_ids=(2,), architecture="llama",
+        sliding_window=window, layer_types=("sliding_attention", "full_attention") if window else (),
     )  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
@@ -39,15 +41,21 @@ def _model() -> LlamaForCausalLM:
     return model
 
 
-def _dense_step(model, cache, ids, positions, slots, pages):
-    """The reference: the model's forward, each row attending over its keys gathered densely."""
+def _dense_step(model, cache, ids, positions, groups: list[GroupRows]):
+    """The reference: the model's forward, each row attending over its keys (its window's, in a
+    sliding-window layer) gathered densely."""
+    kv_groups = KVGroups.of([model.config.window(i) for i in range(model.config.num_layers)])
 
     def attention(layer, q, k, v):
-        cache.write(layer, torch.tensor(slots), k, v)
-        kh, vh = cache.storage(layer)
+        g, j = kv_groups.where(layer)
+        window = kv_groups.windows[g] or 10**9
+        cache.write(j, torch.tensor(groups[g].slots), k, v)
+        kh, vh = cache.storage(j)
         outs = []
-        for b, (pos, ps) in enumerate(zip(positions, pages)):
-            keys = torch.cat([torch.arange(p * PAGE, p * PAGE + PAGE) for p in ps])[: pos + 1]
+        for b, (pos, ps) in enumerate(zip(positions, groups[g].pages)):
+            keys = torch.cat([torch.arange(p * PAGE, p * PAGE + PAGE) for p in ps])[: pos + 1][
+                max(0, pos - window + 1) :
+            ]
             o, _ = reference_block(q[b : b + 1], kh[:, keys].transpose(0, 1), vh[:, keys].transpose(0, 1), False,
                                    model.config.head_dim**-0.5)  # fmt: skip
             outs.append(o)
@@ -63,36 +71,51 @@ def test_buckets():
     assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("use_triton, window", [(False, None), (True, None), (True, 6)])
 @torch.inference_mode()
-def test_static_step_matches_the_model_over_the_same_cache(use_triton):
+def test_static_step_matches_the_model_over_the_same_cache(use_triton, window):
+    """Without a window: one layer group; with one, layer 0 is a group of its own whose rows read
+    from their window's first key on, and whose pages before the window are freed (listed as 0)."""
     if use_triton and not triton_usable(torch.device("cpu")):
         pytest.skip("Triton is not installed or not interpreted here")
-    model = _model()
+    model = _model(window)
     cfg = model.config
-    mk = lambda: KVCache(cfg.num_layers, NUM_BLOCKS + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+    groups = KVGroups.of([cfg.window(i) for i in range(cfg.num_layers)])
+    mk = lambda: KVCache(groups.size, NUM_BLOCKS + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
     ours, ref = mk(), mk()
     gen = torch.Generator().manual_seed(1)
     for c in (ours, ref):  # the same "prefilled" cache on both sides
         gen.manual_seed(1)
         c.k.copy_(torch.randn(c.k.shape, generator=gen))
         c.v.copy_(torch.randn(c.v.shape, generator=gen))
-    step = StaticDecode(model, ours, PAGE, 8, 8, NUM_BLOCKS * PAGE, cfg.head_dim**-0.5, False, use_triton)
+    step = StaticDecode(model, ours, PAGE, 8, 8, NUM_BLOCKS * PAGE, cfg.head_dim**-0.5, False, use_triton, groups)
     # scattered pages; positions: the first key, a page boundary, mid-page, several pages
     pages = [[7], [3, 12], [20, 1, 9], [5, 2, 14, 11, 0]]
     positions = [0, 4, 9, 17]
     ids = [5, 17, 33, 90]
-    slots = [ps[p // PAGE] * PAGE + p % PAGE for ps, p in zip(pages, positions)]
+    per_group = []
+    for w in groups.windows:
+        ps = pages if w is None else [[(p + 13) % NUM_BLOCKS for p in row] for row in pages]  # its own pages
+        starts = None if w is None else [max(0, p - w + 1) for p in positions]
+        if w is not None:  # pages wholly before the window: freed
+            ps = [[0 if (i + 1) * PAGE <= st else p for i, p in enumerate(row)] for row, st in zip(ps, starts)]
+        slots = [row[p // PAGE] * PAGE + p % PAGE for row, p in zip(ps, positions)]
+        per_group.append((slots, ps, starts))
     for n in (3, 4, 1):  # 3 rows pad to the bucket of 4; then a smaller step after a larger one
+        rows = [
+            GroupRows(sl[:n], ps[:n], [p + 1 for p in positions[:n]], None if st is None else st[:n])
+            for sl, ps, st in per_group
+        ]
         before = ours.k.clone()
-        out = step.run(ids[:n], positions[:n], slots[:n], pages[:n], [p + 1 for p in positions[:n]])
-        want = _dense_step(model, ref, ids[:n], positions[:n], slots[:n], pages[:n])
+        out = step.run(ids[:n], positions[:n], rows)
+        want = _dense_step(model, ref, ids[:n], positions[:n], rows)
         torch.testing.assert_close(out.logits, want, atol=1e-4, rtol=0)
         assert torch.equal(out.greedy, want.argmax(-1))
         torch.testing.assert_close(out.logprob, torch.log_softmax(want, -1).gather(1, out.greedy[:, None])[:, 0])
         # only the rows' own slots and the scratch block changed
         changed = (ours.k != before).any(dim=(0, 1, 3)).nonzero().flatten().tolist()
-        assert set(changed) <= set(slots[:n]) | set(range(NUM_BLOCKS * PAGE, (NUM_BLOCKS + 1) * PAGE))
+        written = {x for r in rows for x in r.slots}
+        assert set(changed) <= written | set(range(NUM_BLOCKS * PAGE, (NUM_BLOCKS + 1) * PAGE))
         # the K written (layer 1's from layer 0's attention, summed in another order): as the logits
         cached = slice(0, NUM_BLOCKS * PAGE)
         torch.testing.assert_close(ours.k[:, :, cached], ref.k[:, :, cached], atol=1e-5, rtol=0)
@@ -104,7 +127,7 @@ def test_too_many_rows_is_a_clear_error():
     cache = KVCache(cfg.num_layers, NUM_BLOCKS + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
     step = StaticDecode(model, cache, PAGE, 8, 2, NUM_BLOCKS * PAGE, 0.3, False, False)
     with pytest.raises(ValueError, match="at most 2"):
-        step.run([1, 2, 3], [0, 0, 0], [0, 4, 8], [[0], [1], [2]], [1, 1, 1])
+        step.run([1, 2, 3], [0, 0, 0], [GroupRows([0, 4, 8], [[0], [1], [2]], [1, 1, 1])])
 
 
 @pytest.mark.parametrize("world, scheme", [(1, "snake"), (2, "snake"), (3, "striped"), (4, "snake")])
@@ -127,3 +150,7 @@ def test_decode_table_names_the_same_keys_as_the_slots(world, scheme):
         for slots, ps, n in zip(plan.decode_slots, pages, lens):
             from_pages = [p * PAGE + o for p in ps for o in range(PAGE)][:n]
             assert from_pages == slots.tolist() and len(ps) == -(-n // PAGE)
+        for w in (1, 5, 9):  # a sliding window's: the keys from its start are the CPU's window slots
+            for slots, ps, n, st in zip(plan.decode_slots_within(w), pages, lens, plan.decode_starts(w)):
+                from_pages = [p * PAGE + o for p in ps for o in range(PAGE)][st:n]
+                assert from_pages == slots.tolist()

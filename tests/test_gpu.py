@@ -98,6 +98,17 @@ def test_engine_on_cuda_matches_hf_sp1(llama, budget, eager):
 
 
 @needs_gpu
+@pytest.mark.parametrize("eager", [False, True])
+def test_gemma3_windows_on_cuda_match_hf(tmp_path, eager):
+    """Sliding-window layers on a GPU: masked prefill tiles, decode rows from their window's first
+    key in the paged kernel (graphs per layer group, or eager), blocks freed out of the window."""
+    from test_gemma3 import GEMMA3
+
+    check_against_hf(*_save(tmp_path, "gemma3", **GEMMA3), device="cuda", max_num_batched_tokens=5,
+                     enforce_eager=eager)  # fmt: skip
+
+
+@needs_gpu
 def test_decode_graphs_match_eager_steps(llama):
     """A ragged batch that pads to graph buckets and shrinks as requests finish, greedy and seeded
     sampling (the rows whose logits go to the host sampler): the same tokens as eager steps."""

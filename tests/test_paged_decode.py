@@ -86,6 +86,36 @@ def test_paged_decode_matches_reference(dtype, atol, lse_atol, hq, hkv, kernel, 
     _close(out, lse, ref_out, ref_lse, atol, lse_atol)
 
 
+@pytest.mark.parametrize("kernel, splits", [("triton", 1), ("triton", 3), ("torch", 1)])
+def test_a_sliding_windows_rows_read_from_their_start(kernel, splits):
+    """Rows that see keys [start, len) only (a sliding-window layer): the pages wholly before the start
+    are listed as page 0 (freed in the engine) and never count; a start at the length: no key."""
+    lens, starts = [6, 37, 37, 9, 5], [0, 3, 30, 8, 5]
+    q, k, v, pages = _case(lens, 6, 2, 32, torch.float32, seed=2)
+    want_out, want_lse = [], []
+    for b, (p, n, st) in enumerate(zip(pages, lens, starts)):
+        o, l = _reference(q[b : b + 1], k, v, [p], [n], 0.3) if st == 0 else _window_reference(q[b], k, v, p, n, st)
+        want_out.append(o[0])
+        want_lse.append(l[0])
+    freed = [[0 if (i + 1) * PAGE <= st else x for i, x in enumerate(p)] for p, st in zip(pages, starts)]
+    t, n = page_table(freed).to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    first = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    if kernel == "torch":
+        out, lse = paged_decode_torch(q, k, v, t, n, PAGE, 0.3, first)
+    else:
+        out, lse = triton_decode.paged_decode(q, k, v, t, n, PAGE, 0.3, splits, block_n=16, starts=first)
+    _close(out.cpu(), lse.cpu(), torch.stack(want_out), torch.stack(want_lse), 2e-5, 2e-5)
+
+
+def _window_reference(q, k, v, pages, n, start):
+    slots = torch.cat([torch.arange(x * PAGE, x * PAGE + PAGE) for x in pages])[start:n]
+    if not len(slots):
+        return torch.zeros(1, *q.shape), torch.full((1, q.shape[0]), float("-inf"))
+    return reference_block(q[None].float(), k[:, slots].transpose(0, 1).float(), v[:, slots].transpose(0, 1).float(),
+                           False, 0.3)  # fmt: skip
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ranks_partials_merge_to_the_whole(world):
     """SP decode: each rank holds some of a row's pages (here every world-th); its partial over

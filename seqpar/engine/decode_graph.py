@@ -5,7 +5,9 @@ the GPU waits on the host between them (measured: 38-50 ms a token at 32K contex
 memory floor). Here the whole step (embeddings, every layer with its cache write and paged
 attention, the final norm, the logits and the greedy token) reads and writes fixed buffers only:
 
-    ids [R], positions [R], write slots [R], table [R, P] int32, lens [R] int32  (R = max rows)
+    ids [R], positions [R], and per layer group (`KVGroups`: one for a model without sliding
+    windows) write slots [R], table [R, P] int32, lens [R] int32, window starts [R] int32
+    (R = max rows)
 
 so it is captured once per bucket of row counts (1, 2, 4, 8, then steps of 16) and replayed with
 one launch. A step of n rows fills the first n rows of each buffer and pads up to its bucket with
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from seqpar.engine.kv_cache import KVCache
+from seqpar.engine.kv_cache import KVCache, KVGroups
 from seqpar.kernels.gpu.paged import decode_attention, num_splits, page_table
 from seqpar.model.llama import LlamaForCausalLM
 
@@ -35,6 +37,17 @@ def buckets(max_rows: int) -> list[int]:
     """Row counts a graph is captured for: 1, 2, 4, 8, then every 16 up to max_rows (vLLM's shape)."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_rows] + list(range(16, max_rows, 16))
     return sizes + [max_rows]
+
+
+@dataclass
+class GroupRows:
+    """One layer group's side of a decode step, a row each: where the new K/V goes, the pages in key
+    order, the key count, and (a sliding window's) the keys before the window."""
+
+    slots: list[int]
+    pages: list[list[int]]
+    lens: list[int]
+    starts: list[int] | None = None
 
 
 @dataclass
@@ -60,17 +73,21 @@ class StaticDecode:
         scale: float,
         capture: bool,
         use_triton: bool,
+        groups: KVGroups | None = None,
     ) -> None:
         self.model, self.cache, self.page, self.scale = model, cache, page, scale
         self.capture, self.use_triton = capture, use_triton
         self.scratch_slot = scratch_slot
+        self.groups = groups or KVGroups.of([None] * model.config.num_layers)
         self.sizes = buckets(max_rows)
         dev = cache.k.device
+        n = len(self.groups)
         self.ids = torch.zeros(max_rows, dtype=torch.long, device=dev)
         self.positions = torch.zeros(max_rows, dtype=torch.long, device=dev)
-        self.slots = torch.full((max_rows,), scratch_slot, dtype=torch.long, device=dev)
-        self.table = torch.zeros(max_rows, max_pages, dtype=torch.int32, device=dev)
-        self.lens = torch.zeros(max_rows, dtype=torch.int32, device=dev)
+        self.slots = torch.full((n, max_rows), scratch_slot, dtype=torch.long, device=dev)
+        self.table = torch.zeros(n, max_rows, max_pages, dtype=torch.int32, device=dev)
+        self.lens = torch.zeros(n, max_rows, dtype=torch.int32, device=dev)
+        self.starts = torch.zeros(n, max_rows, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecodeOut]] = {}
         self.pool = None
 
@@ -82,13 +99,18 @@ class StaticDecode:
 
     def _forward(self, rows: int) -> DecodeOut:
         """The step over the first `rows` rows of the buffers: nothing here may sync with the host."""
-        cache, slots, table, lens = self.cache, self.slots[:rows], self.table[:rows], self.lens[:rows]
+        cache = self.cache
+        slots, table, lens = self.slots[:, :rows], self.table[:, :rows], self.lens[:, :rows]
+        starts = [None if w is None else self.starts[g, :rows] for g, w in enumerate(self.groups.windows)]
         splits = num_splits(rows, cache.num_kv_heads, cache.k.device)
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            cache.write(layer, slots, k, v)
-            kh, vh = cache.storage(layer)
-            out, _ = decode_attention(q, kh, vh, table, lens, self.page, self.scale, splits, self.use_triton)
+            g, j = self.groups.where(layer)
+            cache.write(j, slots[g], k, v)
+            kh, vh = cache.storage(j)
+            out, _ = decode_attention(
+                q, kh, vh, table[g], lens[g], self.page, self.scale, splits, self.use_triton, starts[g]
+            )
             return out.to(q.dtype)
 
         hidden = self.model(self.ids[:rows], self.positions[:rows], attention)
@@ -97,25 +119,26 @@ class StaticDecode:
         logprob = logits.gather(1, greedy[:, None])[:, 0] - logits.logsumexp(dim=-1)
         return DecodeOut(logits, greedy, logprob)
 
-    def run(
-        self, ids: list[int], positions: list[int], slots: list[int], pages: list[list[int]], lens: list[int]
-    ) -> DecodeOut:
-        """One decode step of n = len(ids) rows; row b writes its new K/V at slots[b] and attends
-        over the first lens[b] keys of its pages (the new one included)."""
+    def run(self, ids: list[int], positions: list[int], groups: list[GroupRows]) -> DecodeOut:
+        """One decode step of n = len(ids) rows; in each layer group's layers row b writes its new K/V
+        at slots[b] and attends over the first lens[b] keys of its pages (the new one included),
+        from starts[b] on where given."""
         n = len(ids)
         rows = self.bucket(n)
+        pad = rows - n
         # Host-side staging in one tensor per buffer, then one copy each: padding rows included,
         # so what a previous, larger step left there is overwritten.
-        table = page_table(pages, rows)
-        width = table.shape[1]
-        if width > self.table.shape[1]:
-            raise ValueError(f"a decode row holds {width} blocks; the static table has {self.table.shape[1]}")
-        pad = rows - n
         self.ids[:rows].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.positions[:rows].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:rows].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
-        self.lens[:rows].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32))
-        self.table[:rows, :width].copy_(table, non_blocking=True)
+        for g, grp in enumerate(groups):
+            table = page_table(grp.pages, rows)
+            width = table.shape[1]
+            if width > self.table.shape[2]:
+                raise ValueError(f"a decode row holds {width} blocks; the static table has {self.table.shape[2]}")
+            self.slots[g, :rows].copy_(torch.tensor(grp.slots + [self.scratch_slot] * pad), non_blocking=True)
+            self.lens[g, :rows].copy_(torch.tensor(grp.lens + [0] * pad, dtype=torch.int32))
+            self.starts[g, :rows].copy_(torch.tensor((grp.starts or [0] * n) + [0] * pad, dtype=torch.int32))
+            self.table[g, :rows, :width].copy_(table, non_blocking=True)
         if self.capture and rows not in self.graphs:
             try:
                 self.graphs[rows] = self._capture(rows)

@@ -69,25 +69,12 @@ class Request:
     delta: str = ""
 
 
-def check_model_support(config: EngineConfig, mc: ModelConfig) -> None:
-    """What the engine cannot run for this model yet, refused before any rank starts."""
-    if not mc.windowed:
-        return
-    what = f"{mc.architecture}'s sliding-window layers (window {mc.sliding_window})"
-    if config.device != "cpu":
-        raise ValueError(
-            f"device={config.device!r} does not support {what}: the GPU's decode kernels and graphs know no "
-            "window yet; use device='cpu'"
-        )
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, torchrun: bool = False):
         # auto -> a concrete dtype here, once: the ranks get it in their config.
         config, why = resolve_dtype(config)
         self.config = config
         mc = self.model_config = load_config(config.model, config.rope_scaling)
-        check_model_support(config, mc)
         self.num_blocks = kv_blocks_per_rank(config, mc, local=not torchrun)
         self._tokenizer = LazyTokenizer(config.model)
         # Loaded now, when the model has one, so no request's latency includes it; a model

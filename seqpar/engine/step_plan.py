@@ -183,9 +183,20 @@ class StepPlan:
         bs, owner = self.placement.block_size, self.placement.owner
         for s in self.decode:
             mine = [i for i in range(blocks_needed(s.start + 1, bs)) if owner(i) == self.me]
-            pages.append([s.blocks[self.group][i] for i in mine])
+            # a window group's freed blocks (-1) lie before every row's window: listed, never read
+            pages.append([max(s.blocks[self.group][i], 0) for i in mine])
             lens.append(sum(min(bs, s.start + 1 - i * bs) for i in mine))
         return pages, lens
+
+    def decode_starts(self, window: int) -> list[int]:
+        """For `decode_table`'s rows in a sliding-window layer: the keys on this rank before each row's
+        window (positions <= p - window), which its kernel skips."""
+        bs, owner, out = self.placement.block_size, self.placement.owner, []
+        for s in self.decode:
+            first = s.start - window + 1  # the window's first position
+            mine = [i for i in range(blocks_needed(max(0, first), bs)) if owner(i) == self.me]
+            out.append(sum(min(bs, first - i * bs) for i in mine))
+        return out
 
     def to(self, device: torch.device) -> None:
         """Move what indexes the model's inputs and the cache to `device`. Layouts stay on the host:

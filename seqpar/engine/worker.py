@@ -27,7 +27,7 @@ from seqpar.comm.collectives import STATS
 from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
-from seqpar.engine.decode_graph import StaticDecode
+from seqpar.engine.decode_graph import GroupRows, StaticDecode
 from seqpar.engine.kv_cache import KVCache, kv_groups
 from seqpar.engine.kv_store import RankStore
 from seqpar.engine.messages import KVLoad, KVLoadResult, Sampled, Step, StepResult
@@ -133,6 +133,7 @@ class Worker:
                 self.scale,
                 capture=True,
                 use_triton=triton_usable(self.device),
+                groups=self.groups,
             )
 
     def _compile_tiles(self, config: EngineConfig) -> None:
@@ -155,15 +156,15 @@ class Worker:
         plans = [plan] + [StepPlan(msg, self.placement, mesh.sp_rank, g) for g in range(1, len(self.groups))]
         nd = len(plan.decode)
         if nd and not plan.prefill and self.static_decode is not None:
-            return self._static_step(msg, plan)  # reads the plan on the host: before plan.to
+            return self._static_step(msg, plans)  # reads the plans on the host: before plan.to
         if self.device.type != "cpu":
             for p in plans:
                 p.to(self.device)
         num_layers = self.model.config.num_layers
         # Every decode row in one call per layer: on CPU the flash kernel per length bucket
         # (kernels/decode.py), elsewhere the paged kernel over a block table (kernels/gpu/paged.py).
-        batch = units = None
-        batches: dict[int, DecodeBatch] = {}
+        units = None
+        batches: dict[int, DecodeBatch | PagedDecode] = {}
         if nd and self.deterministic:  # per layer group, the same for every layer of it
             units = {g: self._decode_units(p, w) for g, (p, w) in enumerate(zip(plans, self.groups.windows))}
         elif nd and self.device.type == "cpu":
@@ -172,8 +173,17 @@ class Worker:
                 g: DecodeBatch(p.decode_slots if w is None else p.decode_slots_within(w), self.decode_workspace)
                 for g, (p, w) in enumerate(zip(plans, self.groups.windows))
             }
-        elif nd:
-            batch = PagedDecode(*plan.decode_table(), cfg.block_size, self.device, self.cache.num_kv_heads)
+        elif nd:  # per layer group; a sliding window's rows from their window's first key
+            batches = {
+                g: PagedDecode(
+                    *p.decode_table(),
+                    cfg.block_size,
+                    self.device,
+                    self.cache.num_kv_heads,
+                    None if w is None else p.decode_starts(w),
+                )
+                for g, (p, w) in enumerate(zip(plans, self.groups.windows))
+            }
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             g, j = self.groups.where(layer)
@@ -185,7 +195,7 @@ class Worker:
                 return self._canonical_attention(q, kh, vh, p, units and units[g], window)
             outs = []
             if nd:
-                out, lse = (batches[g] if batch is None else batch).attend(q[:nd], kh, vh, self.scale)
+                out, lse = batches[g].attend(q[:nd], kh, vh, self.scale)
                 out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange)
                 if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
                     # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
@@ -278,14 +288,17 @@ class Worker:
             window,
         )
 
-    def _static_step(self, msg: Step, plan: StepPlan) -> StepResult:
+    def _static_step(self, msg: Step, plans: list[StepPlan]) -> StepResult:
         """A decode-only step through the static buffers (one graph replay on CUDA). Rows that
         sample greedily without log-probs or banned tokens take the token chosen on the device
         (one small copy back); the others' logits go to the sampler as in any step."""
+        plan = plans[0]
+        groups = [
+            GroupRows(p.write_slots.tolist(), *p.decode_table(), None if w is None else p.decode_starts(w))
+            for p, w in zip(plans, self.groups.windows)
+        ]
         with torch.inference_mode():
-            out = self.static_decode.run(
-                plan.ids, plan.positions.tolist(), plan.write_slots.tolist(), *plan.decode_table()
-            )
+            out = self.static_decode.run(plan.ids, plan.positions.tolist(), groups)
             picked = torch.stack([out.greedy.double(), out.logprob.double()]).cpu()  # [2, n]
         result = StepResult(comm_bytes=[0])
         # Unseeded rows that sample otherwise do so on the device too (their [V] logits never copied,

@@ -23,7 +23,14 @@ from torch import Tensor
 
 
 def paged_decode_torch(
-    q: Tensor, k_store: Tensor, v_store: Tensor, table: Tensor, lens: Tensor, page: int, scale: float
+    q: Tensor,
+    k_store: Tensor,
+    v_store: Tensor,
+    table: Tensor,
+    lens: Tensor,
+    page: int,
+    scale: float,
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The same contract as `triton_decode.paged_decode`, in torch ops (fp32 math)."""
     bsz, hq, d = q.shape
@@ -35,7 +42,10 @@ def paged_decode_torch(
     v = v_store[:, slots].float()
     qg = q.float().view(bsz, hkv, hq // hkv, d).transpose(0, 1)  # [Hkv, B, g, D]
     scores = torch.einsum("hbgd,hbld->hbgl", qg, k) * scale
-    visible = (j[None, :] < lens[:, None].long())[None, :, None, :]  # [1, B, 1, L]
+    visible = j[None, :] < lens[:, None].long()  # [B, L]
+    if starts is not None:  # a sliding window's rows: keys from their start on
+        visible = visible & (j[None, :] >= starts[:, None].long())
+    visible = visible[None, :, None, :]  # [1, B, 1, L]
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [Hkv, B, g]
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
@@ -71,13 +81,15 @@ def decode_attention(
     scale: float,
     splits: int,
     use_triton: bool,
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One layer's decode rows over their pages: Triton's kernel where asked, else torch's."""
+    """One layer's decode rows over their pages (from `starts` on, a sliding window's rows): Triton's
+    kernel where asked, else torch's."""
     if use_triton:
         from seqpar.kernels.gpu.triton_decode import paged_decode
 
-        return paged_decode(q, k_store, v_store, table, lens, page, scale, splits)
-    return paged_decode_torch(q, k_store, v_store, table, lens, page, scale)
+        return paged_decode(q, k_store, v_store, table, lens, page, scale, splits, starts=starts)
+    return paged_decode_torch(q, k_store, v_store, table, lens, page, scale, starts)
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -93,12 +105,23 @@ class PagedDecode:
     """A step's decode rows as a block table on the device, built once, used by every layer (the
     GPU's counterpart of `decode.DecodeBatch`, with the same `attend`)."""
 
-    def __init__(self, pages: list[list[int]], lens: list[int], page: int, device: torch.device, kv_heads: int):
+    def __init__(
+        self,
+        pages: list[list[int]],
+        lens: list[int],
+        page: int,
+        device: torch.device,
+        kv_heads: int,
+        starts: list[int] | None = None,
+    ):
         self.table = page_table(pages).to(device)
         self.lens = torch.tensor(lens, dtype=torch.int32).to(device)
+        self.starts = None if starts is None else torch.tensor(starts, dtype=torch.int32).to(device)
         self.page = page
         self.splits = num_splits(len(pages), kv_heads, device)
         self.use_triton = triton_usable(device)
 
     def attend(self, q: Tensor, kh: Tensor, vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        return decode_attention(q, kh, vh, self.table, self.lens, self.page, scale, self.splits, self.use_triton)
+        return decode_attention(
+            q, kh, vh, self.table, self.lens, self.page, scale, self.splits, self.use_triton, self.starts
+        )

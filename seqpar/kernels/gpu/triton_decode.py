@@ -2,7 +2,8 @@
 
 One query row per sequence (B rows), each over its own keys, read in place from the cache storage
 through a block table: row b's key j sits at slot `table[b, j // block_size] * block_size +
-j % block_size` of storage [Hkv, S, D]. Nothing is gathered or repeated.
+j % block_size` of storage [Hkv, S, D]. Nothing is gathered or repeated. A sliding-window layer's
+row reads its keys from `starts[b]` on.
 
 Why split: a decode step has B x Hkv (row, KV head) pairs; at B = 1 that is 8 programs for a
 Llama-3-8B layer, against 132 SMs on an H200, and each streams every key alone. Stage 1 cuts each
@@ -32,7 +33,7 @@ from torch import Tensor
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, TABLE, LENS, O_PART, L_PART,
+    Q, K, V, TABLE, LENS, STARTS, O_PART, L_PART,
     stride_qb, stride_qh,
     stride_kh, stride_ks,
     stride_vh, stride_vs,
@@ -47,9 +48,10 @@ def _split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(LENS + b)
-    # each range a whole number of BLOCK_N tiles: [lo, hi)
-    per = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per
+    first = tl.load(STARTS + b)  # keys before it are out of a sliding window (0: none)
+    # each range a whole number of BLOCK_N tiles: [lo, hi), the row's keys [first, n) cut in NUM_SPLITS
+    per = tl.cdiv(tl.cdiv(n - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * per
     hi = tl.minimum(lo + per, n)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D_PAD)
@@ -137,10 +139,13 @@ def paged_decode(
     scale: float,
     num_splits: int,
     block_n: int = 64,
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q [B, Hq, D]; k_store, v_store [Hkv, S, D] (a layer of the cache, head-major, D contiguous);
     table [B, max_pages] int32 (row b's pages in key order); lens [B] int32 (row b's keys: only its
-    last listed page may be partial) -> out [B, Hq, D] fp32, lse [B, Hq] fp32 (natural log)."""
+    last listed page may be partial); starts [B] int32 (a sliding window's: row b reads its keys
+    [starts[b], lens[b]) only, the pages before never touched; None: from 0) -> out [B, Hq, D] fp32,
+    lse [B, Hq] fp32 (natural log)."""
     bsz, hq, d = q.shape
     hkv = k_store.shape[0]
     if hq % hkv or k_store.shape[-1] != d or k_store.stride(-1) != 1 or v_store.stride(-1) != 1 or q.stride(-1) != 1:
@@ -154,8 +159,10 @@ def paged_decode(
     if bsz == 0:
         return out, lse
     d_pad = max(16, triton.next_power_of_2(d))
+    if starts is None:
+        starts = torch.zeros_like(lens)
     _split_kernel[(bsz, hkv, num_splits)](
-        q, k_store, v_store, table, lens, o_part, l_part,
+        q, k_store, v_store, table, lens, starts, o_part, l_part,
         q.stride(0), q.stride(1),
         k_store.stride(0), k_store.stride(1),
         v_store.stride(0), v_store.stride(1),

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine_util import needle_document
 from seqpar import LLM, SamplingParams
 from seqpar.model import load_model
 from test_engine import SMALL, _save
@@ -73,7 +74,7 @@ def test_needle_in_bf16_at_sp2_answers_as_sp1():
     # SP 3 in bf16: test_sp_in_bf16_stays_close_to_sp1 (a third engine here cost ~28 s of the suite)
     from seqpar.cli import demo
 
-    doc, _, _ = demo.document()
+    doc = needle_document()
     params = SamplingParams(temperature=0.0, max_tokens=demo.MAX_TOKENS, stop=["\n"], logprobs=TOP)
     outs = {}
     for sp in (1, 2):

@@ -68,14 +68,14 @@ def _blocks(model: str, n: int) -> float:
     return (n + 0.5) * 2 * kv_groups(mc).size * mc.num_kv_heads * mc.head_dim * 4 * BS / 2**30
 
 
-# (model, sp, budget, strategy, blocks per rank): budgets smaller than a block (1, 3), than a
+# (model, sp, budget, strategy, blocks per rank): budgets smaller than a block (2, 3), than a
 # shard of the prompt, than the prompt, and none; tiny caches force eviction and preemption (for
 # Gemma 3's window layers too: blocks of three groups, one layer each).
 CASES = [
     ("model", 1, 2048, "ring", None),
     ("model", 2, 3, "pass_q", None),
     ("model", 3, 9, "ring", None),
-    ("model", 4, 1, "allgather", None),
+    ("model", 4, 2, "allgather", None),
     ("model", 2, 2048, "ring", 12),
     ("gemma3", 3, 5, "pass_q", 12),
 ]

@@ -228,7 +228,9 @@ class BlockManager:
         end = blocks_needed(num_tokens, self.block_size)
         want = []  # (group, logical block)
         for g, table in enumerate(tables):
-            first = self._first(g, seq.num_computed_tokens)
+            # a global group holds every block below its table's end; a window group may lack some
+            # in its window (freed, or never loaded after a failed load)
+            first = len(table) if self.groups.windows[g] is None else self._first(g, seq.num_computed_tokens)
             want += [(g, i) for i in range(first, end) if i >= len(table) or table[i] < 0]
         need = [0] * len(self.pools)
         for _, i in want:
@@ -283,9 +285,9 @@ class BlockManager:
     def held(self, seq: Sequence) -> list[int]:
         """Blocks the sequence holds on each rank, every group together."""
         counts = [0] * len(self.pools)
-        for table in seq.blocks:
-            for i, b in enumerate(table):
-                if b >= 0:
+        for g, table in enumerate(seq.blocks):
+            for i in range(seq.released.get(g, 0), len(table)):  # a window group's blocks below: freed
+                if table[i] >= 0:
                     counts[self.placement.owner(i)] += 1
         return counts
 

@@ -146,11 +146,13 @@ def test_decode_table_names_the_same_keys_as_the_slots(world, scheme):
         seqs.append(SeqStep(j, [5], start, [blocks], True, True, start))
     for rank in range(world):
         plan = StepPlan(Step(seqs, "ring"), placement, rank)
-        pages, lens = plan.decode_table()
+        pages, lens, none = plan.decode_table()
+        assert none is None
         for slots, ps, n in zip(plan.decode_slots, pages, lens):
             from_pages = [p * PAGE + o for p in ps for o in range(PAGE)][:n]
             assert from_pages == slots.tolist() and len(ps) == -(-n // PAGE)
         for w in (1, 5, 9):  # a sliding window's: the keys from its start are the CPU's window slots
-            for slots, ps, n, st in zip(plan.decode_slots_within(w), pages, lens, plan.decode_starts(w)):
+            _, _, starts = plan.decode_table(w)
+            for slots, ps, n, st in zip(plan.decode_slots_within(w), pages, lens, starts):
                 from_pages = [p * PAGE + o for p in ps for o in range(PAGE)][st:n]
                 assert from_pages == slots.tolist()

@@ -103,11 +103,14 @@ def engine_strategies() -> tuple[str, ...]:
 def step_bytes(strategy: str, work: StepWork, mc: ModelConfig, rank: int) -> int:
     """Bytes `rank` sends in this step's prefill attention, all layers (the formulas' counts; a sliding
     window layer's over the keys some query of the step can see: at most what the engine sends)."""
-    total = 0
-    for i in range(mc.num_layers):
-        lw = work if mc.window(i) is None else work.within(mc.window(i))
+    layers, total = [mc.window(i) for i in range(mc.num_layers)], 0
+    for window in set(layers):  # one layer of each kind, times its layers
+        lw = work if window is None else work.within(window)
         counts = lw.query_counts() if costs()[strategy].counts == "queries" else lw.key_counts()
-        total += f.attention_bytes(strategy, counts, rank, mc.num_heads, mc.num_kv_heads, mc.head_dim, lw.dtype_bytes)
+        per_layer = f.attention_bytes(
+            strategy, counts, rank, mc.num_heads, mc.num_kv_heads, mc.head_dim, lw.dtype_bytes
+        )
+        total += layers.count(window) * per_layer
     return total
 
 

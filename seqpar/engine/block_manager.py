@@ -113,6 +113,13 @@ class BlockManager:
         """Group g's first logical block that queries at `position` and after can see."""
         return self.groups.first_block(g, position, self.block_size)
 
+    def _fits(self, blocks) -> bool:
+        """Whether every rank has a free (or evictable) block for each of these logical blocks it owns."""
+        need = [0] * len(self.pools)
+        for i in blocks:
+            need[self.placement.owner(i)] += 1
+        return all(n <= p.available() for n, p in zip(need, self.pools))
+
     def _longest(self, start: int, stop: int, has) -> int:
         """The most blocks m in [start, stop] such that `has(i, g)` for every group's blocks i in
         [max(start, first block m's queries see), m): the blocks before `start` are held already."""
@@ -171,13 +178,10 @@ class BlockManager:
         # Only new blocks: a failed load recomputes every block after it, which must not be shared.
         # Blocks before n are the cache's (held already); from n on, the store's.
         m = self._longest(n, limit, lambda i, g: self.store.has(owner(i), key(hashes[i], g)))
-        while m > n:  # as many as every rank has room for
-            need = [0] * len(self.pools)
-            for g in range(len(self.groups)):
-                for i in range(max(n, self._first(g, m * bs)), m):
-                    need[owner(i)] += 1
-            if all(k <= p.available() for k, p in zip(need, self.pools)):
-                break
+        # as many as every rank has room for
+        while m > n and not self._fits(
+            i for g in range(len(self.groups)) for i in range(max(n, self._first(g, m * bs)), m)
+        ):
             m -= 1
         if m == n:
             return
@@ -232,10 +236,7 @@ class BlockManager:
             # in its window (freed, or never loaded after a failed load)
             first = len(table) if self.groups.windows[g] is None else self._first(g, seq.num_computed_tokens)
             want += [(g, i) for i in range(first, end) if i >= len(table) or table[i] < 0]
-        need = [0] * len(self.pools)
-        for _, i in want:
-            need[self.placement.owner(i)] += 1
-        if any(n > p.available() for n, p in zip(need, self.pools)):
+        if not self._fits(i for _, i in want):
             return False
         for table in tables:
             table.extend([-1] * (end - len(table)))

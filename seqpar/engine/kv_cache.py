@@ -35,7 +35,11 @@ class KVGroups:
     layers: tuple[tuple[int, ...], ...]  # per group, its layers (the last group of a kind may be short)
     windows: tuple[int | None, ...]  # per group, its layers' window (None: global)
     size: int  # layers per block
-    _where: dict[int, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
+    _where: dict[int, tuple[int, int]] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        where = {layer: (g, j) for g, ls in enumerate(self.layers) for j, layer in enumerate(ls)}
+        object.__setattr__(self, "_where", where)
 
     @classmethod
     def of(cls, windows: list[int | None]) -> KVGroups:
@@ -51,10 +55,7 @@ class KVGroups:
             for a in range(0, len(kinds[w]), size):
                 layers.append(tuple(kinds[w][a : a + size]))
                 wins.append(w)
-        groups = cls(tuple(layers), tuple(wins), size)
-        for g, ls in enumerate(layers):
-            groups._where.update((layer, (g, j)) for j, layer in enumerate(ls))
-        return groups
+        return cls(tuple(layers), tuple(wins), size)
 
     def __len__(self) -> int:
         return len(self.layers)

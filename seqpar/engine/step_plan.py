@@ -175,28 +175,21 @@ class StepPlan:
         reach = [[(s.start - window + 1, s.start)] for s in self.decode]  # row j's runs have seq j
         return [_slots(_within(runs, reach)) for runs in self.decode_runs]
 
-    def decode_table(self) -> tuple[list[list[int]], list[int]]:
+    def decode_table(self, window: int | None = None) -> tuple[list[list[int]], list[int], list[int] | None]:
         """Each decode row's pages on this rank, in key order, and its key count there (the GPU's block
         table; only a sequence's last block is partial, so only a row's last page here can be). Built
         on demand: a loop over every block of every row, which the CPU's decode never needs."""
-        pages, lens = [], []
+        pages, lens, starts = [], [], []
         bs, owner = self.placement.block_size, self.placement.owner
         for s in self.decode:
             mine = [i for i in range(blocks_needed(s.start + 1, bs)) if owner(i) == self.me]
             # a window group's freed blocks (-1) lie before every row's window: listed, never read
             pages.append([max(s.blocks[self.group][i], 0) for i in mine])
             lens.append(sum(min(bs, s.start + 1 - i * bs) for i in mine))
-        return pages, lens
-
-    def decode_starts(self, window: int) -> list[int]:
-        """For `decode_table`'s rows in a sliding-window layer: the keys on this rank before each row's
-        window (positions <= p - window), which its kernel skips."""
-        bs, owner, out = self.placement.block_size, self.placement.owner, []
-        for s in self.decode:
-            first = s.start - window + 1  # the window's first position
-            mine = [i for i in range(blocks_needed(max(0, first), bs)) if owner(i) == self.me]
-            out.append(sum(min(bs, first - i * bs) for i in mine))
-        return out
+            if window is not None:  # the keys here before the row's window (positions <= p - window)
+                first = s.start - window + 1
+                starts.append(sum(min(bs, first - i * bs) for i in mine if i * bs < first))
+        return pages, lens, starts if window is not None else None
 
     def to(self, device: torch.device) -> None:
         """Move what indexes the model's inputs and the cache to `device`. Layouts stay on the host:

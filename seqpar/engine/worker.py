@@ -97,7 +97,6 @@ class Worker:
         store = config.kv_store_dir or config.kv_store_host_gb > 0
         self.kv_store = RankStore(config, self.mesh.sp_rank, self.mesh.tp_rank) if store else None
         self.scale = mc.attention_scale
-        self.windows = [mc.window(i) for i in range(mc.num_layers)]  # None: a global layer
         # Pass-KV messages (a rank's cached K/V of a step, per layer) through shared memory too.
         self.kv_exchange = None
         if self.exchange is not None:
@@ -175,13 +174,7 @@ class Worker:
             }
         elif nd:  # per layer group; a sliding window's rows from their window's first key
             batches = {
-                g: PagedDecode(
-                    *p.decode_table(),
-                    cfg.block_size,
-                    self.device,
-                    self.cache.num_kv_heads,
-                    None if w is None else p.decode_starts(w),
-                )
+                g: PagedDecode(*p.decode_table(w), cfg.block_size, self.device, self.cache.num_kv_heads)
                 for g, (p, w) in enumerate(zip(plans, self.groups.windows))
             }
 
@@ -190,7 +183,7 @@ class Worker:
             p = plans[g]
             self.cache.write(j, p.write_slots, k[p.write_rows], v[p.write_rows])
             kh, vh = self.cache.storage(j)  # read in place through slot runs
-            window = self.windows[layer]
+            window = self.groups.windows[g]
             if self.deterministic:
                 return self._canonical_attention(q, kh, vh, p, units and units[g], window)
             outs = []
@@ -293,10 +286,7 @@ class Worker:
         sample greedily without log-probs or banned tokens take the token chosen on the device
         (one small copy back); the others' logits go to the sampler as in any step."""
         plan = plans[0]
-        groups = [
-            GroupRows(p.write_slots.tolist(), *p.decode_table(), None if w is None else p.decode_starts(w))
-            for p, w in zip(plans, self.groups.windows)
-        ]
+        groups = [GroupRows(p.write_slots.tolist(), *p.decode_table(w)) for p, w in zip(plans, self.groups.windows)]
         with torch.inference_mode():
             out = self.static_decode.run(plan.ids, plan.positions.tolist(), groups)
             picked = torch.stack([out.greedy.double(), out.logprob.double()]).cpu()  # [2, n]

@@ -114,6 +114,7 @@ class PagedDecode:
         kv_heads: int,
         starts: list[int] | None = None,
     ):
+        """`pages`, `lens`, `starts`: `StepPlan.decode_table`'s."""
         self.table = page_table(pages).to(device)
         self.lens = torch.tensor(lens, dtype=torch.int32).to(device)
         self.starts = None if starts is None else torch.tensor(starts, dtype=torch.int32).to(device)

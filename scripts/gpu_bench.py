@@ -1,13 +1,14 @@
 """seqpar on one GPU against transformers (SDPA) on the same GPU, a Llama-3.1-8B-shaped model with random
 bf16 weights, in one run: prefill seconds at 8K/32K/64K, decode ms/token at 32K context, 32 x 2K batch
-decode tokens/s (seqpar's decode as captured graphs, then eager), and the paged decode kernel alone
-against the memory's rate. Prints and writes JSON ($OUT/bench.json, after every figure).
+decode tokens/s (seqpar's decode as captured graphs, then eager), SP 2 with both ranks on the one GPU
+(prefill and decode at the first length, its greedy tokens against SP 1's), and the paged decode kernel
+alone against the memory's rate. Prints and writes JSON ($OUT/bench.json, after every figure).
 
     PYTHONPATH=. python scripts/gpu_bench.py            # on a GPU machine, ~4-5 minutes on an H200
     SHAPE=tiny LENS=256,512 DEC_CTX=512 KV_GB=0.2 TRITON_INTERPRET=1 python scripts/gpu_bench.py cpu
 
 Knobs (environment): SHAPE (8b | tiny), LENS, DEC_CTX, MB (max_num_batched_tokens), KV_GB, EAGER (0 skips
-the eager decode figures).
+the eager decode figures), SP2 (0 skips SP 2 on the one GPU).
 """
 
 # ruff: noqa: B023 - every closure here is timed at once, inside its loop iteration
@@ -28,6 +29,7 @@ SHAPE = os.environ.get("SHAPE", "8b")
 OUT = os.environ.get("OUT", tempfile.gettempdir())
 LENS = [int(x) for x in os.environ.get("LENS", "8192,32768,65536").split(",")]
 DEC_CTX = int(os.environ.get("DEC_CTX", "32768"))
+TOP = 5  # log-probs per token for SP 2's check against SP 1
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
@@ -143,20 +145,28 @@ def main() -> None:
     from seqpar import LLM, SamplingParams
 
     mb = int(os.environ.get("MB", "16384"))
+    kv = float(os.environ.get("KV_GB", "30"))
+    first = ids[0, : LENS[0]].tolist()
+    sp1_tokens = None
+
+    def generate(llm, prompts, n, logprobs=None):
+        return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=logprobs))
+
     for eager in (False, True) if os.environ.get("EAGER", "1") == "1" else (False,):
         tag = "sp1_eager" if eager else "sp1"
         try:
             t0 = time.time()
-            kv = float(os.environ.get("KV_GB", "30"))
             opts = dict(sp_size=1, dtype="bfloat16", kv_cache_gb=kv, max_model_len=131072, max_num_batched_tokens=mb,
                         enable_prefix_caching=False, max_num_seqs=64, enforce_eager=eager)  # fmt: skip
             llm = LLM(model=path, device=DEV, **opts)
             res[f"{tag}_start_s"] = round(time.time() - t0, 1)
 
             def gen(prompts, n):
-                return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+                return generate(llm, prompts, n)
 
             gen([ids[0, :1024].tolist()], 4)
+            if not eager:
+                sp1_tokens = generate(llm, [first], 16, TOP)[0].outputs[0]
             for t in LENS if not eager else []:
                 s = timed(lambda: gen([ids[0, :t].tolist()], 1))
                 res[f"{tag}_prefill_{t}_s"], res[f"{tag}_prefill_{t}_tflops"] = round(s, 4), tflops(t, s)
@@ -180,8 +190,40 @@ def main() -> None:
             res[f"{tag}_error"] = repr(e)[:600]
             traceback.print_exc()
             save()
+    if os.environ.get("SP2", "1") == "1":
+        sp2_one_gpu(path, first, sp1_tokens, generate, dict(dtype="bfloat16", kv_cache_gb=kv / 2, max_model_len=131072,
+                    max_num_batched_tokens=mb, enable_prefix_caching=False))  # fmt: skip
     log("done")
     print(json.dumps(res))
+
+
+def sp2_one_gpu(path, prompt, sp1_tokens, generate, opts) -> None:
+    """SP 2 with both ranks on the one GPU (gloo, CUDA tensors through host memory): a check that SP's
+    CUDA code runs at W = 2, with its prefill and decode times beside SP 1's (not a speed-up: the
+    two ranks share one GPU and every exchange crosses the host)."""
+    from seqpar import LLM
+
+    tag, t = "sp2_one_gpu", len(prompt)
+    try:
+        llm = LLM(model=path, device=DEV, sp_size=2, **opts)
+        got = generate(llm, [prompt], 16, TOP)[0].outputs[0]
+        if sp1_tokens is not None:  # vLLM's check_logprobs_close (tests/test_bf16.py)
+            want = sp1_tokens
+            part = next((i for i, (a, b) in enumerate(zip(want.token_ids, got.token_ids)) if a != b), None)
+            res[f"{tag}_tokens_equal_to_sp1"] = len(got.token_ids) if part is None else part
+            res[f"{tag}_logprobs_close_to_sp1"] = part is None or (
+                want.token_ids[part] in got.logprobs[part] and got.token_ids[part] in want.logprobs[part]
+            )
+        s = timed(lambda: generate(llm, [prompt], 1))
+        res[f"{tag}_prefill_{t}_s"] = round(s, 4)
+        full = timed(lambda: generate(llm, [prompt], 33), 1)
+        res[f"{tag}_decode_{t}_ms"] = round((full - s) / 32 * 1000, 2)
+        log(tag, res[f"{tag}_prefill_{t}_s"], res[f"{tag}_decode_{t}_ms"])
+        llm.shutdown()
+    except Exception as e:  # noqa: BLE001 - recorded
+        res[f"{tag}_error"] = repr(e)[:600]
+        traceback.print_exc()
+    save()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from seqpar import LLM, SamplingParams, TokenLayout, attention_with_lse, referen
 from seqpar.engine.config import EngineConfig
 from test_cli import run_main
 from test_engine import _save, check_against_hf
+from test_model_helpers import VOCAB
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 needs_gpu = pytest.mark.skipif(
@@ -187,13 +188,66 @@ def test_engine_on_cuda_tensor_parallel_matches_hf(llama):
     check_against_hf(*llama, device="cuda", tp_size=2, decode_merge="tree")
 
 
+# SP 2-4 with every rank on the one GPU (ranks outnumber the GPUs: gloo, CUDA tensors through host
+# memory): the CUDA kernels and the strategies' CUDA code at W > 1, each prefill strategy and decode
+# merge, through shared memory and through the process group, against transformers in fp32.
 @needs_gpu
-def test_more_ranks_than_gpus_is_a_clear_error(llama):
-    with pytest.raises(ValueError, match=r"one rank per GPU .* use at most"):
-        LLM(model=llama[1], sp_size=GPUS + 1, device="cuda")
+@pytest.mark.parametrize(
+    "strategy, sp, merge, shm, budget, split",
+    [
+        ("ring", 2, "allgather", True, 2048, True),
+        ("ring", 3, "tree", False, 5, False),
+        ("pass_q", 2, "alltoall", True, 3, False),
+        ("pass_q", 4, "allgather", False, 2048, True),
+        ("allgather", 3, "alltoall", True, 4, False),
+        ("auto", 4, "tree", True, 6, True),
+    ],
+)
+def test_sp_on_one_gpu_matches_hf(llama, strategy, sp, merge, shm, budget, split):
+    if GPUS >= sp:
+        pytest.skip(f"{GPUS} GPUs: SP {sp} gets one each (NCCL), tested above")
+    check_against_hf(
+        *llama,
+        device="cuda",
+        sp_size=sp,
+        strategy=strategy,
+        decode_merge=merge,
+        shared_memory=shm,
+        max_num_batched_tokens=budget,
+        decode_split=split,
+    )
+
+
+@needs_gpu
+def test_sp_on_one_gpu_in_bf16_stays_close_to_sp1(tmp_path):
+    """A ~4K-token prompt in bf16 (the issue's check: vLLM's check_logprobs_close against SP 1)."""
+    from test_bf16 import TOP, check_logprobs_close
+
+    _, path = _save(tmp_path, "llama", max_position_embeddings=8192)
+    prompt = torch.randint(3, VOCAB, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=TOP)
+    outs = {}
+    for sp in (1, 2, 4):
+        with LLM(model=path, device="cuda", sp_size=sp, dtype="bfloat16", kv_cache_gb=0.2,
+                 max_num_batched_tokens=1024) as llm:  # fmt: skip
+            outs[sp] = llm.generate([prompt], params)[0].outputs[0]
+    for sp in (2, 4):
+        assert len(outs[sp].token_ids) == 16
+        check_logprobs_close(outs[1], outs[sp], f"SP {sp} on one GPU")
 
 
 # ---- these run everywhere ------------------------------------------------------------------
+
+
+def test_ranks_share_gpus_only_when_they_outnumber_them():
+    from seqpar.comm.launch import gpu_placement
+
+    assert [gpu_placement(r, 2, 2) for r in range(2)] == [("nccl", 0), ("nccl", 1)]
+    assert [gpu_placement(r, 2, 8) for r in range(2)] == [("nccl", 0), ("nccl", 1)]
+    assert [gpu_placement(r, 4, 1) for r in range(4)] == [("gloo", 0)] * 4
+    assert [gpu_placement(r, 3, 2) for r in range(3)] == [("gloo", 0), ("gloo", 1), ("gloo", 0)]
+    with pytest.raises(RuntimeError, match="no GPU; use device='cpu'"):
+        gpu_placement(0, 1, 0)
 
 
 def test_unknown_device_names_the_choices():

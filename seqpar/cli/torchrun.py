@@ -50,7 +50,8 @@ def run_under_torchrun(
     except ValueError as e:
         return fail(e) if rank == 0 else 2
     torch.set_num_threads(config.threads_per_rank)
-    join_group(config.device, int(os.environ.get("LOCAL_RANK", 0)), config.step_timeout_s)  # gloo, or NCCL
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    join_group(config.device, local_rank, local_world, config.step_timeout_s)  # gloo, or NCCL
     ended = False  # this rank reached the end of its part in order (every rank does alike)
     try:
         error, prepared, blocks = None, None, 0

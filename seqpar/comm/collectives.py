@@ -1,7 +1,9 @@
 """Counted collectives: every byte a rank sends is recorded, so tests and benchmarks
 can check each strategy's volume against its formula.
 
-All functions take their process group explicitly.
+All functions take their process group explicitly. Where the group is gloo and the tensors are
+CUDA ones (ranks sharing one GPU: NCCL refuses two ranks on a device, see `launch.gpu_placement`),
+they travel through host memory: copied to the host, exchanged, copied back (`on_host`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def group_rank(group: dist.ProcessGroup | None) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
+def staged(x: Tensor, group: dist.ProcessGroup | None) -> bool:
+    """Whether x must go through host memory: a CUDA tensor in a gloo group (gloo moves CPU tensors)."""
+    return x.device.type == "cuda" and dist.get_backend(group) == "gloo"
+
+
+def on_host(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """x where the group's backend can move it: the host for a staged CUDA tensor, else x itself."""
+    return x.cpu() if staged(x, group) else x
+
+
 @traced(COLLECTIVE)
 def all_gather_uneven(x: Tensor, counts: list[int] | tuple[int, ...], group: dist.ProcessGroup | None) -> list[Tensor]:
     """Gather every rank's x [counts[r], ...]; returns the W parts in rank order.
@@ -60,11 +72,13 @@ def all_gather_uneven(x: Tensor, counts: list[int] | tuple[int, ...], group: dis
     if world == 1:
         return [x]
     pad_to = max(counts)
-    send = x.new_zeros((pad_to, *x.shape[1:]))
+    send = on_host(x, group).new_zeros((pad_to, *x.shape[1:]))
     send[: x.shape[0]] = x
     recv = [torch.empty_like(send) for _ in range(world)]
     STATS.add("all_gather", (world - 1) * nbytes(send))
     dist.all_gather(recv, send, group=group)
+    if send.device != x.device:  # staged through the host: back in one copy
+        recv = list(torch.stack(recv).to(x.device))
     return [r[:n] for r, n in zip(recv, counts)]
 
 
@@ -80,12 +94,13 @@ def all_to_all(send: list[Tensor], recv_shapes: list[tuple[int, ...]], group: di
     if world == 1:
         return [send[0]]
     dtype, device = send[0].dtype, send[0].device
-    flat_in = torch.cat([s.reshape(-1) for s in send])
+    flat_in = on_host(torch.cat([s.reshape(-1) for s in send]), group)
     in_splits = [s.numel() for s in send]
     out_splits = [int(torch.Size(shape).numel()) for shape in recv_shapes]
-    flat_out = torch.empty(sum(out_splits), dtype=dtype, device=device)
+    flat_out = torch.empty(sum(out_splits), dtype=dtype, device=flat_in.device)
     STATS.add("all_to_all", sum(n for j, n in enumerate(in_splits) if j != me) * send[0].element_size())
     dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=group)
+    flat_out = flat_out.to(device)
     return [part.view(shape) for part, shape in zip(flat_out.split(out_splits), recv_shapes)]
 
 
@@ -96,5 +111,14 @@ def all_reduce(x: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.Red
     if world == 1:
         return x
     STATS.add("all_reduce", 2 * (world - 1) * nbytes(x) // world)
-    dist.all_reduce(x, op=op, group=group)
+    sum_over(x, group, op)
+    return x
+
+
+def sum_over(x: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+    """In-place all-reduce, not counted (tensor parallelism's sums are not a strategy's traffic)."""
+    host = on_host(x, group)
+    dist.all_reduce(host, op=op, group=group)
+    if host is not x:
+        x.copy_(host)
     return x

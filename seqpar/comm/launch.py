@@ -1,6 +1,8 @@
 """Start W ranks as fresh processes on this machine: the one launcher of the engine,
 the benchmarks and the tests. Ranks join a gloo group (CPU tensors) or, on GPUs, a NCCL
-group (`join_group`, also what torchrun's processes call).
+group (`join_group`, also what torchrun's processes call); ranks that outnumber their host's
+GPUs share them and join a gloo group, their CUDA tensors staged through host memory
+(`gpu_placement`: NCCL refuses two ranks on one GPU).
 
 `start_ranks` spawns `target(rank, world, port, *args_of(rank))` in W daemonic processes
 (they die with the parent); each calls `init_local_rank` to join the group and set its
@@ -53,22 +55,43 @@ def start_ranks(
     return procs
 
 
-def join_group(device: str = "cpu", local_rank: int = 0, timeout_s: float | None = None, **init: Any) -> None:
-    """Join the default process group: gloo for CPU tensors, NCCL for CUDA ones (`init`: init_process_group's
-    rendezvous arguments; none under torchrun, which sets them in the environment).
+def gpu_placement(local_rank: int, local_world: int, gpus: int) -> tuple[str, int]:
+    """(backend, GPU) of local rank `local_rank` of `local_world` on a host with `gpus` GPUs.
 
-    On cuda the process is first pinned to GPU `local_rank` of its host: NCCL's collectives, and the
-    object collectives that pickle through it (broadcast_object_list, gather_object), use the current device.
+    One GPU per rank: NCCL, GPU `local_rank`. More ranks than GPUs: they share the GPUs round-robin
+    and join a gloo group (NCCL refuses two ranks on one device); the collectives stage CUDA tensors
+    through host memory (`collectives.on_host`, `shm.HostExchange`). Every rank of a host decides alike.
     """
+    if gpus < 1:
+        raise RuntimeError("device='cuda' but this host shows no GPU; use device='cpu'")
+    if not 0 <= local_rank < local_world:
+        raise ValueError(f"local rank {local_rank} is not one of the host's {local_world} ranks")
+    if local_world <= gpus:
+        return "nccl", local_rank
+    return "gloo", local_rank % gpus
+
+
+def join_group(
+    device: str = "cpu", local_rank: int = 0, local_world: int = 1, timeout_s: float | None = None, **init: Any
+) -> None:
+    """Join the default process group: gloo for CPU tensors, NCCL for CUDA ones, gloo again for ranks that
+    share a GPU (`gpu_placement`; `init`: init_process_group's rendezvous arguments; none under
+    torchrun, which sets them in the environment).
+
+    On cuda the process is first pinned to its GPU: NCCL's collectives, and the object collectives
+    that pickle through it (broadcast_object_list, gather_object), use the current device.
+    """
+    backend = "gloo"
     if device == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"local rank {local_rank} needs GPU {local_rank}, but this host shows "
-                f"{torch.cuda.device_count()}: start at most one rank per GPU"
-            )
-        torch.cuda.set_device(local_rank)
+        backend, gpu = gpu_placement(local_rank, local_world, torch.cuda.device_count())
+        torch.cuda.set_device(gpu)
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", **init, **timeout)
+    dist.init_process_group(backend, **init, **timeout)
+
+
+def shares_gpu(device: str) -> bool:
+    """Whether this rank's group moves its CUDA tensors through the host (ranks sharing a GPU)."""
+    return device == "cuda" and dist.get_backend() == "gloo"
 
 
 def init_local_rank(
@@ -81,7 +104,7 @@ def init_local_rank(
 ) -> None:
     """In a started rank: `threads` threads (default cores / W), then join the group on 127.0.0.1:`port`."""
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
-    join_group(device, rank, timeout_s, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    join_group(device, rank, world, timeout_s, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
 def stop_ranks(procs: list[BaseProcess], grace_s: float = 10.0) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqpar.comm.collectives import STATS, group_rank, group_size, nbytes
+from seqpar.comm.collectives import STATS, group_rank, group_size, nbytes, on_host
 from seqpar.profiling import RING_POST, RING_WAIT, traced
 
 
@@ -24,24 +24,31 @@ class RingExchanger:
         self._next = dist.get_global_rank(group, nxt) if group is not None else nxt
         self._prev = dist.get_global_rank(group, prev) if group is not None else prev
         self._reqs: list[dist.Work] = []
+        self._landing: tuple[Tensor, Tensor] | None = None  # (host buffer, device block) when staged
 
     @traced(RING_POST)
     def send_recv(self, send: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
         """Start sending `send` forward and receiving a `recv_shape` block from behind."""
         if self._reqs:
             raise RuntimeError("RingExchanger.send_recv called again before wait(): one transfer at a time")
-        send = send.contiguous()  # gloo sends only contiguous memory
-        recv = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
+        block = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
+        send = on_host(send, self.group).contiguous()  # gloo sends only contiguous host memory
+        recv = block if send.device == block.device else torch.empty(recv_shape, dtype=send.dtype)
         ops = [
             dist.P2POp(dist.isend, send, self._next, group=self.group),
             dist.P2POp(dist.irecv, recv, self._prev, group=self.group),
         ]
         STATS.add("ring", nbytes(send))
         self._reqs = dist.batch_isend_irecv(ops)
-        return recv
+        self._landing = None if recv is block else (recv, block)  # staged: copied to the device at wait()
+        return block
 
     @traced(RING_WAIT)
     def wait(self) -> None:
         for req in self._reqs:
             req.wait()
         self._reqs = []
+        if self._landing is not None:
+            host, block = self._landing
+            block.copy_(host)
+            self._landing = None

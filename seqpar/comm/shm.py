@@ -18,6 +18,9 @@ A flag published after the data is seen after the data only where stores are not
 reordered with stores nor loads with loads: x86-64's total store order. Elsewhere
 `create` returns None and callers use the process group.
 
+CUDA tensors (ranks sharing one GPU, which NCCL refuses) go through the same slots: each rank
+copies its part to the host, and the gathered parts come back to its device in one copy.
+
 The file lives in /dev/shm (this host's memory alone) while the group sets up: once
 every rank has mapped it, it is unlinked, so nothing is left behind.
 """
@@ -96,7 +99,7 @@ class HostExchange:
         return exchange
 
     def fits(self, t: Tensor) -> bool:
-        return t.device.type == "cpu" and nbytes(t) <= self.capacity
+        return t.device.type in _DEVICES and nbytes(t) <= self.capacity
 
     def all_gather(self, t: Tensor) -> Tensor:
         """Every rank's t (same shape and dtype everywhere) -> [W, *t.shape], a fresh tensor."""
@@ -106,16 +109,17 @@ class HostExchange:
                 f"the {self.capacity}-byte CPU buffer; use the process group for it"
             )
         n = nbytes(t)
-        return self._publish(t)[:, :n].clone().view(t.dtype).view(self.world, *t.shape)
+        return _to(self._publish(t)[:, :n], t.device).view(t.dtype).view(self.world, *t.shape)
 
     def fits_parts(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> bool:
         """Whether every rank's part (`shapes`, known alike on every rank) fits: the same answer everywhere."""
-        return device.type == "cpu" and max(math.prod(s) for s in shapes) * dtype.itemsize <= self.capacity
+        return device.type in _DEVICES and max(math.prod(s) for s in shapes) * dtype.itemsize <= self.capacity
 
     def all_gather_views(self, t: Tensor, shapes: list[tuple[int, ...]], counted: int | None = None) -> list[Tensor]:
         """Every rank's tensor (rank r's of `shapes[r]`, t's dtype; `t` is this rank's) read in
         place: views of the shared slots, no copy out. They stay valid until this rank's next
-        call (no peer can write the slot again before this rank has published that call).
+        call (no peer can write the slot again before this rank has published that call). For a
+        CUDA t, views of one copy of the slots on its device.
         `counted`: the bytes of t that peers read, when not all of it (the meter counts those)."""
         if not self.fits_parts(shapes, t.dtype, t.device):
             raise ValueError(
@@ -128,6 +132,8 @@ class HostExchange:
                 f"this rank's part has shape {tuple(t.shape)}, but shapes[{self.rank}] is {shapes[self.rank]}"
             )
         slots = self._publish(t, counted)
+        if t.device.type != "cpu":
+            slots = _to(slots[:, : max(math.prod(s) for s in shapes) * t.element_size()], t.device)
         return [
             slots[r, : math.prod(shape) * t.element_size()].view(t.dtype).view(shape) for r, shape in enumerate(shapes)
         ]
@@ -181,6 +187,15 @@ class HostExchange:
                     f"{self._timeout_s:.0f} s: a peer died or is stuck; the whole group has to be restarted"
                 )
             time.sleep(_SLEEP_S)
+
+
+# where the gathered tensors may live: the host's own, or a GPU's copied through it
+_DEVICES = ("cpu", "cuda")
+
+
+def _to(slots: Tensor, device: torch.device) -> Tensor:
+    """A copy of shared slots on `device` (the host's: a private copy, peers write the slots again)."""
+    return slots.clone() if device.type == "cpu" else slots.to(device).contiguous()
 
 
 def _alive(pid: int) -> bool:

@@ -28,7 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # auto: the checkpoint's dtype where this machine computes it fast, else float32
 # (seqpar.kernels.precision); the driver resolves it once and the ranks get the result.
 DTYPE_CHOICES = ("auto", *DTYPES)
-# cpu: gloo, every path tested. cuda: NCCL, one GPU per rank; tests/test_gpu.py passed on one GPU.
+# cpu: gloo, every path tested. cuda: NCCL with one GPU per rank; ranks that outnumber the GPUs share
+# them over gloo (comm/launch.py's gpu_placement); tests/test_gpu.py passed on one GPU at SP 1.
 DEVICES = ("cpu", "cuda")
 
 
@@ -153,7 +154,8 @@ class EngineConfig:
     device: str = opt(
         "cpu",
         "where ranks keep the model and KV cache: cpu (gloo) or cuda (NCCL, rank i on GPU i of its host; "
-        "tested on one GPU) (default: %(default)s)",
+        "more ranks than GPUs share them round-robin over gloo, through host memory: a check of SP on one "
+        "GPU, not a way to speed it up) (default: %(default)s)",
         choices=DEVICES,
     )
 

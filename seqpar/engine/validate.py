@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from seqpar.engine.config import EngineConfig
 from seqpar.model import ModelConfig
 
@@ -23,12 +21,6 @@ def check_parallelism(config: EngineConfig, mc: ModelConfig, local: bool = True)
             f"sp_size x tp_size = {config.world_size} ranks is more than this machine allows "
             f"({max(8, RANKS_PER_CORE_LIMIT * cores)} for {cores} cores); use fewer ranks, or launch across "
             "machines with torchrun"
-        )
-    if local and config.device == "cuda" and config.world_size > (gpus := torch.cuda.device_count()):
-        raise ValueError(
-            f"device='cuda' runs one rank per GPU (NCCL cannot share one between ranks): sp_size x tp_size = "
-            f"{config.world_size} ranks, but {gpus} GPU(s) are visible here; use at most {gpus} ranks, or "
-            "launch across machines with torchrun"
         )
     if mc.num_heads % tp or mc.num_kv_heads % tp:
         raise ValueError(

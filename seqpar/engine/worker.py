@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from seqpar.comm.collectives import STATS
+from seqpar.comm.launch import shares_gpu
 from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
@@ -61,8 +62,9 @@ class Worker:
         row = max(mc.num_heads * (mc.head_dim + 1), mc.hidden_size) * 4
         largest = max(config.max_num_seqs * row, _RESULT_BYTES)
         self.exchange = self.world_exchange = None
-        # HostExchange copies CPU tensors through host memory; on cuda everything stays on the GPUs, over NCCL.
-        if config.shared_memory and config.device == "cpu":
+        # HostExchange copies tensors through host memory: CPU ranks', and those of ranks sharing a GPU
+        # (gloo); ranks with a GPU each keep everything on the GPUs, over NCCL.
+        if config.shared_memory and (config.device == "cpu" or shares_gpu(config.device)):
             self.exchange = HostExchange.create(self.mesh.sp_group, largest, config.step_timeout_s)
             self.world_exchange = (
                 self.exchange

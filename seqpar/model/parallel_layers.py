@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqpar.comm.collectives import sum_over
+
 
 class ColumnParallelLinear(nn.Module):
     """Keeps the output features `rows` of a full linear: [T, in] -> [T, len(rows)].
@@ -42,7 +44,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight)
-        dist.all_reduce(out, group=self.group)
+        sum_over(out, self.group)
         # Added after the reduce: before it, each rank's copy would be summed world times.
         return out if self.bias is None else out + self.bias
 

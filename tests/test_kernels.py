@@ -185,3 +185,32 @@ def test_decode_batch_reads_consecutive_slots_in_place(dtype, atol) -> None:
             assert torch.allclose(lse[b], want_lse[0], atol=1e-4, rtol=0)
     scattered = DecodeBatch([torch.tensor([5, 6, 9]), torch.arange(20, 23)])
     assert scattered.in_place == [None]  # a gap in a row's slots: gathered
+
+
+def test_each_device_has_its_backend() -> None:
+    from seqpar.kernels.backends import CPU, TORCH, TRITON, backend_for
+
+    assert backend_for("cpu") is backend_for(torch.device("cpu")) is CPU
+    assert backend_for("cuda") is backend_for(torch.device("cuda", 1)) is TRITON
+    assert backend_for("meta") is TORCH
+    assert not CPU.paged_decode and TRITON.paged_decode and TRITON.graphs and not CPU.graphs
+
+
+@pytest.mark.parametrize("hkv", [1, 2, 6])  # MQA, GQA, MHA
+@pytest.mark.parametrize("kind", ["causal", "full", "masked"])
+def test_backend_blocks_match_the_reference(hkv: int, kind: str) -> None:
+    """Every backend that runs on CPU tensors (the CPU flash op, plain torch) against the fp32
+    reference on one block: a causal square, every key, and a sliding window's explicit mask."""
+    from seqpar.kernels.attention import reference_block
+    from seqpar.kernels.backends import CPU, TORCH
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(24, h, 16, generator=g) for h in (6, hkv, hkv))
+    d = torch.arange(24)[:, None] - torch.arange(24)[None, :]
+    visible = ((d >= 0) & (d < 5)) if kind == "masked" else None
+    want = reference_block(q, k, v, kind == "causal", 0.25, mask=visible)
+    for backend in (CPU, TORCH):
+        kh, vh = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+        out, lse = backend.block(q, kh, vh, kind == "causal", 0.25, visible)
+        torch.testing.assert_close(out, want[0], atol=2e-5, rtol=0, msg=backend.name)
+        torch.testing.assert_close(lse, want[1], atol=2e-5, rtol=0, msg=backend.name)

@@ -35,6 +35,7 @@ from seqpar.engine.messages import KVLoad, KVLoadResult, Sampled, Step, StepResu
 from seqpar.engine.parallel import ShardedModel
 from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
 from seqpar.engine.step_plan import StepPlan
+from seqpar.kernels.backends import backend_for
 from seqpar.kernels.decode import DecodeBatch
 from seqpar.kernels.gpu.paged import PagedDecode, triton_usable
 from seqpar.kernels.invariant import vocab_slices
@@ -75,10 +76,13 @@ class Worker:
         self.model = self.sharded.model
         self._compile_tiles(config)
         self.placement = config.placement()
+        # the device's attention backend (kernels/backends.py): how decode rows read the cache, and
+        # whether decode steps can be graphs
+        self.backend = backend_for(config.device)
         # CUDA at SP 1: decode steps replay captured graphs (decode_graph.py), whose padding rows
         # write into one scratch block past those the driver hands out.
         graphs = (
-            config.device == "cuda"
+            self.backend.graphs
             and config.sp_size == config.tp_size == 1
             and not config.enforce_eager
             and not config.enable_deterministic_inference
@@ -163,12 +167,12 @@ class Worker:
                 p.to(self.device)
         num_layers = self.model.config.num_layers
         # Every decode row in one call per layer: on CPU the flash kernel per length bucket
-        # (kernels/decode.py), elsewhere the paged kernel over a block table (kernels/gpu/paged.py).
+        # (kernels/decode.py), on a paged backend the kernel over a block table (kernels/gpu/paged.py).
         units = None
         batches: dict[int, DecodeBatch | PagedDecode] = {}
         if nd and self.deterministic:  # per layer group, the same for every layer of it
             units = {g: self._decode_units(p, w) for g, (p, w) in enumerate(zip(plans, self.groups.windows))}
-        elif nd and self.device.type == "cpu":
+        elif nd and not self.backend.paged_decode:
             # per layer group; a sliding window's: each row's keys within its window only
             batches = {
                 g: DecodeBatch(p.decode_slots if w is None else p.decode_slots_within(w), self.decode_workspace)

@@ -26,9 +26,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqpar.kernels.gpu.flash import flash_lse
+from seqpar.kernels.backends import backend_for
 from seqpar.kernels.layout import Run, TokenLayout
 from seqpar.kernels.merge import merge_into
+from seqpar.kernels.reference import reference_block
 from seqpar.profiling import KERNEL, traced
 
 
@@ -36,37 +37,13 @@ from seqpar.profiling import KERNEL, traced
 def _fused_lse(
     q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float, visible: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """One dense block: q [Lq, Hq, D], kh/vh [Hkv, Lk, D] (head-major) -> out [Lq, Hq, D], lse [Lq, Hq].
+    """One dense block: q [Lq, Hq, D], kh/vh [Hkv, Lk, D] (head-major) -> out [Lq, Hq, D], lse [Lq, Hq],
+    by the backend of q's device (`backends.py`).
 
     causal means a square top-left triangle (only called with Lq == Lk); `visible` [Lq, Lk] bool, an
     explicit mask instead (a sliding window's tile; every row must see a key).
     """
-    if visible is not None and q.device.type != "cpu":
-        return reference_block(q, kh.transpose(0, 1), vh.transpose(0, 1), False, scale, mask=visible)
-    qb = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
-    kb, vb = kh.unsqueeze(0), vh.unsqueeze(0)  # [1, Hkv, Lk, D]
-    lq, hq, hkv = q.shape[0], q.shape[1], kh.shape[0]
-    if not causal and visible is None and hq > hkv and q.device.type == "cpu":
-        # No mask: the g query heads of one KV head are g times the rows against the same keys.
-        # The kernel tiles rows more coarsely with more of them (~13% faster at 256 rows), and a
-        # decode row reads each KV head once for its g query heads (2.4x faster at 1K keys).
-        qf = qb.reshape(1, hkv, (hq // hkv) * lq, q.shape[-1])
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, kb, vb, 0.0, scale=scale)
-        return out.reshape(hq, lq, -1).transpose(0, 1), lse.reshape(hq, -1)[:, :lq].transpose(0, 1).float()
-    if q.device.type == "cpu":
-        # The CPU flash kernel takes GQA natively and returns the LSE; ~10x a matmul+softmax.
-        mask = None
-        if visible is not None:  # additive, in q's dtype (the kernel's rule)
-            mask = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))[None, None]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qb, kb, vb, 0.0, is_causal=causal, attn_mask=mask, scale=scale
-        )
-    elif q.device.type == "cuda":
-        out, lse = flash_lse(qb, kb, vb, causal, scale)  # the GPU's (kernels/gpu/flash.py)
-    else:
-        return reference_block(q, kh.transpose(0, 1), vh.transpose(0, 1), causal, scale)
-    # out [1, Hq, Lq, D] -> [Lq, Hq, D]; lse [1, Hq, Lq] -> [Lq, Hq]
-    return out[0].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
+    return backend_for(q.device).block(q, kh, vh, causal, scale, visible)
 
 
 # Query rows per masked call of a sliding-window pair: the mask is [rows, W + rows].
@@ -116,24 +93,6 @@ def _attend_window_pair(
             _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
         wrote = True
     return wrote
-
-
-def reference_block(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, mask: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Plain-torch block in fp32; mask [Lq, Lk] bool (True = visible) overrides `causal`."""
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)  # [Lk, Hq, D]
-    vf = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale  # [Hq, Lq, Lk]
-    if mask is None and causal:
-        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [Hq, Lq]
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
-    out = torch.einsum("hqk,khd->qhd", probs, vf)
-    return out.to(q.dtype), lse.transpose(0, 1).contiguous()
 
 
 def _attend_pair(

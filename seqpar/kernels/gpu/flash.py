@@ -1,7 +1,8 @@
-"""Dense attention blocks on CUDA, with LSE: what `kernels/attention.py` hands a block to on a GPU.
+"""Dense attention blocks on CUDA, with LSE: the `triton` backend's block (`kernels/backends.py`).
 
-q [1, Hq, Lq, D]; k, v [1, Hkv, Lk, D] (views of the head-major cache, D contiguous) -> out
-[1, Hq, Lq, D], lse [1, Hq, Lq] fp32. `causal` is the square top-left triangle (Lq == Lk).
+`cuda_block` takes the kernels' shapes (q [Lq, Hq, D], head-major K/V [Hkv, Lk, D]); `flash_lse` the
+SDPA ops' (q [1, Hq, Lq, D]; k, v [1, Hkv, Lk, D], views of the head-major cache, D contiguous ->
+out [1, Hq, Lq, D], lse [1, Hq, Lq] fp32). `causal` is the square top-left triangle (Lq == Lk).
 """
 
 from __future__ import annotations
@@ -9,8 +10,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from seqpar.kernels.reference import reference_head_major
+
 # Whether this PyTorch's flash op takes fewer KV heads than query heads (2.5 and later do).
 _flash_gqa = True
+
+
+def cuda_block(
+    q: Tensor, kh: Tensor, vh: Tensor, causal: bool, scale: float, visible: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One dense block; a sliding window's masked tile (`visible`) in plain torch, fp32 (PyTorch's
+    flash op takes no mask, and the ops that do return no LSE)."""
+    if visible is not None:
+        return reference_head_major(q, kh, vh, False, scale, visible)
+    out, lse = flash_lse(q.transpose(0, 1).unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), causal, scale)
+    return out[0].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
 
 
 def flash_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:

@@ -76,3 +76,22 @@ def test_engine_compiled_matches_eager(tmp_path, dynamo, capfd):
     for a, b in zip(outs[False].logprobs, outs[True].logprobs):
         assert a.keys() == b.keys()
         assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible; scripts/gpu_check.sh runs it on one")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_compiled_whole_chunks_on_cuda_match_eager(tmp_path, dynamo, dtype, tol):
+    """On CUDA a layer's per-token work is compiled over whole chunks, the row count symbolic: chunks
+    of two lengths through one graph each function, against eager."""
+    _, path = save_tiny(tmp_path / "m", **LONG)
+    eager = load_model(path, dtype=dtype, shared=False)[0].cuda()
+    model = load_model(path, dtype=dtype, shared=False)[0].cuda()
+    seconds, why = compile_tiles(model)
+    assert why is None and seconds > 0
+    for t in (ROW_TILE + 5, 2 * ROW_TILE + 37):
+        ids = torch.randint(0, 101, (t,), generator=torch.Generator().manual_seed(t)).cuda()
+        attention = dense_causal_attention(torch.zeros(t, dtype=torch.long, device="cuda"))
+        with torch.inference_mode():
+            got = model(ids, torch.arange(t, device="cuda"), attention)
+            want = eager(ids, torch.arange(t, device="cuda"), attention)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)

@@ -113,8 +113,9 @@ class EngineConfig:
     enforce_eager: bool = opt(
         False,
         "run everything eagerly; otherwise long steps' per-token work (norms, projections, RoPE, MLP of "
-        "each full 1,024-row tile) runs through torch.compile, compiled at start-up and cached on disk "
-        "(CPU, tp 1, not with --enable-deterministic-inference; an eager fallback says why), and on cuda at "
+        "each full 1,024-row tile on CPU, of whole chunks of 1,024 rows or more on cuda) runs through "
+        "torch.compile, compiled at start-up and cached on disk (tp 1, not with "
+        "--enable-deterministic-inference; an eager fallback says why), and on cuda at "
         "SP 1 decode steps replay CUDA graphs, one per batch-size bucket (default: off)",
     )
     shared_memory: bool = opt(

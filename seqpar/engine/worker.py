@@ -152,7 +152,8 @@ class Worker:
         seconds, why = compile_tiles(self.model)
         if dist.get_rank() == 0:
             said = f"compiled in {seconds:.1f} s" if why is None else f"eager: {why}"
-            print(f"seqpar: per-token work of {ROW_TILE}-row tiles {said}", file=sys.stderr)
+            what = f"{ROW_TILE}-row tiles" if config.device == "cpu" else f"chunks of {ROW_TILE}+ rows"
+            print(f"seqpar: per-token work of {what} {said}", file=sys.stderr)
 
     def step(self, msg: Step) -> StepResult:
         cfg, mesh = self.config, self.mesh

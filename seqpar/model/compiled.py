@@ -7,10 +7,15 @@ prefill of SmolLM2 in bf16 (Xeon with AMX, 2 cores), a quarter of the step. Indu
 into the GEMMs' neighbours. Decode rows are left eager: compiled code measured no faster at 1 and
 16 rows, where the GEMMs' per-call cost dominates.
 
-Only full tiles (`ROW_TILE` rows) take the compiled path, so exactly one graph per function is
-compiled (static shapes; a step's last, shorter tile runs eager) and every layer reuses it (the
+On CPU only full tiles (`ROW_TILE` rows) take the compiled path, so exactly one graph per function
+is compiled (static shapes; a step's last, shorter tile runs eager) and every layer reuses it (the
 layer is an input, its weights are not baked in). Inductor caches the compiled code on disk: the
 first start on a machine compiles (~16 s on 2 cores), later ones load it (~3 s).
+
+On CUDA a layer runs a chunk's rows whole (a GPU's GEMMs want every row at once), so the functions
+are compiled with the row count symbolic (one graph for every chunk of `ROW_TILE` rows or more);
+inductor writes Triton kernels for the fused norms, RoPE, SiLU-gate and residual adds around the
+cuBLAS GEMMs. Decode rows (fewer than `ROW_TILE`) stay eager, which is what the CUDA graphs capture.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ def why_eager(model: LlamaForCausalLM) -> str | None:
     """Why the tiles of this model cannot be compiled here, or None."""
     if torch._dynamo.config.disable:
         return "torch.compile is disabled in this process (TORCH_COMPILE_DISABLE)"
-    if model.device.type != "cpu":
-        return f"compiled tiles are for CPU ranks; this model is on {model.device.type}"
+    if model.device.type not in ("cpu", "cuda"):
+        return f"compiled per-token work is for CPU and CUDA ranks; this model is on {model.device.type}"
     if not all(_plain(layer) for layer in model.model.layers):
         return "the layers are not plain Llama layers (tensor-parallel or deterministic projections)"
     return None
@@ -58,14 +63,17 @@ def compile_tiles(model: LlamaForCausalLM) -> tuple[float | None, str | None]:
     why = why_eager(model)
     if why is not None:
         return None, why
-    pre = torch.compile(tile_pre, dynamic=False)
-    post = torch.compile(tile_post, dynamic=False)
+    # CPU: full tiles, static shapes; CUDA: whole chunks, the row count symbolic
+    rows_vary = model.device.type == "cuda"
+    pre = torch.compile(tile_pre, dynamic=rows_vary)
+    post = torch.compile(tile_post, dynamic=rows_vary)
     layer = model.model.layers[0]
-    x = torch.zeros(ROW_TILE, model.config.hidden_size, dtype=model.model.embed_tokens.weight.dtype)
+    weight = model.model.embed_tokens.weight
+    x = torch.zeros(ROW_TILE, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            cos, sin = model.model.rotary_emb(torch.arange(ROW_TILE), x.dtype)
+            cos, sin = model.model.rotary_emb(torch.arange(ROW_TILE, device=x.device), x.dtype)
             q, _, _ = pre(layer, x, cos, sin)
             post(layer, x, q.reshape(ROW_TILE, -1))
     except Exception as e:  # a missing C++ compiler, an unsupported op: eager is always there

@@ -109,9 +109,13 @@ class LlamaDecoderLayer(nn.Module):
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attention))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        if x.shape[0] < ROW_TILE or x.device.type != "cpu":  # a GPU's GEMMs want the whole chunk
+        if x.shape[0] < ROW_TILE:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
             return x + self.mlp(self.post_attention_layernorm(x))
+        if x.device.type != "cpu":  # a GPU's GEMMs want the whole chunk: its per-token work compiled whole
+            pre, post = self.tiles or (tile_pre, tile_post)
+            q, k, v = pre(self, x, cos, sin)
+            return post(self, x, self.self_attn.attend(q, k, v, attention).reshape(x.shape[0], -1))
         # Many tokens: everything but attention runs tile by tile, so each tile's activations
         # (the MLP's [rows, intermediate] above all) stay in cache between the ops that use them.
         attn, t = self.self_attn, x.shape[0]

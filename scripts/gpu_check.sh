@@ -5,7 +5,7 @@
 #   scripts/gpu_check.sh            # PY=path/to/python to use another interpreter (default .venv/bin/python)
 #
 # 1. tests/test_gpu.py: the CUDA kernels against the reference, the engine on cuda against
-#    transformers (SP 1; SP 2 and TP 2 where 2 GPUs are visible, else skipped and listed);
+#    transformers (SP 1; SP 2-4 and TP 2, a GPU per rank where there are enough, else sharing one);
 # 2. `seqpar generate --device cuda` end to end on the default model, a short prompt and a ~4K-token
 #    document prefilled in chunks: greedy tokens equal to the CPU engine's (fp32 on both).
 # Exits non-zero on any failure, and when no GPU is visible (nothing would have been checked).

@@ -1,5 +1,5 @@
-"""The GPU paths (device="cuda": NCCL, model and KV cache on the GPU, the CUDA attention kernels)
-against the same references as the CPU tests. Where no GPU is visible they skip, saying so;
+"""The GPU paths (device="cuda": NCCL, or gloo for ranks sharing a GPU; model and KV cache on the GPU;
+the CUDA attention kernels) against the same references as the CPU tests. Where no GPU is visible they skip, saying so;
 `scripts/gpu_check.sh` runs them on a GPU machine and fails if they cannot run. Only the
 device checks at the end (a clear error for cuda without a GPU) run everywhere.
 
@@ -27,7 +27,6 @@ needs_gpu = pytest.mark.skipif(
     GPUS < 1,
     reason="no CUDA GPU visible (torch.cuda.is_available() is False); scripts/gpu_check.sh runs these on a GPU machine",
 )
-needs_2_gpus = pytest.mark.skipif(GPUS < 2, reason=f"SP 2 / TP 2 on cuda need 2 GPUs, {GPUS} visible")
 
 
 @pytest.fixture(scope="module")
@@ -158,39 +157,10 @@ def test_sampler_on_the_device():
             assert abs(dev.logprobs[i] - float(raw[i, t])) < 1e-5
 
 
-# SP 2 over NCCL: each prefill strategy, the decode merges over the process group (shared memory
-# is asked for and must be turned off on cuda), decode steps split or whole.
-@needs_2_gpus
-@pytest.mark.parametrize(
-    "strategy, merge, budget, split",
-    [
-        ("ring", "allgather", 2048, True),
-        ("pass_q", "alltoall", 3, False),
-        ("allgather", "tree", 2048, False),
-        ("auto", "alltoall", 6, True),
-    ],
-)
-def test_engine_on_cuda_matches_hf_sp2(llama, strategy, merge, budget, split):
-    check_against_hf(
-        *llama,
-        device="cuda",
-        sp_size=2,
-        strategy=strategy,
-        decode_merge=merge,
-        shared_memory=True,
-        max_num_batched_tokens=budget,
-        decode_split=split,
-    )
-
-
-@needs_2_gpus
-def test_engine_on_cuda_tensor_parallel_matches_hf(llama):
-    check_against_hf(*llama, device="cuda", tp_size=2, decode_merge="tree")
-
-
-# SP 2-4 with every rank on the one GPU (ranks outnumber the GPUs: gloo, CUDA tensors through host
-# memory): the CUDA kernels and the strategies' CUDA code at W > 1, each prefill strategy and decode
-# merge, through shared memory and through the process group, against transformers in fp32.
+# SP 2-4 on cuda: a GPU per rank where there are enough (NCCL; shared memory is asked for and must
+# be turned off), else every rank on the GPUs they share (gloo, CUDA tensors through host memory:
+# shared memory or the group). Each prefill strategy and decode merge, decode steps split or
+# whole, against transformers in fp32: the strategies' CUDA code at W > 1.
 @needs_gpu
 @pytest.mark.parametrize(
     "strategy, sp, merge, shm, budget, split",
@@ -199,13 +169,12 @@ def test_engine_on_cuda_tensor_parallel_matches_hf(llama):
         ("ring", 3, "tree", False, 5, False),
         ("pass_q", 2, "alltoall", True, 3, False),
         ("pass_q", 4, "allgather", False, 2048, True),
+        ("allgather", 2, "tree", True, 2048, False),
         ("allgather", 3, "alltoall", True, 4, False),
         ("auto", 4, "tree", True, 6, True),
     ],
 )
-def test_sp_on_one_gpu_matches_hf(llama, strategy, sp, merge, shm, budget, split):
-    if GPUS >= sp:
-        pytest.skip(f"{GPUS} GPUs: SP {sp} gets one each (NCCL), tested above")
+def test_engine_on_cuda_matches_hf_sp(llama, strategy, sp, merge, shm, budget, split):
     check_against_hf(
         *llama,
         device="cuda",
@@ -216,6 +185,11 @@ def test_sp_on_one_gpu_matches_hf(llama, strategy, sp, merge, shm, budget, split
         max_num_batched_tokens=budget,
         decode_split=split,
     )
+
+
+@needs_gpu
+def test_engine_on_cuda_tensor_parallel_matches_hf(llama):  # two GPUs, or both ranks on one
+    check_against_hf(*llama, device="cuda", tp_size=2, decode_merge="tree")
 
 
 @needs_gpu

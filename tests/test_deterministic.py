@@ -141,6 +141,24 @@ def test_vocab_slices_are_whole_tiles():
     assert [s.start for s in tiles] == [0, 16384, 32768] and tiles[-1].stop == 49152
 
 
+@pytest.mark.parametrize("hq, hkv, d, unit", [(12, 2, 8, 8), (4, 1, 128, 64)])
+def test_a_unit_partial_is_the_same_at_every_row_count(hq, hkv, d, unit):
+    """A row over one whole unit among 1-40 rows and among 300: the same bits, which holds only
+    where the kernel's last query block never takes a small-GEMM path (up to 7 rows on an Intel
+    Xeon with AMX at these shapes: the tests' heads of 8 dims over units of 8 keys, Llama's of 128)."""
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(hkv, unit, d, generator=gen) for _ in range(2))
+    q = torch.randn(300, hq, d, generator=gen)
+
+    def row(n: int) -> torch.Tensor:
+        merge = canonical.OrderedMerge(n, hq, d, q.device)
+        canonical.attend_unit(merge, 0, q[-n:], torch.full((n,), unit), k, v, 0.3)
+        return merge.result()[-1]
+
+    want = row(300)
+    assert [n for n in range(1, 41) if not torch.equal(row(n), want)] == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_unit_partial_does_not_depend_on_the_rows_beside_it(dtype):
     """One query over one KV unit, alone (decode), among 40 rows, among 300: the same bits."""

@@ -5,7 +5,7 @@ A query at position p attends keys [0, p]. Cut positions into KV units of U toke
 1. for each unit u <= p // U, a partial (o_u, lse_u) from a CPU flash-kernel call over the
    unit's U keys (keys the query may not see masked with -inf, a last unit padded with any
    finite keys, masked too), the query among rows padded so that the kernel's last query block
-   holds 0 or >= 4 rows (`padded_rows`); a decode step's units go as the batch of one call;
+   holds 0 or >= `MIN_TAIL` rows (`padded_rows`); a decode step's units go as the batch of one call;
 2. those partials merged left to right, u = 0, 1, ..., in fp32 (`OrderedMerge`).
 Every rank of any SP degree, a chunk of any size, a decode step or a prefill computes a row this
 way, so its bits do not depend on which rows share its call, how the keys were spread over
@@ -15,10 +15,12 @@ Why each call gives a row the same bits (measured, torch 2.13 CPU, fp32 and bf16
 threads, 1-3 KV heads, batch 1-5): the kernel splits queries into blocks of 32, 64 or 256 rows
 (by row count: < 192, < 768, more) and keys into blocks of 512, and runs the (batch, head, query
 block) items in parallel; a row's arithmetic is two one-thread GEMMs over its query block and
-per-row softmax code. With keys a fixed U <= 512 and a last query block of 0 or >= 4 rows, a
-row's result is the same at any row count (4 to 4,096), offset, neighbours or batch element; a
-mask of zeros, an expanded one and none agree. A last block of 1-3 rows does not (MKL's small
-GEMM path), nor, in a call of one item (run outside a parallel region, its GEMMs threaded),
+per-row softmax code. With keys a fixed U <= 512 and a last query block of 0 or >= `MIN_TAIL`
+rows, a row's result is the same at any row count (8 to 4,096), offset, neighbours or batch
+element; a mask of zeros, an expanded one and none agree. A short last block does not (MKL's
+small-GEMM paths): 1-3 rows on AMD EPYC Zen 4 and Zen 5; on an Intel Xeon with AMX (fp32, 1 and 2
+threads, D 8-128, U 4-512, 1 and 3 KV heads) 1-2 rows at D 64, 1-5 at D 128 and 1-7 at D = U = 8,
+never 8 or more. Nor, in a call of one item (run outside a parallel region, its GEMMs threaded),
 one of 5-7 or 9-11 rows on 2 threads: such calls get full blocks.
 
 Merging (o_a, lse_a) then (o_b, lse_b) with running max m, weight sum s and unnormalised acc:
@@ -36,19 +38,23 @@ from torch import Tensor
 
 from seqpar.profiling import KERNEL, MERGE, traced
 
+# Rows the flash kernel's last query block holds at least (or none): fewer take a small-GEMM path
+# whose bits differ, up to 7 rows on the CPUs measured (the module note).
+MIN_TAIL = 8
+
 
 def padded_rows(n: int, items: int) -> int:
     """Rows to give the CPU flash kernel, n query rows per (batch, KV head) and `items` such
-    pairs, so that its last query block holds 0 or >= 4 rows (a GEMM of 1-3 rows takes another
-    path); full blocks when items is 1 (the kernel then runs outside a parallel region, where
+    pairs, so that its last query block holds 0 or >= `MIN_TAIL` rows (a GEMM of fewer takes
+    another path on some CPUs); full blocks when items is 1 (the kernel then runs outside a parallel region, where
     the GEMM may split a block's rows over threads)."""
     n = max(n, 1)
     while True:
         block = 32 if n < 192 else 64 if n < 768 else 256
         tail = n % block
-        if tail == 0 or (items > 1 and tail >= 4):
+        if tail == 0 or (items > 1 and tail >= MIN_TAIL):
             return n
-        n += block - tail if items == 1 else 4 - tail
+        n += block - tail if items == 1 else MIN_TAIL - tail
 
 
 def _hidden(cols: Tensor, vis: Tensor, lo: Tensor | None) -> Tensor:

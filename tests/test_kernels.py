@@ -193,7 +193,7 @@ def test_each_device_has_its_backend() -> None:
     assert backend_for("cpu") is backend_for(torch.device("cpu")) is CPU
     assert backend_for("cuda") is backend_for(torch.device("cuda", 1)) is TRITON
     assert backend_for("meta") is TORCH
-    assert not CPU.paged_decode and TRITON.paged_decode and TRITON.graphs and not CPU.graphs
+    assert not CPU.paged_decode and TRITON.paged_decode and TRITON.static_decode and not CPU.static_decode
 
 
 @pytest.mark.parametrize("hkv", [1, 2, 6])  # MQA, GQA, MHA

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from seqpar.engine.placement import SCHEME_ALIASES, SHARD_SCHEMES, Placement
+from seqpar.kernels.backends import NAMES as BACKEND_NAMES
+from seqpar.kernels.backends import named
 from seqpar.model.loader import DEFAULT_MODEL
 from seqpar.strategies.decode import MERGES as DECODE_MERGES
 from seqpar.strategies.registry import over_cache_names, strategies, where_it_runs
@@ -31,6 +33,7 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 # cpu: gloo, every path tested. cuda: NCCL with one GPU per rank; ranks that outnumber the GPUs share
 # them over gloo (comm/launch.py's gpu_placement); tests/test_gpu.py passed on one GPU at SP 1.
 DEVICES = ("cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", *BACKEND_NAMES)  # seqpar.kernels.backends
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, choices: Any = None) -> Any:
@@ -152,6 +155,13 @@ class EngineConfig:
         "to), looked up before --kv-store-dir and kept until the next restart; least recently used out "
         "first (default: off)",
     )
+    attention_backend: str = opt(
+        "auto",
+        "attention kernels (SGLang's --attention-backend): auto (the device's own), cpu (PyTorch's CPU flash "
+        "kernel), triton (cuda: flash blocks, the paged Triton decode kernel, decode steps as CUDA graphs), "
+        "torch (plain torch in fp32, cpu or cuda: a slow reference for checking) (default: %(default)s)",
+        choices=ATTENTION_BACKENDS,
+    )
     device: str = opt(
         "cpu",
         "where ranks keep the model and KV cache: cpu (gloo) or cuda (NCCL, rank i on GPU i of its host; "
@@ -198,6 +208,12 @@ class EngineConfig:
                 f"enable_deterministic_inference needs tp_size=1 and device='cpu' (got tp_size={self.tp_size}, "
                 f"device={self.device!r}): tensor parallelism sums partial products across ranks, another "
                 "order for every TP degree, and the canonical attention order is built on the CPU flash kernel"
+            )
+        named(self.attention_backend, self.device)  # one that runs on the device
+        if self.enable_deterministic_inference and self.attention_backend not in ("auto", "cpu"):
+            raise ValueError(
+                f"enable_deterministic_inference computes attention in its own canonical order over the CPU flash "
+                f"kernel; attention_backend={self.attention_backend!r} cannot go with it: leave it 'auto'"
             )
         if self.enable_deterministic_inference and self.dtype == "float16":
             raise ValueError(

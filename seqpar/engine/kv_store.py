@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.engine.kv_cache import kv_groups
+from seqpar.kernels.backends import named
 from seqpar.model import load_config
 from seqpar.model.loader import resolve_model
 
@@ -81,6 +82,7 @@ def fingerprint(config: EngineConfig) -> str:
         "tp": config.tp_size,
         "deterministic": config.enable_deterministic_inference,
         "device": config.device,
+        "attention": named(config.attention_backend, config.device).name,
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.blake2b(blob, digest_size=16).hexdigest()

@@ -35,7 +35,7 @@ from seqpar.engine.messages import KVLoad, KVLoadResult, Sampled, Step, StepResu
 from seqpar.engine.parallel import ShardedModel
 from seqpar.engine.sampling import Sampler, make_generator, prompt_logprobs_rows
 from seqpar.engine.step_plan import StepPlan
-from seqpar.kernels.backends import backend_for
+from seqpar.kernels.backends import choose
 from seqpar.kernels.decode import DecodeBatch
 from seqpar.kernels.gpu.paged import PagedDecode, triton_usable
 from seqpar.kernels.invariant import vocab_slices
@@ -76,13 +76,13 @@ class Worker:
         self.model = self.sharded.model
         self._compile_tiles(config)
         self.placement = config.placement()
-        # the device's attention backend (kernels/backends.py): how decode rows read the cache, and
-        # whether decode steps can be graphs
-        self.backend = backend_for(config.device)
-        # CUDA at SP 1: decode steps replay captured graphs (decode_graph.py), whose padding rows
-        # write into one scratch block past those the driver hands out.
+        # this rank's attention backend (kernels/backends.py), chosen once: the kernels' dense blocks,
+        # how decode rows read the cache, whether decode steps run over static buffers
+        self.backend = choose(config.attention_backend, config.device)
+        # SP 1: decode steps over static buffers (decode_graph.py), replayed as CUDA graphs on cuda; their
+        # padding rows write into one scratch block past those the driver hands out.
         graphs = (
-            self.backend.graphs
+            self.backend.static_decode
             and config.sp_size == config.tp_size == 1
             and not config.enforce_eager
             and not config.enable_deterministic_inference
@@ -99,6 +99,8 @@ class Worker:
             config.device,
         )
         self.device = torch.device(config.device)
+        # the paged decode kernel: Triton's where the backend asks for it and Triton runs here
+        self._triton = self.backend.triton_decode and triton_usable(self.device)
         # kv_store_dir: this rank's folder of full blocks (written in the background after steps)
         store = config.kv_store_dir or config.kv_store_host_gb > 0
         self.kv_store = RankStore(config, self.mesh.sp_rank, self.mesh.tp_rank) if store else None
@@ -136,8 +138,8 @@ class Worker:
                 config.max_num_seqs,
                 num_blocks * config.block_size,
                 self.scale,
-                capture=True,
-                use_triton=triton_usable(self.device),
+                capture=config.device == "cuda",
+                use_triton=self._triton,
                 groups=self.groups,
             )
 
@@ -180,10 +182,7 @@ class Worker:
                 for g, (p, w) in enumerate(zip(plans, self.groups.windows))
             }
         elif nd:  # per layer group; a sliding window's rows from their window's first key
-            batches = {
-                g: PagedDecode(*p.decode_table(w), cfg.block_size, self.device, self.cache.num_kv_heads)
-                for g, (p, w) in enumerate(zip(plans, self.groups.windows))
-            }
+            batches = {g: self._paged(p, w) for g, (p, w) in enumerate(zip(plans, self.groups.windows))}
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             g, j = self.groups.where(layer)
@@ -274,6 +273,12 @@ class Worker:
             )
             outs.append(out.to(q.dtype))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _paged(self, plan: StepPlan, window: int | None) -> PagedDecode:
+        """A layer group's decode rows as a block table on the device (a window's from its first key)."""
+        pages, lens, starts = plan.decode_table(window)
+        cfg = self.config
+        return PagedDecode(pages, lens, cfg.block_size, self.device, self.cache.num_kv_heads, starts, self._triton)
 
     def _decode_units(self, plan: StepPlan, window: int | None) -> canonical.DecodeUnits:
         pl = self.placement

@@ -113,14 +113,16 @@ class PagedDecode:
         device: torch.device,
         kv_heads: int,
         starts: list[int] | None = None,
+        use_triton: bool | None = None,
     ):
-        """`pages`, `lens`, `starts`: `StepPlan.decode_table`'s."""
+        """`pages`, `lens`, `starts`: `StepPlan.decode_table`'s; `use_triton`: the Triton kernel or the
+        torch twin (None: Triton wherever it runs)."""
         self.table = page_table(pages).to(device)
         self.lens = torch.tensor(lens, dtype=torch.int32).to(device)
         self.starts = None if starts is None else torch.tensor(starts, dtype=torch.int32).to(device)
         self.page = page
         self.splits = num_splits(len(pages), kv_heads, device)
-        self.use_triton = triton_usable(device)
+        self.use_triton = triton_usable(device) if use_triton is None else use_triton
 
     def attend(self, q: Tensor, kh: Tensor, vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         return decode_attention(

@@ -1,0 +1,60 @@
+"""The engine on each attention backend a CPU runs (`attention_backend`, kernels/backends.py).
+
+`torch` is the GPU's code paths on CPU tensors: decode rows through block tables (`PagedDecode`'s
+torch twin at SP > 1, the static-buffer step at SP 1: what CUDA graphs replay on a GPU), blocks in
+plain torch, against transformers as every engine test (prompt logprobs within 1e-4 in fp32,
+greedy tokens equal). A backend that does not run on the device is a clear error.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from seqpar.engine.config import EngineConfig
+from test_engine import _save, check_against_hf
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.mark.parametrize(
+    "sp, strategy, merge, budget",
+    [
+        (1, "ring", "allgather", 2048),  # the static-buffer decode step, eager
+        (1, "ring", "allgather", 5),  # chunks, the static step for decode-only steps
+        (2, "pass_q", "tree", 3),  # paged decode rows (torch twin) merged over ranks
+        (3, "ring", "alltoall", 2048),
+    ],
+)
+def test_torch_backend_matches_hf(llama, sp, strategy, merge, budget):
+    check_against_hf(
+        *llama,
+        attention_backend="torch",
+        sp_size=sp,
+        strategy=strategy,
+        decode_merge=merge,
+        max_num_batched_tokens=budget,
+    )
+
+
+def test_torch_backend_with_sliding_windows(tmp_path):
+    """Window layers through block tables: rows from their window's first key, freed pages listed."""
+    from test_gemma3 import GEMMA3
+
+    check_against_hf(*_save(tmp_path, "gemma3", **GEMMA3), attention_backend="torch", sp_size=2,
+                     max_num_batched_tokens=5)  # fmt: skip
+
+
+def test_a_backend_off_its_device_is_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"attention_backend='triton' does not run on device='cpu'; choose one of auto, cpu, torch"
+    ):
+        EngineConfig(attention_backend="triton")
+    with pytest.raises(ValueError, match=r"enable_deterministic_inference .* leave it 'auto'"):
+        EngineConfig(attention_backend="torch", enable_deterministic_inference=True)
+    with pytest.raises(
+        ValueError, match=r"attention_backend='flash' is not supported; choose one of auto, cpu, triton, torch"
+    ):
+        EngineConfig(attention_backend="flash")

@@ -58,3 +58,25 @@ def test_a_backend_off_its_device_is_a_clear_error():
         ValueError, match=r"attention_backend='flash' is not supported; choose one of auto, cpu, triton, torch"
     ):
         EngineConfig(attention_backend="flash")
+
+
+def test_static_decode_steps_match_eager_ones(llama):
+    """The static-buffer step (what CUDA graphs replay) against the eager paged step, on CPU: a ragged
+    batch that pads to buckets and shrinks as requests finish, greedy rows (tokens chosen on the
+    device), seeded sampling with log-probs (logits to the host sampler), and unseeded sampling (drawn
+    on the device: another generator than eager steps, so only its count is compared)."""
+    from seqpar import LLM, SamplingParams
+
+    prompts = [[5, 9, 13][: 1 + i % 3] * (1 + 7 * i) for i in range(8)]
+    params = [SamplingParams(temperature=0.0, max_tokens=3 + 2 * i, ignore_eos=True) for i in range(6)]
+    params.append(SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=9, ignore_eos=True, logprobs=2))
+    params.append(SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True))
+    runs = []
+    for eager in (False, True):
+        with LLM(model=llama[1], attention_backend="torch", enforce_eager=eager, kv_cache_gb=0.01) as llm:
+            runs.append([o.outputs[0] for o in llm.generate(prompts, params)])
+    static, plain = runs
+    assert [o.token_ids for o in static[:7]] == [o.token_ids for o in plain[:7]]
+    for a, b in zip(static[6].logprobs, plain[6].logprobs):
+        assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    assert len(static[7].token_ids) == len(plain[7].token_ids) == 5

@@ -348,9 +348,10 @@ class Worker:
         out = self.sampler(
             logits, [s.sampling for s in rows], [self.generators[s.seq_id] for s in rows], [s.banned for s in rows]
         )
-        result.sampled = {
-            s.seq_id: Sampled(out.token_ids[i], out.logprobs[i], out.top_logprobs[i]) for i, s in enumerate(rows)
-        }
+        # (added to the rows a static step sampled on the device, not replacing them)
+        result.sampled.update(
+            {s.seq_id: Sampled(out.token_ids[i], out.logprobs[i], out.top_logprobs[i]) for i, s in enumerate(rows)}
+        )
         result.logits = {}
 
     def _prefill_outputs(self, plan: StepPlan, hidden: Tensor, result: StepResult) -> None:

@@ -39,11 +39,12 @@ def test_torch_backend_matches_hf(llama, sp, strategy, merge, budget):
     )
 
 
-def test_torch_backend_with_sliding_windows(tmp_path):
+@pytest.mark.parametrize("sp", [1, 2])  # the static step's per-group buffers; paged rows over ranks
+def test_torch_backend_with_sliding_windows(tmp_path, sp):
     """Window layers through block tables: rows from their window's first key, freed pages listed."""
     from test_gemma3 import GEMMA3
 
-    check_against_hf(*_save(tmp_path, "gemma3", **GEMMA3), attention_backend="torch", sp_size=2,
+    check_against_hf(*_save(tmp_path, "gemma3", **GEMMA3), attention_backend="torch", sp_size=sp,
                      max_num_batched_tokens=5)  # fmt: skip
 
 

@@ -19,7 +19,7 @@ import torch
 from seqpar import LLM, SamplingParams, TokenLayout, attention_with_lse, reference_attention
 from seqpar.engine.config import EngineConfig
 from test_cli import run_main
-from test_engine import _save, check_against_hf
+from test_engine import CASES, _save, check_against_hf
 from test_model_helpers import VOCAB
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -157,23 +157,12 @@ def test_sampler_on_the_device():
             assert abs(dev.logprobs[i] - float(raw[i, t])) < 1e-5
 
 
-# SP 2-4 on cuda: a GPU per rank where there are enough (NCCL; shared memory is asked for and must
-# be turned off), else every rank on the GPUs they share (gloo, CUDA tensors through host memory:
-# shared memory or the group). Each prefill strategy and decode merge, decode steps split or
-# whole, against transformers in fp32: the strategies' CUDA code at W > 1.
+# SP 2-4 on cuda, test_engine's cases: a GPU per rank where there are enough (NCCL; shared memory
+# is asked for and must be turned off), else every rank on the GPUs they share (gloo, CUDA tensors
+# through host memory: shared memory or the group). Each prefill strategy and decode merge, decode
+# steps split or whole, against transformers in fp32: the strategies' CUDA code at W > 1.
 @needs_gpu
-@pytest.mark.parametrize(
-    "strategy, sp, merge, shm, budget, split",
-    [
-        ("ring", 2, "allgather", True, 2048, True),
-        ("ring", 3, "tree", False, 5, False),
-        ("pass_q", 2, "alltoall", True, 3, False),
-        ("pass_q", 4, "allgather", False, 2048, True),
-        ("allgather", 2, "tree", True, 2048, False),
-        ("allgather", 3, "alltoall", True, 4, False),
-        ("auto", 4, "tree", True, 6, True),
-    ],
-)
+@pytest.mark.parametrize("strategy, sp, merge, shm, budget, split", [c for c in CASES if c[1] > 1])  # the CPU's
 def test_engine_on_cuda_matches_hf_sp(llama, strategy, sp, merge, shm, budget, split):
     check_against_hf(
         *llama,

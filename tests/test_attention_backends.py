@@ -20,15 +20,15 @@ def llama(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "sp, strategy, merge, budget",
+    "sp, strategy, merge, budget, shm",
     [
-        (1, "ring", "allgather", 2048),  # the static-buffer decode step, eager
-        (1, "ring", "allgather", 5),  # chunks, the static step for decode-only steps
-        (2, "pass_q", "tree", 3),  # paged decode rows (torch twin) merged over ranks
-        (3, "ring", "alltoall", 2048),
+        (1, "ring", "allgather", 2048, True),  # the static-buffer decode step, eager
+        (1, "ring", "allgather", 5, True),  # chunks, the static step for decode-only steps
+        (2, "pass_q", "tree", 3, False),  # paged decode rows (torch twin) merged over the group
+        (3, "ring", "alltoall", 2048, True),  # ... and through shared memory
     ],
 )
-def test_torch_backend_matches_hf(llama, sp, strategy, merge, budget):
+def test_torch_backend_matches_hf(llama, sp, strategy, merge, budget, shm):
     check_against_hf(
         *llama,
         attention_backend="torch",
@@ -36,6 +36,7 @@ def test_torch_backend_matches_hf(llama, sp, strategy, merge, budget):
         strategy=strategy,
         decode_merge=merge,
         max_num_batched_tokens=budget,
+        shared_memory=shm,
     )
 
 

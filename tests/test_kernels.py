@@ -214,3 +214,27 @@ def test_backend_blocks_match_the_reference(hkv: int, kind: str) -> None:
         out, lse = backend.block(q, kh, vh, kind == "causal", 0.25, visible)
         torch.testing.assert_close(out, want[0], atol=2e-5, rtol=0, msg=backend.name)
         torch.testing.assert_close(lse, want[1], atol=2e-5, rtol=0, msg=backend.name)
+
+
+@pytest.mark.parametrize("kind", ["causal", "full", "masked"])
+def test_cuda_block_wraps_the_sdpa_layout(monkeypatch, kind: str) -> None:
+    """The triton backend's block on CPU tensors, its SDPA op swapped for the CPU flash op of the same
+    layout ([1, H, L, D] in, out and LSE [1, H, L] back): the wrapper's transposes, GQA and LSE slices
+    against the reference (the kernels themselves: tests/test_gpu.py on a GPU)."""
+    from seqpar.kernels.attention import reference_block
+    from seqpar.kernels.gpu import flash
+
+    def cpu_sdpa(q, k, v, causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal=causal, scale=scale)[
+            :2
+        ]
+
+    monkeypatch.setattr(flash, "flash_lse", cpu_sdpa)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(20, h, 16, generator=g) for h in (6, 2, 2))
+    d = torch.arange(20)[:, None] - torch.arange(20)[None, :]
+    visible = ((d >= 0) & (d < 6)) if kind == "masked" else None
+    want = reference_block(q, k, v, kind == "causal", 0.3, mask=visible)
+    out, lse = flash.cuda_block(q, k.transpose(0, 1), v.transpose(0, 1), kind == "causal", 0.3, visible)
+    torch.testing.assert_close(out, want[0], atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse, want[1], atol=2e-5, rtol=0)

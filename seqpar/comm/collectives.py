@@ -57,8 +57,8 @@ def staged(x: Tensor, group: dist.ProcessGroup | None) -> bool:
 
 
 def on_host(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """x where the group's backend can move it: the host for a staged CUDA tensor, else x itself."""
-    return x.cpu() if staged(x, group) else x
+    """x where the group's backend can move it: a host copy of a staged tensor, else x itself."""
+    return x.to("cpu", copy=True) if staged(x, group) else x
 
 
 @traced(COLLECTIVE)
@@ -72,12 +72,13 @@ def all_gather_uneven(x: Tensor, counts: list[int] | tuple[int, ...], group: dis
     if world == 1:
         return [x]
     pad_to = max(counts)
-    send = on_host(x, group).new_zeros((pad_to, *x.shape[1:]))
+    host = staged(x, group)
+    send = x.new_zeros((pad_to, *x.shape[1:]), device="cpu" if host else x.device)
     send[: x.shape[0]] = x
     recv = [torch.empty_like(send) for _ in range(world)]
     STATS.add("all_gather", (world - 1) * nbytes(send))
     dist.all_gather(recv, send, group=group)
-    if send.device != x.device:  # staged through the host: back in one copy
+    if host:  # back to the device in one copy
         recv = list(torch.stack(recv).to(x.device))
     return [r[:n] for r, n in zip(recv, counts)]
 
@@ -93,14 +94,15 @@ def all_to_all(send: list[Tensor], recv_shapes: list[tuple[int, ...]], group: di
     me = group_rank(group)
     if world == 1:
         return [send[0]]
-    dtype, device = send[0].dtype, send[0].device
+    host = staged(send[0], group)
     flat_in = on_host(torch.cat([s.reshape(-1) for s in send]), group)
     in_splits = [s.numel() for s in send]
     out_splits = [int(torch.Size(shape).numel()) for shape in recv_shapes]
-    flat_out = torch.empty(sum(out_splits), dtype=dtype, device=flat_in.device)
+    flat_out = torch.empty(sum(out_splits), dtype=flat_in.dtype, device=flat_in.device)
     STATS.add("all_to_all", sum(n for j, n in enumerate(in_splits) if j != me) * send[0].element_size())
     dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=group)
-    flat_out = flat_out.to(device)
+    if host:
+        flat_out = flat_out.to(send[0].device)
     return [part.view(shape) for part, shape in zip(flat_out.split(out_splits), recv_shapes)]
 
 
@@ -117,8 +119,9 @@ def all_reduce(x: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.Red
 
 def sum_over(x: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
     """In-place all-reduce, not counted (tensor parallelism's sums are not a strategy's traffic)."""
+    if not staged(x, group):
+        dist.all_reduce(x, op=op, group=group)
+        return x
     host = on_host(x, group)
     dist.all_reduce(host, op=op, group=group)
-    if host is not x:
-        x.copy_(host)
-    return x
+    return x.copy_(host)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqpar.comm.collectives import STATS, group_rank, group_size, nbytes, on_host
+from seqpar.comm.collectives import STATS, group_rank, group_size, nbytes, on_host, staged
 from seqpar.profiling import RING_POST, RING_WAIT, traced
 
 
@@ -32,8 +32,9 @@ class RingExchanger:
         if self._reqs:
             raise RuntimeError("RingExchanger.send_recv called again before wait(): one transfer at a time")
         block = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
+        host = staged(send, self.group)
         send = on_host(send, self.group).contiguous()  # gloo sends only contiguous host memory
-        recv = block if send.device == block.device else torch.empty(recv_shape, dtype=send.dtype)
+        recv = torch.empty(recv_shape, dtype=send.dtype) if host else block
         ops = [
             dist.P2POp(dist.isend, send, self._next, group=self.group),
             dist.P2POp(dist.irecv, recv, self._prev, group=self.group),

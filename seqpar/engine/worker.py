@@ -81,7 +81,7 @@ class Worker:
         self.backend = choose(config.attention_backend, config.device)
         # SP 1: decode steps over static buffers (decode_graph.py), replayed as CUDA graphs on cuda; their
         # padding rows write into one scratch block past those the driver hands out.
-        graphs = (
+        static = (
             self.backend.static_decode
             and config.sp_size == config.tp_size == 1
             and not config.enforce_eager
@@ -91,7 +91,7 @@ class Worker:
         self.groups = kv_groups(mc)
         self.cache = KVCache(
             self.groups.size,
-            num_blocks + graphs,
+            num_blocks + static,
             config.block_size,
             self.sharded.num_kv_heads_cached,
             mc.head_dim,
@@ -129,7 +129,7 @@ class Worker:
         self.static_decode = None
         # the static step's unseeded rows that do not sample greedily sample on its device
         self.device_sampler = Sampler(config.seed, self.device)
-        if graphs:
+        if static:
             self.static_decode = StaticDecode(
                 self.sharded.decode_model or self.model,
                 self.cache,

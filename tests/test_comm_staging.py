@@ -30,7 +30,9 @@ def _ops(rank: int, world: int) -> list[torch.Tensor]:
     return [*parts, *got, summed, *hops]
 
 
-def _staged(rank: int, world: int) -> tuple[list, list, float]:
+def _staged(rank: int, world: int) -> tuple[list[bool], float]:
+    """Per op, whether staged equals plain; the worst error of four strategies staged. (Plain data
+    back: tensors through the result queue would be shared memory of a process about to exit.)"""
     plain = _ops(rank, world)
     # what a CUDA tensor in a gloo group takes (ring.py holds its own name for it)
     collectives.staged = ring.staged = lambda x, group: True
@@ -47,12 +49,11 @@ def _staged(rank: int, world: int) -> tuple[list, list, float]:
             continue
         out = sp_attention(q[idx], k[idx], v[idx], plan=plan, group=None, strategy=strategy)
         err = max(err, float((out.float() - ref[idx]).abs().max()))
-    return plain, staged, err
+    return [torch.equal(a, b) for a, b in zip(plain, staged, strict=True)], err
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_staged_collectives_equal_the_plain_ones(world: int) -> None:
-    for rank, (plain, staged, err) in enumerate(run_ranks(_staged, world)):
-        assert len(plain) == len(staged)
-        assert all(torch.equal(a, b) for a, b in zip(plain, staged)), rank
+    for rank, (equal, err) in enumerate(run_ranks(_staged, world)):
+        assert equal and all(equal), (rank, equal)
         assert err < 2e-4, (rank, err)  # fp32 LSE merges (tests/test_strategies.py's tolerance)

@@ -1,7 +1,8 @@
 """Collectives that stage tensors through host memory (ranks sharing one GPU: gloo moves only CPU
 tensors, `collectives.staged`), run on CPU with staging forced on: the host copies, the ring's
-landing buffer copied into the block at `wait()`, the copy back of a reduce, all give what the
-plain path gives, and whole strategies stay exact. On a GPU, tests/test_gpu.py runs the real thing."""
+landing buffer copied into the block at `wait()`, the copy back of a reduce, the shared-memory
+exchange's parts copied out of its slots (`shm._copied`, a GPU's way), all give what the plain path
+gives, and whole strategies stay exact. On a GPU, tests/test_gpu.py runs the real thing."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from seqpar import ShardPlan, reference_attention, sp_attention
-from seqpar.comm import collectives, ring
+from seqpar.comm import collectives, ring, shm
 from seqpar.comm.launch import run_ranks
+from seqpar.comm.shm import HostExchange
 
 
 def _ops(rank: int, world: int) -> list[torch.Tensor]:
@@ -30,13 +32,23 @@ def _ops(rank: int, world: int) -> list[torch.Tensor]:
     return [*parts, *got, summed, *hops]
 
 
+def _exchanged(exchange: HostExchange, rank: int, world: int) -> list[torch.Tensor]:
+    gathered = exchange.all_gather(torch.arange(5.0) + rank)
+    shapes = [(r + 1, 3) for r in range(world)]  # uneven parts, read through views
+    views = exchange.all_gather_views(torch.full(shapes[rank], rank + 0.5), shapes)
+    return [gathered, *(v.clone() for v in views)]
+
+
 def _staged(rank: int, world: int) -> tuple[list[bool], float]:
     """Per op, whether staged equals plain; the worst error of four strategies staged. (Plain data
     back: tensors through the result queue would be shared memory of a process about to exit.)"""
-    plain = _ops(rank, world)
+    exchange = HostExchange.create(None, 1024)
+    assert exchange is not None
+    plain = _ops(rank, world) + _exchanged(exchange, rank, world)
     # what a CUDA tensor in a gloo group takes (ring.py holds its own name for it)
     collectives.staged = ring.staged = lambda x, group: True
-    staged = _ops(rank, world)
+    shm._copied = lambda device: True
+    staged = _ops(rank, world) + _exchanged(exchange, rank, world)
     lens = [7, 2, 13]
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(sum(lens), h, 8, generator=gen) for h in (6, 2, 2))

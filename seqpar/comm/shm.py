@@ -132,7 +132,7 @@ class HostExchange:
                 f"this rank's part has shape {tuple(t.shape)}, but shapes[{self.rank}] is {shapes[self.rank]}"
             )
         slots = self._publish(t, counted)
-        if t.device.type != "cpu":
+        if _copied(t.device):
             slots = _to(slots[:, : max(math.prod(s) for s in shapes) * t.element_size()], t.device)
         return [
             slots[r, : math.prod(shape) * t.element_size()].view(t.dtype).view(shape) for r, shape in enumerate(shapes)
@@ -193,9 +193,14 @@ class HostExchange:
 _DEVICES = ("cpu", "cuda")
 
 
+def _copied(device: torch.device) -> bool:
+    """Whether gathered parts go to `device` as a copy (a GPU's), not as views of the shared slots."""
+    return device.type != "cpu"
+
+
 def _to(slots: Tensor, device: torch.device) -> Tensor:
     """A copy of shared slots on `device` (the host's: a private copy, peers write the slots again)."""
-    return slots.clone() if device.type == "cpu" else slots.to(device).contiguous()
+    return slots.to(device, copy=True).contiguous() if _copied(device) else slots.clone()
 
 
 def _alive(pid: int) -> bool:

@@ -3,7 +3,7 @@ can check each strategy's volume against its formula.
 
 All functions take their process group explicitly. Where the group is gloo and the tensors are
 CUDA ones (ranks sharing one GPU: NCCL refuses two ranks on a device, see `launch.gpu_placement`),
-they travel through host memory: copied to the host, exchanged, copied back (`on_host`).
+they travel through host memory: copied to the host, exchanged, copied back (`staged`, `on_host`).
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def staged(x: Tensor, group: dist.ProcessGroup | None) -> bool:
     return x.device.type == "cuda" and dist.get_backend(group) == "gloo"
 
 
-def on_host(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """x where the group's backend can move it: a host copy of a staged tensor, else x itself."""
-    return x.to("cpu", copy=True) if staged(x, group) else x
+def on_host(x: Tensor) -> Tensor:
+    """A host copy of a tensor that `staged` says must go through host memory."""
+    return x.to("cpu", copy=True)
 
 
 @traced(COLLECTIVE)
@@ -95,7 +95,9 @@ def all_to_all(send: list[Tensor], recv_shapes: list[tuple[int, ...]], group: di
     if world == 1:
         return [send[0]]
     host = staged(send[0], group)
-    flat_in = on_host(torch.cat([s.reshape(-1) for s in send]), group)
+    flat_in = torch.cat([s.reshape(-1) for s in send])
+    if host:
+        flat_in = on_host(flat_in)
     in_splits = [s.numel() for s in send]
     out_splits = [int(torch.Size(shape).numel()) for shape in recv_shapes]
     flat_out = torch.empty(sum(out_splits), dtype=flat_in.dtype, device=flat_in.device)
@@ -122,6 +124,6 @@ def sum_over(x: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOp
     if not staged(x, group):
         dist.all_reduce(x, op=op, group=group)
         return x
-    host = on_host(x, group)
+    host = on_host(x)
     dist.all_reduce(host, op=op, group=group)
     return x.copy_(host)

@@ -60,7 +60,7 @@ def gpu_placement(local_rank: int, local_world: int, gpus: int) -> tuple[str, in
 
     One GPU per rank: NCCL, GPU `local_rank`. More ranks than GPUs: they share the GPUs round-robin
     and join a gloo group (NCCL refuses two ranks on one device); the collectives stage CUDA tensors
-    through host memory (`collectives.on_host`, `shm.HostExchange`). Every rank of a host decides alike.
+    through host memory (`collectives.staged`, `shm.HostExchange`). Every rank of a host decides alike.
     """
     if gpus < 1:
         raise RuntimeError("device='cuda' but this host shows no GPU; use device='cpu'")

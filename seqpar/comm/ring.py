@@ -33,7 +33,7 @@ class RingExchanger:
             raise RuntimeError("RingExchanger.send_recv called again before wait(): one transfer at a time")
         block = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
         host = staged(send, self.group)
-        send = on_host(send, self.group).contiguous()  # gloo sends only contiguous host memory
+        send = (on_host(send) if host else send).contiguous()  # gloo sends only contiguous host memory
         recv = torch.empty(recv_shape, dtype=send.dtype) if host else block
         ops = [
             dist.P2POp(dist.isend, send, self._next, group=self.group),

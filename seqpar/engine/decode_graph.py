@@ -137,7 +137,8 @@ class StaticDecode:
                 raise ValueError(f"a decode row holds {width} blocks; the static table has {self.table.shape[2]}")
             self.slots[g, :rows].copy_(torch.tensor(grp.slots + [self.scratch_slot] * pad), non_blocking=True)
             self.lens[g, :rows].copy_(torch.tensor(grp.lens + [0] * pad, dtype=torch.int32))
-            self.starts[g, :rows].copy_(torch.tensor((grp.starts or [0] * n) + [0] * pad, dtype=torch.int32))
+            if grp.starts is not None:  # a window group's (a global group's layers never read them)
+                self.starts[g, :rows].copy_(torch.tensor(grp.starts + [0] * pad, dtype=torch.int32))
             self.table[g, :rows, :width].copy_(table, non_blocking=True)
         if self.capture and rows not in self.graphs:
             try:

@@ -43,12 +43,15 @@ def _split_kernel(
     scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, F32: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(LENS + b)
-    first = tl.load(STARTS + b)  # keys before it are out of a sliding window (0: none)
+    first = 0  # keys before it are out of a sliding window (none without STARTS)
+    if HAS_STARTS:
+        first = tl.load(STARTS + b)
     # each range a whole number of BLOCK_N tiles: [lo, hi), the row's keys [first, n) cut in NUM_SPLITS
     per = tl.cdiv(tl.cdiv(n - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = first + split * per
@@ -159,10 +162,8 @@ def paged_decode(
     if bsz == 0:
         return out, lse
     d_pad = max(16, triton.next_power_of_2(d))
-    if starts is None:
-        starts = torch.zeros_like(lens)
     _split_kernel[(bsz, hkv, num_splits)](
-        q, k_store, v_store, table, lens, starts, o_part, l_part,
+        q, k_store, v_store, table, lens, lens if starts is None else starts, o_part, l_part,
         q.stride(0), q.stride(1),
         k_store.stride(0), k_store.stride(1),
         v_store.stride(0), v_store.stride(1),
@@ -172,6 +173,7 @@ def paged_decode(
         scale,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad,
         PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, F32=q.dtype == torch.float32 or q.device.type == "cpu",
+        HAS_STARTS=starts is not None,  # (else `lens` stands in for the pointer, never read)
     )  # fmt: skip
     _merge_kernel[(bsz, hq)](
         o_part, l_part, out, lse,

@@ -25,6 +25,8 @@ fp32 stays IEEE fp32 (no TF32).
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -132,6 +134,76 @@ def _merge_kernel(
     tl.store(LSE + b * stride_lseb + h, tl.where(seen, mx + tl.log(tl.where(seen, total, 1.0)), float("-inf")))
 
 
+class Launch(NamedTuple):
+    """One kernel launch: what `kernel[grid](*args, **constexprs)` takes."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict[str, Any]
+
+
+def plan(
+    q: Tensor,
+    k_store: Tensor,
+    v_store: Tensor,
+    table: Tensor,
+    lens: Tensor,
+    page: int,
+    scale: float,
+    num_splits: int,
+    block_n: int = 64,
+    starts: Tensor | None = None,
+) -> tuple[Tensor, Tensor, list[Launch]]:
+    """`paged_decode`'s outputs (allocated, not yet written) and the two launches that fill them:
+    the split kernel, then the merge. Apart from the launching so that what runs is what
+    tests/test_triton_compiles.py compiles for real GPUs."""
+    bsz, hq, d = q.shape
+    hkv = k_store.shape[0]
+    if hq % hkv or k_store.shape[-1] != d or k_store.stride(-1) != 1 or v_store.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError(f"paged_decode: q {tuple(q.shape)} over storage {tuple(k_store.shape)}: need Hq % Hkv == 0, "
+                         "the same D, and D contiguous")  # fmt: skip
+    group = hq // hkv
+    o_part = q.new_empty(bsz, hq, num_splits, d, dtype=torch.float32)
+    l_part = q.new_empty(bsz, hq, num_splits, dtype=torch.float32)
+    out = q.new_empty(bsz, hq, d, dtype=torch.float32)
+    lse = q.new_empty(bsz, hq, dtype=torch.float32)
+    d_pad = max(16, triton.next_power_of_2(d))
+    split = Launch(
+        _split_kernel,
+        (bsz, hkv, num_splits),
+        (
+            q, k_store, v_store, table, lens, lens if starts is None else starts, o_part, l_part,
+            q.stride(0), q.stride(1),
+            k_store.stride(0), k_store.stride(1),
+            v_store.stride(0), v_store.stride(1),
+            table.stride(0),
+            o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            l_part.stride(0), l_part.stride(1),
+            scale,
+        ),
+        dict(
+            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad,
+            PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+            F32=q.dtype == torch.float32 or q.device.type == "cpu",
+            HAS_STARTS=starts is not None,  # (else `lens` stands in for the pointer, never read)
+        ),
+    )  # fmt: skip
+    merge = Launch(
+        _merge_kernel,
+        (bsz, hq),
+        (
+            o_part, l_part, out, lse,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            l_part.stride(0), l_part.stride(1),
+            out.stride(0), out.stride(1),
+            lse.stride(0),
+        ),
+        dict(D=d, D_PAD=d_pad, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits))),
+    )  # fmt: skip
+    return out, lse, [split, merge]
+
+
 def paged_decode(
     q: Tensor,
     k_store: Tensor,
@@ -149,38 +221,8 @@ def paged_decode(
     last listed page may be partial); starts [B] int32 (a sliding window's: row b reads its keys
     [starts[b], lens[b]) only, the pages before never touched; None: from 0) -> out [B, Hq, D] fp32,
     lse [B, Hq] fp32 (natural log)."""
-    bsz, hq, d = q.shape
-    hkv = k_store.shape[0]
-    if hq % hkv or k_store.shape[-1] != d or k_store.stride(-1) != 1 or v_store.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError(f"paged_decode: q {tuple(q.shape)} over storage {tuple(k_store.shape)}: need Hq % Hkv == 0, "
-                         "the same D, and D contiguous")  # fmt: skip
-    group = hq // hkv
-    o_part = q.new_empty(bsz, hq, num_splits, d, dtype=torch.float32)
-    l_part = q.new_empty(bsz, hq, num_splits, dtype=torch.float32)
-    out = q.new_empty(bsz, hq, d, dtype=torch.float32)
-    lse = q.new_empty(bsz, hq, dtype=torch.float32)
-    if bsz == 0:
-        return out, lse
-    d_pad = max(16, triton.next_power_of_2(d))
-    _split_kernel[(bsz, hkv, num_splits)](
-        q, k_store, v_store, table, lens, lens if starts is None else starts, o_part, l_part,
-        q.stride(0), q.stride(1),
-        k_store.stride(0), k_store.stride(1),
-        v_store.stride(0), v_store.stride(1),
-        table.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        l_part.stride(0), l_part.stride(1),
-        scale,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad,
-        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, F32=q.dtype == torch.float32 or q.device.type == "cpu",
-        HAS_STARTS=starts is not None,  # (else `lens` stands in for the pointer, never read)
-    )  # fmt: skip
-    _merge_kernel[(bsz, hq)](
-        o_part, l_part, out, lse,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        l_part.stride(0), l_part.stride(1),
-        out.stride(0), out.stride(1),
-        lse.stride(0),
-        D=d, D_PAD=d_pad, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-    )  # fmt: skip
+    out, lse, launches = plan(q, k_store, v_store, table, lens, page, scale, num_splits, block_n, starts)
+    if q.shape[0]:
+        for kernel, grid, args, constexprs in launches:
+            kernel[grid](*args, **constexprs)
     return out, lse

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqpar.engine.decode_graph import GroupRows, StaticDecode, buckets
 from seqpar.engine.kv_cache import KVCache, KVGroups
@@ -119,6 +120,81 @@ def test_static_step_matches_the_model_over_the_same_cache(use_triton, window):
         # the K written (layer 1's from layer 0's attention, summed in another order): as the logits
         cached = slice(0, NUM_BLOCKS * PAGE)
         torch.testing.assert_close(ours.k[:, :, cached], ref.k[:, :, cached], atol=1e-5, rtol=0)
+
+
+aten = torch.ops.aten
+# What a CUDA graph cannot capture: ops that make the host wait for the device's result (a value
+# read back, an output sized by the data) or that copy host data in (`torch.tensor` of a list).
+HOST_BOUND = {
+    aten.item.default, aten._local_scalar_dense.default,  # .item(), int(t), float(t)
+    aten.is_nonzero.default,  # bool(t), `if t:`
+    aten.lift_fresh.default,  # torch.tensor(host data)
+    aten.nonzero.default, aten.masked_select.default, aten.repeat_interleave.Tensor, aten.equal.default,
+    aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default,
+}  # fmt: skip
+INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
+class _HostBound(TorchDispatchMode):
+    """Records every op dispatched inside it that a CUDA graph could not capture, except while
+    `paused` (a Triton kernel under the interpreter: on a GPU it is one launch, no op of torch's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            bool_index = func in INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+            )
+            if func in HOST_BOUND or bool_index:
+                self.found.append(str(func) + (" with a boolean mask" if bool_index else ""))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("use_triton, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+@torch.inference_mode()
+def test_the_static_step_has_nothing_a_cuda_graph_cannot_capture(use_triton, dtype, monkeypatch):
+    """What `_forward` runs is what a graph captures on a GPU (the same ops but Triton's launches, run
+    here by the interpreter): every op of it is recorded and none may be host-bound. A bf16 model
+    takes the logits' refinement path too; layer 0 has a sliding window (its rows' starts)."""
+    if use_triton and not triton_usable(torch.device("cpu")):
+        pytest.skip("Triton is not installed or not interpreted here")
+    model = _model(window=6).to(dtype)
+    cfg = model.config
+    groups = KVGroups.of([cfg.window(i) for i in range(cfg.num_layers)])
+    cache = KVCache(groups.size, NUM_BLOCKS + 1, PAGE, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+    step = StaticDecode(model, cache, PAGE, 8, 8, NUM_BLOCKS * PAGE, cfg.head_dim**-0.5, False, use_triton, groups)
+    rows = [GroupRows([3, 9], [[0], [2, 1]], [1, 6], None if w is None else [0, 1]) for w in groups.windows]
+    step.run([5, 6], [0, 5], rows)  # fills the buffers, as run() does before a replay
+    recorder = _HostBound()
+    if use_triton:
+        from seqpar.kernels.gpu import triton_decode
+
+        for name in ("_split_kernel", "_merge_kernel"):
+            monkeypatch.setattr(triton_decode, name, _Paused(getattr(triton_decode, name), recorder))
+    with recorder:
+        step._forward(step.bucket(2))
+    assert recorder.found == []
+
+
+class _Paused:
+    """A Triton kernel whose launches the recorder does not see."""
+
+    def __init__(self, kernel, recorder: _HostBound):
+        self.kernel, self.recorder = kernel, recorder
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.recorder.paused = True
+            try:
+                self.kernel[grid](*args, **kwargs)
+            finally:
+                self.recorder.paused = False
+
+        return launch
 
 
 def test_too_many_rows_is_a_clear_error():

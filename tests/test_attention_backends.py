@@ -62,11 +62,14 @@ def test_a_backend_off_its_device_is_a_clear_error():
         EngineConfig(attention_backend="flash")
 
 
-def test_static_decode_steps_match_eager_ones(llama):
+@pytest.mark.parametrize("sp, merge", [(1, "allgather"), (2, "allgather"), (3, "alltoall")])
+def test_static_decode_steps_match_eager_ones(llama, sp, merge):
     """The static-buffer step (what CUDA graphs replay) against the eager paged step, on CPU: a ragged
-    batch that pads to buckets and shrinks as requests finish, greedy rows (tokens chosen on the
-    device), seeded sampling with log-probs (logits to the host sampler), and unseeded sampling (drawn
-    on the device: another generator than eager steps, so only its count is compared)."""
+    batch that pads to buckets and shrinks as requests finish, greedy rows (at SP 1 tokens chosen on
+    the device), seeded sampling with log-probs (logits to the host sampler), and unseeded sampling
+    (at SP 1 drawn on the device: another generator than eager steps, so only its count is compared).
+    At SP 2 and 3 the step's pieces between collectives (the decode merges, the split MLP's sums)
+    with rows whose new token another rank caches writing the scratch slot."""
     from seqpar import LLM, SamplingParams
 
     prompts = [[5, 9, 13][: 1 + i % 3] * (1 + 7 * i) for i in range(8)]
@@ -75,7 +78,10 @@ def test_static_decode_steps_match_eager_ones(llama):
     params.append(SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True))
     runs = []
     for eager in (False, True):
-        with LLM(model=llama[1], attention_backend="torch", enforce_eager=eager, kv_cache_gb=0.01) as llm:
+        with LLM(
+            model=llama[1], attention_backend="torch", enforce_eager=eager, kv_cache_gb=0.01, sp_size=sp,
+            decode_merge=merge, step_timeout_s=120,
+        ) as llm:  # fmt: skip
             runs.append([o.outputs[0] for o in llm.generate(prompts, params)])
     static, plain = runs
     assert [o.token_ids for o in static[:7]] == [o.token_ids for o in plain[:7]]

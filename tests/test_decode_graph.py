@@ -232,3 +232,62 @@ def test_decode_table_names_the_same_keys_as_the_slots(world, scheme):
             for slots, ps, n, st in zip(plan.decode_slots_within(w), pages, lens, starts):
                 from_pages = [p * PAGE + o for p in ps for o in range(PAGE)][st:n]
                 assert from_pages == slots.tolist()
+
+
+class _FakeGraph:
+    """torch.cuda.CUDAGraph's capture calls, logged (a CPU has no graphs: the ops run as captured)."""
+
+    log: list[str] = []
+
+    def capture_begin(self, pool=None):
+        self.name = f"g{sum(e.startswith('begin') for e in self.log)}"
+        self.log.append(f"begin {self.name}")
+
+    def capture_end(self):
+        self.log.append(f"end {self.name}")
+
+    def replay(self):
+        self.log.append(f"replay {self.name}")
+
+
+def test_pieces_cut_the_capture_at_each_collective_and_run_it_between_replays(monkeypatch):
+    """`Pieces`' bookkeeping on CPU with a logging stand-in for CUDA graphs: the capture ends before
+    each `outside_graphs` call and resumes after it; a replay runs graph, collective, graph, ... in
+    that order, each collective on the tensors it was captured with, its new result copied into the
+    tensor the next piece reads."""
+    from seqpar.comm.collectives import outside_graphs
+    from seqpar.engine.decode_graph import Pieces
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    _FakeGraph.log = []
+    calls = []
+
+    def collective(x):
+        calls.append(x)
+        _FakeGraph.log.append("collective")
+        return x * 10
+
+    a = torch.ones(2)
+    pieces = Pieces(pool=None)
+    out = pieces.capture(lambda: outside_graphs(collective, outside_graphs(collective, a + 1) + 1))
+    assert _FakeGraph.log == [
+        "begin g0",
+        "end g0",
+        "collective",
+        "begin g1",
+        "end g1",
+        "collective",
+        "begin g2",
+        "end g2",
+    ]
+    assert out.tolist() == [210.0, 210.0]  # (eagerly here: a CPU computes while it "captures")
+    first, second = calls  # the tensors the pieces hold: an input of each collective
+    _FakeGraph.log = []
+    first.fill_(5)  # what piece 0 would compute at a replay
+    pieces.replay()
+    assert _FakeGraph.log == ["replay g0", "collective", "replay g1", "collective", "replay g2"]
+    assert calls[2] is first and calls[3] is second
+    # the first collective's new result (50) went where piece 1 reads it; piece 1 did not run (a
+    # fake), so the second collective saw its captured input (21) again
+    assert pieces.cuts[0][2].tolist() == [50.0, 50.0] and pieces.cuts[1][2].tolist() == [210.0, 210.0]
+    assert outside_graphs(collective, a).tolist() == [10.0, 10.0]  # outside a capture: a plain call

@@ -9,6 +9,8 @@ they travel through host memory: copied to the host, exchanged, copied back (`st
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +39,29 @@ class CommStats:
 
 # A per-process meter (like a metrics registry); it holds numbers, never a group.
 STATS = CommStats()
+
+# While a step is captured as CUDA graphs cut at its collectives (engine/decode_graph.Pieces): how
+# the capture is cut around one. None otherwise.
+_CUT: Callable | None = None
+
+
+def outside_graphs(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """`fn(*args)`: a collective's whole call, kept out of any CUDA graph being captured. The capture
+    ends before it and resumes after, and every replay runs it between those two pieces: gloo's
+    staging through host memory and the shared-memory exchange cannot be captured (NCCL's kernels
+    could be, not the host's work)."""
+    return fn(*args) if _CUT is None else _CUT(fn, *args)
+
+
+@contextmanager
+def cut_by(cut: Callable) -> Iterator[None]:
+    """`outside_graphs` hands its calls to `cut(fn, *args)` inside the block."""
+    global _CUT
+    _CUT = cut
+    try:
+        yield
+    finally:
+        _CUT = None
 
 
 def nbytes(t: Tensor) -> int:

@@ -119,7 +119,8 @@ class EngineConfig:
         "each full 1,024-row tile on CPU, of whole chunks of 1,024 rows or more on cuda) runs through "
         "torch.compile, compiled at start-up and cached on disk (tp 1, not with "
         "--enable-deterministic-inference; an eager fallback says why), and on cuda at "
-        "SP 1 decode steps replay CUDA graphs, one per batch-size bucket (default: off)",
+        "decode steps replay CUDA graphs, one per batch-size bucket (at SP > 1 in pieces between "
+        "collectives; tp 1) (default: off)",
     )
     shared_memory: bool = opt(
         True,

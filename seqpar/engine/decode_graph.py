@@ -18,16 +18,25 @@ Nothing inside synchronises with the host; what comes back is one small copy (gr
 their log-probs) plus the logits of rows that sample otherwise. On CPU (`capture=False`) the same
 buffers and padding run eagerly, which is how CI tests this bookkeeping; the CPU engine keeps its
 own decode path (kernels/decode.py).
+
+At SP > 1 a step holds collectives: each layer's decode merge (every rank's partial over its share
+of the keys, merged by LSE) and the split MLP's sum. Their host work (gloo's staging, the
+shared-memory exchange) cannot be captured, so the step is captured as pieces cut at them
+(`Pieces`, vLLM's piecewise graphs cut at collectives rather than at attention): two graphs a layer,
+each collective run eagerly between its pieces at every replay. Each rank then has its slice of
+the vocabulary's logits, which go to rank 0 to be sampled as in an eager step.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from seqpar.comm.collectives import cut_by, outside_graphs
 from seqpar.engine.kv_cache import KVCache, KVGroups
 from seqpar.kernels.gpu.paged import decode_attention, num_splits, page_table
 from seqpar.model.llama import LlamaForCausalLM
@@ -54,13 +63,61 @@ class GroupRows:
 class DecodeOut:
     """A step's results for its n real rows (views of the static outputs: read before the next run)."""
 
-    logits: Tensor  # [n, V] fp32
-    greedy: Tensor  # [n] int64: argmax, lowest id on ties
-    logprob: Tensor  # [n] fp32: the greedy token's raw log-prob
+    logits: Tensor  # [n, V] fp32 (at SP > 1: [n, this rank's slice of V])
+    greedy: Tensor | None  # [n] int64: argmax, lowest id on ties (None at SP > 1)
+    logprob: Tensor | None  # [n] fp32: the greedy token's raw log-prob (None at SP > 1)
+
+
+class Pieces:
+    """A step captured as CUDA graphs cut at its collectives (`collectives.outside_graphs`), replayed
+    in order with each collective run eagerly between its two pieces; without collectives, one graph.
+
+    A collective's inputs are outputs of the piece before it, in the graphs' memory pool; what it
+    returned at capture is the tensor the next piece reads, so each replay copies its new result
+    there. Capture runs every collective once on inputs no kernel has written yet (a capture records
+    kernels, it does not run them): every rank does the same, so they still pair up."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.cuts: list[tuple[Callable[..., Tensor], tuple[Tensor, ...], Tensor]] = []
+
+    def capture(self, forward: Callable[[], DecodeOut]) -> DecodeOut:
+        """Capture `forward()` (on a side stream, as torch.cuda.graph does); its result's tensors are
+        those every replay rewrites."""
+
+        def cut(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
+            self.graphs[-1].capture_end()
+            out = fn(*args)
+            self.cuts.append((fn, args, out))
+            self._begin()
+            return out
+
+        self._begin()
+        try:
+            with cut_by(cut):
+                return forward()
+        finally:
+            self.graphs[-1].capture_end()
+
+    def _begin(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        self.graphs.append(graph)
+        graph.capture_begin(pool=self.pool)
+
+    def replay(self) -> None:
+        for graph, cut in zip(self.graphs, self.cuts + [None]):
+            graph.replay()
+            if cut is not None:
+                fn, args, out = cut
+                out.copy_(fn(*args))
 
 
 class StaticDecode:
-    """The decode step of one rank at SP 1, tp 1, over static buffers; `capture` on CUDA."""
+    """The decode step of one rank at tp 1 over static buffers; `capture` on CUDA. At SP > 1,
+    `merge(out, lse)` merges a layer's partials over the SP group into its whole output, and
+    `vocab` (with `head`, the packed head rows where decode steps pack) is this rank's slice of
+    the logits."""
 
     def __init__(
         self,
@@ -74,8 +131,13 @@ class StaticDecode:
         capture: bool,
         use_triton: bool,
         groups: KVGroups | None = None,
+        merge: Callable[[Tensor, Tensor], Tensor] | None = None,
+        vocab: slice = slice(None),
+        head: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.model, self.cache, self.page, self.scale = model, cache, page, scale
+        self.merge, self.vocab, self.head = merge, vocab, head
+        self.whole_vocab = vocab == slice(None) or (vocab.start in (0, None) and vocab.stop == model.config.vocab_size)
         self.capture, self.use_triton = capture, use_triton
         self.scratch_slot = scratch_slot
         self.groups = groups or KVGroups.of([None] * model.config.num_layers)
@@ -88,7 +150,7 @@ class StaticDecode:
         self.table = torch.zeros(n, max_rows, max_pages, dtype=torch.int32, device=dev)
         self.lens = torch.zeros(n, max_rows, dtype=torch.int32, device=dev)
         self.starts = torch.zeros(n, max_rows, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecodeOut]] = {}
+        self.graphs: dict[int, tuple[Pieces, DecodeOut]] = {}
         self.pool = None
 
     def bucket(self, n: int) -> int:
@@ -108,13 +170,17 @@ class StaticDecode:
             g, j = self.groups.where(layer)
             cache.write(j, slots[g], k, v)
             kh, vh = cache.storage(j)
-            out, _ = decode_attention(
+            out, lse = decode_attention(
                 q, kh, vh, table[g], lens[g], self.page, self.scale, splits, self.use_triton, starts[g]
             )
+            if self.merge is not None:  # every rank's partial over its keys: the whole output
+                out = outside_graphs(self.merge, out, lse)
             return out.to(q.dtype)
 
         hidden = self.model(self.ids[:rows], self.positions[:rows], attention)
-        logits = self.model.compute_logits(hidden)  # [rows, V] fp32
+        logits = self.model.compute_logits(hidden, self.vocab, self.head)  # [rows, V or a slice] fp32
+        if not self.whole_vocab:  # a slice: rank 0 samples the gathered slices
+            return DecodeOut(logits, None, None)
         greedy = logits.argmax(dim=-1)
         logprob = logits.gather(1, greedy[:, None])[:, 0] - logits.logsumexp(dim=-1)
         return DecodeOut(logits, greedy, logprob)
@@ -149,21 +215,23 @@ class StaticDecode:
         if not self.capture:
             out = self._forward(rows)
         else:
-            graph, out = self.graphs[rows]
-            graph.replay()
-        return DecodeOut(out.logits[:n], out.greedy[:n], out.logprob[:n])
+            pieces, out = self.graphs[rows]
+            pieces.replay()
+        first = lambda t: None if t is None else t[:n]  # noqa: E731
+        return DecodeOut(out.logits[:n], first(out.greedy), first(out.logprob))
 
-    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, DecodeOut]:
+    def _capture(self, rows: int) -> tuple[Pieces, DecodeOut]:
         """Warm up once (Triton compiles, cuBLAS picks its kernels) then capture; every bucket's
-        graph shares one memory pool, as only one replays at a time."""
+        graphs share one memory pool, as only one bucket replays at a time."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._forward(rows)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(rows)
-        return graph, out
+        pieces = Pieces(self.pool)
+        with torch.cuda.stream(stream):
+            out = pieces.capture(lambda: self._forward(rows))
+        torch.cuda.synchronize()
+        return pieces, out  # (a capture computes nothing: run() replays it next)

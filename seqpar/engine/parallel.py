@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqpar.comm.collectives import outside_graphs
 from seqpar.comm.mesh import ParallelMesh
 from seqpar.comm.shm import HostExchange
 from seqpar.engine.config import EngineConfig
@@ -71,9 +72,12 @@ class _RowsSummed(nn.Module):
         self.mesh, self.exchange = mesh, exchange
 
     def forward(self, x: Tensor) -> Tensor:
-        out = gather_parts(self.part(x), self.mesh.sp_group, self.exchange).sum(0)
+        out = outside_graphs(self._sum, self.part(x))
         # Added after the sum: before it, each rank's copy would be counted W times.
         return out if self.bias is None else out + self.bias
+
+    def _sum(self, part: Tensor) -> Tensor:
+        return gather_parts(part, self.mesh.sp_group, self.exchange).sum(0)
 
 
 def _even(n: int, world: int, rank: int) -> tuple[int, int]:

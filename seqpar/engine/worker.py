@@ -79,11 +79,12 @@ class Worker:
         # this rank's attention backend (kernels/backends.py), chosen once: the kernels' dense blocks,
         # how decode rows read the cache, whether decode steps run over static buffers
         self.backend = choose(config.attention_backend, config.device)
-        # SP 1: decode steps over static buffers (decode_graph.py), replayed as CUDA graphs on cuda; their
-        # padding rows write into one scratch block past those the driver hands out.
+        # Decode steps over static buffers (decode_graph.py), replayed as CUDA graphs on cuda (at SP > 1,
+        # pieces cut at the collectives); their padding rows, and at SP > 1 the rows whose new token
+        # another rank caches, write into one scratch block past those the driver hands out.
         static = (
             self.backend.static_decode
-            and config.sp_size == config.tp_size == 1
+            and config.tp_size == 1
             and not config.enforce_eager
             and not config.enable_deterministic_inference
         )
@@ -141,6 +142,9 @@ class Worker:
                 capture=config.device == "cuda",
                 use_triton=self._triton,
                 groups=self.groups,
+                merge=self._merged if config.sp_size > 1 else None,
+                vocab=self.vocab_slice,
+                head=self.decode_head,
             )
 
     def _compile_tiles(self, config: EngineConfig) -> None:
@@ -158,7 +162,7 @@ class Worker:
             print(f"seqpar: per-token work of {what} {said}", file=sys.stderr)
 
     def step(self, msg: Step) -> StepResult:
-        cfg, mesh = self.config, self.mesh
+        mesh = self.mesh
         plan = StepPlan(msg, self.placement, mesh.sp_rank)
         # every other layer group's blocks (a model without sliding windows has one group)
         plans = [plan] + [StepPlan(msg, self.placement, mesh.sp_rank, g) for g in range(1, len(self.groups))]
@@ -194,13 +198,7 @@ class Worker:
                 return self._canonical_attention(q, kh, vh, p, units and units[g], window)
             outs = []
             if nd:
-                out, lse = batches[g].attend(q[:nd], kh, vh, self.scale)
-                out = merge_partials(out, lse, mesh.sp_group, cfg.decode_merge, self.exchange)
-                if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
-                    # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
-                    # here every rank runs the whole o_proj, so gather the slices back.
-                    out = gather_heads(out, q.shape[1], mesh.sp_group, self.exchange)
-                outs.append(out.to(q.dtype))
+                outs.append(self._merged(*batches[g].attend(q[:nd], kh, vh, self.scale)).to(q.dtype))
             if plan.prefill:
                 out = attention_over_cache(
                     q[nd:],
@@ -242,6 +240,17 @@ class Worker:
                 result.logits.update((s.seq_id, rows[j]) for j, s in enumerate(plan.decode))
             self._sample(msg, result)
         return result
+
+    def _merged(self, out: Tensor, lse: Tensor) -> Tensor:
+        """Decode rows' partials over this rank's keys [B, H, D] fp32, merged with every SP rank's."""
+        cfg, group = self.config, self.mesh.sp_group
+        heads = out.shape[1]
+        out = merge_partials(out, lse, group, cfg.decode_merge, self.exchange)
+        if cfg.decode_merge == "alltoall" and cfg.sp_size > 1:
+            # alltoall leaves each rank its head slice (made for a row-parallel o_proj);
+            # here every rank runs the whole o_proj, so gather the slices back.
+            out = gather_heads(out, heads, group, self.exchange)
+        return out
 
     def _logits(self, hidden: Tensor, vocab: slice = slice(None), head: nn.Module | None = None) -> Tensor:
         if self.deterministic:
@@ -297,10 +306,22 @@ class Worker:
         """A decode-only step through the static buffers (one graph replay on CUDA). Rows that
         sample greedily without log-probs or banned tokens take the token chosen on the device
         (one small copy back); the others' logits go to the sampler as in any step."""
-        plan = plans[0]
-        groups = [GroupRows(p.write_slots.tolist(), *p.decode_table(w)) for p, w in zip(plans, self.groups.windows)]
+        plan, static = plans[0], self.static_decode
+        groups = []
+        for p, w in zip(plans, self.groups.windows):
+            slots = [static.scratch_slot] * len(plan.decode)  # rows whose new token another rank caches
+            for row, slot in zip(p.write_rows.tolist(), p.write_slots.tolist()):
+                slots[row] = slot
+            groups.append(GroupRows(slots, *p.decode_table(w)))
         with torch.inference_mode():
-            out = self.static_decode.run(plan.ids, plan.positions.tolist(), groups)
+            out = static.run(plan.ids, plan.positions.tolist(), groups)
+            if out.greedy is None:  # this rank's slice of the vocabulary: rank 0 samples, as in any step
+                logits = out.logits.cpu()  # (each row cloned: no shared storage to pickle)
+                result = StepResult(logits={s.seq_id: logits[j].clone() for j, s in enumerate(plan.decode)})
+                result = self._gather(result)
+                if dist.get_rank() == 0:
+                    self._sample(msg, result)
+                return result
             picked = torch.stack([out.greedy.double(), out.logprob.double()]).cpu()  # [2, n]
         result = StepResult(comm_bytes=[0])
         # Unseeded rows that sample otherwise do so on the device too (their [V] logits never copied,

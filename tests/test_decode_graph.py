@@ -291,3 +291,12 @@ def test_pieces_cut_the_capture_at_each_collective_and_run_it_between_replays(mo
     # fake), so the second collective saw its captured input (21) again
     assert pieces.cuts[0][2].tolist() == [50.0, 50.0] and pieces.cuts[1][2].tolist() == [210.0, 210.0]
     assert outside_graphs(collective, a).tolist() == [10.0, 10.0]  # outside a capture: a plain call
+
+    def broken(x):
+        raise RuntimeError("gloo: connection closed by peer")
+
+    _FakeGraph.log = []  # a collective that fails mid-capture: its error, the capture ended once
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        Pieces(pool=None).capture(lambda: outside_graphs(broken, a + 1))
+    assert _FakeGraph.log == ["begin g0", "end g0"]
+    assert outside_graphs(collective, a).tolist() == [10.0, 10.0]

@@ -56,3 +56,18 @@ def test_strided_runs_and_rows_that_see_nothing(window):
     _check(q_runs, k_runs, window)
     lse = _check(q_runs, k_runs, 1)
     assert torch.isinf(lse).all()
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_nothing_built_on_the_host_meets_the_device(strided):
+    """Window attention keeps positions and masks on the host; each must reach q's device before an
+    op meets a device tensor. PyTorch's meta device (shapes only, on the torch backend) refuses a
+    host tensor in an op as CUDA does, so this finds on CPU what only a GPU would show: full and
+    strided runs (the masked paths of fused and plain blocks)."""
+    q_runs = [Run(0, 50, 0, 0, 2)] if strided else [Run(0, 40, 0, 0, 1)]
+    k_runs = [Run(0, 50, 0, 1, 2)] if strided else q_runs
+    ql, kl = TokenLayout.from_runs(q_runs), TokenLayout.from_runs(k_runs)
+    q = torch.empty(len(ql), 4, 16, device="meta")
+    k = torch.empty(len(kl), 2, 16, device="meta")
+    out, lse = attention_with_lse(q, k, torch.empty_like(k), ql, kl, True, None, 7)
+    assert out.device.type == lse.device.type == "meta" and out.shape == q.shape

@@ -81,13 +81,14 @@ class Pieces:
         self.pool = pool
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.cuts: list[tuple[Callable[..., Tensor], tuple[Tensor, ...], Tensor]] = []
+        self.capturing = False
 
     def capture(self, forward: Callable[[], DecodeOut]) -> DecodeOut:
         """Capture `forward()` (on a side stream, as torch.cuda.graph does); its result's tensors are
         those every replay rewrites."""
 
         def cut(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
-            self.graphs[-1].capture_end()
+            self._end()
             out = fn(*args)
             self.cuts.append((fn, args, out))
             self._begin()
@@ -98,12 +99,18 @@ class Pieces:
             with cut_by(cut):
                 return forward()
         finally:
-            self.graphs[-1].capture_end()
+            self._end()  # (a no-op if a collective raised between two pieces)
 
     def _begin(self) -> None:
         graph = torch.cuda.CUDAGraph()
         self.graphs.append(graph)
         graph.capture_begin(pool=self.pool)
+        self.capturing = True
+
+    def _end(self) -> None:
+        if self.capturing:
+            self.capturing = False
+            self.graphs[-1].capture_end()
 
     def replay(self) -> None:
         for graph, cut in zip(self.graphs, self.cuts + [None]):
@@ -209,7 +216,13 @@ class StaticDecode:
         if self.capture and rows not in self.graphs:
             try:
                 self.graphs[rows] = self._capture(rows)
-            except RuntimeError as e:  # the same step eagerly from now on, and why, once
+            except RuntimeError as e:
+                if self.merge is not None:  # every rank must run the same collectives: none goes on alone
+                    raise RuntimeError(
+                        f"capturing the decode step's CUDA graphs failed at SP > 1: {e}; "
+                        "run with enforce_eager=True (--enforce-eager)"
+                    ) from e
+                # SP 1: the same step eagerly from now on, and why, once
                 print(f"seqpar: decode steps run eagerly: capturing a CUDA graph failed: {e}", file=sys.stderr)
                 self.capture = False
         if not self.capture:

@@ -89,7 +89,8 @@ def _attend_window_pair(
             )
             merge_into(acc_out[rows], acc_lse[rows], o, l)
         else:
-            o, l = _fused_lse(q[rows], k[:, keys], v[:, keys], False, scale, None if bool(visible.all()) else visible)
+            mask = None if bool(visible.all()) else visible.to(q.device)  # (built on the host, as qpos)
+            o, l = _fused_lse(q[rows], k[:, keys], v[:, keys], False, scale, mask)
             _store_or_merge(acc_out, acc_lse, rows, o, l, fresh)
         wrote = True
     return wrote

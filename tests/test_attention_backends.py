@@ -85,6 +85,10 @@ def test_static_decode_steps_match_eager_ones(llama, sp, merge):
             runs.append([o.outputs[0] for o in llm.generate(prompts, params)])
     static, plain = runs
     assert [o.token_ids for o in static[:7]] == [o.token_ids for o in plain[:7]]
+    # greedy rows' log-probs: at SP 1 from the device's logits, at SP > 1 from every rank's top and
+    # logsumexp (the eager step's from the whole row on the host): fp32, summed in other orders
+    for a, b in zip(static[:6], plain[:6]):
+        assert abs(a.cumulative_logprob - b.cumulative_logprob) < 1e-4
     for a, b in zip(static[6].logprobs, plain[6].logprobs):
         assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
     assert len(static[7].token_ids) == len(plain[7].token_ids) == 5

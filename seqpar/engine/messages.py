@@ -64,4 +64,7 @@ class StepResult:
     logits: dict[int, Tensor] = field(default_factory=dict)  # seq_id -> next-token logits [V] fp32 (between ranks)
     sampled: dict[int, Sampled] = field(default_factory=dict)  # seq_id -> the token rank 0 drew (to the driver)
     prompt_logprobs: dict[int, dict[int, dict]] = field(default_factory=dict)  # seq_id -> position -> LogprobDict
+    # seq_id -> each SP rank's (top logit, its token id, logsumexp) over its vocabulary slice, in rank
+    # order: a greedy row of a static step at SP > 1 (between ranks; rank 0 picks the token)
+    greedy: dict[int, list[tuple[float, int, float]]] = field(default_factory=dict)
     comm_bytes: list[int] = field(default_factory=list)  # bytes each rank sent in this step

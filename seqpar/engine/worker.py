@@ -315,13 +315,8 @@ class Worker:
             groups.append(GroupRows(slots, *p.decode_table(w)))
         with torch.inference_mode():
             out = static.run(plan.ids, plan.positions.tolist(), groups)
-            if out.greedy is None:  # this rank's slice of the vocabulary: rank 0 samples, as in any step
-                logits = out.logits.cpu()  # (each row cloned: no shared storage to pickle)
-                result = StepResult(logits={s.seq_id: logits[j].clone() for j, s in enumerate(plan.decode)})
-                result = self._gather(result)
-                if dist.get_rank() == 0:
-                    self._sample(msg, result)
-                return result
+            if out.greedy is None:  # SP > 1: this rank's slice of the vocabulary
+                return self._sliced_step(msg, plan, out.logits)
             picked = torch.stack([out.greedy.double(), out.logprob.double()]).cpu()  # [2, n]
         result = StepResult(comm_bytes=[0])
         # Unseeded rows that sample otherwise do so on the device too (their [V] logits never copied,
@@ -330,7 +325,7 @@ class Worker:
         others = []
         for j, s in enumerate(plan.decode):
             p = s.sampling
-            if p is not None and p.greedy and p.logprobs is None and not s.banned:
+            if self._greedy_on_device(s):
                 result.sampled[s.seq_id] = Sampled(int(picked[0, j]), float(picked[1, j]), None)
             elif p is not None and p.seed is None and not self.deterministic:
                 others.append((j, s))
@@ -345,6 +340,39 @@ class Worker:
                 result.sampled[s.seq_id] = Sampled(drawn.token_ids[i], drawn.logprobs[i], drawn.top_logprobs[i])
         self._sample(msg, result)
         return result
+
+    def _sliced_step(self, msg: Step, plan: StepPlan, logits: Tensor) -> StepResult:
+        """A static step's end at SP > 1, from this rank's vocabulary slice of the logits [n, V_r]: a
+        greedy row sends rank 0 its slice's top logit, token and logsumexp (three numbers, not V_r);
+        the others their slice, sampled on rank 0 as in an eager step."""
+        greedy = [self._greedy_on_device(s) for s in plan.decode]
+        top, ids = logits.max(dim=-1)  # the first of equal tops: the lowest id, as argmax
+        parts = torch.stack([top.double(), (ids + self.vocab_slice.start).double(), logits.logsumexp(-1).double()], 1)
+        parts = parts.cpu().tolist()  # the step's one wait on the device
+        rest = [j for j, g in enumerate(greedy) if not g]
+        sliced = logits[rest].cpu() if rest else None
+        result = StepResult()
+        for j, s in enumerate(plan.decode):
+            if greedy[j]:
+                top_j, token, lse = parts[j]
+                result.greedy[s.seq_id] = [(top_j, int(token), lse)]
+            else:  # (each row cloned: no shared storage to pickle)
+                result.logits[s.seq_id] = sliced[rest.index(j)].clone()
+        result = self._gather(result)
+        if dist.get_rank() == 0:
+            for seq_id, ranks in result.greedy.items():
+                best = max(range(len(ranks)), key=lambda r: (ranks[r][0], -r))  # ties: the lowest rank's, id
+                lse = torch.logsumexp(torch.tensor([r[2] for r in ranks], dtype=torch.float64), 0)
+                result.sampled[seq_id] = Sampled(ranks[best][1], float(ranks[best][0] - lse), None)
+            result.greedy = {}
+            self._sample(msg, result)
+        return result
+
+    @staticmethod
+    def _greedy_on_device(s) -> bool:
+        """A row whose token is its logits' argmax and whose only log-prob is that token's."""
+        p = s.sampling
+        return p is not None and p.greedy and p.logprobs is None and not s.banned
 
     def _sample(self, msg: Step, result: StepResult) -> None:
         for seq_id in msg.finished:
@@ -419,6 +447,8 @@ class Worker:
                 merged.logits[s] = torch.cat([merged.logits[s], logits]) if s in merged.logits else logits
             for s, entries in part.prompt_logprobs.items():
                 merged.prompt_logprobs.setdefault(s, {}).update(entries)
+            for s, tops in part.greedy.items():  # in rank order, as the slices
+                merged.greedy.setdefault(s, []).extend(tops)
             merged.comm_bytes += part.comm_bytes
         return merged
 

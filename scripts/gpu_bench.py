@@ -158,38 +158,38 @@ def main() -> None:
             t0 = time.time()
             opts = dict(sp_size=1, dtype="bfloat16", kv_cache_gb=kv, max_model_len=131072, max_num_batched_tokens=mb,
                         enable_prefix_caching=False, max_num_seqs=64, enforce_eager=eager)  # fmt: skip
-            llm = LLM(model=path, device=DEV, **opts)
-            res[f"{tag}_start_s"] = round(time.time() - t0, 1)
+            with LLM(model=path, device=DEV, **opts) as llm:  # shut down on any error too
+                res[f"{tag}_start_s"] = round(time.time() - t0, 1)
 
-            def gen(prompts, n):
-                return generate(llm, prompts, n)
+                def gen(prompts, n):
+                    return generate(llm, prompts, n)
 
-            gen([ids[0, :1024].tolist()], 4)
-            if not eager:
-                sp1_tokens = generate(llm, [first], 16, TOP)[0].outputs[0]
-            for t in LENS if not eager else []:
-                s = timed(lambda: gen([ids[0, :t].tolist()], 1))
-                res[f"{tag}_prefill_{t}_s"], res[f"{tag}_prefill_{t}_tflops"] = round(s, 4), tflops(t, s)
-                log(tag, "prefill", t, s)
+                gen([ids[0, :1024].tolist()], 4)
+                if not eager:
+                    sp1_tokens = generate(llm, [first], 16, TOP)[0].outputs[0]
+                for t in LENS if not eager else []:
+                    s = timed(lambda: gen([ids[0, :t].tolist()], 1))
+                    res[f"{tag}_prefill_{t}_s"], res[f"{tag}_prefill_{t}_tflops"] = round(s, 4), tflops(t, s)
+                    log(tag, "prefill", t, s)
+                    save()
+                p = [ids[0, :DEC_CTX].tolist()]
+                full, pre = timed(lambda: gen(p, 33), 1), timed(lambda: gen(p, 1), 1)
+                res[f"{tag}_decode_{DEC_CTX}_ms"] = round((full - pre) / 32 * 1000, 2)
+                log(tag, "decode", res[f"{tag}_decode_{DEC_CTX}_ms"])
                 save()
-            p = [ids[0, :DEC_CTX].tolist()]
-            full, pre = timed(lambda: gen(p, 33), 1), timed(lambda: gen(p, 1), 1)
-            res[f"{tag}_decode_{DEC_CTX}_ms"] = round((full - pre) / 32 * 1000, 2)
-            log(tag, "decode", res[f"{tag}_decode_{DEC_CTX}_ms"])
-            save()
-            n = min(2048, ids.shape[1] - 3200)
-            ps = [ids[0, i * 100 : i * 100 + n].tolist() for i in range(32)]
-            full, pre = timed(lambda: gen(ps, 65), 1), timed(lambda: gen(ps, 1), 1)
-            res[f"{tag}_batch32x{n}_tok_s"] = round(32 * 64 / (full - pre), 1)
-            log(tag, "batch", res[f"{tag}_batch32x{n}_tok_s"])
-            save()
-            llm.shutdown()
-            llm = None  # noqa: F841
-            gc.collect()
+                n = min(2048, ids.shape[1] - 3200)
+                ps = [ids[0, i * 100 : i * 100 + n].tolist() for i in range(32)]
+                full, pre = timed(lambda: gen(ps, 65), 1), timed(lambda: gen(ps, 1), 1)
+                res[f"{tag}_batch32x{n}_tok_s"] = round(32 * 64 / (full - pre), 1)
+                log(tag, "batch", res[f"{tag}_batch32x{n}_tok_s"])
+                save()
         except Exception as e:  # noqa: BLE001 - recorded; the next configuration still runs
             res[f"{tag}_error"] = repr(e)[:600]
             traceback.print_exc()
             save()
+        gc.collect()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     if os.environ.get("SP2", "1") == "1":
         sp2_one_gpu(path, first, sp1_tokens, generate, dict(dtype="bfloat16", kv_cache_gb=kv / 2, max_model_len=131072,
                     max_num_batched_tokens=mb, enable_prefix_caching=False))  # fmt: skip
@@ -205,21 +205,20 @@ def sp2_one_gpu(path, prompt, sp1_tokens, generate, opts) -> None:
 
     tag, t = "sp2_one_gpu", len(prompt)
     try:
-        llm = LLM(model=path, device=DEV, sp_size=2, **opts)
-        got = generate(llm, [prompt], 16, TOP)[0].outputs[0]
-        if sp1_tokens is not None:  # vLLM's check_logprobs_close (tests/test_bf16.py)
-            want = sp1_tokens
-            part = next((i for i, (a, b) in enumerate(zip(want.token_ids, got.token_ids)) if a != b), None)
-            res[f"{tag}_tokens_equal_to_sp1"] = len(got.token_ids) if part is None else part
-            res[f"{tag}_logprobs_close_to_sp1"] = part is None or (
-                want.token_ids[part] in got.logprobs[part] and got.token_ids[part] in want.logprobs[part]
-            )
-        s = timed(lambda: generate(llm, [prompt], 1))
-        res[f"{tag}_prefill_{t}_s"] = round(s, 4)
-        full = timed(lambda: generate(llm, [prompt], 33), 1)
-        res[f"{tag}_decode_{t}_ms"] = round((full - s) / 32 * 1000, 2)
-        log(tag, res[f"{tag}_prefill_{t}_s"], res[f"{tag}_decode_{t}_ms"])
-        llm.shutdown()
+        with LLM(model=path, device=DEV, sp_size=2, **opts) as llm:  # shut down on any error too
+            got = generate(llm, [prompt], 16, TOP)[0].outputs[0]
+            if sp1_tokens is not None:  # vLLM's check_logprobs_close (tests/test_bf16.py)
+                want = sp1_tokens
+                part = next((i for i, (a, b) in enumerate(zip(want.token_ids, got.token_ids)) if a != b), None)
+                res[f"{tag}_tokens_equal_to_sp1"] = len(got.token_ids) if part is None else part
+                res[f"{tag}_logprobs_close_to_sp1"] = part is None or (
+                    want.token_ids[part] in got.logprobs[part] and got.token_ids[part] in want.logprobs[part]
+                )
+            s = timed(lambda: generate(llm, [prompt], 1))
+            res[f"{tag}_prefill_{t}_s"] = round(s, 4)
+            full = timed(lambda: generate(llm, [prompt], 33), 1)
+            res[f"{tag}_decode_{t}_ms"] = round((full - s) / 32 * 1000, 2)
+            log(tag, res[f"{tag}_prefill_{t}_s"], res[f"{tag}_decode_{t}_ms"])
     except Exception as e:  # noqa: BLE001 - recorded
         res[f"{tag}_error"] = repr(e)[:600]
         traceback.print_exc()

@@ -2,7 +2,7 @@
 # The GPU check. GPU support (device="cuda": NCCL, model and KV cache on the GPU, the CUDA attention
 # kernels) is written but unverified until this script has passed on a machine with a GPU.
 #
-#   scripts/gpu_check.sh            # PY=path/to/python to use another interpreter (default .venv/bin/python)
+#   scripts/gpu_check.sh            # PY=path/to/python to use another interpreter (default .venv/bin/python, else python3)
 #
 # 1. tests/test_gpu.py: the CUDA kernels against the reference, the engine on cuda against
 #    transformers (SP 1; SP 2-4 and TP 2, a GPU per rank where there are enough, else sharing one);
@@ -11,7 +11,7 @@
 # Exits non-zero on any failure, and when no GPU is visible (nothing would have been checked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PY:-.venv/bin/python}"
+PY="${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 
 GPUS=$("$PY" - <<'EOF'
 import sys

@@ -95,3 +95,21 @@ def test_compiled_whole_chunks_on_cuda_match_eager(tmp_path, dynamo, dtype, tol)
             got = model(ids, torch.arange(t, device="cuda"), attention)
             want = eager(ids, torch.arange(t, device="cuda"), attention)
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible; scripts/gpu_check.sh runs it on one")
+def test_captured_decode_steps_run_compiled_functions_on_cuda(tmp_path, dynamo, capfd):
+    """Decode steps captured as CUDA graphs run their rows through the compiled functions (one row and
+    a padded batch: a graph each): the same greedy tokens as eager steps, log-probs within fp32 noise."""
+    _, path = save_tiny(tmp_path / "m", **LONG)
+    prompts = [[5, 9, 13] * (1 + 9 * i) for i in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, ignore_eos=True)
+    outs = {}
+    for eager in (False, True):
+        with LLM(model=str(path), device="cuda", dtype="float32", enforce_eager=eager, kv_cache_gb=0.05) as llm:
+            outs[eager] = [o.outputs[0] for o in llm.generate(prompts[:1], params) + llm.generate(prompts, params)]
+    assert "chunks of 1024+ rows compiled in" in capfd.readouterr().err
+    for got, want in zip(outs[False], outs[True]):
+        assert got.token_ids == want.token_ids
+        for a, b in zip(got.logprobs, want.logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)

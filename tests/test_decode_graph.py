@@ -300,3 +300,37 @@ def test_pieces_cut_the_capture_at_each_collective_and_run_it_between_replays(mo
         Pieces(pool=None).capture(lambda: outside_graphs(broken, a + 1))
     assert _FakeGraph.log == ["begin g0", "end g0"]
     assert outside_graphs(collective, a).tolist() == [10.0, 10.0]
+
+
+@torch.inference_mode()
+def test_a_fused_step_runs_each_layer_through_its_compiled_functions():
+    """A captured step (`fused`, on CUDA) runs every layer's rows through `layer.tiles` (what the worker
+    compiled), whatever the row count; the same logits as the eager layers. Here the tiles are the
+    plain functions behind a counter (the CUDA test in test_compiled.py compiles them)."""
+    from seqpar.model.llama import tile_post, tile_pre
+
+    model = _model()
+    cfg = model.config
+    calls = []
+
+    def counted(fn, name):
+        def run(*args):
+            calls.append(name)
+            return fn(*args)
+
+        return run
+
+    mk = lambda: KVCache(cfg.num_layers, NUM_BLOCKS + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+    caches = [mk(), mk()]
+    rows = [GroupRows([3, 9], [[0], [2, 1]], [1, 6])]
+    outs = []
+    for cache, fused in zip(caches, (False, True)):
+        step = StaticDecode(model, cache, PAGE, 8, 8, NUM_BLOCKS * PAGE, cfg.head_dim**-0.5, False, False)
+        step.fused = fused
+        for layer in model.model.layers:
+            layer.tiles = (counted(tile_pre, "pre"), counted(tile_post, "post"))
+        outs.append(step.run([5, 6], [0, 5], rows).logits.clone())
+        for layer in model.model.layers:
+            layer.tiles = None
+    assert calls == ["pre", "post"] * cfg.num_layers  # the fused step only
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)

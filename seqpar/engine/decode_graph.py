@@ -146,6 +146,9 @@ class StaticDecode:
         self.merge, self.vocab, self.head = merge, vocab, head
         self.whole_vocab = vocab == slice(None) or (vocab.start in (0, None) and vocab.stop == model.config.vocab_size)
         self.capture, self.use_triton = capture, use_triton
+        # captured steps run their rows through the layers' compiled functions (seqpar.model.compiled,
+        # where the worker compiled them): a few fused kernels a layer in the graph, not dozens
+        self.fused = capture
         self.scratch_slot = scratch_slot
         self.groups = groups or KVGroups.of([None] * model.config.num_layers)
         self.sizes = buckets(max_rows)
@@ -184,7 +187,7 @@ class StaticDecode:
                 out = outside_graphs(self.merge, out, lse)
             return out.to(q.dtype)
 
-        hidden = self.model(self.ids[:rows], self.positions[:rows], attention)
+        hidden = self.model(self.ids[:rows], self.positions[:rows], attention, fused=self.fused)
         logits = self.model.compute_logits(hidden, self.vocab, self.head)  # [rows, V or a slice] fp32
         if not self.whole_vocab:  # a slice: rank 0 samples the gathered slices
             return DecodeOut(logits, None, None)
@@ -224,7 +227,7 @@ class StaticDecode:
                     ) from e
                 # SP 1: the same step eagerly from now on, and why, once
                 print(f"seqpar: decode steps run eagerly: capturing a CUDA graph failed: {e}", file=sys.stderr)
-                self.capture = False
+                self.capture = self.fused = False
         if not self.capture:
             out = self._forward(rows)
         else:

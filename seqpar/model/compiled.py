@@ -15,7 +15,10 @@ first start on a machine compiles (~16 s on 2 cores), later ones load it (~3 s).
 On CUDA a layer runs a chunk's rows whole (a GPU's GEMMs want every row at once), so the functions
 are compiled with the row count symbolic (one graph for every chunk of `ROW_TILE` rows or more);
 inductor writes Triton kernels for the fused norms, RoPE, SiLU-gate and residual adds around the
-cuBLAS GEMMs. Decode rows (fewer than `ROW_TILE`) stay eager, which is what the CUDA graphs capture.
+cuBLAS GEMMs. A decode step captured as CUDA graphs (engine/decode_graph.py) runs its rows through
+the same functions (`fused`; a row count of 1 compiles once more, dynamo specialising sizes 0 and
+1): inside a graph every small eager kernel still costs its launch and a pass over the rows, some
+dozen a layer. Uncaptured decode rows stay eager.
 """
 
 from __future__ import annotations

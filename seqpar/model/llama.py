@@ -105,14 +105,16 @@ class LlamaDecoderLayer(nn.Module):
     # (tile_pre, tile_post) compiled, for full tiles: set by seqpar.model.compiled.
     tiles: tuple[Callable, Callable] | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn, fused: bool = False) -> Tensor:
+        """`fused`: the rows through the compiled functions whatever their count (a decode step a CUDA
+        graph captures: inductor's fused kernels instead of a dozen small ones a layer)."""
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attention))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        if x.shape[0] < ROW_TILE:
+        if x.shape[0] < ROW_TILE and not fused:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
             return x + self.mlp(self.post_attention_layernorm(x))
-        if x.device.type != "cpu":  # a GPU's GEMMs want the whole chunk: its per-token work compiled whole
+        if x.device.type != "cpu" or fused:  # a GPU's GEMMs want the whole chunk: its per-token work compiled whole
             pre, post = self.tiles or (tile_pre, tile_post)
             q, k, v = pre(self, x, cos, sin)
             return post(self, x, self.self_attn.attend(q, k, v, attention).reshape(x.shape[0], -1))
@@ -186,9 +188,9 @@ class LlamaForCausalLM(nn.Module):
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
-    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn, fused: bool = False) -> Tensor:
         """input_ids, positions: [T] (a packed batch, any token order) -> hidden [T, hidden]
-        after the final norm, in fp32 (it feeds only the logits)."""
+        after the final norm, in fp32 (it feeds only the logits). `fused`: see LlamaDecoderLayer."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids and positions must both be [T]; got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
@@ -201,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
         cos_l, sin_l = (cos, sin) if local is None else local(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             sliding = self.config.window(i) is not None
-            x = layer(x, cos_l if sliding else cos, sin_l if sliding else sin, attention)
+            x = layer(x, cos_l if sliding else cos, sin_l if sliding else sin, attention, fused)
         return self.model.norm(x, fp32_out=True)
 
     @property

@@ -207,18 +207,20 @@ def test_too_many_rows_is_a_clear_error():
 
 
 @pytest.mark.parametrize("world, scheme", [(1, "snake"), (2, "snake"), (3, "striped"), (4, "snake")])
-def test_decode_table_names_the_same_keys_as_the_slots(world, scheme):
+@pytest.mark.parametrize("scattered", [False, True])
+def test_decode_table_names_the_same_keys_as_the_slots(world, scheme, scattered):
     """The GPU's view of a rank's decode keys (pages and a count: only the last page partial) lists
     exactly the storage slots the CPU's view holds, in key order, for rows of every length (0 keys
-    on a rank, one partial block, many shard units)."""
+    on a rank, one partial block, many shard units), blocks in storage order or scattered (a run
+    each: the slots of many runs at once)."""
     placement = Placement(world, PAGE, 2, scheme)
-    used = [0] * world
+    gen = torch.Generator().manual_seed(0)
+    free = [torch.randperm(40, generator=gen).tolist() if scattered else list(range(40)) for _ in range(world)]
     seqs = []
     for j, start in enumerate([0, 3, 7, 8, 29, 61]):
         blocks = []
         for i in range(start // PAGE + 1):  # each logical block on its owner's next free block
-            blocks.append(used[placement.owner(i)])
-            used[placement.owner(i)] += 1
+            blocks.append(free[placement.owner(i)].pop(0))
         seqs.append(SeqStep(j, [5], start, [blocks], True, True, start))
     for rank in range(world):
         plan = StepPlan(Step(seqs, "ring"), placement, rank)

@@ -9,6 +9,8 @@ owns; their keys are every rank's cached positions of the sequence, as runs over
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 
@@ -33,9 +35,17 @@ def _append(runs: list[Run], run: Run) -> None:
 
 
 def _slots(runs: list[Run]) -> Tensor:
-    if not runs:
-        return torch.empty(0, dtype=torch.long)
-    return torch.cat([torch.arange(r.start, r.start + r.length) for r in runs])
+    """The storage slots of runs, in order: key i of a run starting at slot a, after c keys of earlier
+    runs, sits at i + (a - c). One arange and one repeat for any number of runs (a row's blocks
+    scattered over storage are a run each: an arange per run cost ~3 us each, 14 ms a 32 x 2K step)."""
+    if len(runs) <= 1:
+        return torch.arange(runs[0].start, runs[0].start + runs[0].length) if runs else torch.empty(0, dtype=torch.long)
+    lengths, shift, seen = [], [], 0
+    for r in runs:
+        lengths.append(r.length)
+        shift.append(r.start - seen)
+        seen += r.length
+    return torch.arange(seen) + torch.tensor(shift).repeat_interleave(torch.tensor(lengths), output_size=seen)
 
 
 def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -88,20 +98,8 @@ class StepPlan:
         # rank, all visible to its one query, as the storage slots of each row (the CPU's DecodeBatch;
         # the GPU's block table is `decode_table`).
         self.placement, self.me, self.group = placement, me, group
-        self.decode_slots: list[Tensor] = []
-        self.decode_runs: list[list[Run]] = []
         write_rows, write_slots = [], []
         for j, s in enumerate(self.decode):
-            runs: list[Run] = []
-            mine = placement.key_runs(s.blocks[group], s.start + 1, j)[me]
-            self.decode_runs.append(mine)  # with their positions (the joined runs below lose them)
-            for run in mine:
-                last = runs[-1] if runs else None
-                if last is not None and last.start + last.length == run.start:
-                    runs[-1] = Run(last.start, last.length + run.length, j, last.pos, 1)
-                else:
-                    runs.append(run)
-            self.decode_slots.append(_slots(runs))
             if placement.owner(s.start // bs) == me:
                 write_rows.append(j)
                 write_slots.append(s.blocks[group][s.start // bs] * bs + s.start % bs)
@@ -169,6 +167,29 @@ class StepPlan:
             )
         return self._window_keys[window]
 
+    @cached_property
+    def decode_runs(self) -> list[list[Run]]:
+        """Each decode row's keys on this rank as runs over storage slots, with their positions.
+        Built on first use (the CPU's decode; the GPU's reads `decode_table`)."""
+        return [
+            self.placement.key_runs(s.blocks[self.group], s.start + 1, j)[self.me] for j, s in enumerate(self.decode)
+        ]
+
+    @cached_property
+    def decode_slots(self) -> list[Tensor]:
+        """Each decode row's key slots on this rank, in key order (the CPU's `DecodeBatch`)."""
+        slots = []
+        for j, mine in enumerate(self.decode_runs):
+            runs: list[Run] = []  # runs adjacent in storage joined (positions no longer needed)
+            for run in mine:
+                last = runs[-1] if runs else None
+                if last is not None and last.start + last.length == run.start:
+                    runs[-1] = Run(last.start, last.length + run.length, j, last.pos, 1)
+                else:
+                    runs.append(run)
+            slots.append(_slots(runs))
+        return slots
+
     def decode_slots_within(self, window: int) -> list[Tensor]:
         """`decode_slots` of a sliding-window layer: each row's keys at positions (p - window, p] only
         (a rank that holds none of them has no key for the row: lse -inf, out 0, its merge weight 0)."""
@@ -180,12 +201,17 @@ class StepPlan:
         table; only a sequence's last block is partial, so only a row's last page here can be). Built
         on demand: a loop over every block of every row, which the CPU's decode never needs."""
         pages, lens, starts = [], [], []
-        bs, owner = self.placement.block_size, self.placement.owner
+        bs, unit, owner = self.placement.block_size, self.placement.shard_blocks, self.placement.owner
         for s in self.decode:
-            mine = [i for i in range(blocks_needed(s.start + 1, bs)) if owner(i) == self.me]
+            n = blocks_needed(s.start + 1, bs)
+            # this rank's blocks: whole shard units of `unit` blocks each (one owner call a unit)
+            mine = [i for u in range(0, n, unit) if owner(u) == self.me for i in range(u, min(u + unit, n))]
+            blocks = s.blocks[self.group]
             # a window group's freed blocks (-1) lie before every row's window: listed, never read
-            pages.append([max(s.blocks[self.group][i], 0) for i in mine])
-            lens.append(sum(min(bs, s.start + 1 - i * bs) for i in mine))
+            pages.append([max(blocks[i], 0) for i in mine])
+            # every block full but the sequence's last (n - 1), which holds s.start + 1 - (n - 1) * bs keys
+            last = n - 1 in mine[-1:]
+            lens.append((len(mine) - last) * bs + last * (s.start + 1 - (n - 1) * bs))
             if window is not None:  # the keys here before the row's window (positions <= p - window)
                 first = s.start - window + 1
                 starts.append(sum(min(bs, first - i * bs) for i in mine if i * bs < first))

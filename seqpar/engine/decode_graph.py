@@ -162,6 +162,7 @@ class StaticDecode:
         self.starts = torch.zeros(n, max_rows, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[Pieces, DecodeOut]] = {}
         self.pool = None
+        self.width = max_pages  # pages an uncaptured step's tables hold (its widest row's)
 
     def bucket(self, n: int) -> int:
         for b in self.sizes:
@@ -172,7 +173,10 @@ class StaticDecode:
     def _forward(self, rows: int) -> DecodeOut:
         """The step over the first `rows` rows of the buffers: nothing here may sync with the host."""
         cache = self.cache
-        slots, table, lens = self.slots[:, :rows], self.table[:, :rows], self.lens[:, :rows]
+        # a graph reads the whole static table (the Triton kernel reads only a row's pages); an eager step
+        # only as many pages as its widest row (the torch twin reads every page listed)
+        width = self.table.shape[2] if self.capture else self.width
+        slots, table, lens = self.slots[:, :rows], self.table[:, :rows, :width], self.lens[:, :rows]
         starts = [None if w is None else self.starts[g, :rows] for g, w in enumerate(self.groups.windows)]
         splits = num_splits(rows, cache.num_kv_heads, cache.k.device)
 
@@ -206,11 +210,13 @@ class StaticDecode:
         # so what a previous, larger step left there is overwritten.
         self.ids[:rows].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.positions[:rows].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.width = 1
         for g, grp in enumerate(groups):
             table = page_table(grp.pages, rows)
             width = table.shape[1]
             if width > self.table.shape[2]:
                 raise ValueError(f"a decode row holds {width} blocks; the static table has {self.table.shape[2]}")
+            self.width = max(self.width, width)
             self.slots[g, :rows].copy_(torch.tensor(grp.slots + [self.scratch_slot] * pad), non_blocking=True)
             self.lens[g, :rows].copy_(torch.tensor(grp.lens + [0] * pad, dtype=torch.int32))
             if grp.starts is not None:  # a window group's (a global group's layers never read them)

@@ -131,11 +131,13 @@ class Worker:
         # the static step's unseeded rows that do not sample greedily sample on its device
         self.device_sampler = Sampler(config.seed, self.device)
         if static:
+            # a row's pages here: at most its whole sequence's blocks (max_model_len, else the model's context)
+            longest = config.max_model_len or mc.max_position_embeddings
             self.static_decode = StaticDecode(
                 self.sharded.decode_model or self.model,
                 self.cache,
                 config.block_size,
-                num_blocks,
+                min(num_blocks, -(-longest // config.block_size)),
                 config.max_num_seqs,
                 num_blocks * config.block_size,
                 self.scale,

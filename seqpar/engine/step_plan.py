@@ -37,7 +37,8 @@ def _append(runs: list[Run], run: Run) -> None:
 def _slots(runs: list[Run]) -> Tensor:
     """The storage slots of runs, in order: key i of a run starting at slot a, after c keys of earlier
     runs, sits at i + (a - c). One arange and one repeat for any number of runs (a row's blocks
-    scattered over storage are a run each: an arange per run cost ~3 us each, 14 ms a 32 x 2K step)."""
+    scattered over storage are a run each: 32 rows x 129 blocks took 5.5 ms with an arange a run,
+    1.5 ms so, one thread of a Xeon)."""
     if len(runs) <= 1:
         return torch.arange(runs[0].start, runs[0].start + runs[0].length) if runs else torch.empty(0, dtype=torch.long)
     lengths, shift, seen = [], [], 0

@@ -305,9 +305,10 @@ class Worker:
         )
 
     def _static_step(self, msg: Step, plans: list[StepPlan]) -> StepResult:
-        """A decode-only step through the static buffers (one graph replay on CUDA). Rows that
-        sample greedily without log-probs or banned tokens take the token chosen on the device
-        (one small copy back); the others' logits go to the sampler as in any step."""
+        """A decode-only step through the static buffers (graph replays on CUDA). Rows that sample
+        greedily without log-probs or banned tokens take the token chosen on the device (one small
+        copy back; at SP > 1 from every rank's top, `_sliced_step`); the others' logits go to the
+        sampler as in any step."""
         plan, static = plans[0], self.static_decode
         groups = []
         for p, w in zip(plans, self.groups.windows):
@@ -348,9 +349,14 @@ class Worker:
         greedy row sends rank 0 its slice's top logit, token and logsumexp (three numbers, not V_r);
         the others their slice, sampled on rank 0 as in an eager step."""
         greedy = [self._greedy_on_device(s) for s in plan.decode]
-        top, ids = logits.max(dim=-1)  # the first of equal tops: the lowest id, as argmax
-        parts = torch.stack([top.double(), (ids + self.vocab_slice.start).double(), logits.logsumexp(-1).double()], 1)
-        parts = parts.cpu().tolist()  # the step's one wait on the device
+        if logits.shape[1]:
+            top, ids = logits.max(dim=-1)  # the first of equal tops: the lowest id, as argmax
+            parts = torch.stack(
+                [top.double(), (ids + self.vocab_slice.start).double(), logits.logsumexp(-1).double()], 1
+            )
+            parts = parts.cpu().tolist()  # the step's one wait on the device
+        else:  # no vocabulary here (fewer ids than ranks): nothing to offer
+            parts = [[float("-inf"), -1, float("-inf")]] * len(plan.decode)
         rest = [j for j, g in enumerate(greedy) if not g]
         sliced = logits[rest].cpu() if rest else None
         result = StepResult()

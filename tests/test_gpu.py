@@ -109,7 +109,8 @@ def test_gemma3_windows_on_cuda_match_hf(tmp_path, eager):
 
 
 @needs_gpu
-def test_decode_graphs_match_eager_steps(llama):
+@pytest.mark.parametrize("sp", [1, 2])  # SP 2: graphs in pieces cut at the merges and the split MLP's sums
+def test_decode_graphs_match_eager_steps(llama, sp):
     """A ragged batch that pads to graph buckets and shrinks as requests finish, greedy and seeded
     sampling (the rows whose logits go to the host sampler): the same tokens as eager steps."""
     prompts = [[5, 9, 13][: 1 + i % 3] * (1 + 7 * i) for i in range(7)]
@@ -118,7 +119,7 @@ def test_decode_graphs_match_eager_steps(llama):
     runs = []
     # (unseeded non-greedy rows sample on the device: other draws than eager steps, so not compared)
     for eager in (False, True):
-        with LLM(model=llama[1], device="cuda", enforce_eager=eager, kv_cache_gb=0.05) as llm:
+        with LLM(model=llama[1], device="cuda", enforce_eager=eager, kv_cache_gb=0.05, sp_size=sp) as llm:
             runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
     assert runs[0] == runs[1]
 

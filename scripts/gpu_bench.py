@@ -1,14 +1,16 @@
 """seqpar on one GPU against transformers (SDPA) on the same GPU, a Llama-3.1-8B-shaped model with random
 bf16 weights, in one run: prefill seconds at 8K/32K/64K, decode ms/token at 32K context, 32 x 2K batch
-decode tokens/s (seqpar's decode as captured graphs, then eager), SP 2 with both ranks on the one GPU
+decode tokens/s (seqpar's decode as captured graphs over compiled layers, over eager layers, then without
+graphs), SP 2 with both ranks on the one GPU
 (prefill and decode at the first length, its greedy tokens against SP 1's), and the paged decode kernel
 alone against the memory's rate. Prints and writes JSON ($OUT/bench.json, after every figure).
 
     PYTHONPATH=. python scripts/gpu_bench.py            # on a GPU machine, ~4-5 minutes on an H200
     SHAPE=tiny LENS=256,512 DEC_CTX=512 KV_GB=0.2 TRITON_INTERPRET=1 python scripts/gpu_bench.py cpu
 
-Knobs (environment): SHAPE (8b | tiny), LENS, DEC_CTX, MB (max_num_batched_tokens), KV_GB, EAGER (0 skips
-the eager decode figures), SP2 (0 skips SP 2 on the one GPU).
+Knobs (environment): SHAPE (8b | tiny), LENS, DEC_CTX, MB (max_num_batched_tokens), KV_GB, CONFIGS (of
+sp1, sp1_uncompiled, sp1_eager: decode as graphs over compiled layers, graphs over eager layers, no
+graphs; default all three, prefill figures with sp1 only), SP2 (0 skips SP 2 on the one GPU).
 """
 
 # ruff: noqa: B023 - every closure here is timed at once, inside its loop iteration
@@ -152,8 +154,12 @@ def main() -> None:
     def generate(llm, prompts, n, logprobs=None):
         return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=logprobs))
 
-    for eager in (False, True) if os.environ.get("EAGER", "1") == "1" else (False,):
-        tag = "sp1_eager" if eager else "sp1"
+    # sp1: decode steps as CUDA graphs over compiled layers; sp1_uncompiled: the same graphs over eager
+    # layers (the ranks start with TORCH_COMPILE_DISABLE); sp1_eager: no graphs
+    for tag in os.environ.get("CONFIGS", "sp1,sp1_uncompiled,sp1_eager").split(","):
+        eager = tag == "sp1_eager"
+        if tag == "sp1_uncompiled":
+            os.environ["TORCH_COMPILE_DISABLE"] = "1"  # read by each rank process at its start
         try:
             t0 = time.time()
             opts = dict(sp_size=1, dtype="bfloat16", kv_cache_gb=kv, max_model_len=131072, max_num_batched_tokens=mb,
@@ -165,9 +171,9 @@ def main() -> None:
                     return generate(llm, prompts, n)
 
                 gen([ids[0, :1024].tolist()], 4)
-                if not eager:
+                if tag == "sp1":
                     sp1_tokens = generate(llm, [first], 16, TOP)[0].outputs[0]
-                for t in LENS if not eager else []:
+                for t in LENS if tag == "sp1" else []:
                     s = timed(lambda: gen([ids[0, :t].tolist()], 1))
                     res[f"{tag}_prefill_{t}_s"], res[f"{tag}_prefill_{t}_tflops"] = round(s, 4), tflops(t, s)
                     log(tag, "prefill", t, s)
@@ -188,6 +194,7 @@ def main() -> None:
             res[f"{tag}_error"] = repr(e)[:600]
             traceback.print_exc()
             save()
+        os.environ.pop("TORCH_COMPILE_DISABLE", None)
         gc.collect()
         if DEV == "cuda":
             torch.cuda.empty_cache()

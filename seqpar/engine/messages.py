@@ -66,5 +66,5 @@ class StepResult:
     prompt_logprobs: dict[int, dict[int, dict]] = field(default_factory=dict)  # seq_id -> position -> LogprobDict
     # seq_id -> each SP rank's (top logit, its token id, logsumexp) over its vocabulary slice, in rank
     # order: a greedy row of a static step at SP > 1 (between ranks; rank 0 picks the token)
-    greedy: dict[int, list[tuple[float, int, float]]] = field(default_factory=dict)
+    tops: dict[int, list[tuple[float, int, float]]] = field(default_factory=dict)
     comm_bytes: list[int] = field(default_factory=list)  # bytes each rank sent in this step

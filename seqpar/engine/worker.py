@@ -363,16 +363,16 @@ class Worker:
         for j, s in enumerate(plan.decode):
             if greedy[j]:
                 top_j, token, lse = parts[j]
-                result.greedy[s.seq_id] = [(top_j, int(token), lse)]
+                result.tops[s.seq_id] = [(top_j, int(token), lse)]
             else:  # (each row cloned: no shared storage to pickle)
                 result.logits[s.seq_id] = sliced[rest.index(j)].clone()
         result = self._gather(result)
         if dist.get_rank() == 0:
-            for seq_id, ranks in result.greedy.items():
+            for seq_id, ranks in result.tops.items():
                 best = max(range(len(ranks)), key=lambda r: (ranks[r][0], -r))  # ties: the lowest rank's, id
                 lse = torch.logsumexp(torch.tensor([r[2] for r in ranks], dtype=torch.float64), 0)
                 result.sampled[seq_id] = Sampled(ranks[best][1], float(ranks[best][0] - lse), None)
-            result.greedy = {}
+            result.tops = {}
             self._sample(msg, result)
         return result
 
@@ -455,8 +455,8 @@ class Worker:
                 merged.logits[s] = torch.cat([merged.logits[s], logits]) if s in merged.logits else logits
             for s, entries in part.prompt_logprobs.items():
                 merged.prompt_logprobs.setdefault(s, {}).update(entries)
-            for s, tops in part.greedy.items():  # in rank order, as the slices
-                merged.greedy.setdefault(s, []).extend(tops)
+            for s, tops in part.tops.items():  # in rank order, as the slices
+                merged.tops.setdefault(s, []).extend(tops)
             merged.comm_bytes += part.comm_bytes
         return merged
 

@@ -39,8 +39,12 @@ def _slots(runs: list[Run]) -> Tensor:
     runs, sits at i + (a - c). One arange and one repeat for any number of runs (a row's blocks
     scattered over storage are a run each: 32 rows x 129 blocks took 5.5 ms with an arange a run,
     1.5 ms so, one thread of a Xeon)."""
-    if len(runs) <= 1:
-        return torch.arange(runs[0].start, runs[0].start + runs[0].length) if runs else torch.empty(0, dtype=torch.long)
+    if len(runs) <= 8:  # (an arange a run is faster for a few: ~1.6 us each against ~11 us for the two)
+        return (
+            torch.cat([torch.arange(r.start, r.start + r.length) for r in runs])
+            if runs
+            else torch.empty(0, dtype=torch.long)
+        )
     lengths, shift, seen = [], [], 0
     for r in runs:
         lengths.append(r.length)

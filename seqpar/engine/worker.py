@@ -354,18 +354,18 @@ class Worker:
             parts = torch.stack(
                 [top.double(), (ids + self.vocab_slice.start).double(), logits.logsumexp(-1).double()], 1
             )
-            parts = parts.cpu().tolist()  # the step's one wait on the device
+            parts = parts.cpu().tolist()  # a wait on the device (and one more below, for rows sent whole)
         else:  # no vocabulary here (fewer ids than ranks): nothing to offer
             parts = [[float("-inf"), -1, float("-inf")]] * len(plan.decode)
         rest = [j for j, g in enumerate(greedy) if not g]
-        sliced = logits[rest].cpu() if rest else None
+        sliced = dict(zip(rest, logits[rest].cpu())) if rest else {}  # row -> its slice, on the host
         result = StepResult()
         for j, s in enumerate(plan.decode):
             if greedy[j]:
                 top_j, token, lse = parts[j]
                 result.tops[s.seq_id] = [(top_j, int(token), lse)]
             else:  # (each row cloned: no shared storage to pickle)
-                result.logits[s.seq_id] = sliced[rest.index(j)].clone()
+                result.logits[s.seq_id] = sliced[j].clone()
         result = self._gather(result)
         if dist.get_rank() == 0:
             for seq_id, ranks in result.tops.items():

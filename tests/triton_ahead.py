@@ -14,10 +14,14 @@ process, replaces what compiling needs. Prints one JSON line per compiled launch
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 from triton import compile as triton_compile
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
@@ -54,7 +58,18 @@ def launches(head_dim: int, hq: int, hkv: int, dtype: str, splits: int, window: 
     table = torch.zeros(rows, pages, dtype=torch.int32)
     lens = torch.full((rows,), pages * page, dtype=torch.int32)
     starts = torch.zeros(rows, dtype=torch.int32) if window else None
-    return plan(q, k, torch.zeros_like(k), table, lens, page, head_dim**-0.5, splits, starts=starts)[2]
+    return plan(q, k, torch.zeros_like(k), table, lens, page, head_dim**-0.5, splits, starts=starts, on_gpu=True)[2]
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers a thread uses and its stack frame (bytes: registers spilled to local memory, 0 without
+    spills), as NVIDIA's cuobjdump (in Triton's wheel) reads them from the cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK):(\d+)", usage)}
 
 
 def main(cases: list[dict]) -> None:
@@ -64,8 +79,12 @@ def main(cases: list[dict]) -> None:
         for launch in launches(**case):
             for arch in archs:
                 kernel = triton_compile(source(launch), target=GPUTarget("cuda", arch, 32))
-                shared = kernel.metadata.shared
-                print(json.dumps({**case, "kernel": launch.kernel.fn.__name__, "arch": arch, "shared": shared}))
+                print(json.dumps({
+                    **case, "kernel": launch.kernel.fn.__name__, "arch": arch, "shared": kernel.metadata.shared,
+                    **resources(kernel.asm["cubin"]),
+                    # loads issued ahead by Triton's software pipelining (cp.async), in its GPU IR
+                    "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local"),
+                }))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -69,10 +69,9 @@ def _split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     s_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-    # a while loop, not `for start in range(lo, hi, BLOCK_N)`: Triton's interpreter (CI) cannot take
-    # bounds loaded at run time as a range's under numpy 2.4
-    start = lo
-    while start < hi:
+    # a for loop, which Triton software-pipelines (the next tiles' K/V loads in flight while this one
+    # computes, `num_stages`); a while loop is not pipelined (tests/test_triton_compiles.py checks)
+    for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         valid = j < hi
         page = tl.load(TABLE + b * stride_tb + j // PAGE, valid, other=0).to(tl.int64)
@@ -95,7 +94,6 @@ def _split_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-        start += BLOCK_N
     seen = s_sum > 0
     out = acc / tl.where(seen, s_sum, 1.0)[:, None]
     lse = tl.where(seen, m + tl.log(tl.where(seen, s_sum, 1.0)), float("-inf"))
@@ -152,12 +150,22 @@ def plan(
     page: int,
     scale: float,
     num_splits: int,
-    block_n: int = 64,
+    block_n: int | None = None,
     starts: Tensor | None = None,
+    on_gpu: bool | None = None,
 ) -> tuple[Tensor, Tensor, list[Launch]]:
     """`paged_decode`'s outputs (allocated, not yet written) and the two launches that fill them:
     the split kernel, then the merge. Apart from the launching so that what runs is what
-    tests/test_triton_compiles.py compiles for real GPUs."""
+    tests/test_triton_compiles.py compiles for real GPUs (`on_gpu`: the launches a GPU would get;
+    None: whether q is on one)."""
+    if on_gpu is None:
+        on_gpu = q.device.type == "cuda"
+    # the interpreter's dots run in fp32 (module docstring); a GPU's in half types on the tensor cores
+    f32 = q.dtype == torch.float32 or not on_gpu
+    if block_n is None:
+        # a GPU's IEEE fp32 dot spills registers past tiles of 16 keys (at D 128 and 256); half types
+        # take 64 (tests/test_triton_compiles.py reads both from the compiled kernels)
+        block_n = 16 if on_gpu and q.dtype == torch.float32 else 64
     bsz, hq, d = q.shape
     hkv = k_store.shape[0]
     if hq % hkv or k_store.shape[-1] != d or k_store.stride(-1) != 1 or v_store.stride(-1) != 1 or q.stride(-1) != 1:
@@ -185,7 +193,7 @@ def plan(
         dict(
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad,
             PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-            F32=q.dtype == torch.float32 or q.device.type == "cpu",
+            F32=f32,
             HAS_STARTS=starts is not None,  # (else `lens` stands in for the pointer, never read)
         ),
     )  # fmt: skip
@@ -213,14 +221,14 @@ def paged_decode(
     page: int,
     scale: float,
     num_splits: int,
-    block_n: int = 64,
+    block_n: int | None = None,
     starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q [B, Hq, D]; k_store, v_store [Hkv, S, D] (a layer of the cache, head-major, D contiguous);
     table [B, max_pages] int32 (row b's pages in key order); lens [B] int32 (row b's keys: only its
     last listed page may be partial); starts [B] int32 (a sliding window's: row b reads its keys
-    [starts[b], lens[b]) only, the pages before never touched; None: from 0) -> out [B, Hq, D] fp32,
-    lse [B, Hq] fp32 (natural log)."""
+    [starts[b], lens[b]) only, the pages before never touched; None: from 0); block_n keys a tile
+    (None: `plan`'s choice) -> out [B, Hq, D] fp32, lse [B, Hq] fp32 (natural log)."""
     out, lse, launches = plan(q, k_store, v_store, table, lens, page, scale, num_splits, block_n, starts)
     if q.shape[0]:
         for kernel, grid, args, constexprs in launches:

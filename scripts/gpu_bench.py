@@ -67,9 +67,10 @@ def timed(fn, reps: int = 2) -> float:
 
 
 def kernel_rates(cfg) -> None:
-    """The paged decode kernel alone: bytes of K/V read per second, at B=1 x 32K and 32 x 2K keys."""
+    """The paged decode kernel alone: bytes of K/V read per second, at B=1 x 32K and 32 x 2K keys, by
+    tile (keys a program's loop step takes) and warps a program (the engine's: 64 keys, 4 warps)."""
     from seqpar.kernels.gpu.paged import num_splits
-    from seqpar.kernels.gpu.triton_decode import paged_decode
+    from seqpar.kernels.gpu.triton_decode import plan
 
     hq, hkv, d, page = cfg["num_attention_heads"], cfg["num_key_value_heads"], 128, 16
     for rows, keys in [(1, DEC_CTX), (32, 2048)] if SHAPE == "8b" else [(1, 256), (4, 128)]:
@@ -81,13 +82,20 @@ def kernel_rates(cfg) -> None:
         lens = torch.full((rows,), keys, dtype=torch.int32, device=DEV)
         splits = num_splits(rows, hkv, torch.device(DEV))
         for block_n in (32, 64, 128):
-            paged_decode(q, k, v, table, lens, page, 0.088, splits, block_n)
-            n = 20 if DEV == "cuda" else 1
-            s = timed(lambda: [paged_decode(q, k, v, table, lens, page, 0.088, splits, block_n) for _ in range(n)]) / n
-            gbs = 2 * k.numel() * k.element_size() / s / 1e9
-            res[f"kernel_{rows}x{keys}_bn{block_n}_us"] = round(s * 1e6, 1)
-            res[f"kernel_{rows}x{keys}_bn{block_n}_GBs"] = round(gbs)
-            log("paged decode", rows, "x", keys, "block_n", block_n, f"{s * 1e6:.1f} us, {gbs:.0f} GB/s")
+            for warps in (4, 8):
+                launches = plan(q, k, v, table, lens, page, 0.088, splits, block_n)[2]
+
+                def run():
+                    for kernel, grid, args, constexprs in launches:  # as paged_decode launches them
+                        kernel[grid](*args, **constexprs, num_warps=warps)
+
+                run()  # compiles
+                n = 20 if DEV == "cuda" else 1
+                s = timed(lambda: [run() for _ in range(n)]) / n
+                gbs = 2 * k.numel() * k.element_size() / s / 1e9
+                tag = f"kernel_{rows}x{keys}_bn{block_n}_w{warps}"
+                res[f"{tag}_us"], res[f"{tag}_GBs"] = round(s * 1e6, 1), round(gbs)
+                log("paged decode", tag, f"{s * 1e6:.1f} us, {gbs:.0f} GB/s")
         save()
 
 

@@ -82,8 +82,8 @@ def kernel_rates(cfg) -> None:
         lens = torch.full((rows,), keys, dtype=torch.int32, device=DEV)
         splits = num_splits(rows, hkv, torch.device(DEV))
         for block_n in (32, 64, 128):
+            launches = plan(q, k, v, table, lens, page, 0.088, splits, block_n)[2]  # the same at any warps
             for warps in (4, 8):
-                launches = plan(q, k, v, table, lens, page, 0.088, splits, block_n)[2]
 
                 def run():
                     for kernel, grid, args, constexprs in launches:  # as paged_decode launches them

@@ -19,7 +19,7 @@ from seqpar.engine.messages import SeqStep, Step
 from seqpar.engine.placement import Placement
 from seqpar.engine.step_plan import StepPlan
 from seqpar.kernels.attention import reference_block
-from seqpar.kernels.gpu.paged import triton_usable
+from seqpar.kernels.gpu.paged import triton_unusable
 from seqpar.model.config import ModelConfig
 from seqpar.model.llama import LlamaForCausalLM
 
@@ -77,8 +77,8 @@ def test_buckets():
 def test_static_step_matches_the_model_over_the_same_cache(use_triton, window):
     """Without a window: one layer group; with one, layer 0 is a group of its own whose rows read
     from their window's first key on, and whose pages before the window are freed (listed as 0)."""
-    if use_triton and not triton_usable(torch.device("cpu")):
-        pytest.skip("Triton is not installed or not interpreted here")
+    if use_triton and (why := triton_unusable(torch.device("cpu"))):
+        pytest.skip(why)
     model = _model(window)
     cfg = model.config
     groups = KVGroups.of([cfg.window(i) for i in range(cfg.num_layers)])
@@ -160,8 +160,8 @@ def test_the_static_step_has_nothing_a_cuda_graph_cannot_capture(use_triton, dty
     """What `_forward` runs is what a graph captures on a GPU (the same ops but Triton's launches, run
     here by the interpreter): every op of it is recorded and none may be host-bound. A bf16 model
     takes the logits' refinement path too; layer 0 has a sliding window (its rows' starts)."""
-    if use_triton and not triton_usable(torch.device("cpu")):
-        pytest.skip("Triton is not installed or not interpreted here")
+    if use_triton and (why := triton_unusable(torch.device("cpu"))):
+        pytest.skip(why)
     model = _model(window=6).to(dtype)
     cfg = model.config
     groups = KVGroups.of([cfg.window(i) for i in range(cfg.num_layers)])

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from seqpar.kernels.attention import reference_block
-from seqpar.kernels.gpu.paged import page_table, paged_decode_torch, triton_usable
+from seqpar.kernels.gpu.paged import page_table, paged_decode_torch, triton_unusable
 from seqpar.kernels.merge import merge_many
 
 triton_decode = pytest.importorskip("seqpar.kernels.gpu.triton_decode", reason="Triton is not installed")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(not triton_usable(DEVICE), reason="Triton runs neither on a GPU nor interpreted here")
+pytestmark = pytest.mark.skipif(triton_unusable(DEVICE) is not None, reason=str(triton_unusable(DEVICE)))
 
 PAGE = 4
 

@@ -92,13 +92,34 @@ def decode_attention(
     return paged_decode_torch(q, k_store, v_store, table, lens, page, scale, starts)
 
 
-def triton_usable(device: torch.device) -> bool:
-    """Triton's kernel runs on CUDA tensors, or on CPU ones under its interpreter."""
+# Before 3.7, Triton's interpreter turned a loaded scalar into a Python int through a 1-element
+# array, which numpy 2.4 refuses: the kernel's loop over its row's keys (`range(lo, hi, ...)`) fails.
+INTERPRETER_MIN = (3, 7)
+
+
+def triton_unusable(device: torch.device) -> str | None:
+    """Why Triton's kernel cannot run on `device` here, or None: it runs on CUDA tensors, or on CPU
+    ones under its interpreter (TRITON_INTERPRET=1, Triton 3.7 or later)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        return "Triton is not installed"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton compiles for CUDA only, and its interpreter is off (TRITON_INTERPRET=1) on {device.type}"
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    if version < INTERPRETER_MIN:
+        return (
+            f"Triton {triton.__version__}'s interpreter cannot run the kernel's loop (pip install "
+            f"'triton>={INTERPRETER_MIN[0]}.{INTERPRETER_MIN[1]}'; compiled for a GPU it runs)"
+        )
+    return None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton's kernel runs on CUDA tensors, or on CPU ones under its interpreter (`triton_unusable`)."""
+    return triton_unusable(device) is None
 
 
 class PagedDecode:

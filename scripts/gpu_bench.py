@@ -119,7 +119,12 @@ def make_model(cfg_fields):
 
 
 def main() -> None:
-    kernel_rates(SHAPES[SHAPE])
+    try:
+        kernel_rates(SHAPES[SHAPE])
+    except Exception as e:  # noqa: BLE001 - recorded; the engine's figures still run
+        res["kernel_error"] = repr(e)[:400]
+        traceback.print_exc()
+        save()
     cfg, model, path = make_model(SHAPES[SHAPE])
     V, L, H = cfg.vocab_size, cfg.num_hidden_layers, cfg.num_attention_heads
     hd = cfg.hidden_size // H

@@ -13,7 +13,10 @@ Zen 5, fp32 and bf16, 1 and 2 threads):
   it is one column wide. It is also the faster fp32 GEMM here (4,096 x 576 x 1,536 on 2 threads:
   ~45 ms against MKL's ~83 ms).
   Weights packed once in oneDNN's blocked layout (`pack`) give the same bits as plain ones, at
-  every row count from 2 (a lone row still differs for some shapes, e.g. 1,536 x 576).
+  every row count from 2 (a lone row still differs for some shapes, e.g. 1,536 x 576). Not so
+  with torch 2.11 (oneDNN 3.10) on an Intel Xeon with AMX: an fp32 call of 1-15 rows over a
+  plain weight gave its rows other bits, while packed weights agreed at every count; so `linear`
+  packs a plain weight before its calls (the engine packs its weights once, at set-up).
 - On an Intel Xeon with AMX (bf16), oneDNN picks its kernel by the row count: calls of 33 to ~400
   rows give a row other bits than calls of up to 32 (576 x 1,536 and the other SmolLM2 shapes),
   and no two of 32-, 64-, 128- and 256-row calls agree; but every call of exactly `TILE_ROWS`
@@ -97,6 +100,8 @@ def _onednn_calls(x: Tensor, weight: Tensor, bias: Tensor | None, tile: int) -> 
     size = tile or MAX_CALL_ROWS
     whole = m - m % size
     x = x.contiguous()
+    if not weight.is_mkldnn:  # a plain weight: oneDNN's own layout, as the probe measured (module docstring)
+        weight = pack(weight)
     outs = [packed_linear(x[a : a + size], weight, bias) for a in range(0, whole, size)]
     rest = m - whole
     if rest or not m:  # no rows: one padded call, sliced away

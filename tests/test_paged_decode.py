@@ -20,7 +20,8 @@ from seqpar.kernels.merge import merge_many
 
 triton_decode = pytest.importorskip("seqpar.kernels.gpu.triton_decode", reason="Triton is not installed")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(triton_unusable(DEVICE) is not None, reason=str(triton_unusable(DEVICE)))
+UNUSABLE = triton_unusable(DEVICE)  # why Triton cannot run here, or None
+pytestmark = pytest.mark.skipif(UNUSABLE is not None, reason=str(UNUSABLE))
 
 PAGE = 4
 
